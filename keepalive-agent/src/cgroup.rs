@@ -1,0 +1,146 @@
+//! cgroup v2 directories: resolving what the user names, and their ids.
+
+use std::{
+    fmt, fs, io,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+/// `CGROUP2_SUPER_MAGIC` from include/uapi/linux/magic.h.
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error(
+        "cgroup {arg:?} not found: {} is not a directory of the cgroup v2 hierarchy mounted at {}",
+        tried.display(), mount.display()
+    )]
+    NotFound {
+        arg: PathBuf,
+        tried: PathBuf,
+        mount: PathBuf,
+    },
+    #[error("{} is not in the cgroup v2 hierarchy (mounted at {})", path.display(), mount.display())]
+    NotCgroup2 { path: PathBuf, mount: PathBuf },
+    #[error("cannot read cgroup {}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// A cgroup v2 directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cgroup {
+    /// Absolute path in the filesystem.
+    pub path: PathBuf,
+    /// Path inside the hierarchy, as /proc/PID/cgroup shows it (`/` for the root).
+    pub name: String,
+    /// The cgroup id: the inode number of its directory (what `bpf_get_current_cgroup_id` and
+    /// cgroup storage keys use).
+    pub id: u64,
+}
+
+impl fmt::Display for Cgroup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (id {})", self.name, self.id)
+    }
+}
+
+impl Cgroup {
+    /// Resolves a user-given cgroup: a path inside the hierarchy (`/`, `system.slice`,
+    /// `/kubepods.slice/pod1`, as /proc/PID/cgroup prints them) or a filesystem path under the
+    /// cgroup2 mount (`/sys/fs/cgroup/system.slice`).
+    pub fn resolve(mount: &Path, arg: &Path) -> Result<Self, CgroupError> {
+        let path = if arg.starts_with(mount) {
+            arg.to_path_buf()
+        } else {
+            mount.join(arg.strip_prefix("/").unwrap_or(arg))
+        };
+        let metadata = fs::metadata(&path).map_err(|source| match source.kind() {
+            io::ErrorKind::NotFound | io::ErrorKind::NotADirectory => CgroupError::NotFound {
+                arg: arg.to_path_buf(),
+                tried: path.clone(),
+                mount: mount.to_path_buf(),
+            },
+            _ => CgroupError::Io {
+                path: path.clone(),
+                source,
+            },
+        })?;
+        if !metadata.is_dir() {
+            return Err(CgroupError::NotFound {
+                arg: arg.to_path_buf(),
+                tried: path,
+                mount: mount.to_path_buf(),
+            });
+        }
+        if !is_cgroup2(&path)? {
+            return Err(CgroupError::NotCgroup2 {
+                path,
+                mount: mount.to_path_buf(),
+            });
+        }
+        let path = path.canonicalize().map_err(|source| CgroupError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let name = match path.strip_prefix(mount) {
+            Ok(rest) => format!("/{}", rest.display()),
+            Err(_) => {
+                return Err(CgroupError::NotCgroup2 {
+                    path,
+                    mount: mount.to_path_buf(),
+                });
+            }
+        };
+        Ok(Self {
+            id: metadata.ino(),
+            path,
+            name,
+        })
+    }
+}
+
+fn is_cgroup2(path: &Path) -> Result<bool, CgroupError> {
+    use std::os::unix::ffi::OsStrExt as _;
+
+    let io_error = |source| CgroupError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io_error(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    let mut stat = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: a NUL-terminated path and a buffer the size of `struct statfs`.
+    if unsafe { libc::statfs(c_path.as_ptr(), stat.as_mut_ptr()) } != 0 {
+        return Err(io_error(io::Error::last_os_error()));
+    }
+    // SAFETY: statfs returned 0, so it filled the buffer.
+    let stat = unsafe { stat.assume_init() };
+    Ok(stat.f_type == CGROUP2_SUPER_MAGIC)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_directory_is_not_a_cgroup() {
+        let dir = std::env::temp_dir();
+        let error = Cgroup::resolve(Path::new("/"), &dir).err();
+        assert!(
+            matches!(error, Some(CgroupError::NotCgroup2 { .. })),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn a_missing_cgroup_names_what_was_tried() {
+        let error = Cgroup::resolve(Path::new("/nonexistent-mount"), Path::new("/a/b"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            error.contains("\"/a/b\"") && error.contains("/nonexistent-mount/a/b"),
+            "{error}"
+        );
+    }
+}
