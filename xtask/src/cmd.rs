@@ -1,0 +1,43 @@
+//! Running commands and finding programs.
+
+use std::{
+    path::PathBuf,
+    process::{Command, ExitStatus},
+};
+
+use anyhow::{Context as _, bail};
+
+/// The first `name` on PATH.
+pub(crate) fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
+/// Runs `command`, echoing it, and fails unless it exits 0.
+pub(crate) fn run_status(command: &mut Command) -> anyhow::Result<()> {
+    let status = status(command)?;
+    if !status.success() {
+        bail!("{} failed: {status}", describe(command));
+    }
+    Ok(())
+}
+
+/// Runs `command`, echoing it, and returns how it ended.
+pub(crate) fn status(command: &mut Command) -> anyhow::Result<ExitStatus> {
+    eprintln!("xtask: $ {}", describe(command));
+    command
+        .status()
+        .with_context(|| format!("cannot run {}", describe(command)))
+}
+
+fn describe(command: &Command) -> String {
+    let mut words = vec![command.get_program().to_string_lossy().into_owned()];
+    words.extend(
+        command
+            .get_args()
+            .map(|arg| arg.to_string_lossy().into_owned()),
+    );
+    words.join(" ")
+}

@@ -1,0 +1,171 @@
+//! `cargo xtask`: the project's commands, toolchain bootstrap included.
+#![expect(
+    clippy::print_stderr,
+    reason = "xtask reports to the developer on stderr"
+)]
+
+mod cmd;
+mod packages;
+mod toolchain;
+
+use std::{
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::{cmd::run_status, toolchain::Toolchain};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Build, run and test the keepalive agent"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Build the release agent at target/release/keepalive-agent (eBPF program embedded).
+    Build,
+    /// Build, then run the agent in the foreground as root: the default policy (idle 60 s,
+    /// interval 5 s, 3 probes) at the root of the cgroup v2 hierarchy. Arguments after `--`
+    /// go to `keepalive-agent run`. Ctrl-C or SIGTERM detaches cleanly.
+    Run {
+        #[arg(last = true, value_name = "AGENT ARGS")]
+        agent_args: Vec<String>,
+    },
+    /// Install what the tests need, then run every test: unit and privileged (as root).
+    /// Arguments after `--` go to `cargo test` (e.g. a test name filter).
+    Test {
+        #[arg(last = true, value_name = "CARGO TEST ARGS")]
+        test_args: Vec<String>,
+    },
+    /// rustfmt and clippy (host crates and the eBPF crate), warnings as errors.
+    Lint,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(task: Task) -> anyhow::Result<()> {
+    let workspace = workspace_root();
+    match task {
+        Task::Build => build(&workspace, &Toolchain::ensure()?, Profile::Release).map(drop),
+        Task::Run { agent_args } => {
+            host_check("cargo xtask run")?;
+            let agent = build(&workspace, &Toolchain::ensure()?, Profile::Release)?;
+            // exec: the agent gets Ctrl-C and SIGTERM itself and detaches before exiting.
+            let error = Command::new(&agent).arg("run").args(agent_args).exec();
+            Err(error).with_context(|| format!("cannot run {}", agent.display()))
+        }
+        Task::Test { test_args } => {
+            host_check("cargo xtask test")?;
+            packages::ensure(packages::TEST_COMMANDS)?;
+            let toolchain = Toolchain::ensure()?;
+            let agent = build(&workspace, &toolchain, Profile::Debug)?;
+            run_status(
+                cargo(&workspace, &toolchain)?
+                    .args(["test", "--locked", "--no-fail-fast"])
+                    .args(test_args)
+                    .env("KEEPALIVE_AGENT_BIN", agent),
+            )
+        }
+        Task::Lint => lint(&workspace, &Toolchain::ensure()?),
+    }
+}
+
+/// The host requirements (root, kernel, BTF, cgroup v2), as one sentence on failure.
+fn host_check(task: &str) -> anyhow::Result<()> {
+    keepalive_common::host::check()
+        .map(drop)
+        .with_context(|| format!("{task} loads eBPF programs into this kernel"))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Profile {
+    Debug,
+    Release,
+}
+
+/// Builds the agent and returns the binary's path.
+fn build(workspace: &Path, toolchain: &Toolchain, profile: Profile) -> anyhow::Result<PathBuf> {
+    let mut command = cargo(workspace, toolchain)?;
+    command.args(["build", "--locked", "--package", "keepalive-agent"]);
+    if profile == Profile::Release {
+        command.arg("--release");
+    }
+    run_status(&mut command)?;
+    let dir = if profile == Profile::Release {
+        "release"
+    } else {
+        "debug"
+    };
+    Ok(target_dir(workspace).join(dir).join("keepalive-agent"))
+}
+
+fn lint(workspace: &Path, toolchain: &Toolchain) -> anyhow::Result<()> {
+    run_status(cargo(workspace, toolchain)?.args(["fmt", "--all", "--check"]))?;
+    run_status(cargo(workspace, toolchain)?.args([
+        "clippy",
+        "--locked",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The eBPF crate only builds for the BPF target, with the pinned nightly.
+    run_status(
+        Command::new("rustup")
+            .args([
+                "run",
+                toolchain::NIGHTLY,
+                "cargo",
+                "clippy",
+                "--locked",
+                "--release",
+            ])
+            .args([
+                "--package",
+                "keepalive-ebpf",
+                "--target",
+                "bpfel-unknown-none",
+            ])
+            .args(["-Z", "build-std=core", "--target-dir"])
+            .arg(target_dir(workspace).join("ebpf-lint"))
+            .args(["--", "-D", "warnings"])
+            .current_dir(workspace)
+            .env("PATH", toolchain.path()?),
+    )
+}
+
+/// `cargo` (the pinned stable that runs us) in the workspace, with bpf-linker on PATH.
+fn cargo(workspace: &Path, toolchain: &Toolchain) -> anyhow::Result<Command> {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command
+        .current_dir(workspace)
+        .env("PATH", toolchain.path()?);
+    Ok(command)
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+fn target_dir(workspace: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace.join("target"), PathBuf::from)
+}

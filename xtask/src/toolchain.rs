@@ -1,0 +1,174 @@
+//! The pinned eBPF toolchain: a dated nightly with rust-src, and bpf-linker built against that
+//! nightly's own LLVM (the host's LLVM is rarely the right major version).
+//!
+//! The nightly and the bpf-linker release move together: bpf-linker's default LLVM feature
+//! (llvm-23 for 0.13) must be the LLVM major of the nightly.
+
+use std::{
+    ffi::OsString,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail, ensure};
+
+use crate::{cmd::run_status, cmd::which};
+
+/// Keep in step with `keepalive-agent/build.rs`, which builds the eBPF crate with it.
+pub(crate) const NIGHTLY: &str = "nightly-2026-10-01";
+const NIGHTLY_LLVM_MAJOR: &str = "23";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// What `cargo` needs on PATH to build the agent.
+#[derive(Debug)]
+pub(crate) struct Toolchain {
+    bpf_linker_dir: PathBuf,
+}
+
+impl Toolchain {
+    /// Installs whatever is missing; a second call finds everything in place.
+    pub(crate) fn ensure() -> anyhow::Result<Self> {
+        if which("rustup").is_none() {
+            bail!(
+                "rustup is not installed: the eBPF program is built with a pinned nightly that \
+                 rustup installs; get it from https://rustup.rs"
+            );
+        }
+        ensure_nightly()?;
+        let bpf_linker_dir = ensure_bpf_linker()?;
+        Ok(Self { bpf_linker_dir })
+    }
+
+    /// PATH with the pinned bpf-linker first.
+    pub(crate) fn path(&self) -> anyhow::Result<OsString> {
+        let mut dirs = vec![self.bpf_linker_dir.clone()];
+        dirs.extend(std::env::split_paths(
+            &std::env::var_os("PATH").unwrap_or_default(),
+        ));
+        std::env::join_paths(dirs).context("PATH")
+    }
+}
+
+fn ensure_nightly() -> anyhow::Result<()> {
+    let installed = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", NIGHTLY])
+        .output()
+        .context("rustup component list")?;
+    let components = String::from_utf8_lossy(&installed.stdout);
+    let has = |name: &str| components.lines().any(|line| line.starts_with(name));
+    if installed.status.success() && has("rust-src") && has("clippy") {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {NIGHTLY} with rust-src (builds the eBPF crate)");
+    run_status(Command::new("rustup").args([
+        "toolchain",
+        "install",
+        NIGHTLY,
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src,clippy",
+    ]))
+}
+
+/// `$XDG_CACHE_HOME/keepalive-agent` (or `~/.cache/keepalive-agent`): outlives `cargo clean`
+/// and is shared by every checkout on the machine.
+fn cache_dir() -> anyhow::Result<PathBuf> {
+    let base = match std::env::var_os("XDG_CACHE_HOME") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => PathBuf::from(
+            std::env::var_os("HOME").context("neither XDG_CACHE_HOME nor HOME is set")?,
+        )
+        .join(".cache"),
+    };
+    Ok(base.join("keepalive-agent"))
+}
+
+fn ensure_bpf_linker() -> anyhow::Result<PathBuf> {
+    let root = cache_dir()?.join(format!("bpf-linker-{BPF_LINKER_VERSION}-{NIGHTLY}"));
+    let bin_dir = root.join("bin");
+    let llvm_lib = root.join("llvm").join("lib");
+    // The binary finds libLLVM through its RUNPATH (llvm/lib), so it also runs outside rustup.
+    link_nightly_llvm(&llvm_lib)?;
+    if works(&bin_dir.join("bpf-linker")) {
+        return Ok(bin_dir);
+    }
+    eprintln!(
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against {NIGHTLY}'s LLVM into {} \
+         (once; about a minute)",
+        root.display()
+    );
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run_status(
+        Command::new(cargo)
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--root",
+            ])
+            .arg(&root)
+            .env("LLVM_PREFIX", root.join("llvm"))
+            .env("CARGO_TARGET_DIR", root.join("build")),
+    )
+    .context("cannot build bpf-linker")?;
+    let _ignored = fs::remove_dir_all(root.join("build"));
+    ensure!(
+        works(&bin_dir.join("bpf-linker")),
+        "the bpf-linker just built does not run"
+    );
+    Ok(bin_dir)
+}
+
+fn works(bpf_linker: &Path) -> bool {
+    Command::new(bpf_linker)
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| {
+            out.status.success()
+                && String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION)
+        })
+}
+
+/// `llvm/lib/libLLVM.so` and `llvm/lib/<soname>` pointing at the nightly's libLLVM.
+fn link_nightly_llvm(llvm_lib: &Path) -> anyhow::Result<()> {
+    let sysroot = Command::new("rustc")
+        .args([&format!("+{NIGHTLY}"), "--print", "sysroot"])
+        .output()
+        .context("rustc --print sysroot")?;
+    ensure!(
+        sysroot.status.success(),
+        "rustc +{NIGHTLY} --print sysroot failed"
+    );
+    let lib = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim()).join("lib");
+    let libllvm = fs::read_dir(&lib)
+        .with_context(|| format!("cannot list {}", lib.display()))?
+        .flatten()
+        .map(|entry| entry.path())
+        .find(|path| {
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with(&format!("libLLVM.so.{NIGHTLY_LLVM_MAJOR}")))
+        })
+        .with_context(|| {
+            format!(
+                "{NIGHTLY} ships no libLLVM.so.{NIGHTLY_LLVM_MAJOR}* in {}",
+                lib.display()
+            )
+        })?;
+    fs::create_dir_all(llvm_lib)
+        .with_context(|| format!("cannot create {}", llvm_lib.display()))?;
+    let soname = libllvm.file_name().context("libLLVM has no file name")?;
+    for link in [llvm_lib.join("libLLVM.so"), llvm_lib.join(soname)] {
+        if fs::read_link(&link).is_ok_and(|target| target == libllvm) {
+            continue;
+        }
+        let _ignored = fs::remove_file(&link);
+        std::os::unix::fs::symlink(&libllvm, &link)
+            .with_context(|| format!("cannot link {} to {}", link.display(), libllvm.display()))?;
+    }
+    Ok(())
+}
