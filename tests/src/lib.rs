@@ -1,0 +1,133 @@
+//! Harness for the privileged integration tests.
+//!
+//! Every resource a test creates (cgroup, network namespace, veth, process, attachment) is
+//! owned by a value whose `Drop` removes it, so a failing test cleans up like a passing one.
+//! Names carry the test process's pid (`ka-test-<pid>-<n>`), and [`sweep_stale`] removes what a
+//! killed run left behind.
+#![expect(
+    clippy::expect_used,
+    reason = "a harness that cannot set up panics with the reason; tests do not return Result"
+)]
+
+pub mod cgroup;
+pub mod netns;
+pub mod process;
+pub mod sockopt;
+
+use std::{
+    sync::{
+        Once,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+pub use cgroup::TestCgroup;
+pub use netns::{Netns, Veth};
+pub use process::{Placement, Workload};
+pub use sockopt::Keepalive;
+
+/// Prefix of everything the tests create.
+pub const PREFIX: &str = "ka-test";
+
+/// A name no other test of any run uses: `ka-test-<pid>-<n>`.
+pub fn unique_name() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{PREFIX}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Panics with a clear sentence unless the host can run the privileged tests; on the first
+/// call, removes what killed runs left behind.
+pub fn require_host() -> keepalive_common::host::Host {
+    static SWEEP: Once = Once::new();
+    let host = keepalive_common::host::check().unwrap_or_else(|error| {
+        panic!("these tests load eBPF programs into the running kernel: {error}")
+    });
+    SWEEP.call_once(|| sweep_stale(&host));
+    host
+}
+
+/// Removes cgroups and network namespaces of earlier test runs whose process is gone.
+fn sweep_stale(host: &keepalive_common::host::Host) {
+    let stale = |name: &str| {
+        let pid = name
+            .strip_prefix(PREFIX)
+            .and_then(|rest| rest.strip_prefix('-'))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok());
+        pid.is_some_and(|pid| {
+            pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        })
+    };
+    if let Ok(entries) = std::fs::read_dir(&host.cgroup2_mount) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_str().is_some_and(stale) {
+                cgroup::remove_tree(&entry.path());
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/run/netns") {
+        for entry in entries.flatten() {
+            if let Some(name) = entry.file_name().to_str().filter(|name| stale(name)) {
+                netns::delete(name);
+            }
+        }
+    }
+}
+
+/// Polls `probe` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, probe: impl FnMut() -> Option<T>) -> T {
+    poll(timeout, probe).unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for {what}"))
+}
+
+/// Polls `probe` every 10 ms until it returns `Some`, or returns `None` after `timeout`.
+pub fn poll<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe() {
+            return Some(value);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Reports a failed clean-up: a panic, unless the test is already failing (a second panic
+/// would abort the whole test binary and hide the first failure).
+pub(crate) fn cleanup_failed(what: &str) {
+    if std::thread::panicking() {
+        #[expect(clippy::print_stderr, reason = "the only channel left while unwinding")]
+        {
+            eprintln!("clean-up failed: {what}");
+        }
+    } else {
+        panic!("clean-up failed: {what}");
+    }
+}
+
+/// The agent binary: `$KEEPALIVE_AGENT_BIN` (set by `cargo xtask test`), else the one beside
+/// the test binary's target directory.
+pub fn agent_bin() -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os("KEEPALIVE_AGENT_BIN") {
+        return path.into();
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/keepalive-agent
+    let candidate = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .map(|dir| dir.join("keepalive-agent"))
+        .expect("test binary has no target directory");
+    assert!(
+        candidate.exists(),
+        "{} does not exist: build it first (`cargo build -p keepalive-agent`; `cargo xtask test` does)",
+        candidate.display()
+    );
+    candidate
+}

@@ -1,0 +1,246 @@
+//! Network namespaces and veth links: a small network of our own on this machine.
+
+use std::{
+    fs::File,
+    os::fd::{AsFd, BorrowedFd},
+    process::{Command, Output},
+};
+
+use crate::{cleanup_failed, unique_name};
+
+/// A fresh network namespace with `lo` up, deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+    file: File,
+}
+
+impl Netns {
+    #[expect(
+        clippy::new_without_default,
+        reason = "creating a namespace is not a default value"
+    )]
+    pub fn new() -> Self {
+        let name = unique_name();
+        run(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Self {
+            file: File::open(format!("/run/netns/{name}"))
+                .unwrap_or_else(|e| panic!("cannot open netns {name}: {e}")),
+            name,
+        };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip -n NAME ARGS...`, which must succeed.
+    pub fn ip(&self, args: &[&str]) -> Output {
+        run(Command::new("ip").arg("-n").arg(&self.name).args(args))
+    }
+
+    /// Runs `program ARGS...` inside the namespace (`ip netns exec`), which must succeed.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Output {
+        run(Command::new("ip")
+            .args(["netns", "exec", &self.name, program])
+            .args(args))
+    }
+
+    /// Loads an nftables ruleset into this namespace (`nft -f -`).
+    pub fn nft(&self, ruleset: &str) {
+        use std::io::Write as _;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.name, "nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run nft (Debian package nftables): {e}"));
+        let written = child
+            .stdin
+            .take()
+            .map(|mut stdin| stdin.write_all(ruleset.as_bytes()));
+        let status = child.wait().unwrap_or_else(|e| panic!("nft: {e}"));
+        assert!(
+            matches!(written, Some(Ok(()))) && status.success(),
+            "nft -f - failed for:\n{ruleset}"
+        );
+    }
+
+    /// A value of this namespace's `/proc/sys`, e.g. `net/ipv4/tcp_keepalive_time`.
+    pub fn sysctl(&self, key: &str) -> String {
+        let out = self.exec("cat", &[&format!("/proc/sys/{key}")]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// A counter of this namespace's `/proc/net/netstat`, e.g. (`TcpExt`, `TCPKeepAlive`).
+    pub fn netstat(&self, group: &str, counter: &str) -> u64 {
+        let out = self.exec("cat", &["/proc/net/netstat"]);
+        parse_netstat(&String::from_utf8_lossy(&out.stdout), group, counter)
+            .unwrap_or_else(|| panic!("no {group} {counter} in /proc/net/netstat of {}", self.name))
+    }
+
+    /// `ss -tnoH state established` in this namespace, one entry per connection.
+    pub fn established(&self) -> Vec<SsEntry> {
+        let out = self.exec("ss", &["-tnoH", "state", "established"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(SsEntry::parse)
+            .collect()
+    }
+}
+
+impl AsFd for Netns {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if !delete(&self.name) {
+            cleanup_failed(&format!("cannot delete netns {}", self.name));
+        }
+    }
+}
+
+/// Deletes a named network namespace (its veth ends go with it).
+pub(crate) fn delete(name: &str) -> bool {
+    Command::new("ip")
+        .args(["netns", "del", name])
+        .output()
+        .is_ok_and(|out| out.status.success())
+}
+
+/// A veth pair between two namespaces, with an IPv4 and an IPv6 address on each end; it goes
+/// away with the namespaces.
+#[derive(Debug)]
+pub struct Veth {
+    pub a_v4: String,
+    pub b_v4: String,
+    pub a_v6: String,
+    pub b_v6: String,
+}
+
+impl Veth {
+    /// Links `a` (10.250.0.1, fd00:250::1) and `b` (10.250.0.2, fd00:250::2). The namespaces are
+    /// private to the test, so the same addresses serve every test.
+    pub fn link(a: &Netns, b: &Netns) -> Self {
+        let veth = Self {
+            a_v4: "10.250.0.1".into(),
+            b_v4: "10.250.0.2".into(),
+            a_v6: "fd00:250::1".into(),
+            b_v6: "fd00:250::2".into(),
+        };
+        run(Command::new("ip").args([
+            "link",
+            "add",
+            "kaa",
+            "netns",
+            a.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "kab",
+            "netns",
+            b.name(),
+        ]));
+        for (ns, dev, v4, v6) in [
+            (a, "kaa", &veth.a_v4, &veth.a_v6),
+            (b, "kab", &veth.b_v4, &veth.b_v6),
+        ] {
+            // nodad: the IPv6 address is usable at once, without duplicate address detection.
+            ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"]);
+            ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev]);
+            ns.ip(&["link", "set", dev, "up"]);
+        }
+        veth
+    }
+}
+
+/// One line of `ss -tnoH state established`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SsEntry {
+    pub local: String,
+    pub peer: String,
+    /// The `timer:(...)` column, e.g. `keepalive,59sec,0`, if any.
+    pub timer: Option<String>,
+}
+
+impl SsEntry {
+    fn parse(line: &str) -> Option<Self> {
+        // Recv-Q Send-Q Local Peer [timer:(...)]
+        let mut fields = line.split_whitespace().skip(2);
+        let local = fields.next()?.to_string();
+        let peer = fields.next()?.to_string();
+        let timer = fields
+            .find_map(|field| field.strip_prefix("timer:("))
+            .map(|rest| rest.trim_end_matches(')').to_string());
+        Some(Self { local, peer, timer })
+    }
+
+    /// Whether ss shows a keepalive timer on this connection.
+    pub fn has_keepalive_timer(&self) -> bool {
+        self.timer
+            .as_deref()
+            .is_some_and(|timer| timer.starts_with("keepalive,"))
+    }
+}
+
+fn parse_netstat(text: &str, group: &str, counter: &str) -> Option<u64> {
+    // Pairs of lines: "TcpExt: Name1 Name2 ..." then "TcpExt: 1 2 ...".
+    let prefix = format!("{group}:");
+    let mut lines = text.lines().filter(|line| line.starts_with(&prefix));
+    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+        let index = names.split_whitespace().position(|name| name == counter);
+        if let Some(index) = index {
+            return values.split_whitespace().nth(index)?.parse().ok();
+        }
+    }
+    None
+}
+
+fn run(command: &mut Command) -> Output {
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ss_lines() {
+        let entry = SsEntry::parse(
+            "0      0      127.0.0.1:41234   127.0.0.1:5000  timer:(keepalive,36sec,0)",
+        );
+        assert_eq!(
+            entry,
+            Some(SsEntry {
+                local: "127.0.0.1:41234".into(),
+                peer: "127.0.0.1:5000".into(),
+                timer: Some("keepalive,36sec,0".into()),
+            })
+        );
+        assert!(entry.is_some_and(|e| e.has_keepalive_timer()));
+        let plain = SsEntry::parse("0 0 [::1]:5000 [::1]:41234");
+        assert!(plain.is_some_and(|e| e.timer.is_none()));
+    }
+
+    #[test]
+    fn parses_netstat() {
+        let text =
+            "TcpExt: SyncookiesSent TCPKeepAlive\nTcpExt: 0 17\nIpExt: InNoRoutes\nIpExt: 3\n";
+        assert_eq!(parse_netstat(text, "TcpExt", "TCPKeepAlive"), Some(17));
+        assert_eq!(parse_netstat(text, "IpExt", "InNoRoutes"), Some(3));
+        assert_eq!(parse_netstat(text, "TcpExt", "Missing"), None);
+    }
+}

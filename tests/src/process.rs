@@ -1,0 +1,255 @@
+//! Workload processes placed in a cgroup and a network namespace, with a line protocol on
+//! stdout and their sockets reachable from the test through pidfd_getfd(2).
+
+use std::{
+    ffi::OsStr,
+    fs::OpenOptions,
+    io::{BufRead as _, BufReader},
+    os::{
+        fd::{AsFd, AsRawFd, FromRawFd as _, OwnedFd},
+        unix::process::CommandExt as _,
+    },
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use crate::{Netns, TestCgroup};
+
+/// How long a workload may take to print the line a test waits for.
+pub const LINE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where a workload runs; `None` leaves it where the test runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Placement<'a> {
+    pub cgroup: Option<&'a TestCgroup>,
+    pub netns: Option<&'a Netns>,
+}
+
+impl<'a> Placement<'a> {
+    pub fn new(cgroup: &'a TestCgroup, netns: &'a Netns) -> Self {
+        Self {
+            cgroup: Some(cgroup),
+            netns: Some(netns),
+        }
+    }
+
+    pub fn netns_only(netns: &'a Netns) -> Self {
+        Self {
+            cgroup: None,
+            netns: Some(netns),
+        }
+    }
+}
+
+/// A child process; killed and reaped on drop.
+#[derive(Debug)]
+pub struct Workload {
+    name: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Workload {
+    /// Starts `program ARGS` inside `place`: the child joins the namespace and the cgroup
+    /// between fork and exec, so every socket it ever creates belongs to them. Its stdout lines
+    /// are what [`Self::expect`] reads.
+    pub fn spawn(program: impl AsRef<OsStr>, args: &[&str], place: Placement<'_>) -> Self {
+        Self::start(program.as_ref(), args, place, false)
+    }
+
+    /// Starts a daemon whose log goes to stderr; its stderr lines are what
+    /// [`Self::expect_log`] reads.
+    pub fn spawn_daemon(program: impl AsRef<OsStr>, args: &[&str]) -> Self {
+        Self::start(program.as_ref(), args, Placement::default(), true)
+    }
+
+    fn start(program: &OsStr, args: &[&str], place: Placement<'_>, read_stderr: bool) -> Self {
+        let name = format!("{} {}", program.to_string_lossy(), args.join(" "));
+        let procs = place.cgroup.map(|cgroup| {
+            OpenOptions::new()
+                .write(true)
+                .open(cgroup.path().join("cgroup.procs"))
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "cannot open cgroup.procs of {}: {e}",
+                        cgroup.path().display()
+                    )
+                })
+        });
+        let netns = place.netns.map(|ns| {
+            ns.as_fd()
+                .try_clone_to_owned()
+                .unwrap_or_else(|e| panic!("{e}"))
+        });
+        let mut command = Command::new(program);
+        command.args(args).stdin(Stdio::piped());
+        if read_stderr {
+            command.stdout(Stdio::null()).stderr(Stdio::piped());
+        } else {
+            command.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        }
+        let (procs_fd, netns_fd) = (
+            procs.as_ref().map(AsRawFd::as_raw_fd),
+            netns.as_ref().map(AsRawFd::as_raw_fd),
+        );
+        // SAFETY: between fork and exec the closure only makes async-signal-safe system calls
+        // on file descriptors opened before the fork.
+        unsafe {
+            command.pre_exec(move || {
+                if let Some(fd) = netns_fd
+                    && libc::setns(fd, libc::CLONE_NEWNET) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // "0" moves the writing process itself.
+                if let Some(fd) = procs_fd
+                    && libc::write(fd, b"0".as_ptr().cast(), 1) != 1
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let output: Box<dyn std::io::Read + Send> = if read_stderr {
+            Box::new(
+                child
+                    .stderr
+                    .take()
+                    .unwrap_or_else(|| panic!("{name}: no stderr")),
+            )
+        } else {
+            Box::new(
+                child
+                    .stdout
+                    .take()
+                    .unwrap_or_else(|| panic!("{name}: no stdout")),
+            )
+        };
+        let (sender, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(output).lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Self {
+            name,
+            stdin: child.stdin.take(),
+            child,
+            lines,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the next line whose first word is `word` and returns the other words.
+    /// Panics on an `error` line, on exit, or after [`LINE_TIMEOUT`].
+    pub fn expect(&self, word: &str) -> Vec<String> {
+        self.expect_within(word, LINE_TIMEOUT)
+    }
+
+    /// [`Self::expect`] with its own deadline.
+    pub fn expect_within(&self, word: &str, timeout: Duration) -> Vec<String> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = match self.lines.recv_timeout(left) {
+                Ok(line) => line,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("{}: no `{word}` line within {timeout:?}", self.name)
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!("{}: exited before printing `{word}`", self.name)
+                }
+            };
+            let mut words = line.split_whitespace().map(str::to_string);
+            match words.next().as_deref() {
+                Some(first) if first == word => return words.collect(),
+                Some("error") => panic!("{}: {line}", self.name),
+                _ => {}
+            }
+        }
+    }
+
+    /// Waits for the next line containing `text` (a daemon's log) and returns it.
+    /// Panics on exit or after `timeout`.
+    pub fn expect_log(&self, text: &str, timeout: Duration) -> String {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(text) => return line,
+                Ok(_) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "{}: no log line with `{text}` within {timeout:?}",
+                        self.name
+                    )
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!("{}: exited before logging `{text}`", self.name)
+                }
+            }
+        }
+    }
+
+    /// Sends `signal` and waits up to `timeout` for the exit; returns the exit code.
+    pub fn signal_and_wait(&mut self, signal: i32, timeout: Duration) -> Option<i32> {
+        let pid = i32::try_from(self.pid()).unwrap_or(i32::MAX);
+        assert_eq!(
+            // SAFETY: a signal to our own child, which has not been reaped yet.
+            unsafe { libc::kill(pid, signal) },
+            0,
+            "kill({pid}, {signal})"
+        );
+        let status = crate::wait_for(&format!("{} to exit", self.name), timeout, || {
+            self.child.try_wait().ok().flatten()
+        });
+        status.code()
+    }
+
+    /// A duplicate of the workload's file descriptor `fd` (pidfd_getfd(2)): the same socket,
+    /// so getsockopt on it reads what the kernel holds for the workload.
+    pub fn steal_fd(&self, fd: i32) -> OwnedFd {
+        let pid = i32::try_from(self.pid()).unwrap_or(i32::MAX);
+        // SAFETY: plain system calls; the returned descriptors are checked before use.
+        unsafe {
+            let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
+            assert!(
+                pidfd >= 0,
+                "pidfd_open({pid}): {}",
+                std::io::Error::last_os_error()
+            );
+            let pidfd = OwnedFd::from_raw_fd(i32::try_from(pidfd).expect("fds fit in i32"));
+            let stolen = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
+            assert!(
+                stolen >= 0,
+                "pidfd_getfd({pid}, {fd}): {}",
+                std::io::Error::last_os_error()
+            );
+            OwnedFd::from_raw_fd(i32::try_from(stolen).expect("fds fit in i32"))
+        }
+    }
+
+    /// Closes the workload's standard input (probes exit on that) and waits for it to exit.
+    pub fn finish(mut self) {
+        self.stdin.take();
+        let _ignored = self.child.wait();
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        self.stdin.take();
+        let _ignored = self.child.kill();
+        let _ignored = self.child.wait();
+    }
+}
