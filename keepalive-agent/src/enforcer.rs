@@ -12,7 +12,8 @@ use aya::{
     programs::{ProgramError, SockOps, links::CgroupAttachMode, sock_ops::SockOpsLinkId},
 };
 use keepalive_common::{
-    ATTACH_MAP, INITIAL_POLICY, PROGRAM_NAME, PolicyRecord, STATS_MAP, Stat, sock_ops::ATTACH_TYPE,
+    ATTACH_MAP, INITIAL_POLICY, PROGRAM_NAME, PolicyRecord, STAGE, STATS_MAP, Stage, Stat,
+    sock_ops::ATTACH_TYPE,
 };
 
 use crate::{
@@ -99,11 +100,19 @@ struct Attachment {
 impl Enforcer {
     /// Loads the program with `policy` as its initial policy. Nothing is attached yet.
     pub fn load(policy: &Policy) -> Result<Self, EnforcerError> {
+        Self::load_stage(policy, Stage::Full)
+    }
+
+    /// Loads a program that stops after `stage`, for benchmarks that measure what each step
+    /// costs. Only [`Stage::Full`] enforces anything.
+    pub fn load_stage(policy: &Policy, stage: Stage) -> Result<Self, EnforcerError> {
         policy.validate()?;
         let generation = 1;
         let initial = policy.record(generation);
+        let stage = stage as u32;
         let mut ebpf = EbpfLoader::new()
             .override_global(INITIAL_POLICY, &initial, true)
+            .override_global(STAGE, &stage, true)
             .load(PROGRAM_OBJECT)
             .map_err(EnforcerError::Load)?;
         sock_ops(&mut ebpf)?
@@ -261,6 +270,12 @@ impl Enforcer {
             .insert(CgroupStorageKey::new(cgroup_id, ATTACH_TYPE), record, 0)
             .map_err(map_error(ATTACH_MAP))
     }
+}
+
+/// Turns on the kernel's run-time accounting of BPF programs (`run_time_ns`, `run_cnt`) for as
+/// long as the returned descriptor is open (BPF_ENABLE_STATS): nothing global to restore.
+pub fn enable_run_time_stats() -> Result<std::os::fd::OwnedFd, aya::sys::SyscallError> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime)
 }
 
 fn sock_ops(ebpf: &mut Ebpf) -> Result<&mut SockOps, EnforcerError> {

@@ -70,6 +70,24 @@ impl PolicyRecord {
 // SAFETY: `PolicyRecord` is `repr(C)`, made only of `u32`s, and has no padding.
 unsafe impl aya::Pod for PolicyRecord {}
 
+/// Read-only global selecting a [`Stage`]; benchmarks only.
+pub const STAGE: &str = "KA_STAGE";
+
+/// Where the program stops, for measuring what each step costs. Production loads use
+/// [`Stage::Full`]; the benchmark loads the others side by side.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Everything: the policy's options on every new connection.
+    Full = 0,
+    /// Return at once from every callback: the cost of having a sock_ops program at all.
+    Attached = 1,
+    /// Return after finding the policy, before any bpf_setsockopt.
+    Lookup = 2,
+    /// Set the TCP values but not SO_KEEPALIVE.
+    TcpValues = 3,
+}
+
 /// Indices into the per-CPU counters map ([`STATS_MAP`]).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -165,7 +183,7 @@ mod tests {
     #[test]
     fn map_names_fit_the_kernel() {
         // BPF_OBJ_NAME_LEN is 16 including the terminating NUL.
-        for name in [PROGRAM_NAME, ATTACH_MAP, STATS_MAP, INITIAL_POLICY] {
+        for name in [PROGRAM_NAME, ATTACH_MAP, STATS_MAP, INITIAL_POLICY, STAGE] {
             assert!(name.len() <= 15, "{name} is longer than 15 bytes");
         }
     }

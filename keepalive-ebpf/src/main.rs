@@ -31,7 +31,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use keepalive_common::{
-    HANDLED_MARK, PolicyRecord, Stat,
+    HANDLED_MARK, PolicyRecord, Stage, Stat,
     sock_ops::{ACTIVE_ESTABLISHED_CB, PASSIVE_ESTABLISHED_CB},
     sockopt::{
         SO_KEEPALIVE, SOL_SOCKET, SOL_TCP, TCP_KEEPCNT, TCP_KEEPIDLE, TCP_KEEPINTVL,
@@ -58,8 +58,18 @@ static KA_INITIAL: Global<PolicyRecord> = Global::new(PolicyRecord {
     generation: 0,
 });
 
+/// Benchmark-only: stop after a step to measure what the steps before it cost (see
+/// [`keepalive_common::Stage`]). 0 in production; the value is a load-time constant, so the
+/// verifier removes these checks as dead code.
+#[unsafe(no_mangle)]
+static KA_STAGE: Global<u32> = Global::new(0);
+
 #[sock_ops]
 fn ka_sockops(ctx: SockOpsContext) -> u32 {
+    let stage = KA_STAGE.load();
+    if stage == Stage::Attached as u32 {
+        return 1;
+    }
     let applied = match ctx.op() {
         ACTIVE_ESTABLISHED_CB => Stat::ActiveApplied,
         PASSIVE_ESTABLISHED_CB => Stat::PassiveApplied,
@@ -79,7 +89,7 @@ fn ka_sockops(ctx: SockOpsContext) -> u32 {
     } else {
         KA_INITIAL.load()
     };
-    if !policy.is_valid() {
+    if !policy.is_valid() || stage == Stage::Lookup as u32 {
         return 1;
     }
 
@@ -103,7 +113,9 @@ fn ka_sockops(ctx: SockOpsContext) -> u32 {
             Stat::ErrUserTimeout,
         );
     }
-    ok &= set(&ctx, SOL_SOCKET, SO_KEEPALIVE, 1, Stat::ErrKeepalive);
+    if stage != Stage::TcpValues as u32 {
+        ok &= set(&ctx, SOL_SOCKET, SO_KEEPALIVE, 1, Stat::ErrKeepalive);
+    }
     bump(if ok { applied } else { Stat::Failed });
     1
 }
