@@ -19,11 +19,15 @@ use crate::{Netns, TestCgroup};
 /// How long a workload may take to print the line a test waits for.
 pub const LINE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Where a workload runs; `None` leaves it where the test runs.
+/// Where and how a workload runs; `None` leaves it as the test runs.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Placement<'a> {
     pub cgroup: Option<&'a TestCgroup>,
     pub netns: Option<&'a Netns>,
+    /// Pins the workload to this CPU (benchmarks: less noise).
+    pub cpu: Option<usize>,
+    /// Extra environment variables.
+    pub env: &'a [(&'a str, &'a str)],
 }
 
 impl<'a> Placement<'a> {
@@ -31,13 +35,14 @@ impl<'a> Placement<'a> {
         Self {
             cgroup: Some(cgroup),
             netns: Some(netns),
+            ..Self::default()
         }
     }
 
     pub fn netns_only(netns: &'a Netns) -> Self {
         Self {
-            cgroup: None,
             netns: Some(netns),
+            ..Self::default()
         }
     }
 }
@@ -84,15 +89,19 @@ impl Workload {
                 .unwrap_or_else(|e| panic!("{e}"))
         });
         let mut command = Command::new(program);
-        command.args(args).stdin(Stdio::piped());
+        command
+            .args(args)
+            .envs(place.env.iter().copied())
+            .stdin(Stdio::piped());
         if read_stderr {
             command.stdout(Stdio::null()).stderr(Stdio::piped());
         } else {
             command.stdout(Stdio::piped()).stderr(Stdio::inherit());
         }
-        let (procs_fd, netns_fd) = (
+        let (procs_fd, netns_fd, cpu) = (
             procs.as_ref().map(AsRawFd::as_raw_fd),
             netns.as_ref().map(AsRawFd::as_raw_fd),
+            place.cpu,
         );
         // SAFETY: between fork and exec the closure only makes async-signal-safe system calls
         // on file descriptors opened before the fork.
@@ -102,6 +111,14 @@ impl Workload {
                     && libc::setns(fd, libc::CLONE_NEWNET) != 0
                 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(cpu) = cpu {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 // "0" moves the writing process itself.
                 if let Some(fd) = procs_fd

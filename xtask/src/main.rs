@@ -48,6 +48,14 @@ enum Task {
     },
     /// rustfmt and clippy (host crates and the eBPF crate), warnings as errors.
     Lint,
+    /// Measure what enforcement costs (as root): connection rate against no program and
+    /// libkeepalive, program ns per connection, update latency, agent start-up and memory.
+    /// Prints a table and writes bench/results/bench.{md,json,svg}.
+    Bench {
+        /// Exercise every step in seconds; the figures mean nothing.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -73,7 +81,7 @@ fn run(task: Task) -> anyhow::Result<()> {
         }
         Task::Test { test_args } => {
             host_check("cargo xtask test")?;
-            packages::ensure(packages::TEST_COMMANDS)?;
+            packages::ensure(packages::TEST)?;
             let toolchain = Toolchain::ensure()?;
             let agent = build(&workspace, &toolchain, Profile::Debug)?;
             run_status(
@@ -84,6 +92,33 @@ fn run(task: Task) -> anyhow::Result<()> {
             )
         }
         Task::Lint => lint(&workspace, &Toolchain::ensure()?),
+        Task::Bench { quick } => {
+            host_check("cargo xtask bench")?;
+            packages::ensure(packages::TEST)?;
+            let toolchain = Toolchain::ensure()?;
+            let agent = build(&workspace, &toolchain, Profile::Release)?;
+            run_status(cargo(&workspace, &toolchain)?.args([
+                "build",
+                "--locked",
+                "--release",
+                "--package",
+                "keepalive-tests",
+                "--bins",
+            ]))?;
+            let bins = target_dir(&workspace).join("release");
+            let mut bench = Command::new(bins.join("ka-bench"));
+            bench
+                .arg("--probe")
+                .arg(bins.join("ka-probe"))
+                .arg("--agent")
+                .arg(agent)
+                .arg("--out")
+                .arg(workspace.join("bench").join("results"));
+            if quick {
+                bench.arg("--quick");
+            }
+            run_status(&mut bench)
+        }
     }
 }
 

@@ -6,6 +6,12 @@
 //! ka-probe connect ADDR         -> "connected FD LOCAL"
 //! ka-probe connect ADDR --read  -> "connected FD LOCAL", then blocks in read(2) and reports
 //!                                  "read-error ERRNO", "read-eof" or "read-data N"
+//! ka-probe loop ADDR COUNT       -> listens on ADDR, then COUNT times connects to itself,
+//!                                  accepts and closes both ends; "looped COUNT NANOS"
+//! ka-probe sink ADDR             -> "listening PORT", then accepts and closes, forever
+//! ka-probe dial ADDR COUNT       -> COUNT times connects to ADDR and closes; "dialed COUNT NANOS"
+//! ka-probe watch ADDR IDLE       -> "listening PORT", then connects to itself until a client
+//!                                  socket has TCP_KEEPIDLE = IDLE; "seen MONOTONIC_NS"
 //! ```
 //! Sockets stay open until standard input reaches end of file; then the probe exits.
 #![expect(
@@ -27,9 +33,14 @@ fn main() -> ExitCode {
         ["listen", addr] => parse(addr).and_then(listen),
         ["connect", addr] => parse(addr).and_then(|addr| connect(addr, false)),
         ["connect", addr, "--read"] => parse(addr).and_then(|addr| connect(addr, true)),
+        ["loop", addr, count] => parse(addr).and_then(|addr| connect_loop(addr, number(count)?)),
+        ["sink", addr] => parse(addr).and_then(sink),
+        ["dial", addr, count] => parse(addr).and_then(|addr| dial(addr, number(count)?)),
+        ["watch", addr, idle] => parse(addr).and_then(|addr| watch(addr, number(idle)?)),
         _ => Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            "usage: ka-probe listen ADDR | connect ADDR [--read]",
+            "usage: ka-probe listen ADDR | connect ADDR [--read] | loop ADDR COUNT | sink ADDR \
+             | dial ADDR COUNT | watch ADDR IDLE",
         )),
     };
     match result {
@@ -44,6 +55,11 @@ fn main() -> ExitCode {
 fn parse(addr: &str) -> io::Result<SocketAddr> {
     addr.parse()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{addr}: {e}")))
+}
+
+fn number<T: std::str::FromStr<Err: std::fmt::Display>>(text: &str) -> io::Result<T> {
+    text.parse()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{text}: {e}")))
 }
 
 fn report(line: &str) {
@@ -94,4 +110,94 @@ fn connect(addr: SocketAddr, read: bool) -> io::Result<()> {
     loop {
         std::thread::park();
     }
+}
+
+/// The connection-rate workload: connect, accept, close both, as fast as one thread can.
+fn connect_loop(addr: SocketAddr, count: u64) -> io::Result<()> {
+    let listener = TcpListener::bind(addr)?;
+    let target = listener.local_addr()?;
+    let start = std::time::Instant::now();
+    for _ in 0..count {
+        let client = TcpStream::connect(target)?;
+        let (server, _) = listener.accept()?;
+        // The server closes first, so TIME_WAIT lands on the server's side and the client's
+        // ephemeral ports do not run out over a long run.
+        drop(server);
+        drop(client);
+    }
+    report(&format!("looped {count} {}", start.elapsed().as_nanos()));
+    Ok(())
+}
+
+/// The server side of `dial`: accept and close, as fast as it can (it closes first).
+fn sink(addr: SocketAddr) -> io::Result<()> {
+    let listener = TcpListener::bind(addr)?;
+    exit_on_stdin_eof();
+    report(&format!("listening {}", listener.local_addr()?.port()));
+    loop {
+        drop(listener.accept()?);
+    }
+}
+
+/// The client side of a connection-rate run across a link: connect and close.
+fn dial(addr: SocketAddr, count: u64) -> io::Result<()> {
+    let start = std::time::Instant::now();
+    let mut eof = [0u8; 1];
+    for _ in 0..count {
+        let mut stream = TcpStream::connect(addr)?;
+        // Wait for the sink's close (EOF, 0 bytes), so TIME_WAIT lands on its side (see
+        // `connect_loop`). The sink never writes.
+        let _eof: usize = stream.read(&mut eof)?;
+    }
+    report(&format!("dialed {count} {}", start.elapsed().as_nanos()));
+    Ok(())
+}
+
+/// Connects to itself until a client socket carries `idle`, then reports when (CLOCK_MONOTONIC,
+/// the clock `Instant` uses, so the test can compare it with its own readings).
+fn watch(addr: SocketAddr, idle: i32) -> io::Result<()> {
+    let listener = TcpListener::bind(addr)?;
+    exit_on_stdin_eof();
+    report(&format!("listening {}", listener.local_addr()?.port()));
+    let target = listener.local_addr()?;
+    loop {
+        let client = TcpStream::connect(target)?;
+        let seen = monotonic_ns();
+        drop(listener.accept()?);
+        if keepidle(&client)? == idle {
+            report(&format!("seen {seen}"));
+            return Ok(());
+        }
+    }
+}
+
+fn keepidle(stream: &TcpStream) -> io::Result<i32> {
+    let mut value: libc::c_int = 0;
+    let mut len: libc::socklen_t = 4;
+    // SAFETY: a 4-byte buffer and its length, on a socket we own.
+    let ret = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_TCP,
+            libc::TCP_KEEPIDLE,
+            (&raw mut value).cast(),
+            &raw mut len,
+        )
+    };
+    if ret == 0 {
+        Ok(value)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn monotonic_ns() -> u128 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now) };
+    u128::try_from(now.tv_sec).unwrap_or(0) * 1_000_000_000
+        + u128::try_from(now.tv_nsec).unwrap_or(0)
 }

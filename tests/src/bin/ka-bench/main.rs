@@ -1,0 +1,83 @@
+//! `cargo xtask bench`: what enforcement costs, against no program and against the LD_PRELOAD
+//! peer libkeepalive, measured in one run with the variants interleaved.
+//!
+//! ```text
+//! ka-bench --probe PATH --agent PATH --out DIR [--quick]
+//! ```
+//! Prints a table and writes `DIR/bench.md`, `DIR/bench.json` and `DIR/bench.svg`.
+#![expect(clippy::print_stdout, reason = "the table is the benchmark's output")]
+#![expect(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a benchmark that cannot run panics with the reason"
+)]
+
+mod measure;
+mod report;
+mod variants;
+
+use std::path::PathBuf;
+
+/// How much to measure.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Settings {
+    /// Connections per timed round.
+    pub(crate) conns: u64,
+    /// Rounds per variant; each round runs every variant once, in a rotated order.
+    pub(crate) rounds: usize,
+    /// Policy changes timed for the update latency.
+    pub(crate) updates: usize,
+    /// Agent start-ups timed.
+    pub(crate) starts: usize,
+}
+
+impl Settings {
+    const FULL: Self = Self {
+        conns: 20_000,
+        rounds: 9,
+        updates: 21,
+        starts: 7,
+    };
+    /// Checks that every step works, in seconds; its figures mean nothing.
+    const QUICK: Self = Self {
+        conns: 300,
+        rounds: 2,
+        updates: 3,
+        starts: 2,
+    };
+}
+
+#[derive(Debug)]
+pub(crate) struct Paths {
+    pub(crate) probe: PathBuf,
+    pub(crate) agent: PathBuf,
+    pub(crate) out: PathBuf,
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let (mut probe, mut agent, mut out, mut settings) = (None, None, None, Settings::FULL);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--probe" => probe = args.next().map(PathBuf::from),
+            "--agent" => agent = args.next().map(PathBuf::from),
+            "--out" => out = args.next().map(PathBuf::from),
+            "--quick" => settings = Settings::QUICK,
+            other => panic!(
+                "unknown argument {other:?}; usage: ka-bench --probe PATH --agent PATH --out DIR [--quick]"
+            ),
+        }
+    }
+    let paths = Paths {
+        probe: probe.expect("--probe PATH (target/release/ka-probe)"),
+        agent: agent.expect("--agent PATH (target/release/keepalive-agent)"),
+        out: out.expect("--out DIR"),
+    };
+    keepalive_tests::require_host();
+    let started = std::time::Instant::now();
+    let results = measure::run(&paths, settings);
+    let table = report::markdown(&results, started.elapsed());
+    println!("{table}");
+    report::write(&results, &table, &paths.out);
+    println!("written to {}", paths.out.display());
+}
