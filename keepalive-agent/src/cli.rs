@@ -1,10 +1,13 @@
 //! Command line of `keepalive-agent`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
-use crate::policy::{COUNT, IDLE_SECS, INTERVAL_SECS, Policy, USER_TIMEOUT_MS};
+use crate::policy::{
+    COUNT, CgroupPath, IDLE_SECS, INTERVAL_SECS, Policy, USER_TIMEOUT_MS, Values, file,
+};
 
 /// Enforces TCP keepalive on every new TCP connection of chosen cgroups, without touching the
 /// programs that open them.
@@ -14,7 +17,7 @@ use crate::policy::{COUNT, IDLE_SECS, INTERVAL_SECS, Policy, USER_TIMEOUT_MS};
 /// net.ipv4.tcp_keepalive_* sysctls only change the defaults of those sockets. This agent
 /// attaches a sock_ops eBPF program to cgroup v2 directories; for every connection a process
 /// there opens or accepts, it sets SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT (and
-/// TCP_USER_TIMEOUT) to the policy's values.
+/// TCP_USER_TIMEOUT) as the policy says.
 #[derive(Debug, Parser)]
 #[command(name = "keepalive-agent", version)]
 pub struct Cli {
@@ -24,38 +27,49 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Load the program, attach it, and enforce the policy until SIGINT or SIGTERM.
+    /// Load the programs, attach them, and enforce the policy until SIGINT or SIGTERM.
     ///
-    /// Logs one line containing `attached` per cgroup once enforcement is live there. On SIGINT
-    /// or SIGTERM it detaches from every cgroup and exits; connections opened before keep the
-    /// values they got. Needs root (or CAP_BPF and CAP_NET_ADMIN). Log verbosity follows
-    /// RUST_LOG (default `info`).
+    /// Logs one line containing `attached` per cgroup once enforcement is live there. SIGHUP, or
+    /// a change of the --config file, reloads the policy; a file that does not check is refused
+    /// (logged) and the running policy stays. On SIGINT or SIGTERM it detaches from every
+    /// cgroup and exits; connections keep the values they got. Needs root (or CAP_BPF and
+    /// CAP_NET_ADMIN). Log verbosity follows RUST_LOG (default `info`).
     Run(RunArgs),
+    /// Check a policy file without loading anything: exit 0, or an error naming file, line,
+    /// field and what is allowed.
+    Check(CheckArgs),
 }
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// cgroup v2 to enforce in, with all its descendants; repeat for several.
+    /// Policy file (TOML; see docs/policy.md and examples/policy.toml). Without it, the policy
+    /// is --idle/--interval/--count/--user-timeout enforced on every connection.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["idle", "interval", "count", "user_timeout"])]
+    pub config: Option<PathBuf>,
+
+    /// cgroup v2 to enforce in, with all its descendants; repeat for several. Overrides the
+    /// file's [agent] cgroups.
     ///
     /// A path inside the hierarchy as /proc/PID/cgroup shows it (`/` is the root,
     /// `system.slice/nginx.service`), or a filesystem path under the cgroup2 mount, which is
-    /// found in /proc/self/mountinfo. Default: the root, i.e. every process of the host.
-    #[arg(long = "cgroup", value_name = "PATH", default_value = "/")]
+    /// found in /proc/self/mountinfo. Default: the file's [agent] cgroups, else the root, i.e.
+    /// every process of the host.
+    #[arg(long = "cgroup", value_name = "PATH")]
     pub cgroups: Vec<PathBuf>,
 
     /// Seconds a connection is idle before the first probe (TCP_KEEPIDLE).
-    #[arg(long, value_name = "SECS", default_value_t = Policy::default().idle_secs,
+    #[arg(long, value_name = "SECS", default_value_t = Values::default().idle_secs,
           value_parser = clap::value_parser!(u32).range(range64(IDLE_SECS)))]
     pub idle: u32,
 
     /// Seconds between probes (TCP_KEEPINTVL).
-    #[arg(long, value_name = "SECS", default_value_t = Policy::default().interval_secs,
+    #[arg(long, value_name = "SECS", default_value_t = Values::default().interval_secs,
           value_parser = clap::value_parser!(u32).range(range64(INTERVAL_SECS)))]
     pub interval: u32,
 
     /// Unanswered probes before the connection is dropped and the application sees
     /// ETIMEDOUT (TCP_KEEPCNT).
-    #[arg(long, value_name = "N", default_value_t = Policy::default().count,
+    #[arg(long, value_name = "N", default_value_t = Values::default().count,
           value_parser = clap::value_parser!(u32).range(range64(COUNT)))]
     pub count: u32,
 
@@ -64,20 +78,57 @@ pub struct RunArgs {
     #[arg(long, value_name = "MS",
           value_parser = clap::value_parser!(u32).range(range64(USER_TIMEOUT_MS)))]
     pub user_timeout: Option<u32>,
+
+    /// Leave connections that exist when a policy takes effect as they are (by default they
+    /// get it too).
+    #[arg(long)]
+    pub no_existing: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The policy file to check.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
 }
 
 impl RunArgs {
-    /// The policy these options describe, checked against the kernel's bounds.
-    pub fn policy(&self) -> Result<Policy, crate::policy::OutOfRange> {
-        let policy = Policy {
-            idle_secs: self.idle,
-            interval_secs: self.interval,
-            count: self.count,
-            user_timeout_ms: self.user_timeout,
+    /// The policy these options describe. With --config the file is read again each time, so
+    /// this is also the reload.
+    pub fn policy(&self, cgroup2_mount: &Path) -> anyhow::Result<Policy> {
+        let mut policy = match &self.config {
+            Some(path) => file::load(path)?,
+            None => Policy::enforce(
+                Values {
+                    idle_secs: self.idle,
+                    interval_secs: self.interval,
+                    count: self.count,
+                    user_timeout_ms: self.user_timeout,
+                },
+                vec![CgroupPath::root()],
+            ),
         };
-        policy.validate()?;
+        if !self.cgroups.is_empty() {
+            policy.scopes = self
+                .cgroups
+                .iter()
+                .map(|arg| scope(cgroup2_mount, arg))
+                .collect::<anyhow::Result<_>>()?;
+        }
+        if self.no_existing {
+            policy.existing = false;
+        }
         Ok(policy)
     }
+}
+
+/// A `--cgroup` argument as a path inside the hierarchy.
+pub fn scope(cgroup2_mount: &Path, arg: &Path) -> anyhow::Result<CgroupPath> {
+    let inside = arg.strip_prefix(cgroup2_mount).unwrap_or(arg);
+    let text = inside
+        .to_str()
+        .with_context(|| format!("--cgroup {}: not valid UTF-8", arg.display()))?;
+    CgroupPath::parse(text).map_err(|e| anyhow::anyhow!("--cgroup: {e}"))
 }
 
 const fn range64(range: std::ops::RangeInclusive<u32>) -> std::ops::RangeInclusive<i64> {
@@ -97,8 +148,18 @@ mod tests {
             Ok(Cli {
                 command: Command::Run(run),
             }) => Ok(run),
+            Ok(other) => Err(format!("{other:?}")),
             Err(error) => Err(error.to_string()),
         }
+    }
+
+    fn policy(args: &[&str]) -> Policy {
+        parse(args)
+            .and_then(|run| {
+                run.policy(Path::new("/sys/fs/cgroup"))
+                    .map_err(|e| e.to_string())
+            })
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     #[test]
@@ -108,9 +169,10 @@ mod tests {
 
     #[test]
     fn defaults_are_the_articles_at_the_root() {
-        let run = parse(&[]).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(run.policy().ok(), Some(Policy::default()));
-        assert_eq!(run.cgroups, vec![PathBuf::from("/")]);
+        assert_eq!(
+            policy(&[]),
+            Policy::enforce(Values::default(), vec![CgroupPath::root()])
+        );
     }
 
     #[test]
@@ -130,12 +192,28 @@ mod tests {
     }
 
     #[test]
-    fn repeated_cgroups() {
-        let run = parse(&["--cgroup", "a", "--cgroup", "/sys/fs/cgroup/b"])
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(
-            run.cgroups,
-            vec![PathBuf::from("a"), PathBuf::from("/sys/fs/cgroup/b")]
+    fn cgroups_are_hierarchy_or_filesystem_paths() {
+        let scopes = policy(&[
+            "--cgroup",
+            "a",
+            "--cgroup",
+            "/sys/fs/cgroup/b/c",
+            "--cgroup",
+            "/",
+        ])
+        .scopes;
+        let names: Vec<&str> = scopes.iter().map(CgroupPath::as_str).collect();
+        assert_eq!(names, ["/a", "/b/c", "/"]);
+    }
+
+    #[test]
+    fn a_config_file_excludes_value_flags() {
+        let error = parse(&["--config", "p.toml", "--idle", "5"])
+            .err()
+            .unwrap_or_default();
+        assert!(
+            error.contains("--idle") && error.contains("--config"),
+            "{error}"
         );
     }
 }

@@ -1,11 +1,14 @@
-//! The keepalive agent: loads the sock_ops program, attaches it to cgroups, pushes the policy.
+//! The keepalive agent: loads the eBPF programs, attaches them to cgroups, compiles the policy
+//! into their maps, and keeps it current.
 
 pub mod cgroup;
 pub mod cli;
+pub mod commands;
+pub mod compile;
 pub mod enforcer;
 pub mod policy;
-pub mod run;
+pub mod watch;
 
 pub use cgroup::Cgroup;
-pub use enforcer::{Counters, Enforcer, ProgramStats};
-pub use policy::Policy;
+pub use enforcer::{Counters, Enforcer, Outcomes, ProgramStats};
+pub use policy::{Action, CgroupPath, Mode, Policy, Rule, Values};

@@ -1,7 +1,10 @@
 use std::{io::IsTerminal as _, process::ExitCode};
 
 use clap::Parser as _;
-use keepalive_agent::cli::{Cli, Command};
+use keepalive_agent::{
+    cli::{Cli, Command},
+    commands,
+};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -13,22 +16,23 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => return fail(&error.into()),
+    let result = match cli.command {
+        Command::Check(args) => commands::check::check(&args).map(|summary| print(&summary)),
+        Command::Run(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|runtime| runtime.block_on(commands::run::run(args))),
     };
-    let result = runtime.block_on(async {
-        match cli.command {
-            Command::Run(args) => keepalive_agent::run::run(args).await,
-        }
-    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => fail(&error),
     }
+}
+
+#[expect(clippy::print_stdout, reason = "the check's summary is its output")]
+fn print(summary: &str) {
+    print!("{summary}");
 }
 
 #[expect(

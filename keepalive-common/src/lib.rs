@@ -1,23 +1,69 @@
-//! Types and names shared by the sock_ops program (`keepalive-ebpf`) and the agent.
+//! Types, names and decision logic shared by the eBPF programs (`keepalive-ebpf`) and the agent.
 //!
-//! Everything here is `#[repr(C)]` with explicit padding and integer flags (never `bool`), so
-//! the kernel and user space agree on the layout byte for byte.
+//! Records are `#[repr(C)]` with explicit padding and integer flags (never `bool`), so the
+//! kernel and user space agree on the layout byte for byte. [`enforce`] holds what each mode
+//! does to a socket, written once and run by the kernel, by the agent (for connections that
+//! existed before it attached) and by host tests.
 #![no_std]
 
 #[cfg(feature = "host")]
 extern crate std;
 
+pub mod enforce;
 #[cfg(feature = "host")]
 pub mod host;
+mod records;
 
-/// Name of the sock_ops program in the object file (kernel object names hold at most 15 bytes).
+pub use records::*;
+
+/// The sock_ops program in the object file (kernel object names hold at most 15 bytes).
 pub const PROGRAM_NAME: &str = "ka_sockops";
-/// Per-attachment cgroup storage holding the [`PolicyRecord`] of that attachment.
+/// The cgroup setsockopt program that keeps applications from undoing the policy.
+pub const SETSOCKOPT_PROGRAM: &str = "ka_setsockopt";
+
+/// Cgroup storage of each sock_ops attachment: its [`AttachRecord`].
 pub const ATTACH_MAP: &str = "KA_ATTACH";
+/// [`AttachRecord`] by cgroup id, for the setsockopt hook (which finds the level from the
+/// calling task's cgroup and its ancestors).
+pub const CGROUPS_MAP: &str = "KA_CGROUPS";
+/// LPM trie: ([`AddrKey`]) remote address to address class.
+pub const ADDR_MAP: &str = "KA_ADDR";
+/// LPM trie: ([`PortKey`]) remote port to remote-port class.
+pub const RPORT_MAP: &str = "KA_RPORT";
+/// LPM trie: ([`PortKey`]) local port to local-port class.
+pub const LPORT_MAP: &str = "KA_LPORT";
+/// Hash: [`DecisionKey`] to the first matching rule's [`RuleRecord`].
+pub const DECISIONS_MAP: &str = "KA_DECIDE";
+/// Socket storage: the direction of sockets whose ruleset needs it in the setsockopt hook.
+pub const DIRECTION_MAP: &str = "KA_DIRECTION";
 /// Per-CPU counters indexed by [`Stat`].
 pub const STATS_MAP: &str = "KA_STATS";
-/// Read-only global with the policy the program was loaded with (see [`PolicyRecord`]).
-pub const INITIAL_POLICY: &str = "KA_INITIAL";
+/// Per-CPU counters indexed by `slot * Outcome::COUNT + outcome` ([`rule_stat_index`]).
+pub const RULE_STATS_MAP: &str = "KA_RULE_STATS";
+/// Array of one `u32`: the agent's process id, whose own setsockopt calls the hook lets through.
+pub const AGENT_MAP: &str = "KA_AGENT";
+/// Read-only global selecting a [`Stage`]; benchmarks only.
+pub const STAGE: &str = "KA_STAGE";
+
+/// Kernel map sizes. A policy that needs more is refused when it is compiled, with an error
+/// that names the limit. Lookup maps hold two generations during a reload, so they are twice
+/// the size a single policy may use.
+pub mod limits {
+    /// Rules in one policy file.
+    pub const RULES: u32 = 16_384;
+    /// Rules with counters of their own; later rules share the last slot.
+    pub const COUNTED_SLOTS: u32 = 1_024;
+    /// Distinct remote CIDRs (per attachment ruleset, summed) in one policy.
+    pub const ADDR_ENTRIES: u32 = 65_536;
+    /// Port-range prefixes (each of remote and local) in one policy.
+    pub const PORT_ENTRIES: u32 = 16_384;
+    /// Decision entries (combinations of classes) in one policy.
+    pub const DECISIONS: u32 = 262_144;
+    /// Cgroups the agent attaches to or has rules for.
+    pub const CGROUPS: u32 = 16_384;
+    /// Depth of the cgroup tree the setsockopt hook walks up.
+    pub const CGROUP_DEPTH: u32 = 32;
+}
 
 /// `bpf_sock_ops.reply` value a program run leaves behind once it has handled a socket.
 ///
@@ -26,80 +72,18 @@ pub const INITIAL_POLICY: &str = "KA_INITIAL";
 /// on, so it tells the runs for ancestor cgroups that a more specific policy already applied.
 pub const HANDLED_MARK: u32 = 0x4b41_4c56; // "KALV"
 
-/// `PolicyRecord::flags`: the record holds a policy (a fresh attachment's storage is zeroed).
-pub const POLICY_VALID: u32 = 1 << 0;
-/// `PolicyRecord::flags`: set `TCP_USER_TIMEOUT` to `user_timeout_ms`.
-pub const POLICY_USER_TIMEOUT: u32 = 1 << 1;
-
-/// The keepalive policy of one attachment, as the program reads it.
-///
-/// The agent replaces the whole record in one map update; the kernel swaps cgroup storage
-/// buffers under RCU, so a program run sees either the old or the new record, never a mix.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PolicyRecord {
-    /// `POLICY_*` bits.
-    pub flags: u32,
-    /// `TCP_KEEPIDLE`, seconds.
-    pub idle_secs: u32,
-    /// `TCP_KEEPINTVL`, seconds.
-    pub interval_secs: u32,
-    /// `TCP_KEEPCNT`, probes.
-    pub count: u32,
-    /// `TCP_USER_TIMEOUT`, milliseconds (used when `POLICY_USER_TIMEOUT` is set).
-    pub user_timeout_ms: u32,
-    /// Increases with every policy the agent pushes; lets tools tell records apart.
-    pub generation: u32,
-}
-
-impl PolicyRecord {
-    /// Whether the record holds a policy rather than a fresh attachment's zeroed storage.
-    #[inline(always)]
-    pub const fn is_valid(&self) -> bool {
-        self.flags & POLICY_VALID != 0
-    }
-
-    /// Whether `TCP_USER_TIMEOUT` is part of the policy.
-    #[inline(always)]
-    pub const fn has_user_timeout(&self) -> bool {
-        self.flags & POLICY_USER_TIMEOUT != 0
-    }
-}
-
-#[cfg(feature = "user")]
-// SAFETY: `PolicyRecord` is `repr(C)`, made only of `u32`s, and has no padding.
-unsafe impl aya::Pod for PolicyRecord {}
-
-/// Read-only global selecting a [`Stage`]; benchmarks only.
-pub const STAGE: &str = "KA_STAGE";
-
-/// Where the program stops, for measuring what each step costs. Production loads use
-/// [`Stage::Full`]; the benchmark loads the others side by side.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stage {
-    /// Everything: the policy's options on every new connection.
-    Full = 0,
-    /// Return at once from every callback: the cost of having a sock_ops program at all.
-    Attached = 1,
-    /// Return after finding the policy, before any bpf_setsockopt.
-    Lookup = 2,
-    /// Set the TCP values but not SO_KEEPALIVE.
-    TcpValues = 3,
-}
-
-/// Indices into the per-CPU counters map ([`STATS_MAP`]).
+/// Global counters, per CPU.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
-    /// Client sockets (ACTIVE_ESTABLISHED) that got every option of the policy.
-    ActiveApplied = 0,
-    /// Server sockets (PASSIVE_ESTABLISHED) that got every option of the policy.
-    PassiveApplied = 1,
-    /// Sockets left alone because a program run for a more specific cgroup handled them.
+    /// Client sockets (ACTIVE_ESTABLISHED) a rule or the default decided.
+    Active = 0,
+    /// Server sockets (PASSIVE_ESTABLISHED) a rule or the default decided.
+    Passive = 1,
+    /// Sockets left to a program run for a more specific cgroup.
     Deferred = 2,
-    /// Sockets where at least one `bpf_setsockopt` failed.
-    Failed = 3,
+    /// Sockets seen before the agent wrote the attachment's record (left alone).
+    Unconfigured = 3,
     /// `bpf_setsockopt(SO_KEEPALIVE)` failures.
     ErrKeepalive = 4,
     /// `bpf_setsockopt(TCP_KEEPIDLE)` failures.
@@ -110,38 +94,117 @@ pub enum Stat {
     ErrCount = 7,
     /// `bpf_setsockopt(TCP_USER_TIMEOUT)` failures.
     ErrUserTimeout = 8,
+    /// `bpf_getsockopt` failures (fill, cap and audit read the application's settings).
+    ErrRead = 9,
+    /// Applications' setsockopt calls on keepalive options the hook looked at.
+    AppSetsockopt = 10,
 }
 
 impl Stat {
     /// Number of counters (the map's `max_entries`).
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 11;
     /// Every counter, in index order.
     pub const ALL: [Self; Self::COUNT as usize] = [
-        Self::ActiveApplied,
-        Self::PassiveApplied,
+        Self::Active,
+        Self::Passive,
         Self::Deferred,
-        Self::Failed,
+        Self::Unconfigured,
         Self::ErrKeepalive,
         Self::ErrIdle,
         Self::ErrInterval,
         Self::ErrCount,
         Self::ErrUserTimeout,
+        Self::ErrRead,
+        Self::AppSetsockopt,
     ];
 
-    /// Stable snake_case name, used in logs and reports.
+    /// Stable snake_case name, used in logs, status and metrics.
     pub const fn name(self) -> &'static str {
         match self {
-            Self::ActiveApplied => "active_applied",
-            Self::PassiveApplied => "passive_applied",
+            Self::Active => "active",
+            Self::Passive => "passive",
             Self::Deferred => "deferred",
-            Self::Failed => "failed",
+            Self::Unconfigured => "unconfigured",
             Self::ErrKeepalive => "err_so_keepalive",
             Self::ErrIdle => "err_tcp_keepidle",
             Self::ErrInterval => "err_tcp_keepintvl",
             Self::ErrCount => "err_tcp_keepcnt",
             Self::ErrUserTimeout => "err_tcp_user_timeout",
+            Self::ErrRead => "err_getsockopt",
+            Self::AppSetsockopt => "app_setsockopt",
         }
     }
+}
+
+/// What happened to a connection under its rule; counted per rule slot.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The policy's values were set (enforce; fill or cap on a socket without keepalive).
+    Set = 0,
+    /// fill: the application had enabled keepalive itself; left alone.
+    Kept = 1,
+    /// cap: the application's keepalive exceeded the policy and was lowered.
+    Capped = 2,
+    /// cap or audit: the socket already complied; nothing to do.
+    Compliant = 3,
+    /// exempt: left untouched.
+    Exempted = 4,
+    /// audit: enforce would have changed this socket; nothing was changed.
+    Audited = 5,
+    /// At least one bpf_setsockopt or bpf_getsockopt failed.
+    Failed = 6,
+    /// An application's later setsockopt was overridden (enforce, cap) or, in audit mode,
+    /// would have been.
+    Overridden = 7,
+}
+
+impl Outcome {
+    pub const COUNT: u32 = 8;
+    pub const ALL: [Self; Self::COUNT as usize] = [
+        Self::Set,
+        Self::Kept,
+        Self::Capped,
+        Self::Compliant,
+        Self::Exempted,
+        Self::Audited,
+        Self::Failed,
+        Self::Overridden,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Set => "set",
+            Self::Kept => "kept",
+            Self::Capped => "capped",
+            Self::Compliant => "compliant",
+            Self::Exempted => "exempted",
+            Self::Audited => "audited",
+            Self::Failed => "failed",
+            Self::Overridden => "overridden",
+        }
+    }
+}
+
+/// Index of a rule slot's outcome in [`RULE_STATS_MAP`].
+#[inline(always)]
+pub const fn rule_stat_index(slot: u32, outcome: Outcome) -> u32 {
+    slot * Outcome::COUNT + outcome as u32
+}
+
+/// Where the program stops, for measuring what each step costs. Production loads use
+/// [`Stage::Full`]; the benchmark loads the others side by side.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Everything: the policy's options on every new connection.
+    Full = 0,
+    /// Return at once from every callback: the cost of having a sock_ops program at all.
+    Attached = 1,
+    /// Return after deciding the rule, before any bpf_setsockopt.
+    Lookup = 2,
+    /// Set the TCP values but not SO_KEEPALIVE.
+    TcpValues = 3,
 }
 
 /// Socket option numbers from the Linux UAPI (`<asm-generic/socket.h>`, `<linux/tcp.h>`).
@@ -168,23 +231,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn policy_record_has_no_padding() {
-        assert_eq!(size_of::<PolicyRecord>(), 6 * 4);
-        assert_eq!(align_of::<PolicyRecord>(), 4);
-    }
-
-    #[test]
-    fn stat_table_matches_indices() {
+    fn stat_and_outcome_tables_match_indices() {
         for (i, stat) in Stat::ALL.iter().enumerate() {
             assert_eq!(*stat as usize, i, "{} is out of order", stat.name());
+        }
+        for (i, outcome) in Outcome::ALL.iter().enumerate() {
+            assert_eq!(*outcome as usize, i, "{} is out of order", outcome.name());
         }
     }
 
     #[test]
     fn map_names_fit_the_kernel() {
         // BPF_OBJ_NAME_LEN is 16 including the terminating NUL.
-        for name in [PROGRAM_NAME, ATTACH_MAP, STATS_MAP, INITIAL_POLICY, STAGE] {
+        for name in [
+            PROGRAM_NAME,
+            SETSOCKOPT_PROGRAM,
+            ATTACH_MAP,
+            CGROUPS_MAP,
+            ADDR_MAP,
+            RPORT_MAP,
+            LPORT_MAP,
+            DECISIONS_MAP,
+            DIRECTION_MAP,
+            STATS_MAP,
+            RULE_STATS_MAP,
+            AGENT_MAP,
+            STAGE,
+        ] {
             assert!(name.len() <= 15, "{name} is longer than 15 bytes");
         }
+    }
+
+    #[test]
+    fn rule_stat_indices_do_not_overlap() {
+        assert_eq!(rule_stat_index(0, Outcome::Overridden), Outcome::COUNT - 1);
+        assert_eq!(rule_stat_index(1, Outcome::Set), Outcome::COUNT);
     }
 }

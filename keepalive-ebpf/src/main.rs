@@ -1,9 +1,13 @@
-//! sock_ops program: keepalive on every new TCP connection of the cgroups it is attached to.
+//! The kernel side: keepalive on every new TCP connection of the cgroups it is attached to.
 //!
-//! It acts on two callbacks only: ACTIVE_ESTABLISHED (a socket of the cgroup connected) and
-//! PASSIVE_ESTABLISHED (a listener of the cgroup accepted; the child socket belongs to the
-//! listener's cgroup, so the attachment that runs is the listener's, whoever is on the CPU).
-//! Every other callback returns at once.
+//! `ka_sockops` acts on two sock_ops callbacks: ACTIVE_ESTABLISHED (a socket of the cgroup
+//! connected: outbound) and PASSIVE_ESTABLISHED (a listener of the cgroup accepted: inbound; the
+//! child socket belongs to the listener's cgroup, so the attachment that runs is the listener's,
+//! whoever is on the CPU). Every other callback returns at once. It finds the rule in the
+//! attachment's record and the lookup maps, then applies the rule's mode
+//! (`keepalive_common::enforce`).
+//!
+//! `ka_setsockopt` (cgroup/setsockopt) keeps applications from undoing a locked rule later.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
@@ -17,50 +21,79 @@
               is what we need; its replacement is keyed by a cgroup pointer sock_ops cannot get"
 )]
 
-use core::{
-    ffi::c_void,
-    intrinsics::{AtomicOrdering, atomic_xadd},
-};
+mod counters;
+mod lookup;
+mod setsockopt;
+mod socket;
 
 use aya_ebpf::{
     Global,
-    helpers::generated::bpf_setsockopt,
-    macros::{map, sock_ops},
-    maps::{CgroupStorage, PerCpuArray},
+    btf_maps::SkStorage,
+    macros::{btf_map, map, sock_ops},
+    maps::{Array, CgroupStorage, HashMap, LpmTrie, PerCpuArray},
     programs::SockOpsContext,
 };
-use aya_log_ebpf::warn;
 use keepalive_common::{
-    HANDLED_MARK, PolicyRecord, Stage, Stat,
+    AddrKey, AttachRecord, DecisionKey, HANDLED_MARK, INBOUND, OUTBOUND, Outcome, PortKey,
+    REMEMBER_DIRECTION, RuleRecord, Stage, Stat,
+    enforce::{self, Applied},
+    limits,
     sock_ops::{ACTIVE_ESTABLISHED_CB, PASSIVE_ESTABLISHED_CB},
-    sockopt::{
-        SO_KEEPALIVE, SOL_SOCKET, SOL_TCP, TCP_KEEPCNT, TCP_KEEPIDLE, TCP_KEEPINTVL,
-        TCP_USER_TIMEOUT,
-    },
 };
 
-/// The policy of each attachment; see [`PolicyRecord`].
+use crate::{
+    counters::{bump, count_outcome},
+    socket::SockOpsSocket,
+};
+
+/// `BPF_F_NO_PREALLOC`: LPM tries require it; for hash maps it also makes an update replace
+/// the element under RCU, so a reader sees the old or the new value whole.
+const NO_PREALLOC: u32 = 1;
+
+/// The record of each attachment; see [`AttachRecord`].
 #[map]
-static KA_ATTACH: CgroupStorage<PolicyRecord> = CgroupStorage::new();
+static KA_ATTACH: CgroupStorage<AttachRecord> = CgroupStorage::new();
+
+/// The same records by cgroup id, for the setsockopt hook.
+#[map]
+static KA_CGROUPS: HashMap<u64, AttachRecord> =
+    HashMap::with_max_entries(2 * limits::CGROUPS, NO_PREALLOC);
+
+#[map]
+static KA_ADDR: LpmTrie<AddrKey, u32> =
+    LpmTrie::with_max_entries(2 * limits::ADDR_ENTRIES, NO_PREALLOC);
+
+#[map]
+static KA_RPORT: LpmTrie<PortKey, u32> =
+    LpmTrie::with_max_entries(2 * limits::PORT_ENTRIES, NO_PREALLOC);
+
+#[map]
+static KA_LPORT: LpmTrie<PortKey, u32> =
+    LpmTrie::with_max_entries(2 * limits::PORT_ENTRIES, NO_PREALLOC);
+
+#[map]
+static KA_DECIDE: HashMap<DecisionKey, RuleRecord> =
+    HashMap::with_max_entries(2 * limits::DECISIONS, NO_PREALLOC);
 
 #[map]
 static KA_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
 
-/// The policy the agent loaded the program with. It covers the moment between an attachment
-/// and the agent's first write to that attachment's (zeroed) storage.
-#[unsafe(no_mangle)]
-static KA_INITIAL: Global<PolicyRecord> = Global::new(PolicyRecord {
-    flags: 0,
-    idle_secs: 0,
-    interval_secs: 0,
-    count: 0,
-    user_timeout_ms: 0,
-    generation: 0,
-});
+#[map]
+static KA_RULE_STATS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(limits::COUNTED_SLOTS * Outcome::COUNT, 0);
+
+/// The agent's process id: its own setsockopt calls (on connections that existed before it
+/// attached) are not the application's.
+#[map]
+static KA_AGENT: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Direction of sockets whose rules need it in the setsockopt hook ([`REMEMBER_DIRECTION`]).
+#[btf_map]
+static KA_DIRECTION: SkStorage<u32> = SkStorage::new();
 
 /// Benchmark-only: stop after a step to measure what the steps before it cost (see
-/// [`keepalive_common::Stage`]). 0 in production; the value is a load-time constant, so the
-/// verifier removes these checks as dead code.
+/// [`Stage`]). 0 in production; the value is a load-time constant, so the verifier removes
+/// these checks as dead code.
 #[unsafe(no_mangle)]
 static KA_STAGE: Global<u32> = Global::new(0);
 
@@ -70,96 +103,57 @@ fn ka_sockops(ctx: SockOpsContext) -> u32 {
     if stage == Stage::Attached as u32 {
         return 1;
     }
-    let applied = match ctx.op() {
-        ACTIVE_ESTABLISHED_CB => Stat::ActiveApplied,
-        PASSIVE_ESTABLISHED_CB => Stat::PassiveApplied,
+    let (direction, seen) = match ctx.op() {
+        ACTIVE_ESTABLISHED_CB => (OUTBOUND, Stat::Active),
+        PASSIVE_ESTABLISHED_CB => (INBOUND, Stat::Passive),
         _ => return 1,
     };
-    if reply(&ctx) == HANDLED_MARK {
+    // SAFETY: `ops` is the context the kernel passed in; `reply` is readable for every op.
+    if unsafe { (*ctx.ops).__bindgen_anon_1.reply } == HANDLED_MARK {
         bump(Stat::Deferred);
         return 1;
     }
-    ctx.set_reply(HANDLED_MARK);
-
     // SAFETY: bpf_get_local_storage never fails for a program using cgroup storage; the buffer
     // it points to is replaced, not modified, by user-space updates (RCU), so it stays whole.
-    let stored = unsafe { &*KA_ATTACH.get_ptr_mut() };
-    let policy = if stored.is_valid() {
-        *stored
-    } else {
-        KA_INITIAL.load()
-    };
-    if !policy.is_valid() || stage == Stage::Lookup as u32 {
+    let record = unsafe { &*KA_ATTACH.get_ptr_mut() };
+    if !record.is_valid() {
+        // A fresh attachment the agent has not written yet: leave the socket to the programs
+        // of ancestor cgroups, which hold a whole policy.
+        bump(Stat::Unconfigured);
         return 1;
     }
+    ctx.set_reply(HANDLED_MARK);
+    bump(seen);
 
-    // The TCP values go first: while SO_KEEPALIVE is still off they are plain stores, and
-    // turning it on last arms the keepalive timer once, with the final idle time.
-    let mut ok = set(&ctx, SOL_TCP, TCP_KEEPIDLE, policy.idle_secs, Stat::ErrIdle);
-    ok &= set(
-        &ctx,
-        SOL_TCP,
-        TCP_KEEPINTVL,
-        policy.interval_secs,
-        Stat::ErrInterval,
-    );
-    ok &= set(&ctx, SOL_TCP, TCP_KEEPCNT, policy.count, Stat::ErrCount);
-    if policy.has_user_timeout() {
-        ok &= set(
-            &ctx,
-            SOL_TCP,
-            TCP_USER_TIMEOUT,
-            policy.user_timeout_ms,
-            Stat::ErrUserTimeout,
-        );
+    let rule = lookup::decide(record, &lookup::sock_ops_peer(&ctx), direction);
+    if stage == Stage::Lookup as u32 {
+        return 1;
     }
-    if stage != Stage::TcpValues as u32 {
-        ok &= set(&ctx, SOL_SOCKET, SO_KEEPALIVE, 1, Stat::ErrKeepalive);
+    if record.has(REMEMBER_DIRECTION) {
+        setsockopt::remember_direction(&ctx, direction);
     }
-    bump(if ok { applied } else { Stat::Failed });
+    let mut socket = SockOpsSocket::new(&ctx);
+    let applied = if stage == Stage::TcpValues as u32 {
+        enforce::set_all(&rule, &mut socket, false)
+    } else {
+        enforce::apply(&rule, &mut socket)
+    };
+    report(&ctx, &rule, applied);
     1
 }
 
+/// Counts the outcome in the rule's slot and every failed option, and logs failures.
 #[inline(always)]
-fn reply(ctx: &SockOpsContext) -> u32 {
-    // SAFETY: `ops` is the context pointer the kernel passed in; `reply` is readable for every op.
-    unsafe { (*ctx.ops).__bindgen_anon_1.reply }
-}
-
-/// `sizeof(int)`: every option we set is an int.
-const OPTLEN: i32 = 4;
-
-/// Sets one option; a failure is counted and logged, never silent.
-#[inline(always)]
-fn set(ctx: &SockOpsContext, level: i32, name: i32, value: u32, failure: Stat) -> bool {
-    let mut value = value as i32;
-    // SAFETY: `ctx.ops` is the program's context and `value` a 4-byte stack slot.
-    let ret = unsafe {
-        bpf_setsockopt(
-            ctx.ops.cast::<c_void>(),
-            level,
-            name,
-            (&raw mut value).cast::<c_void>(),
-            OPTLEN,
-        )
-    };
-    if ret == 0 {
-        return true;
-    }
-    bump(failure);
-    warn!(ctx, "bpf_setsockopt({}, {}) failed: {}", level, name, ret);
-    false
-}
-
-#[inline(always)]
-fn bump(stat: Stat) {
-    if let Some(counter) = KA_STATS.get_ptr_mut(stat as u32) {
-        // A softirq run can interrupt a process-context run on the same CPU (backlog processing
-        // in release_sock), so even this CPU's slot needs an atomic add to never lose a count.
-        // The BPF target has no `AtomicU64::fetch_add` (no CAS); the intrinsic lowers to the
-        // BPF atomic add instruction.
-        // SAFETY: the pointer is this CPU's slot of a live map value, aligned for u64.
-        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, 1) };
+fn report(ctx: &SockOpsContext, rule: &RuleRecord, applied: Applied) {
+    count_outcome(rule.slot, applied.outcome);
+    if applied.failed != 0 {
+        counters::count_failures(applied.failed);
+        aya_log_ebpf::warn!(
+            ctx,
+            "keepalive: setting options failed (bits {:x}, rule slot {})",
+            applied.failed,
+            rule.slot
+        );
     }
 }
 

@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use keepalive_agent::Cgroup;
+use keepalive_agent::{Cgroup, CgroupPath};
 
 use crate::{cleanup_failed, poll, require_host, unique_name};
 
@@ -44,6 +44,11 @@ impl TestCgroup {
     /// The cgroup as the agent sees it.
     pub fn cgroup(&self) -> &Cgroup {
         &self.cgroup
+    }
+
+    /// The cgroup as policies name it (`/ka-test-...`).
+    pub fn scope(&self) -> CgroupPath {
+        CgroupPath::parse(&self.cgroup.name).expect("a cgroup name is a cgroup path")
     }
 
     pub fn path(&self) -> &Path {

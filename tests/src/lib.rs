@@ -111,6 +111,23 @@ pub(crate) fn cleanup_failed(what: &str) {
     }
 }
 
+/// The programs loaded into the kernel, nothing attached (dropping it detaches everything).
+pub fn load_enforcer(stage: keepalive_common::Stage) -> keepalive_agent::Enforcer {
+    let host = require_host();
+    keepalive_agent::Enforcer::with_stage(&host.cgroup2_mount, stage).expect("load the programs")
+}
+
+/// `values` enforced on every connection of `cgroups`, no rules.
+pub fn enforce(
+    values: keepalive_agent::Values,
+    cgroups: &[&TestCgroup],
+) -> keepalive_agent::Policy {
+    keepalive_agent::Policy::enforce(
+        values,
+        cgroups.iter().map(|cgroup| cgroup.scope()).collect(),
+    )
+}
+
 /// The agent binary: `$KEEPALIVE_AGENT_BIN` (set by `cargo xtask test`), else the one beside
 /// the test binary's target directory.
 pub fn agent_bin() -> std::path::PathBuf {

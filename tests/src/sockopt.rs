@@ -2,7 +2,7 @@
 
 use std::os::fd::{AsFd, AsRawFd as _};
 
-use keepalive_agent::Policy;
+use keepalive_agent::Values;
 use keepalive_common::sockopt::{
     SO_KEEPALIVE, SOL_SOCKET, SOL_TCP, TCP_KEEPCNT, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_USER_TIMEOUT,
 };
@@ -54,7 +54,7 @@ impl Keepalive {
     }
 
     /// What a socket enforced with `policy` reports.
-    pub fn enforced(policy: &Policy) -> Self {
+    pub fn enforced(policy: &Values) -> Self {
         Self {
             enabled: true,
             idle_secs: policy.idle_secs,

@@ -9,21 +9,22 @@
 
 use std::{os::fd::OwnedFd, time::Duration};
 
-use keepalive_agent::{Enforcer, Policy};
-use keepalive_common::Stat;
+use keepalive_agent::{Action, Enforcer, Values};
+use keepalive_common::{Outcome, Stage, Stat};
 use keepalive_tests::{
-    Keepalive, Netns, Placement, TestCgroup, Workload, agent_bin, netns::SsEntry, require_host,
+    Keepalive, Netns, Placement, TestCgroup, Workload, agent_bin, enforce, load_enforcer,
+    netns::SsEntry, require_host,
 };
 
 /// Distinct from the kernel defaults and from each other, so a match cannot be a coincidence.
-const POLICY: Policy = Policy {
+const POLICY: Values = Values {
     idle_secs: 37,
     interval_secs: 7,
     count: 4,
     user_timeout_ms: Some(12_345),
 };
 
-const OTHER_POLICY: Policy = Policy {
+const OTHER_POLICY: Values = Values {
     idle_secs: 23,
     interval_secs: 3,
     count: 6,
@@ -38,14 +39,13 @@ struct Fixture {
 }
 
 impl Fixture {
-    fn new(policy: &Policy) -> Self {
-        require_host();
+    fn new(values: &Values) -> Self {
         let cgroup = TestCgroup::new();
         let netns = Netns::new();
-        let mut enforcer = Enforcer::load(policy).expect("load the program");
+        let mut enforcer = load_enforcer(Stage::Full);
         enforcer
-            .attach(cgroup.cgroup())
-            .expect("attach to the test cgroup");
+            .apply(&enforce(*values, &[&cgroup]))
+            .expect("enforce in the test cgroup");
         Self {
             enforcer,
             cgroup,
@@ -118,7 +118,7 @@ fn connect(
     }
 }
 
-fn assert_both_enforced(fixture: &Fixture, listen: &str, connect_ip: &str, policy: &Policy) {
+fn assert_both_enforced(fixture: &Fixture, listen: &str, connect_ip: &str, policy: &Values) {
     let before = fixture.enforcer.counters().unwrap();
     let conn = connect(listen, connect_ip, fixture.inside(), fixture.inside());
     assert_eq!(
@@ -132,19 +132,15 @@ fn assert_both_enforced(fixture: &Fixture, listen: &str, connect_ip: &str, polic
         "server socket ({listen})"
     );
     let after = fixture.enforcer.counters().unwrap();
+    assert_eq!(after.get(Stat::Active) - before.get(Stat::Active), 1);
+    assert_eq!(after.get(Stat::Passive) - before.get(Stat::Passive), 1);
+    let outcomes = fixture.enforcer.outcomes(0).unwrap();
     assert_eq!(
-        after.get(Stat::ActiveApplied) - before.get(Stat::ActiveApplied),
-        1
-    );
-    assert_eq!(
-        after.get(Stat::PassiveApplied) - before.get(Stat::PassiveApplied),
-        1
-    );
-    assert_eq!(
-        after.get(Stat::Failed),
+        outcomes.get(Outcome::Failed),
         0,
-        "no bpf_setsockopt failed: {after:?}"
+        "no bpf_setsockopt failed: {outcomes:?}"
     );
+    assert!(outcomes.get(Outcome::Set) >= 2, "{outcomes:?}");
 }
 
 #[test]
@@ -170,7 +166,7 @@ fn ipv4_mapped_ipv6_client_and_server_get_the_policy() {
 
 #[test]
 fn user_timeout_is_left_alone_when_the_policy_has_none() {
-    let policy = Policy {
+    let policy = Values {
         user_timeout_ms: None,
         ..POLICY
     };
@@ -251,7 +247,10 @@ fn policy_change_applies_to_the_next_connection_without_reload() {
     );
     assert_eq!(first.client(), Keepalive::enforced(&POLICY));
 
-    fixture.enforcer.set_policy(&OTHER_POLICY).unwrap();
+    fixture
+        .enforcer
+        .apply(&enforce(OTHER_POLICY, &[&fixture.cgroup]))
+        .unwrap();
     let second = connect(
         "127.0.0.1:0",
         "127.0.0.1",
@@ -275,8 +274,8 @@ fn policy_change_applies_to_the_next_connection_without_reload() {
     );
     let record = fixture.enforcer.record(fixture.cgroup.cgroup().id).unwrap();
     assert_eq!(
-        record,
-        OTHER_POLICY.record(record.generation),
+        record.fallback,
+        Action::enforce(OTHER_POLICY).record(0),
         "the map holds the new policy"
     );
 }
@@ -284,11 +283,15 @@ fn policy_change_applies_to_the_next_connection_without_reload() {
 #[test]
 fn out_of_range_policy_change_is_refused_and_the_old_policy_stays() {
     let mut fixture = Fixture::new(&POLICY);
-    let bad = Policy {
+    let bad = Values {
         count: 128,
         ..OTHER_POLICY
     };
-    let error = fixture.enforcer.set_policy(&bad).unwrap_err().to_string();
+    let error = fixture
+        .enforcer
+        .apply(&enforce(bad, &[&fixture.cgroup]))
+        .unwrap_err()
+        .to_string();
     assert!(
         error.contains("count = 128") && error.contains("1..=127"),
         "{error}"
@@ -362,8 +365,8 @@ fn after_detach_new_connections_are_untouched() {
     );
     assert_eq!(before.client(), Keepalive::enforced(&POLICY));
 
-    let detached = fixture.enforcer.detach(fixture.cgroup.cgroup().id).unwrap();
-    assert_eq!(detached.as_ref(), Some(fixture.cgroup.cgroup()));
+    let detached = fixture.enforcer.detach_all().unwrap();
+    assert_eq!(detached, vec![fixture.cgroup.cgroup().clone()]);
     let after = connect(
         "127.0.0.1:0",
         "127.0.0.1",
@@ -442,7 +445,7 @@ fn agent_binary_attaches_enforces_and_detaches_on_sigterm() {
     );
     let line = agent.expect_log("attached", Duration::from_secs(10));
     assert!(line.contains(&cgroup.cgroup().name), "{line}");
-    let policy = Policy {
+    let policy = Values {
         idle_secs: 41,
         interval_secs: 9,
         count: 5,

@@ -4,10 +4,13 @@
 
 use std::time::{Duration, Instant};
 
-use keepalive_agent::{Enforcer, Policy};
-use keepalive_tests::{Netns, Placement, TestCgroup, Veth, Workload, require_host, wait_for};
+use keepalive_agent::Values;
+use keepalive_common::Stage;
+use keepalive_tests::{
+    Netns, Placement, TestCgroup, Veth, Workload, enforce, load_enforcer, require_host, wait_for,
+};
 
-const POLICY: Policy = Policy {
+const POLICY: Values = Values {
     idle_secs: 1,
     interval_secs: 1,
     count: 3,
@@ -28,8 +31,8 @@ fn probes_then_dead_peer_times_out_the_blocked_reader(server_ip: fn(&Veth) -> St
     let client_ns = Netns::new();
     let server_ns = Netns::new();
     let veth = Veth::link(&client_ns, &server_ns);
-    let mut enforcer = Enforcer::load(&POLICY).unwrap();
-    enforcer.attach(cgroup.cgroup()).unwrap();
+    let mut enforcer = load_enforcer(Stage::Full);
+    enforcer.apply(&enforce(POLICY, &[&cgroup])).unwrap();
 
     let listen = if server_ip(&veth).contains(':') {
         "[::]:0"

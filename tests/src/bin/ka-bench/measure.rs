@@ -3,8 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use keepalive_agent::{Policy, enforcer::enable_run_time_stats};
+use keepalive_agent::{Values, enforcer::enable_run_time_stats};
 use keepalive_common::Stage;
+use keepalive_tests::enforce;
 use keepalive_tests::{Netns, Placement, TestCgroup, Veth, Workload};
 
 use crate::{Paths, Settings, variants::Variant};
@@ -66,7 +67,7 @@ pub(crate) struct Results {
 }
 
 pub(crate) fn run(paths: &Paths, settings: Settings) -> Results {
-    let default = Policy::default();
+    let default = Values::default();
     let variants = vec![
         Variant::none(),
         Variant::stage(
@@ -215,7 +216,7 @@ fn program_cost(paths: &Paths, settings: Settings, variants: &[Variant]) -> (Vec
 
 fn update_latency(paths: &Paths, settings: Settings) -> Samples {
     let lo = Netns::new();
-    let variant = Variant::agent("latency", "", &Policy::default());
+    let variant = Variant::agent("latency", "", &Values::default());
     let mut enforcer = variant.enforcer.unwrap();
     let mut samples = Samples::default();
     for i in 0..settings.updates {
@@ -228,10 +229,13 @@ fn update_latency(paths: &Paths, settings: Settings) -> Samples {
         watch.expect("listening");
         let start = monotonic_ns();
         enforcer
-            .set_policy(&Policy {
-                idle_secs: idle,
-                ..Policy::default()
-            })
+            .apply(&enforce(
+                Values {
+                    idle_secs: idle,
+                    ..Values::default()
+                },
+                &[&variant.cgroup],
+            ))
             .unwrap();
         let seen: f64 = watch.expect("seen")[0].parse().unwrap();
         samples.0.push((seen - start) / 1e3);

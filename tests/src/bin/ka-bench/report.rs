@@ -54,7 +54,7 @@ pub(crate) fn markdown(results: &Results, took: Duration) -> String {
     );
     let _ = writeln!(
         w,
-        "| policy update: `set_policy` to the first connection carrying it (µs) | {} |",
+        "| policy update: `Enforcer::apply` to the first connection carrying it (µs) | {} |",
         spread(&results.update_latency_us, 1)
     );
     let _ = writeln!(

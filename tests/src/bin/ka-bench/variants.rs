@@ -1,8 +1,9 @@
 //! What is compared: no program, the agent with a given policy, libkeepalive (LD_PRELOAD).
 
-use keepalive_agent::{Enforcer, Policy};
+use keepalive_agent::{Enforcer, Values};
 use keepalive_common::Stage;
 use keepalive_tests::{Netns, Placement, TestCgroup};
+use keepalive_tests::{enforce, load_enforcer};
 
 /// Where Debian's libkeepalive0 puts the library.
 const LIBKEEPALIVE: &str = "/usr/lib/libkeepalive.so";
@@ -36,7 +37,7 @@ impl Variant {
         }
     }
 
-    pub(crate) fn agent(name: &'static str, what: &'static str, policy: &Policy) -> Self {
+    pub(crate) fn agent(name: &'static str, what: &'static str, policy: &Values) -> Self {
         Self::stage(name, what, policy, Stage::Full)
     }
 
@@ -44,12 +45,14 @@ impl Variant {
     pub(crate) fn stage(
         name: &'static str,
         what: &'static str,
-        policy: &Policy,
+        policy: &Values,
         stage: Stage,
     ) -> Self {
         let cgroup = TestCgroup::new();
-        let mut enforcer = Enforcer::load_stage(policy, stage).expect("load the program");
-        enforcer.attach(cgroup.cgroup()).expect("attach");
+        let mut enforcer = load_enforcer(stage);
+        enforcer
+            .apply(&enforce(*policy, &[&cgroup]))
+            .expect("attach");
         Self {
             name,
             what,

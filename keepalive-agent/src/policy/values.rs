@@ -1,8 +1,6 @@
-//! The keepalive values the agent enforces, and the kernel's bounds for each.
+//! The keepalive values a rule sets, and the kernel's bounds for each.
 
 use std::{fmt, ops::RangeInclusive};
-
-use keepalive_common::{POLICY_USER_TIMEOUT, POLICY_VALID, PolicyRecord};
 
 /// `TCP_KEEPIDLE` bounds in seconds (`MAX_TCP_KEEPIDLE` in include/net/tcp.h).
 pub const IDLE_SECS: RangeInclusive<u32> = 1..=32767;
@@ -13,9 +11,9 @@ pub const COUNT: RangeInclusive<u32> = 1..=127;
 /// `TCP_USER_TIMEOUT` bounds in milliseconds: the kernel takes a non-negative `int`.
 pub const USER_TIMEOUT_MS: RangeInclusive<u32> = 0..=i32::MAX as u32;
 
-/// The values enforced on every new connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Policy {
+/// The keepalive values of a rule (or of the default).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Values {
     /// Seconds of idleness before the first probe (`TCP_KEEPIDLE`).
     pub idle_secs: u32,
     /// Seconds between probes (`TCP_KEEPINTVL`).
@@ -26,7 +24,7 @@ pub struct Policy {
     pub user_timeout_ms: Option<u32>,
 }
 
-impl Default for Policy {
+impl Default for Values {
     /// The article's values: idle 60 s, then a probe every 5 s, dead after 3 unanswered.
     fn default() -> Self {
         Self {
@@ -101,7 +99,7 @@ impl Field {
     }
 }
 
-impl Policy {
+impl Values {
     /// Checks every value against the kernel's bounds.
     pub fn validate(&self) -> Result<(), OutOfRange> {
         Field::IDLE.check(self.idle_secs.into())?;
@@ -112,22 +110,9 @@ impl Policy {
         }
         Ok(())
     }
-
-    /// The record the program reads.
-    pub fn record(&self, generation: u32) -> PolicyRecord {
-        let user_timeout = self.user_timeout_ms.map_or(0, |_| POLICY_USER_TIMEOUT);
-        PolicyRecord {
-            flags: POLICY_VALID | user_timeout,
-            idle_secs: self.idle_secs,
-            interval_secs: self.interval_secs,
-            count: self.count,
-            user_timeout_ms: self.user_timeout_ms.unwrap_or(0),
-            generation,
-        }
-    }
 }
 
-impl fmt::Display for Policy {
+impl fmt::Display for Values {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
@@ -147,12 +132,12 @@ mod tests {
 
     #[test]
     fn default_is_the_articles() {
-        let policy = Policy::default();
+        let values = Values::default();
         assert_eq!(
-            (policy.idle_secs, policy.interval_secs, policy.count),
+            (values.idle_secs, values.interval_secs, values.count),
             (60, 5, 3)
         );
-        assert_eq!(policy.validate(), Ok(()));
+        assert_eq!(values.validate(), Ok(()));
     }
 
     #[test]
@@ -183,32 +168,14 @@ mod tests {
 
     #[test]
     fn error_names_field_value_and_range() {
-        let policy = Policy {
+        let values = Values {
             count: 200,
-            ..Policy::default()
+            ..Values::default()
         };
-        let error = policy.validate().err().map(|e| e.to_string());
+        let error = values.validate().err().map(|e| e.to_string());
         assert_eq!(
             error.as_deref(),
             Some("count = 200 is out of range: allowed 1..=127 (TCP_KEEPCNT)")
         );
-    }
-
-    #[test]
-    fn record_carries_user_timeout_only_when_set() {
-        let plain = Policy::default().record(7);
-        assert!(plain.is_valid());
-        assert!(!plain.has_user_timeout());
-        assert_eq!(plain.generation, 7);
-        let with = Policy {
-            user_timeout_ms: Some(0),
-            ..Policy::default()
-        }
-        .record(8);
-        assert!(
-            with.has_user_timeout(),
-            "0 ms is a value (the kernel default), not absence"
-        );
-        assert_eq!(with.user_timeout_ms, 0);
     }
 }

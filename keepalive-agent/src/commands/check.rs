@@ -1,0 +1,79 @@
+//! `keepalive-agent check --config FILE`: the policy file checked as `run` would, nothing
+//! loaded.
+
+use std::fmt::Write as _;
+
+use crate::{
+    cli::CheckArgs,
+    compile::compile,
+    policy::{CgroupPath, Policy, file},
+};
+
+/// Checks the file; `Ok` holds a summary (and warnings) for the user.
+pub fn check(args: &CheckArgs) -> anyhow::Result<String> {
+    let policy = file::load(&args.config)?;
+    // As if every rule cgroup existed: the limits are checked for the largest case.
+    compile(&policy, &attach_points(&policy), 1)?;
+    let mut out = String::new();
+    let scopes: Vec<&str> = policy.scopes.iter().map(CgroupPath::as_str).collect();
+    let _ = writeln!(
+        out,
+        "{}: ok: {} rule(s); default: {}; enforced in {}; existing connections: {}",
+        args.config.display(),
+        policy.rules.len(),
+        policy.default,
+        scopes.join(", "),
+        if policy.existing {
+            "updated"
+        } else {
+            "left alone"
+        },
+    );
+    for warning in warnings(&policy) {
+        let _ = writeln!(out, "warning: {warning}");
+    }
+    Ok(out)
+}
+
+fn attach_points(policy: &Policy) -> Vec<CgroupPath> {
+    let mut points = policy.scopes.clone();
+    for cgroup in policy.rules.iter().filter_map(|rule| rule.cgroup.as_ref()) {
+        if policy.scopes.iter().any(|scope| scope.contains(cgroup)) && !points.contains(cgroup) {
+            points.push(cgroup.clone());
+        }
+    }
+    points
+}
+
+/// Rules that can never decide anything.
+fn warnings(policy: &Policy) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for (i, rule) in policy.rules.iter().enumerate() {
+        if let Some(cgroup) = &rule.cgroup
+            && !policy
+                .scopes
+                .iter()
+                .any(|scope| scope.contains(cgroup) || cgroup.contains(scope))
+        {
+            warnings.push(format!(
+                "rule {:?} (line {}): cgroup {cgroup} is outside every enforced cgroup; it never applies",
+                rule.name, rule.line
+            ));
+        }
+        let shadow = policy.rules[..i].iter().find(|earlier| {
+            !earlier.has_match_keys()
+                && match (&earlier.cgroup, &rule.cgroup) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => a == b,
+                    _ => false,
+                }
+        });
+        if let Some(earlier) = shadow {
+            warnings.push(format!(
+                "rule {:?} (line {}): rule {:?} (line {}) matches every connection it would, so it never applies",
+                rule.name, rule.line, earlier.name, earlier.line
+            ));
+        }
+    }
+    warnings
+}

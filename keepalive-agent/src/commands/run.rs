@@ -1,0 +1,150 @@
+//! `keepalive-agent run`: enforce until told to stop; reload on SIGHUP and file changes.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    cli::RunArgs,
+    enforcer::{Applied, Enforcer},
+    policy::Policy,
+    watch::Watch,
+};
+
+/// How long to wait for more events after a change before reading the file (an editor or a
+/// ConfigMap update is several events).
+const SETTLE: Duration = Duration::from_millis(100);
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let host = keepalive_common::host::check()?;
+    let mount: PathBuf = host.cgroup2_mount.clone();
+    // A bad policy is refused before anything is loaded.
+    let policy = args.policy(&mount)?;
+
+    // Listen before attaching, so a signal that arrives during start-up still detaches.
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let mut watch = match &args.config {
+        Some(path) => {
+            Some(Watch::new(path).with_context(|| format!("cannot watch {}", path.display()))?)
+        }
+        None => None,
+    };
+
+    let mut enforcer = Enforcer::new(&mount).context("cannot load the keepalive programs")?;
+    forward_kernel_logs(&mut enforcer);
+    let applied = enforcer.apply(&policy).context("cannot apply the policy")?;
+    report(&applied, &policy);
+
+    let signal = loop {
+        let why = tokio::select! {
+            _ = sigint.recv() => break "SIGINT",
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = sighup.recv() => "SIGHUP",
+            changed = changed(&mut watch) => {
+                changed.context("watching the policy file failed")?;
+                tokio::time::sleep(SETTLE).await;
+                "file changed"
+            }
+        };
+        reload(&args, &mount, &mut enforcer, why);
+    };
+    info!(signal, "stopping");
+    for cgroup in enforcer.detach_all().context("cannot detach")? {
+        info!(cgroup = %cgroup.name, id = cgroup.id, "detached");
+    }
+    Ok(())
+}
+
+async fn changed(watch: &mut Option<Watch>) -> std::io::Result<()> {
+    match watch {
+        Some(watch) => watch.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads the policy again; a policy that does not check, or does not apply, leaves the
+/// running one in force.
+fn reload(args: &RunArgs, mount: &std::path::Path, enforcer: &mut Enforcer, why: &str) {
+    let policy = match args.policy(mount) {
+        Ok(policy) => policy,
+        Err(error) => {
+            error!(
+                trigger = why,
+                error = format!("{error:#}"),
+                "policy refused; the running policy stays"
+            );
+            return;
+        }
+    };
+    if enforcer.policy() == Some(&policy) {
+        info!(trigger = why, "policy unchanged");
+        return;
+    }
+    match enforcer.apply(&policy) {
+        Ok(applied) => {
+            info!(
+                trigger = why,
+                generation = applied.generation,
+                rules = policy.rules.len(),
+                "policy reloaded"
+            );
+            report(&applied, &policy);
+        }
+        Err(error) => {
+            error!(
+                trigger = why,
+                error = format!("{error:#}"),
+                "policy not applied; the running policy stays"
+            );
+        }
+    }
+}
+
+fn report(applied: &Applied, policy: &Policy) {
+    for cgroup in &applied.attached {
+        info!(cgroup = %cgroup.name, id = cgroup.id, default = %policy.default, rules = policy.rules.len(), "attached");
+    }
+    for cgroup in &applied.detached {
+        info!(cgroup = %cgroup.name, id = cgroup.id, "detached");
+    }
+    for (rule, cgroup) in &applied.missing {
+        warn!(rule, cgroup = %cgroup, "rule cgroup does not exist; the rule applies once it does and the policy is reloaded");
+    }
+}
+
+/// Forwards the programs' aya-log records (failed `bpf_setsockopt` calls) to our log.
+fn forward_kernel_logs(enforcer: &mut Enforcer) {
+    let logger = match enforcer.logger() {
+        Ok(logger) => logger,
+        Err(error) => {
+            warn!(%error, "kernel-side log records will not be shown");
+            return;
+        }
+    };
+    // SAFETY: the logger owns its ring buffer map fd; flushing neither closes nor replaces it.
+    let registered =
+        unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let mut logger = match registered {
+        Ok(logger) => logger,
+        Err(error) => {
+            warn!(error = %error, "kernel-side log records will not be shown");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = logger.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}

@@ -1,0 +1,396 @@
+use std::net::IpAddr;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::policy::{Action, Rule, Values};
+
+fn path(text: &str) -> CgroupPath {
+    CgroupPath::parse(text).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The attachments the agent makes for `policy`: enforced cgroups, and rule cgroups inside them
+/// (all assumed to exist).
+fn attach_points(policy: &Policy) -> Vec<CgroupPath> {
+    let mut points: Vec<CgroupPath> = policy.scopes.clone();
+    for rule in &policy.rules {
+        if let Some(cgroup) = &rule.cgroup
+            && policy.scopes.iter().any(|scope| scope.contains(cgroup))
+            && !points.contains(cgroup)
+        {
+            points.push(cgroup.clone());
+        }
+    }
+    points
+}
+
+/// What the kernel's tables say for `conn`, or None when no attachment covers it.
+fn kernel_decision(tables: &Tables, conn: &Connection) -> Option<RuleRecord> {
+    let point = tables.attachment_for(&conn.cgroup)?;
+    tables.lookup(point, conn)
+}
+
+/// What the reference model says.
+fn model_decision(policy: &Policy, conn: &Connection) -> Option<RuleRecord> {
+    let decision = policy.decide(conn);
+    policy
+        .action(decision)
+        .map(|action| action.record(Policy::slot(decision)))
+}
+
+#[test]
+fn port_ranges_split_into_exact_disjoint_prefixes() {
+    for (first, last) in [
+        (1, 1),
+        (1, 65535),
+        (22, 22),
+        (8000, 8999),
+        (1024, 65535),
+        (3, 17),
+        (65535, 65535),
+    ] {
+        let prefixes = port_prefixes(PortRange { first, last });
+        let mut covered = vec![false; 65536];
+        for (bits, len) in &prefixes {
+            let size = 1u32 << (16 - u32::from(*len));
+            for port in u32::from(*bits)..u32::from(*bits) + size {
+                assert!(
+                    !covered[port as usize],
+                    "{first}-{last}: {port} covered twice"
+                );
+                covered[port as usize] = true;
+            }
+        }
+        for port in 0..65536u32 {
+            let inside = (u32::from(first)..=u32::from(last)).contains(&port);
+            assert_eq!(
+                covered[port as usize], inside,
+                "{first}-{last}: port {port}"
+            );
+        }
+    }
+    assert_eq!(
+        port_prefixes(PortRange {
+            first: 1024,
+            last: 65535
+        })
+        .len(),
+        6
+    );
+}
+
+fn rule(cgroup: Option<&str>, remote: &[&str], remote_ports: &[(u16, u16)], idle: u32) -> Rule {
+    Rule {
+        name: format!("r{idle}"),
+        line: 0,
+        cgroup: cgroup.map(path),
+        remote: remote
+            .iter()
+            .map(|c| Cidr::parse(c).unwrap_or_else(|e| panic!("{e}")))
+            .collect(),
+        remote_ports: remote_ports
+            .iter()
+            .map(|&(first, last)| PortRange { first, last })
+            .collect(),
+        local_ports: Vec::new(),
+        direction: None,
+        action: Action::enforce(Values {
+            idle_secs: idle,
+            ..Values::default()
+        }),
+    }
+}
+
+fn conn(cgroup: &str, remote: &str, remote_port: u16) -> Connection {
+    Connection {
+        cgroup: path(cgroup),
+        direction: Direction::Outbound,
+        remote: remote.parse::<IpAddr>().unwrap_or_else(|e| panic!("{e}")),
+        remote_port,
+        local_port: 40000,
+    }
+}
+
+#[test]
+fn nested_cidrs_and_ports_pick_the_first_rule_in_file_order() {
+    let policy = Policy {
+        scopes: vec![CgroupPath::root()],
+        default: Action::enforce(Values::default()),
+        rules: vec![
+            rule(None, &["10.1.0.0/16"], &[(5432, 5432)], 11),
+            rule(None, &["10.0.0.0/8"], &[], 12),
+            rule(None, &["10.1.2.0/24", "fd00::/8"], &[(1, 65535)], 13),
+            rule(Some("/app"), &[], &[(443, 443)], 14),
+        ],
+        existing: true,
+    };
+    let tables = compile(&policy, &attach_points(&policy), 7).unwrap_or_else(|e| panic!("{e}"));
+    let idle = |c: &Connection| kernel_decision(&tables, c).map(|r| r.idle_secs);
+    assert_eq!(idle(&conn("/", "10.1.2.3", 5432)), Some(11));
+    assert_eq!(
+        idle(&conn("/", "10.1.2.3", 80)),
+        Some(12),
+        "rule 2 comes before rule 3"
+    );
+    assert_eq!(idle(&conn("/", "fd00::1", 80)), Some(13));
+    assert_eq!(
+        idle(&conn("/", "::ffff:10.9.9.9", 80)),
+        Some(12),
+        "mapped IPv4"
+    );
+    assert_eq!(idle(&conn("/", "192.0.2.1", 80)), Some(60), "the default");
+    assert_eq!(
+        idle(&conn("/app/x", "192.0.2.1", 443)),
+        Some(14),
+        "cgroup rule first"
+    );
+    assert_eq!(
+        idle(&conn("/app", "10.1.2.3", 5432)),
+        Some(11),
+        "then the global rules"
+    );
+    for c in [conn("/", "10.1.2.3", 5432), conn("/app/x", "fd00::9", 443)] {
+        assert_eq!(kernel_decision(&tables, &c), model_decision(&policy, &c));
+    }
+}
+
+#[test]
+fn a_policy_without_rules_needs_no_lookups() {
+    let policy = Policy::enforce(Values::default(), vec![CgroupPath::root()]);
+    let tables = compile(&policy, &attach_points(&policy), 1).unwrap_or_else(|e| panic!("{e}"));
+    let record = tables.attachments[&CgroupPath::root()];
+    assert_eq!(record.flags, ATTACH_VALID, "no DIM_* flag: the fast path");
+    assert_eq!(record.fallback, policy.default.record(0));
+    assert!(tables.remote.is_empty() && tables.decisions.is_empty());
+}
+
+#[test]
+fn a_catch_all_rule_becomes_the_fallback_of_its_cgroup() {
+    let mut exempt = rule(Some("/legacy"), &[], &[], 1);
+    exempt.action.mode = Mode::Exempt;
+    let policy = Policy {
+        scopes: vec![CgroupPath::root()],
+        default: Action::enforce(Values::default()),
+        rules: vec![exempt, rule(None, &["10.0.0.0/8"], &[], 2)],
+        existing: true,
+    };
+    let tables = compile(&policy, &attach_points(&policy), 1).unwrap_or_else(|e| panic!("{e}"));
+    let legacy = tables.attachments[&path("/legacy")];
+    assert_eq!(
+        legacy.flags, ATTACH_VALID,
+        "nothing to look up below a catch-all"
+    );
+    assert_eq!(legacy.fallback.mode(), Some(Mode::Exempt));
+    assert_eq!(legacy.fallback.slot, 1);
+    assert!(tables.attachments[&CgroupPath::root()].has(DIM_REMOTE));
+}
+
+#[test]
+fn attachments_with_the_same_rules_share_a_ruleset_and_generations_do_not_collide() {
+    let policy = Policy {
+        scopes: vec![path("/a"), path("/b")],
+        default: Action::enforce(Values::default()),
+        rules: vec![rule(None, &["10.0.0.0/8"], &[], 2)],
+        existing: true,
+    };
+    let one = compile(&policy, &attach_points(&policy), 1).unwrap_or_else(|e| panic!("{e}"));
+    let two = compile(&policy, &attach_points(&policy), 2).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        one.attachments[&path("/a")].ruleset,
+        one.attachments[&path("/b")].ruleset
+    );
+    assert_ne!(
+        one.attachments[&path("/a")].ruleset,
+        two.attachments[&path("/a")].ruleset
+    );
+    assert_eq!(one.remote.len(), 2, "root and 10/8, once");
+}
+
+#[test]
+fn ten_thousand_cidr_rules_stay_within_the_limits() {
+    let rules: Vec<Rule> = (0..10_000u32)
+        .map(|i| {
+            let cidr = format!("10.{}.{}.0/24", i / 256, i % 256);
+            let mut r = rule(None, &[cidr.as_str()], &[], 10 + i % 100);
+            r.name = format!("r{i}");
+            r
+        })
+        .collect();
+    let policy = Policy {
+        scopes: vec![CgroupPath::root()],
+        default: Action::enforce(Values::default()),
+        rules,
+        existing: true,
+    };
+    let tables = compile(&policy, &attach_points(&policy), 1).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(tables.remote.len(), 10_001);
+    assert_eq!(tables.decisions.len(), 10_000);
+    let c = conn("/x", "10.3.4.5", 80);
+    assert_eq!(kernel_decision(&tables, &c), model_decision(&policy, &c));
+}
+
+#[test]
+fn too_many_combinations_are_refused_with_the_limit() {
+    // 600 address-only rules and 600 port-only rules: every (address, port) pair of classes
+    // has a first matching rule, 601 x 601 entries.
+    let by_address = (0..600u16).map(|i| {
+        let cidr = format!("10.{}.{}.0/24", i / 256, i % 256);
+        rule(None, &[cidr.as_str()], &[], 10)
+    });
+    let by_port = (0..600u16).map(|i| rule(None, &[], &[(1000 + i, 1000 + i)], 10));
+    let rules: Vec<Rule> = by_address
+        .chain(by_port)
+        .enumerate()
+        .map(|(i, mut r)| {
+            r.name = format!("r{i}");
+            r
+        })
+        .collect();
+    let policy = Policy {
+        scopes: vec![CgroupPath::root()],
+        default: Action::enforce(Values::default()),
+        rules,
+        existing: true,
+    };
+    let error = compile(&policy, &attach_points(&policy), 1)
+        .err()
+        .map(|e| e.to_string());
+    assert!(
+        error
+            .as_deref()
+            .is_some_and(|e| e.contains("decision entries") && e.contains("262144")),
+        "{error:?}"
+    );
+}
+
+// Random policies and connections: the compiled tables must agree with the reference model.
+
+const CGROUPS: [&str; 6] = ["/", "/a", "/a/b", "/a/b/x", "/c", "/d"];
+const CIDRS: [&str; 8] = [
+    "10.0.0.0/8",
+    "10.1.0.0/16",
+    "10.1.2.0/24",
+    "0.0.0.0/0",
+    "fd00::/8",
+    "fd00:1::/32",
+    "::/0",
+    "192.0.2.7",
+];
+const ADDRS: [&str; 8] = [
+    "10.1.2.3",
+    "10.1.9.9",
+    "10.200.0.1",
+    "::ffff:10.1.2.3",
+    "fd00:1::5",
+    "fd00:2::5",
+    "192.0.2.7",
+    "2001:db8::1",
+];
+
+fn port_range() -> impl Strategy<Value = PortRange> {
+    (1u16..70, 0u16..20).prop_map(|(first, span)| PortRange {
+        first,
+        last: first.saturating_add(span),
+    })
+}
+
+fn any_rule() -> impl Strategy<Value = Rule> {
+    (
+        prop::option::of(prop::sample::select(&CGROUPS[1..])),
+        prop::collection::vec(prop::sample::select(&CIDRS[..]), 0..3),
+        prop::collection::vec(port_range(), 0..2),
+        prop::collection::vec(port_range(), 0..2),
+        prop::option::of(prop::bool::ANY),
+        prop::sample::select(&Mode::ALL[..]),
+        1u32..100,
+        prop::bool::ANY,
+    )
+        .prop_map(
+            |(cgroup, remote, remote_ports, local_ports, outbound, mode, idle, lock)| Rule {
+                name: String::new(),
+                line: 0,
+                cgroup: cgroup.map(path),
+                remote: remote
+                    .iter()
+                    .map(|c| Cidr::parse(c).unwrap_or_else(|e| panic!("{e}")))
+                    .collect(),
+                remote_ports,
+                local_ports,
+                direction: outbound.map(|out| {
+                    if out {
+                        Direction::Outbound
+                    } else {
+                        Direction::Inbound
+                    }
+                }),
+                action: Action {
+                    mode,
+                    values: Values {
+                        idle_secs: idle,
+                        ..Values::default()
+                    },
+                    lock,
+                },
+            },
+        )
+}
+
+fn any_policy() -> impl Strategy<Value = Policy> {
+    (
+        prop::collection::vec(any_rule(), 0..8),
+        prop::sample::select(vec![vec!["/"], vec!["/a"], vec!["/a/b", "/c"], vec!["/c"]]),
+    )
+        .prop_map(|(mut rules, scopes)| {
+            for (i, rule) in rules.iter_mut().enumerate() {
+                rule.name = format!("rule {}", i + 1);
+            }
+            Policy {
+                scopes: scopes.into_iter().map(path).collect(),
+                default: Action::enforce(Values::default()),
+                rules,
+                existing: true,
+            }
+        })
+}
+
+fn any_connection() -> impl Strategy<Value = Connection> {
+    (
+        prop::sample::select(&CGROUPS[..]),
+        prop::bool::ANY,
+        prop::sample::select(&ADDRS[..]),
+        1u16..90,
+        1u16..90,
+    )
+        .prop_map(
+            |(cgroup, outbound, remote, remote_port, local_port)| Connection {
+                cgroup: path(cgroup),
+                direction: if outbound {
+                    Direction::Outbound
+                } else {
+                    Direction::Inbound
+                },
+                remote: remote.parse().unwrap_or_else(|e| panic!("{e}")),
+                remote_port,
+                local_port,
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn compiled_tables_agree_with_the_reference_model(
+        policy in any_policy(),
+        conns in prop::collection::vec(any_connection(), 1..12),
+    ) {
+        let tables = compile(&policy, &attach_points(&policy), 3).unwrap_or_else(|e| panic!("{e}"));
+        for conn in &conns {
+            prop_assert_eq!(
+                kernel_decision(&tables, conn),
+                model_decision(&policy, conn),
+                "connection {:?}", conn
+            );
+        }
+    }
+}

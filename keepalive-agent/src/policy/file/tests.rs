@@ -1,0 +1,258 @@
+use super::*;
+
+const EXAMPLE: &str = include_str!("../../../../examples/policy.toml");
+
+fn parsed(text: &str) -> Policy {
+    parse(Path::new("test.toml"), text).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The error for `text`, which must be refused.
+fn refused(text: &str) -> String {
+    match parse(Path::new("test.toml"), text) {
+        Ok(policy) => panic!("accepted: {policy:?}"),
+        Err(error) => error.to_string(),
+    }
+}
+
+fn assert_refused(text: &str, line: usize, expected: &[&str]) {
+    let error = refused(text);
+    assert!(
+        error.starts_with(&format!("test.toml:{line}:")),
+        "error should point at line {line}: {error}"
+    );
+    for part in expected {
+        assert!(
+            error.contains(part),
+            "error should mention {part:?}: {error}"
+        );
+    }
+}
+
+#[test]
+fn the_example_parses_into_what_it_says() {
+    let policy = parsed(EXAMPLE);
+    assert_eq!(policy.scopes, vec![CgroupPath::root()]);
+    assert!(policy.existing);
+    assert_eq!(policy.default, Action::enforce(Values::default()));
+    let names: Vec<&str> = policy.rules.iter().map(|rule| rule.name.as_str()).collect();
+    assert_eq!(names, ["nat-gateway", "payments-db", "ssh", "batch-cap"]);
+
+    let nat = &policy.rules[0];
+    assert_eq!(
+        nat.remote,
+        vec![Cidr::parse("203.0.113.0/24").unwrap_or_else(|e| panic!("{e}"))]
+    );
+    assert_eq!(nat.direction, Some(Direction::Outbound));
+    assert_eq!(
+        nat.action.values,
+        Values {
+            idle_secs: 240,
+            interval_secs: 15,
+            count: 4,
+            user_timeout_ms: None
+        }
+    );
+    let db = &policy.rules[1];
+    assert_eq!(
+        db.cgroup.as_ref().map(CgroupPath::as_str),
+        Some("/system.slice/payments.service")
+    );
+    assert_eq!(db.remote.len(), 2);
+    assert_eq!(
+        db.remote_ports,
+        vec![PortRange {
+            first: 5432,
+            last: 5432
+        }]
+    );
+    assert_eq!(db.action.values.user_timeout_ms, Some(30_000));
+    assert_eq!(policy.rules[2].action.mode, Mode::Exempt);
+    let batch = &policy.rules[3];
+    assert_eq!(batch.action.mode, Mode::Cap);
+    assert_eq!(
+        (
+            batch.action.values.idle_secs,
+            batch.action.values.interval_secs
+        ),
+        (300, 5),
+        "omitted values come from [default]"
+    );
+    assert!(batch.line > nat.line, "lines are recorded");
+}
+
+#[test]
+fn an_empty_file_is_the_built_in_default_everywhere() {
+    let policy = parsed("");
+    assert_eq!(
+        policy,
+        Policy::enforce(Values::default(), vec![CgroupPath::root()])
+    );
+}
+
+#[test]
+fn rules_inherit_mode_and_values_from_the_default() {
+    let policy = parsed(
+        "[default]\nmode = \"audit\"\nidle = \"2m\"\nuser_timeout = \"1500ms\"\nlock = false\n\
+         [[rule]]\nremote_port = \"8000-8099\"\ncount = 9\n",
+    );
+    let rule = &policy.rules[0];
+    assert_eq!(rule.name, "rule 1");
+    assert_eq!(rule.action.mode, Mode::Audit);
+    assert!(!rule.action.lock);
+    assert_eq!(
+        rule.action.values,
+        Values {
+            idle_secs: 120,
+            interval_secs: 5,
+            count: 9,
+            user_timeout_ms: Some(1500)
+        }
+    );
+    assert_eq!(
+        rule.remote_ports,
+        vec![PortRange {
+            first: 8000,
+            last: 8099
+        }]
+    );
+}
+
+#[test]
+fn durations_read_like_people_write_them() {
+    assert_eq!(parse_duration("45s"), Ok(45_000));
+    assert_eq!(parse_duration("5m"), Ok(300_000));
+    assert_eq!(parse_duration("1h30m"), Ok(5_400_000));
+    assert_eq!(parse_duration("1500ms"), Ok(1500));
+    for bad in [
+        "",
+        "5",
+        "5 minutes",
+        "m5",
+        "1.5s",
+        "-3s",
+        "99999999999999999999h",
+    ] {
+        assert!(parse_duration(bad).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn out_of_range_values_name_field_line_and_range() {
+    assert_refused(
+        "[default]\ncount = 200\n",
+        2,
+        &["default: count = 200", "1..=127", "TCP_KEEPCNT"],
+    );
+    assert_refused("[default]\ncount = -1\n", 2, &["`count`", "1..=127"]);
+    assert_refused(
+        "[[rule]]\nname = \"x\"\nidle = \"10h\"\n",
+        3,
+        &["rule \"x\"", "idle = 36000 s", "1..=32767"],
+    );
+    assert_refused(
+        "[default]\ninterval = \"0s\"\n",
+        2,
+        &["interval = 0 s", "1..=32767"],
+    );
+    assert_refused(
+        "[default]\nuser_timeout = \"600h\"\n",
+        2,
+        &["user_timeout = 2160000000 ms", "0..=2147483647"],
+    );
+    assert_refused(
+        "[default]\nidle = \"1500ms\"\n",
+        2,
+        &["`idle`", "whole number of seconds"],
+    );
+    assert_refused("[default]\nidle = 60\n", 2, &["`idle`", "no unit"]);
+    assert_refused(
+        "[default]\ncount = \"3\"\n",
+        2,
+        &["`count`", "not a whole number"],
+    );
+}
+
+#[test]
+fn unknown_keys_are_errors_not_ignored() {
+    assert_refused("[default]\nidel = \"60s\"\n", 2, &["idel"]);
+    assert_refused("[[rule]]\nremote_ports = 22\n", 2, &["remote_ports"]);
+    assert_refused("[defaults]\n", 1, &["defaults"]);
+}
+
+#[test]
+fn match_keys_are_checked() {
+    assert_refused(
+        "[[rule]]\nmode = \"enforced\"\n",
+        2,
+        &["`mode`", "enforce, fill, cap, exempt or audit"],
+    );
+    assert_refused(
+        "[[rule]]\ndirection = \"out\"\n",
+        2,
+        &["`direction`", "\"outbound\"", "\"inbound\""],
+    );
+    assert_refused(
+        "[[rule]]\nremote = \"10.0.0.1/8\"\n",
+        2,
+        &["`remote`", "did you mean 10.0.0.0/8"],
+    );
+    assert_refused(
+        "[[rule]]\nremote = []\n",
+        2,
+        &["`remote`", "matches nothing"],
+    );
+    assert_refused(
+        "[[rule]]\nremote = [\"10.0.0.0/8\", 7]\n",
+        2,
+        &["`remote`", "not a CIDR"],
+    );
+    assert_refused(
+        "[[rule]]\nremote_port = 0\n",
+        2,
+        &["`remote_port`", "1..=65535"],
+    );
+    assert_refused(
+        "[[rule]]\nlocal_port = \"90-80\"\n",
+        2,
+        &["`local_port`", "empty range"],
+    );
+    assert_refused(
+        "[[rule]]\nlocal_port = 70000\n",
+        2,
+        &["`local_port`", "1..=65535"],
+    );
+    assert_refused("[[rule]]\ncgroup = \"/a/../b\"\n", 2, &["`cgroup`", "`..`"]);
+    assert_refused("[agent]\ncgroups = []\n", 2, &["`cgroups`", "empty"]);
+}
+
+#[test]
+fn rule_names_are_unique() {
+    assert_refused(
+        "[[rule]]\nname = \"a\"\n\n[[rule]]\nname = \"a\"\n",
+        4,
+        &["\"a\"", "line 1"],
+    );
+}
+
+#[test]
+fn syntax_errors_point_at_the_line() {
+    assert_refused("[default]\nidle = \"60s\nx = 1\n", 2, &[]);
+}
+
+#[test]
+fn missing_unreadable_and_directory_paths_get_one_sentence() {
+    let missing = load(Path::new("/nonexistent/policy.toml"))
+        .err()
+        .map(|e| e.to_string());
+    assert!(
+        missing
+            .as_deref()
+            .is_some_and(|e| e.contains("cannot read policy file /nonexistent/policy.toml")),
+        "{missing:?}"
+    );
+    let dir = load(&std::env::temp_dir()).err().map(|e| e.to_string());
+    assert!(
+        dir.as_deref().is_some_and(|e| e.contains("is a directory")),
+        "{dir:?}"
+    );
+}

@@ -1,0 +1,224 @@
+//! Map keys and values. All `repr(C)`, all fields `u32` or byte arrays: no implicit padding.
+
+/// What a rule does to a connection.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Mode {
+    /// Always set the policy's values.
+    Enforce = 1,
+    /// Set them only when the application has not enabled keepalive itself.
+    Fill = 2,
+    /// Keep the application's keepalive, but never let idle or interval x count exceed the
+    /// policy's; a socket without keepalive gets the policy.
+    Cap = 3,
+    /// Leave the connection untouched.
+    Exempt = 4,
+    /// Change nothing; count what enforce would have changed.
+    Audit = 5,
+}
+
+impl Mode {
+    pub const ALL: [Self; 5] = [
+        Self::Enforce,
+        Self::Fill,
+        Self::Cap,
+        Self::Exempt,
+        Self::Audit,
+    ];
+
+    #[inline(always)]
+    pub const fn from_u32(value: u32) -> Option<Self> {
+        match value {
+            1 => Some(Self::Enforce),
+            2 => Some(Self::Fill),
+            3 => Some(Self::Cap),
+            4 => Some(Self::Exempt),
+            5 => Some(Self::Audit),
+            _ => None,
+        }
+    }
+
+    /// The name used in policy files.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Enforce => "enforce",
+            Self::Fill => "fill",
+            Self::Cap => "cap",
+            Self::Exempt => "exempt",
+            Self::Audit => "audit",
+        }
+    }
+}
+
+/// `RuleRecord::flags`: the rule sets `TCP_USER_TIMEOUT`.
+pub const RULE_USER_TIMEOUT: u32 = 1 << 0;
+/// `RuleRecord::flags`: applications' later setsockopt calls are overridden (enforce, cap) or
+/// counted (audit).
+pub const RULE_LOCK: u32 = 1 << 1;
+
+/// One rule's decision: its mode and values (the default is a rule too).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RuleRecord {
+    /// [`Mode`] as `u32`; 0 is not a valid mode.
+    pub mode: u32,
+    /// `RULE_*` bits.
+    pub flags: u32,
+    /// `TCP_KEEPIDLE`, seconds.
+    pub idle_secs: u32,
+    /// `TCP_KEEPINTVL`, seconds.
+    pub interval_secs: u32,
+    /// `TCP_KEEPCNT`, probes.
+    pub count: u32,
+    /// `TCP_USER_TIMEOUT`, milliseconds (used when `RULE_USER_TIMEOUT` is set).
+    pub user_timeout_ms: u32,
+    /// Counter slot of the rule (0: the default).
+    pub slot: u32,
+    pub _pad: u32,
+}
+
+impl RuleRecord {
+    #[inline(always)]
+    pub const fn mode(&self) -> Option<Mode> {
+        Mode::from_u32(self.mode)
+    }
+
+    #[inline(always)]
+    pub const fn has_user_timeout(&self) -> bool {
+        self.flags & RULE_USER_TIMEOUT != 0
+    }
+
+    #[inline(always)]
+    pub const fn locked(&self) -> bool {
+        self.flags & RULE_LOCK != 0
+    }
+}
+
+/// `AttachRecord::flags`: the record holds a policy (a fresh attachment's storage is zeroed,
+/// and such a program run leaves the socket to the programs of ancestor cgroups).
+pub const ATTACH_VALID: u32 = 1 << 0;
+/// `AttachRecord::flags`: rules of this attachment match on the remote address.
+pub const DIM_REMOTE: u32 = 1 << 1;
+/// `AttachRecord::flags`: ... on the remote port.
+pub const DIM_REMOTE_PORT: u32 = 1 << 2;
+/// `AttachRecord::flags`: ... on the local port.
+pub const DIM_LOCAL_PORT: u32 = 1 << 3;
+/// `AttachRecord::flags`: ... on the direction.
+pub const DIM_DIRECTION: u32 = 1 << 4;
+/// `AttachRecord::flags`: the setsockopt hook needs each socket's direction, so the sock_ops
+/// program records it in socket storage.
+pub const REMEMBER_DIRECTION: u32 = 1 << 5;
+/// Any of the `DIM_*` bits: the attachment has rules to look up.
+pub const DIMS: u32 = DIM_REMOTE | DIM_REMOTE_PORT | DIM_LOCAL_PORT | DIM_DIRECTION;
+
+/// The policy of one attachment (one cgroup with rules, or an enforced cgroup).
+///
+/// The agent replaces the whole record in one map update; the kernel swaps cgroup storage
+/// buffers (and hash map elements) under RCU, so a program run sees the old or the new record,
+/// never a mix. Everything a connection's decision needs hangs off this one record, so a reload
+/// is atomic per connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AttachRecord {
+    /// `ATTACH_VALID`, `DIM_*`, `REMEMBER_DIRECTION` bits.
+    pub flags: u32,
+    /// Prefix of this attachment's entries in the lookup maps (meaningful with a `DIM_*` bit).
+    pub ruleset: u32,
+    /// The policy generation the record belongs to.
+    pub generation: u32,
+    pub _pad: u32,
+    /// The decision when no rule matches (or there are none): the default, or the first rule
+    /// without match keys.
+    pub fallback: RuleRecord,
+}
+
+impl AttachRecord {
+    #[inline(always)]
+    pub const fn is_valid(&self) -> bool {
+        self.flags & ATTACH_VALID != 0
+    }
+
+    #[inline(always)]
+    pub const fn has(&self, flag: u32) -> bool {
+        self.flags & flag != 0
+    }
+}
+
+/// Connection direction as rules see it.
+pub const OUTBOUND: u32 = 1;
+/// Connection direction as rules see it.
+pub const INBOUND: u32 = 2;
+
+/// Data of an [`ADDR_MAP`](crate::ADDR_MAP) LPM key: prefix length = 32 + address prefix
+/// length. Addresses are IPv6; IPv4 is mapped (`::ffff:a.b.c.d`), so a mapped IPv6 peer matches
+/// the IPv4 rules.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AddrKey {
+    /// Always matched in full (the first 32 bits of every prefix).
+    pub ruleset: u32,
+    /// Network byte order.
+    pub addr: [u8; 16],
+}
+
+/// Data of a [`RPORT_MAP`](crate::RPORT_MAP) / [`LPORT_MAP`](crate::LPORT_MAP) LPM key:
+/// prefix length = 32 + port prefix length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    pub ruleset: u32,
+    /// Network byte order.
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
+/// Key of the [`DECISIONS_MAP`](crate::DECISIONS_MAP): one combination of classes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DecisionKey {
+    pub ruleset: u32,
+    /// [`OUTBOUND`] or [`INBOUND`]; 0 when the ruleset does not match on direction.
+    pub direction: u32,
+    pub remote: u32,
+    pub remote_port: u32,
+    pub local_port: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: repr(C), only u32 fields, no padding (checked by tests).
+    unsafe impl aya::Pod for super::RuleRecord {}
+    // SAFETY: repr(C), u32 fields and a RuleRecord, no padding (checked by tests).
+    unsafe impl aya::Pod for super::AttachRecord {}
+    // SAFETY: repr(C), a u32 and a byte array, no padding (checked by tests).
+    unsafe impl aya::Pod for super::AddrKey {}
+    // SAFETY: repr(C), a u32 and byte arrays, no padding (checked by tests).
+    unsafe impl aya::Pod for super::PortKey {}
+    // SAFETY: repr(C), only u32 fields, no padding (checked by tests).
+    unsafe impl aya::Pod for super::DecisionKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::{align_of, size_of};
+
+    use super::*;
+
+    #[test]
+    fn records_have_no_implicit_padding() {
+        assert_eq!(size_of::<RuleRecord>(), 8 * 4);
+        assert_eq!(size_of::<AttachRecord>(), 4 * 4 + size_of::<RuleRecord>());
+        assert_eq!(size_of::<AddrKey>(), 4 + 16);
+        assert_eq!(size_of::<PortKey>(), 4 + 2 + 2);
+        assert_eq!(size_of::<DecisionKey>(), 5 * 4);
+        assert_eq!(align_of::<AttachRecord>(), 4);
+    }
+
+    #[test]
+    fn modes_round_trip() {
+        for mode in Mode::ALL {
+            assert_eq!(Mode::from_u32(mode as u32), Some(mode));
+        }
+        assert_eq!(Mode::from_u32(0), None, "zeroed memory is no mode");
+    }
+}
