@@ -31,6 +31,7 @@ use keepalive_common::{
 use crate::{
     cgroup::{Cgroup, CgroupError},
     compile::{CompileError, Tables, compile},
+    existing::{Sweep, sweep},
     policy::{CgroupPath, Policy},
 };
 
@@ -133,6 +134,9 @@ pub struct Applied {
     /// Rules whose cgroup does not exist (now): (rule name, cgroup). They take effect once the
     /// policy is applied again with the cgroup present.
     pub missing: Vec<(String, CgroupPath)>,
+    /// The connections that already existed, when the policy asks for them: what was done, or
+    /// why the sweep failed (the policy is in force for new connections either way).
+    pub existing: Option<Result<Sweep, String>>,
 }
 
 /// The programs loaded into the kernel and the policy they enforce.
@@ -255,6 +259,11 @@ impl Enforcer {
         }
         self.current = Some((policy.clone(), tables));
         self.generation = generation;
+        if policy.existing {
+            let scopes = scopes_only(&policy.scopes, &points);
+            let scopes: Vec<&Cgroup> = scopes.values().collect();
+            report.existing = Some(sweep(policy, &self.mount, &scopes).map_err(|e| e.to_string()));
+        }
         Ok(report)
     }
 

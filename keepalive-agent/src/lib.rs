@@ -6,6 +6,7 @@ pub mod cli;
 pub mod commands;
 pub mod compile;
 pub mod enforcer;
+pub mod existing;
 pub mod policy;
 pub mod watch;
 

@@ -10,6 +10,7 @@
 )]
 
 pub mod cgroup;
+pub mod connection;
 pub mod netns;
 pub mod process;
 pub mod sockopt;
@@ -23,6 +24,7 @@ use std::{
 };
 
 pub use cgroup::TestCgroup;
+pub use connection::{Connection, connect, probe, probe_bin};
 pub use netns::{Netns, Veth};
 pub use process::{Placement, Workload};
 pub use sockopt::Keepalive;
@@ -128,22 +130,26 @@ pub fn enforce(
     )
 }
 
-/// The agent binary: `$KEEPALIVE_AGENT_BIN` (set by `cargo xtask test`), else the one beside
-/// the test binary's target directory.
+/// The agent binary: `$KEEPALIVE_AGENT_BIN` (set by `cargo xtask test`), else the one in the
+/// test binary's target directory.
 pub fn agent_bin() -> std::path::PathBuf {
-    if let Some(path) = std::env::var_os("KEEPALIVE_AGENT_BIN") {
-        return path.into();
+    match std::env::var_os("KEEPALIVE_AGENT_BIN") {
+        Some(path) => path.into(),
+        None => target_bin("keepalive-agent"),
     }
+}
+
+/// A binary of the workspace beside the running test binary (target/<profile>/deps/<test>).
+pub(crate) fn target_bin(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test> -> target/<profile>/keepalive-agent
     let candidate = exe
         .parent()
         .and_then(std::path::Path::parent)
-        .map(|dir| dir.join("keepalive-agent"))
+        .map(|dir| dir.join(name))
         .expect("test binary has no target directory");
     assert!(
         candidate.exists(),
-        "{} does not exist: build it first (`cargo build -p keepalive-agent`; `cargo xtask test` does)",
+        "{} does not exist: build it first (`cargo xtask test` does)",
         candidate.display()
     );
     candidate

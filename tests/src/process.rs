@@ -196,6 +196,16 @@ impl Workload {
         }
     }
 
+    /// The next line if one is ready, without waiting.
+    pub fn try_line(&self) -> Option<String> {
+        self.lines.try_recv().ok()
+    }
+
+    /// The next line within `timeout`, or `None` (timeout, or the workload exited).
+    pub fn try_line_within(&self, timeout: Duration) -> Option<String> {
+        self.lines.recv_timeout(timeout).ok()
+    }
+
     /// Waits for the next line containing `text` (a daemon's log) and returns it.
     /// Panics on exit or after `timeout`.
     pub fn expect_log(&self, text: &str, timeout: Duration) -> String {
@@ -218,8 +228,8 @@ impl Workload {
         }
     }
 
-    /// Sends `signal` and waits up to `timeout` for the exit; returns the exit code.
-    pub fn signal_and_wait(&mut self, signal: i32, timeout: Duration) -> Option<i32> {
+    /// Sends `signal` to the workload.
+    pub fn signal(&self, signal: i32) {
         let pid = i32::try_from(self.pid()).unwrap_or(i32::MAX);
         assert_eq!(
             // SAFETY: a signal to our own child, which has not been reaped yet.
@@ -227,6 +237,11 @@ impl Workload {
             0,
             "kill({pid}, {signal})"
         );
+    }
+
+    /// Sends `signal` and waits up to `timeout` for the exit; returns the exit code.
+    pub fn signal_and_wait(&mut self, signal: i32, timeout: Duration) -> Option<i32> {
+        self.signal(signal);
         let status = crate::wait_for(&format!("{} to exit", self.name), timeout, || {
             self.child.try_wait().ok().flatten()
         });

@@ -7,12 +7,12 @@
     reason = "tests panic with the reason"
 )]
 
-use std::{os::fd::OwnedFd, time::Duration};
+use std::time::Duration;
 
 use keepalive_agent::{Action, Enforcer, Values};
 use keepalive_common::{Outcome, Stage, Stat};
 use keepalive_tests::{
-    Keepalive, Netns, Placement, TestCgroup, Workload, agent_bin, enforce, load_enforcer,
+    Keepalive, Netns, Placement, TestCgroup, Workload, agent_bin, connect, enforce, load_enforcer,
     netns::SsEntry, require_host,
 };
 
@@ -59,62 +59,6 @@ impl Fixture {
 
     fn outside(&self) -> Placement<'_> {
         Placement::netns_only(&self.netns)
-    }
-}
-
-fn probe(args: &[&str], place: Placement<'_>) -> Workload {
-    Workload::spawn(env!("CARGO_BIN_EXE_ka-probe"), args, place)
-}
-
-/// One connection between a server and a client, each held open by its process.
-struct Connection {
-    /// The server's port.
-    port: String,
-    client_fd: OwnedFd,
-    server_fd: OwnedFd,
-    _processes: [Workload; 2],
-}
-
-impl Connection {
-    /// Whether an `ss` line is one end of this connection.
-    fn is_end(&self, entry: &SsEntry) -> bool {
-        let suffix = format!(":{}", self.port);
-        entry.local.ends_with(&suffix) || entry.peer.ends_with(&suffix)
-    }
-
-    /// The client socket's settings, read now.
-    fn client(&self) -> Keepalive {
-        Keepalive::of(&self.client_fd)
-    }
-
-    /// The accepted socket's settings, read now.
-    fn server(&self) -> Keepalive {
-        Keepalive::of(&self.server_fd)
-    }
-}
-
-/// A server listening on `listen` and a client connecting to `connect_ip` on its port.
-fn connect(
-    listen: &str,
-    connect_ip: &str,
-    server: Placement<'_>,
-    client: Placement<'_>,
-) -> Connection {
-    let server_process = probe(&["listen", listen], server);
-    let port = server_process.expect("listening").remove(0);
-    let target = if connect_ip.contains(':') {
-        format!("[{connect_ip}]:{port}")
-    } else {
-        format!("{connect_ip}:{port}")
-    };
-    let client_process = probe(&["connect", &target], client);
-    let client_fd = client_process.expect("connected")[0].parse().unwrap();
-    let server_fd = server_process.expect("accepted")[0].parse().unwrap();
-    Connection {
-        port,
-        client_fd: client_process.steal_fd(client_fd),
-        server_fd: server_process.steal_fd(server_fd),
-        _processes: [client_process, server_process],
     }
 }
 

@@ -114,6 +114,26 @@ fn report(applied: &Applied, policy: &Policy) {
     for cgroup in &applied.detached {
         info!(cgroup = %cgroup.name, id = cgroup.id, "detached");
     }
+    match &applied.existing {
+        Some(Ok(sweep)) => {
+            let outcomes: Vec<String> = keepalive_common::Outcome::ALL
+                .iter()
+                .filter(|outcome| sweep.outcomes[**outcome as usize] > 0)
+                .map(|outcome| format!("{}={}", outcome.name(), sweep.outcomes[*outcome as usize]))
+                .collect();
+            info!(
+                connections = sweep.connections,
+                outcomes = outcomes.join(" "),
+                unreachable = sweep.unreachable,
+                namespaces = sweep.namespaces,
+                "existing connections"
+            );
+        }
+        Some(Err(error)) => {
+            warn!(%error, "existing connections could not be updated; new ones are")
+        }
+        None => {}
+    }
     for (rule, cgroup) in &applied.missing {
         warn!(rule, cgroup = %cgroup, "rule cgroup does not exist; the rule applies once it does and the policy is reloaded");
     }

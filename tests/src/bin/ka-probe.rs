@@ -12,6 +12,9 @@
 //! ka-probe dial ADDR COUNT       -> COUNT times connects to ADDR and closes; "dialed COUNT NANOS"
 //! ka-probe watch ADDR IDLE       -> "listening PORT", then connects to itself until a client
 //!                                  socket has TCP_KEEPIDLE = IDLE; "seen MONOTONIC_NS"
+//! ka-probe tally ADDR COUNT      -> "listening PORT", then COUNT connections to itself; reads
+//!                                  both ends back and prints one "tally KEEPALIVE IDLE INTVL
+//!                                  CNT N" line per distinct combination, then "tallied COUNT"
 //! ```
 //! Sockets stay open until standard input reaches end of file; then the probe exits.
 #![expect(
@@ -37,10 +40,11 @@ fn main() -> ExitCode {
         ["sink", addr] => parse(addr).and_then(sink),
         ["dial", addr, count] => parse(addr).and_then(|addr| dial(addr, number(count)?)),
         ["watch", addr, idle] => parse(addr).and_then(|addr| watch(addr, number(idle)?)),
+        ["tally", addr, count] => parse(addr).and_then(|addr| tally(addr, number(count)?)),
         _ => Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "usage: ka-probe listen ADDR | connect ADDR [--read] | loop ADDR COUNT | sink ADDR \
-             | dial ADDR COUNT | watch ADDR IDLE",
+             | dial ADDR COUNT | watch ADDR IDLE | tally ADDR COUNT",
         )),
     };
     match result {
@@ -172,14 +176,18 @@ fn watch(addr: SocketAddr, idle: i32) -> io::Result<()> {
 }
 
 fn keepidle(stream: &TcpStream) -> io::Result<i32> {
+    option(stream, libc::SOL_TCP, libc::TCP_KEEPIDLE)
+}
+
+fn option(stream: &TcpStream, level: i32, name: i32) -> io::Result<i32> {
     let mut value: libc::c_int = 0;
     let mut len: libc::socklen_t = 4;
     // SAFETY: a 4-byte buffer and its length, on a socket we own.
     let ret = unsafe {
         libc::getsockopt(
             stream.as_raw_fd(),
-            libc::SOL_TCP,
-            libc::TCP_KEEPIDLE,
+            level,
+            name,
             (&raw mut value).cast(),
             &raw mut len,
         )
@@ -189,6 +197,35 @@ fn keepidle(stream: &TcpStream) -> io::Result<i32> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Many connections, each end read back: which combinations of values occurred, how often.
+fn tally(addr: SocketAddr, count: u64) -> io::Result<()> {
+    let listener = TcpListener::bind(addr)?;
+    exit_on_stdin_eof();
+    report(&format!("listening {}", listener.local_addr()?.port()));
+    let target = listener.local_addr()?;
+    let mut seen: std::collections::BTreeMap<[i32; 4], u64> = std::collections::BTreeMap::new();
+    for _ in 0..count {
+        let client = TcpStream::connect(target)?;
+        let (server, _) = listener.accept()?;
+        for end in [&client, &server] {
+            let values = [
+                option(end, libc::SOL_SOCKET, libc::SO_KEEPALIVE)?,
+                option(end, libc::SOL_TCP, libc::TCP_KEEPIDLE)?,
+                option(end, libc::SOL_TCP, libc::TCP_KEEPINTVL)?,
+                option(end, libc::SOL_TCP, libc::TCP_KEEPCNT)?,
+            ];
+            *seen.entry(values).or_default() += 1;
+        }
+        drop(server);
+        drop(client);
+    }
+    for ([keepalive, idle, interval, count], n) in seen {
+        report(&format!("tally {keepalive} {idle} {interval} {count} {n}"));
+    }
+    report(&format!("tallied {count}"));
+    Ok(())
 }
 
 fn monotonic_ns() -> u128 {

@@ -1,0 +1,208 @@
+//! The kernel's socket list (NETLINK_SOCK_DIAG, inet_diag): every TCP socket of one network
+//! namespace with its state, addresses, inode and cgroup id.
+
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+};
+
+/// `AF_INET`, `AF_INET6` and `IPPROTO_TCP` as the one-byte fields of inet_diag carry them.
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const IPPROTO_TCP: u8 = 6;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const INET_DIAG_CGROUP_ID: u16 = 21;
+const NLMSG_HDRLEN: usize = 16;
+const INET_DIAG_MSG_LEN: usize = 72;
+
+/// `TCP_ESTABLISHED` and `TCP_LISTEN` in `enum tcp_state` (include/net/tcp_states.h).
+pub(super) const ESTABLISHED: u8 = 1;
+pub(super) const LISTEN: u8 = 10;
+
+/// One TCP socket as inet_diag reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct DiagSocket {
+    pub(super) state: u8,
+    pub(super) local: IpAddr,
+    pub(super) local_port: u16,
+    pub(super) remote: IpAddr,
+    pub(super) remote_port: u16,
+    /// The inode of the socket, as /proc/PID/fd links show it (`socket:[inode]`).
+    pub(super) inode: u64,
+    /// The cgroup the socket belongs to (0 if the kernel did not say).
+    pub(super) cgroup_id: u64,
+}
+
+/// Established and listening TCP sockets, IPv4 and IPv6, of the calling thread's network
+/// namespace.
+pub(super) fn tcp_sockets() -> io::Result<Vec<DiagSocket>> {
+    // SAFETY: plain system call; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::NETLINK_SOCK_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor we own.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut sockets = Vec::new();
+    for family in [AF_INET, AF_INET6] {
+        dump(&socket, family, &mut sockets)?;
+    }
+    Ok(sockets)
+}
+
+fn dump(socket: &OwnedFd, family: u8, out: &mut Vec<DiagSocket>) -> io::Result<()> {
+    let states: u32 = (1 << ESTABLISHED) | (1 << LISTEN);
+    let mut request = [0u8; NLMSG_HDRLEN + 56];
+    let len = u32::try_from(request.len()).unwrap_or(u32::MAX);
+    request[0..4].copy_from_slice(&len.to_ne_bytes());
+    request[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    request[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    request[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    // inet_diag_req_v2: family, protocol, ext, pad, states, then a zeroed sockid.
+    request[16] = family;
+    request[17] = IPPROTO_TCP;
+    request[20..24].copy_from_slice(&states.to_ne_bytes());
+    // SAFETY: sending our buffer on our socket.
+    let sent = unsafe {
+        libc::send(
+            socket.as_raw_fd(),
+            request.as_ptr().cast(),
+            request.len(),
+            0,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: receiving into our buffer from our socket.
+        let received = unsafe {
+            libc::recv(
+                socket.as_raw_fd(),
+                buffer.as_mut_ptr().cast(),
+                buffer.len(),
+                0,
+            )
+        };
+        let received = usize::try_from(received).map_err(|_| io::Error::last_os_error())?;
+        let mut at = 0;
+        while at + NLMSG_HDRLEN <= received {
+            let message_len = u32_at(&buffer, at) as usize;
+            let kind = u16::from_ne_bytes([buffer[at + 4], buffer[at + 5]]);
+            if message_len < NLMSG_HDRLEN || at + message_len > received {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "truncated netlink message",
+                ));
+            }
+            match kind {
+                NLMSG_DONE => return Ok(()),
+                NLMSG_ERROR => {
+                    let errno = i32::from_ne_bytes([
+                        buffer[at + 16],
+                        buffer[at + 17],
+                        buffer[at + 18],
+                        buffer[at + 19],
+                    ]);
+                    return Err(io::Error::from_raw_os_error(-errno));
+                }
+                _ => {
+                    if let Some(socket) = parse(&buffer[at + NLMSG_HDRLEN..at + message_len]) {
+                        out.push(socket);
+                    }
+                }
+            }
+            at += message_len.next_multiple_of(4);
+        }
+    }
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+}
+
+/// An `inet_diag_msg` and its attributes.
+fn parse(message: &[u8]) -> Option<DiagSocket> {
+    if message.len() < INET_DIAG_MSG_LEN {
+        return None;
+    }
+    let family = message[0];
+    let address = |offset: usize| -> IpAddr {
+        let bytes: [u8; 16] = message[offset..offset + 16].try_into().unwrap_or([0; 16]);
+        if family == AF_INET {
+            IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+        } else {
+            IpAddr::V6(Ipv6Addr::from(bytes))
+        }
+    };
+    // inet_diag_sockid at 4: sport, dport (big-endian), src[16], dst[16], if, cookie[2].
+    let mut socket = DiagSocket {
+        state: message[1],
+        local_port: u16::from_be_bytes([message[4], message[5]]),
+        remote_port: u16::from_be_bytes([message[6], message[7]]),
+        local: address(8),
+        remote: address(24),
+        inode: u64::from(u32_at(message, 68)),
+        cgroup_id: 0,
+    };
+    let mut at = INET_DIAG_MSG_LEN;
+    while at + 4 <= message.len() {
+        let len = usize::from(u16::from_ne_bytes([message[at], message[at + 1]]));
+        let kind = u16::from_ne_bytes([message[at + 2], message[at + 3]]);
+        if len < 4 || at + len > message.len() {
+            break;
+        }
+        if kind == INET_DIAG_CGROUP_ID && len >= 12 {
+            let value: [u8; 8] = message[at + 4..at + 12].try_into().unwrap_or([0; 8]);
+            socket.cgroup_id = u64::from_ne_bytes(value);
+        }
+        at += len.next_multiple_of(4);
+    }
+    Some(socket)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_an_inet_diag_message_with_its_cgroup() {
+        let mut message = vec![0u8; INET_DIAG_MSG_LEN];
+        message[0] = AF_INET;
+        message[1] = ESTABLISHED;
+        message[4..6].copy_from_slice(&40000u16.to_be_bytes());
+        message[6..8].copy_from_slice(&5432u16.to_be_bytes());
+        message[8..12].copy_from_slice(&[127, 0, 0, 1]);
+        message[24..28].copy_from_slice(&[10, 1, 2, 3]);
+        message[68..72].copy_from_slice(&4242u32.to_ne_bytes());
+        message.extend_from_slice(&12u16.to_ne_bytes());
+        message.extend_from_slice(&INET_DIAG_CGROUP_ID.to_ne_bytes());
+        message.extend_from_slice(&77u64.to_ne_bytes());
+        let socket = parse(&message);
+        assert_eq!(
+            socket,
+            Some(DiagSocket {
+                state: ESTABLISHED,
+                local: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                local_port: 40000,
+                remote: IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)),
+                remote_port: 5432,
+                inode: 4242,
+                cgroup_id: 77,
+            })
+        );
+        assert_eq!(parse(&message[..10]), None);
+    }
+}
