@@ -2,24 +2,29 @@
 //! grow with the number of rules.
 //!
 //! Each attachment (an enforced cgroup, or a cgroup with rules inside one) gets one
-//! [`AttachRecord`]. Its rules are the policy's candidates for that cgroup, in precedence order,
-//! cut at the first rule without match keys (which becomes the fallback). Attachments with the
-//! same list share a ruleset. For each ruleset and each match dimension, the distinct prefixes
-//! (remote CIDRs; remote and local port ranges split into prefixes) get a class: the set of
-//! rules that match every address or port under that prefix. LPM tries map an address or port
-//! to its longest prefix's class, and one hash entry per combination of classes holds the first
-//! rule in the intersection. The kernel does three LPM lookups and one hash lookup at most.
+//! [`AttachRecord`]. Its rules are the policy's candidates for that cgroup, in precedence order
+//! (their position is their index), cut at the first rule without match keys, which becomes the
+//! fallback. Attachments with the same list share a ruleset.
+//!
+//! Within a ruleset, rules are grouped by the keys they use (tuple space search, as in Open
+//! vSwitch): remote CIDR, remote port, local port, any combination, or direction only. A group
+//! with one key is one LPM trie per direction whose entries hold the first rule covering each
+//! prefix; a group with several keys gets a class per prefix of each key (the rules covering
+//! it) and one hash entry per combination of classes that has a rule. The kernel looks up each
+//! group the ruleset has (at most eight, in practice two or three) and keeps the lowest index:
+//! the cost grows with the kinds of rules, not their number, and the entries with the rules
+//! (a cross product only inside a multi-key group).
 
 use std::collections::{BTreeMap, HashMap};
 
 use keepalive_common::{
-    ATTACH_VALID, AddrKey, AttachRecord, DIM_DIRECTION, DIM_LOCAL_PORT, DIM_REMOTE,
-    DIM_REMOTE_PORT, DecisionKey, INBOUND, OUTBOUND, PortKey, REMEMBER_DIRECTION, RuleRecord,
-    limits,
+    ATTACH_VALID, AddrKey, AttachRecord, DIM_LOCAL_PORT, DIM_REMOTE, DIM_REMOTE_PORT, DecisionKey,
+    Hit, INBOUND, KINDS, NO_RULE, OUTBOUND, PortKey, REMEMBER_DIRECTION, RuleRecord, kind_bit,
+    kind_dir, limits,
 };
 
 use crate::policy::{
-    CgroupPath, Cidr, Connection, Decision, Direction, Mode, Policy, PortRange, mapped,
+    CgroupPath, Cidr, Connection, Decision, Direction, Policy, PortRange, Rule, mapped,
 };
 
 /// Everything the kernel needs for one generation of a policy.
@@ -28,14 +33,12 @@ pub struct Tables {
     pub generation: u32,
     /// The record of each attachment.
     pub attachments: BTreeMap<CgroupPath, AttachRecord>,
-    /// (key, prefix length, class) entries of the remote-address LPM trie.
-    pub remote: Vec<(AddrKey, u32, u32)>,
-    /// (key, prefix length, class) entries of the remote-port LPM trie.
-    pub remote_ports: Vec<(PortKey, u32, u32)>,
-    /// (key, prefix length, class) entries of the local-port LPM trie.
-    pub local_ports: Vec<(PortKey, u32, u32)>,
-    /// The first matching rule of each combination of classes that has one.
-    pub decisions: Vec<(DecisionKey, RuleRecord)>,
+    /// (key, prefix length, hit) entries of the remote-address LPM trie.
+    pub addr: Vec<(AddrKey, u32, Hit)>,
+    /// (key, prefix length, hit) entries of the port LPM trie (remote and local ports).
+    pub ports: Vec<(PortKey, u32, Hit)>,
+    /// Entries of multi-key and direction-only groups.
+    pub decisions: Vec<(DecisionKey, Hit)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -97,10 +100,10 @@ pub fn compile(
         let (list, fallback) = match catch_all {
             Some(at) => {
                 let rule = candidates[at];
-                let decision = Decision::Rule(rule);
+                let slot = Policy::slot(Decision::Rule(rule));
                 (
                     candidates[..at].to_vec(),
-                    policy.rules[rule].action.record(Policy::slot(decision)),
+                    policy.rules[rule].action.record(slot),
                 )
             }
             None => (candidates, policy.default.record(0)),
@@ -108,20 +111,30 @@ pub fn compile(
         let mut record = AttachRecord {
             flags: ATTACH_VALID,
             ruleset: 0,
+            kinds: 0,
             generation,
-            _pad: 0,
             fallback,
         };
         if !list.is_empty() {
             let next = rulesets.len();
-            let ruleset = *rulesets
+            record.ruleset = *rulesets
                 .entry(list.clone())
                 .or_insert_with(|| ruleset_id(generation, next));
-            let dims = Ruleset::new(policy, &list).dims();
-            record.ruleset = ruleset;
-            record.flags |= dims;
-            let locked = list.iter().any(|&i| policy.rules[i].action.lock) || fallback.locked();
-            if dims & DIM_DIRECTION != 0 && locked {
+            let rules = Ruleset {
+                policy,
+                list: &list,
+            };
+            record.kinds = rules.rules().fold(0, |kinds, rule| {
+                [OUTBOUND, INBOUND]
+                    .into_iter()
+                    .filter(|&direction| allows(rule, direction))
+                    .fold(kinds, |kinds, direction| {
+                        kinds | kind_bit(kind(rule), direction)
+                    })
+            });
+            let directional = rules.rules().any(|rule| rule.direction.is_some());
+            let locked = rules.rules().any(|rule| rule.action.lock) || fallback.locked();
+            if directional && locked {
                 record.flags |= REMEMBER_DIRECTION;
             }
         }
@@ -130,38 +143,57 @@ pub fn compile(
     let mut ordered: Vec<(Vec<usize>, u32)> = rulesets.into_iter().collect();
     ordered.sort_by_key(|(_, id)| *id);
     for (list, id) in ordered {
-        Ruleset::new(policy, &list).emit(id, &mut tables);
+        Ruleset {
+            policy,
+            list: &list,
+        }
+        .emit(id, &mut tables);
     }
     check_limits(&tables)?;
     Ok(tables)
 }
 
+/// The group of a rule: the bits of the keys it uses (`DIM_*`); 0 for direction only.
+fn kind(rule: &Rule) -> u32 {
+    let mut kind = 0;
+    if !rule.remote.is_empty() {
+        kind |= DIM_REMOTE;
+    }
+    if !rule.remote_ports.is_empty() {
+        kind |= DIM_REMOTE_PORT;
+    }
+    if !rule.local_ports.is_empty() {
+        kind |= DIM_LOCAL_PORT;
+    }
+    kind
+}
+
+fn allows(rule: &Rule, direction: u32) -> bool {
+    match rule.direction {
+        None => true,
+        Some(Direction::Outbound) => direction == OUTBOUND,
+        Some(Direction::Inbound) => direction == INBOUND,
+    }
+}
+
 fn check_limits(tables: &Tables) -> Result<(), CompileError> {
     let checks = [
         (
-            "remote-address entries",
-            tables.remote.len(),
+            "remote-address entries (distinct CIDRs per rule group and direction)",
+            tables.addr.len(),
             limits::ADDR_ENTRIES,
             "ADDR_ENTRIES",
             "use fewer distinct CIDRs, or fewer cgroups whose rules differ",
         ),
         (
-            "remote-port prefixes",
-            tables.remote_ports.len(),
+            "port entries (port-range prefixes per rule group and direction)",
+            tables.ports.len(),
             limits::PORT_ENTRIES,
             "PORT_ENTRIES",
-            "use fewer or simpler remote_port ranges",
+            "use fewer or simpler port ranges",
         ),
         (
-            "local-port prefixes",
-            tables.local_ports.len(),
-            limits::PORT_ENTRIES,
-            "PORT_ENTRIES",
-            "use fewer or simpler local_port ranges",
-        ),
-        (
-            "decision entries (combinations of distinct remote, remote_port, local_port and \
-             direction keys)",
+            "decision entries (class combinations of rules that use several keys)",
             tables.decisions.len(),
             limits::DECISIONS,
             "DECISIONS",
@@ -189,76 +221,53 @@ fn check_limits(tables: &Tables) -> Result<(), CompileError> {
     Ok(())
 }
 
-/// A set of positions in a ruleset's list.
+/// A set of members of a group.
 type Bits = Vec<u64>;
 
-fn bits_with(len: usize, positions: impl IntoIterator<Item = usize>) -> Bits {
+fn bits_with(len: usize, members: impl IntoIterator<Item = usize>) -> Bits {
     let mut bits = vec![0; len.div_ceil(64)];
-    for position in positions {
-        bits[position / 64] |= 1 << (position % 64);
+    for member in members {
+        bits[member / 64] |= 1 << (member % 64);
     }
     bits
 }
 
-fn first_in_all(sets: [&Bits; 4]) -> Option<usize> {
-    (0..sets[0].len()).find_map(|word| {
+fn first_in_all(sets: &[&Bits]) -> Option<usize> {
+    (0..sets.first()?.len()).find_map(|word| {
         let common = sets.iter().fold(u64::MAX, |acc, set| acc & set[word]);
         (common != 0).then(|| word * 64 + common.trailing_zeros() as usize)
     })
 }
 
-/// One dimension's classes: (prefix bits, prefix length) -> class, and each class's rule set.
-struct Classes<P> {
-    prefixes: Vec<(P, u8, u32)>,
-    sets: Vec<Bits>,
-}
-
-/// Builds the classes of one dimension. `keys[pos]` lists the prefixes of the rule at `pos`
-/// (empty: matches anything). `ancestors(prefix, len)` gives the prefix cut to each length.
-fn classes<P: Copy + Eq + std::hash::Hash + Ord>(
+/// For each distinct prefix of `keys` (the prefixes of each member), the members that cover
+/// it: a member covers a prefix if one of its prefixes is that prefix or a shorter one of it.
+fn covering<P: Copy + Ord>(
     keys: &[Vec<(P, u8)>],
-    root: P,
     truncate: impl Fn(P, u8) -> P,
-) -> Classes<P> {
-    let n = keys.len();
+) -> Vec<((P, u8), Vec<usize>)> {
     let mut by_prefix: BTreeMap<(P, u8), Vec<usize>> = BTreeMap::new();
-    by_prefix.insert((root, 0), Vec::new());
-    for (pos, prefixes) in keys.iter().enumerate() {
+    for (member, prefixes) in keys.iter().enumerate() {
         for &prefix in prefixes {
-            by_prefix.entry(prefix).or_default().push(pos);
+            by_prefix.entry(prefix).or_default().push(member);
         }
     }
-    let anything: Vec<usize> = (0..n).filter(|&pos| keys[pos].is_empty()).collect();
-    let mut ids: HashMap<Bits, u32> = HashMap::new();
-    let mut sets = Vec::new();
-    let mut prefixes = Vec::new();
-    for &(bits, len) in by_prefix.keys() {
-        let mut members = anything.clone();
-        for shorter in 0..=len {
-            if let Some(positions) = by_prefix.get(&(truncate(bits, shorter), shorter)) {
-                members.extend(positions);
-            }
-        }
-        let set = bits_with(n, members);
-        let class = *ids.entry(set.clone()).or_insert_with(|| {
-            sets.push(set);
-            u32::try_from(sets.len() - 1).unwrap_or(u32::MAX)
-        });
-        prefixes.push((bits, len, class));
-    }
-    Classes { prefixes, sets }
-}
-
-/// A dimension no rule of the ruleset uses: one class with every rule.
-fn single_class<P>(n: usize) -> Classes<P> {
-    Classes {
-        prefixes: Vec::new(),
-        sets: vec![bits_with(n, 0..n)],
-    }
+    by_prefix
+        .keys()
+        .map(|&(bits, len)| {
+            let mut members: Vec<usize> = (0..=len)
+                .filter_map(|shorter| by_prefix.get(&(truncate(bits, shorter), shorter)))
+                .flatten()
+                .copied()
+                .collect();
+            members.sort_unstable();
+            members.dedup();
+            ((bits, len), members)
+        })
+        .collect()
 }
 
 fn truncate_addr(bits: u128, len: u8) -> u128 {
-    Cidr { bits, len }.bits & Cidr { bits: 0, len }.mask()
+    bits & Cidr { bits: 0, len }.mask()
 }
 
 fn truncate_port(bits: u16, len: u8) -> u16 {
@@ -288,6 +297,29 @@ pub fn port_prefixes(range: PortRange) -> Vec<(u16, u8)> {
     out
 }
 
+fn addr_prefixes(rule: &Rule) -> Vec<(u128, u8)> {
+    rule.remote
+        .iter()
+        .map(|cidr| (cidr.bits, cidr.len))
+        .collect()
+}
+
+fn ports_of(rule: &Rule, dim: u32) -> Vec<(u16, u8)> {
+    let ranges = if dim == DIM_REMOTE_PORT {
+        &rule.remote_ports
+    } else {
+        &rule.local_ports
+    };
+    ranges
+        .iter()
+        .flat_map(|range| port_prefixes(*range))
+        .collect()
+}
+
+fn as_u32(value: usize) -> u32 {
+    u32::try_from(value).unwrap_or(u32::MAX)
+}
+
 /// The rules of one ruleset, in precedence order.
 struct Ruleset<'a> {
     policy: &'a Policy,
@@ -295,128 +327,199 @@ struct Ruleset<'a> {
 }
 
 impl<'a> Ruleset<'a> {
-    fn new(policy: &'a Policy, list: &'a [usize]) -> Self {
-        Self { policy, list }
-    }
-
-    fn rules(&self) -> impl Iterator<Item = &'a crate::policy::Rule> + '_ {
+    fn rules(&self) -> impl Iterator<Item = &'a Rule> + '_ {
         self.list.iter().map(|&i| &self.policy.rules[i])
     }
 
-    fn dims(&self) -> u32 {
-        let mut dims = 0;
-        for rule in self.rules() {
-            if !rule.remote.is_empty() {
-                dims |= DIM_REMOTE;
-            }
-            if !rule.remote_ports.is_empty() {
-                dims |= DIM_REMOTE_PORT;
-            }
-            if !rule.local_ports.is_empty() {
-                dims |= DIM_LOCAL_PORT;
-            }
-            if rule.direction.is_some() {
-                dims |= DIM_DIRECTION;
-            }
+    fn hit(&self, position: usize) -> Hit {
+        let rule = self.list[position];
+        Hit {
+            index: as_u32(position),
+            class: 0,
+            record: self.policy.rules[rule]
+                .action
+                .record(Policy::slot(Decision::Rule(rule))),
         }
-        dims
     }
 
     fn emit(&self, ruleset: u32, tables: &mut Tables) {
-        let n = self.list.len();
-        let dims = self.dims();
-        let remote = if dims & DIM_REMOTE != 0 {
-            let keys: Vec<Vec<(u128, u8)>> = self
-                .rules()
-                .map(|rule| {
-                    rule.remote
-                        .iter()
-                        .map(|cidr| (cidr.bits, cidr.len))
-                        .collect()
-                })
-                .collect();
-            classes(&keys, 0, truncate_addr)
-        } else {
-            single_class(n)
-        };
-        let port_classes = |flag: u32, ports: fn(&crate::policy::Rule) -> &Vec<PortRange>| {
-            if dims & flag == 0 {
-                return single_class(n);
+        for group in 0..KINDS {
+            for direction in [OUTBOUND, INBOUND] {
+                // Positions of the group's rules that apply in this direction.
+                let members: Vec<usize> = self
+                    .rules()
+                    .enumerate()
+                    .filter(|(_, rule)| kind(rule) == group && allows(rule, direction))
+                    .map(|(position, _)| position)
+                    .collect();
+                if members.is_empty() {
+                    continue;
+                }
+                match group {
+                    0 => tables.decisions.push((
+                        DecisionKey {
+                            ruleset,
+                            kind_dir: kind_dir(0, 0, direction),
+                            ..DecisionKey::default()
+                        },
+                        self.hit(members[0]),
+                    )),
+                    DIM_REMOTE | DIM_REMOTE_PORT | DIM_LOCAL_PORT => {
+                        self.emit_single(ruleset, group, direction, &members, tables);
+                    }
+                    _ => self.emit_multi(ruleset, group, direction, &members, tables),
+                }
             }
-            let keys: Vec<Vec<(u16, u8)>> = self
-                .rules()
-                .map(|rule| {
-                    ports(rule)
-                        .iter()
-                        .flat_map(|range| port_prefixes(*range))
-                        .collect()
-                })
-                .collect();
-            classes(&keys, 0, truncate_port)
-        };
-        let remote_ports = port_classes(DIM_REMOTE_PORT, |rule| &rule.remote_ports);
-        let local_ports = port_classes(DIM_LOCAL_PORT, |rule| &rule.local_ports);
-
-        for &(bits, len, class) in &remote.prefixes {
-            let key = AddrKey {
-                ruleset,
-                addr: bits.to_be_bytes(),
-            };
-            tables.remote.push((key, 32 + u32::from(len), class));
         }
-        for (source, target) in [
-            (&remote_ports, &mut tables.remote_ports),
-            (&local_ports, &mut tables.local_ports),
-        ] {
-            for &(bits, len, class) in &source.prefixes {
+    }
+
+    fn rule_at(&self, position: usize) -> &'a Rule {
+        &self.policy.rules[self.list[position]]
+    }
+
+    /// One key: each prefix holds the first rule covering it.
+    fn emit_single(
+        &self,
+        ruleset: u32,
+        dim: u32,
+        direction: u32,
+        members: &[usize],
+        tables: &mut Tables,
+    ) {
+        let key_dir = kind_dir(dim, dim, direction);
+        if dim == DIM_REMOTE {
+            let keys: Vec<Vec<(u128, u8)>> = members
+                .iter()
+                .map(|&p| addr_prefixes(self.rule_at(p)))
+                .collect();
+            for ((bits, len), covered) in covering(&keys, truncate_addr) {
+                let key = AddrKey {
+                    ruleset,
+                    kind_dir: key_dir,
+                    addr: bits.to_be_bytes(),
+                };
+                tables
+                    .addr
+                    .push((key, 64 + u32::from(len), self.hit(members[covered[0]])));
+            }
+        } else {
+            let keys: Vec<Vec<(u16, u8)>> = members
+                .iter()
+                .map(|&p| ports_of(self.rule_at(p), dim))
+                .collect();
+            for ((bits, len), covered) in covering(&keys, truncate_port) {
                 let key = PortKey {
                     ruleset,
+                    kind_dir: key_dir,
                     port: bits.to_be_bytes(),
                     _pad: [0; 2],
                 };
-                target.push((key, 32 + u32::from(len), class));
+                tables
+                    .ports
+                    .push((key, 64 + u32::from(len), self.hit(members[covered[0]])));
             }
         }
+    }
 
-        let directions: Vec<(u32, Bits)> = if dims & DIM_DIRECTION != 0 {
-            [
-                (OUTBOUND, Direction::Outbound),
-                (INBOUND, Direction::Inbound),
-            ]
-            .into_iter()
-            .map(|(code, direction)| {
-                let members = self
-                    .rules()
-                    .enumerate()
-                    .filter(|(_, rule)| rule.direction.is_none_or(|d| d == direction))
-                    .map(|(pos, _)| pos);
-                (code, bits_with(n, members))
-            })
-            .collect()
-        } else {
-            vec![(0, bits_with(n, 0..n))]
-        };
-        for (direction, direction_set) in &directions {
-            for (a, a_set) in remote.sets.iter().enumerate() {
-                for (rp, rp_set) in remote_ports.sets.iter().enumerate() {
-                    for (lp, lp_set) in local_ports.sets.iter().enumerate() {
-                        let Some(pos) = first_in_all([direction_set, a_set, rp_set, lp_set]) else {
-                            continue;
-                        };
-                        let rule = self.list[pos];
-                        let key = DecisionKey {
-                            ruleset,
-                            direction: *direction,
-                            remote: u32::try_from(a).unwrap_or(u32::MAX),
-                            remote_port: u32::try_from(rp).unwrap_or(u32::MAX),
-                            local_port: u32::try_from(lp).unwrap_or(u32::MAX),
-                        };
-                        let record = self.policy.rules[rule]
-                            .action
-                            .record(Policy::slot(Decision::Rule(rule)));
-                        tables.decisions.push((key, record));
+    /// Several keys: classes per key, and the first rule of each combination of classes.
+    fn emit_multi(
+        &self,
+        ruleset: u32,
+        group: u32,
+        direction: u32,
+        members: &[usize],
+        tables: &mut Tables,
+    ) {
+        let n = members.len();
+        let mut dims: Vec<(u32, Vec<Bits>)> = Vec::new();
+        for dim in [DIM_REMOTE, DIM_REMOTE_PORT, DIM_LOCAL_PORT] {
+            if group & dim == 0 {
+                continue;
+            }
+            let mut ids: HashMap<Vec<usize>, u32> = HashMap::new();
+            let mut sets: Vec<Bits> = Vec::new();
+            let mut class_of = |covered: Vec<usize>| -> u32 {
+                let next = as_u32(ids.len());
+                *ids.entry(covered.clone()).or_insert_with(|| {
+                    sets.push(bits_with(n, covered));
+                    next
+                })
+            };
+            let key_dir = kind_dir(group, dim, direction);
+            let class_hit = |class| Hit {
+                index: NO_RULE,
+                class,
+                record: RuleRecord::default(),
+            };
+            if dim == DIM_REMOTE {
+                let keys: Vec<Vec<(u128, u8)>> = members
+                    .iter()
+                    .map(|&p| addr_prefixes(self.rule_at(p)))
+                    .collect();
+                for ((bits, len), covered) in covering(&keys, truncate_addr) {
+                    let key = AddrKey {
+                        ruleset,
+                        kind_dir: key_dir,
+                        addr: bits.to_be_bytes(),
+                    };
+                    tables
+                        .addr
+                        .push((key, 64 + u32::from(len), class_hit(class_of(covered))));
+                }
+            } else {
+                let keys: Vec<Vec<(u16, u8)>> = members
+                    .iter()
+                    .map(|&p| ports_of(self.rule_at(p), dim))
+                    .collect();
+                for ((bits, len), covered) in covering(&keys, truncate_port) {
+                    let key = PortKey {
+                        ruleset,
+                        kind_dir: key_dir,
+                        port: bits.to_be_bytes(),
+                        _pad: [0; 2],
+                    };
+                    tables
+                        .ports
+                        .push((key, 64 + u32::from(len), class_hit(class_of(covered))));
+                }
+            }
+            dims.push((dim, sets));
+        }
+        // Every combination of one class per key.
+        let mut combination = vec![0usize; dims.len()];
+        loop {
+            let sets: Vec<&Bits> = dims
+                .iter()
+                .zip(&combination)
+                .map(|((_, sets), &c)| &sets[c])
+                .collect();
+            if let Some(member) = first_in_all(&sets) {
+                let mut key = DecisionKey {
+                    ruleset,
+                    kind_dir: kind_dir(group, 0, direction),
+                    ..DecisionKey::default()
+                };
+                for ((dim, _), &class) in dims.iter().zip(&combination) {
+                    match *dim {
+                        DIM_REMOTE => key.remote = as_u32(class),
+                        DIM_REMOTE_PORT => key.remote_port = as_u32(class),
+                        _ => key.local_port = as_u32(class),
                     }
                 }
+                tables.decisions.push((key, self.hit(members[member])));
+            }
+            // Next combination (odometer).
+            let mut at = 0;
+            loop {
+                if at == dims.len() {
+                    return;
+                }
+                combination[at] += 1;
+                if combination[at] < dims[at].1.len() {
+                    break;
+                }
+                combination[at] = 0;
+                at += 1;
             }
         }
     }
@@ -427,59 +530,92 @@ impl Tables {
     /// `ka_sockops` computes, done on the host (tests hold it to [`Policy::decide`]).
     pub fn lookup(&self, point: &CgroupPath, conn: &Connection) -> Option<RuleRecord> {
         let record = self.attachments.get(point)?;
-        if record.flags & (DIM_REMOTE | DIM_REMOTE_PORT | DIM_LOCAL_PORT | DIM_DIRECTION) == 0 {
-            return Some(record.fallback);
-        }
+        let direction = match conn.direction {
+            Direction::Outbound => OUTBOUND,
+            Direction::Inbound => INBOUND,
+        };
         let ruleset = record.ruleset;
         let addr = mapped(conn.remote);
-        let remote = if record.has(DIM_REMOTE) {
+        let addr_hit = |key_dir: u32| -> Option<Hit> {
             longest(
-                self.remote
+                self.addr
                     .iter()
-                    .filter(|(key, ..)| key.ruleset == ruleset)
-                    .map(|(key, len, class)| {
+                    .filter(|(key, ..)| key.ruleset == ruleset && key.kind_dir == key_dir)
+                    .map(|(key, len, hit)| {
                         let prefix = Cidr {
                             bits: u128::from_be_bytes(key.addr),
-                            len: u8::try_from(len - 32).unwrap_or(0),
+                            len: u8::try_from(len - 64).unwrap_or(0),
                         };
-                        (prefix.contains_addr(addr), *len, *class)
-                    }),
-            )?
-        } else {
-            0
-        };
-        let port_class = |entries: &[(PortKey, u32, u32)], flag: u32, port: u16| -> Option<u32> {
-            if !record.has(flag) {
-                return Some(0);
-            }
-            longest(
-                entries
-                    .iter()
-                    .filter(|(key, ..)| key.ruleset == ruleset)
-                    .map(|(key, len, class)| {
-                        let bits = u16::from_be_bytes(key.port);
-                        let prefix_len = u8::try_from(len - 32).unwrap_or(0);
-                        (truncate_port(port, prefix_len) == bits, *len, *class)
+                        (prefix.contains_addr(addr), *len, *hit)
                     }),
             )
         };
-        let key = DecisionKey {
-            ruleset,
-            direction: match (record.has(DIM_DIRECTION), conn.direction) {
-                (false, _) => 0,
-                (true, Direction::Outbound) => OUTBOUND,
-                (true, Direction::Inbound) => INBOUND,
-            },
-            remote,
-            remote_port: port_class(&self.remote_ports, DIM_REMOTE_PORT, conn.remote_port)?,
-            local_port: port_class(&self.local_ports, DIM_LOCAL_PORT, conn.local_port)?,
+        let port_hit = |key_dir: u32, port: u16| -> Option<Hit> {
+            longest(
+                self.ports
+                    .iter()
+                    .filter(|(key, ..)| key.ruleset == ruleset && key.kind_dir == key_dir)
+                    .map(|(key, len, hit)| {
+                        let prefix_len = u8::try_from(len - 64).unwrap_or(0);
+                        (
+                            truncate_port(port, prefix_len) == u16::from_be_bytes(key.port),
+                            *len,
+                            *hit,
+                        )
+                    }),
+            )
         };
-        Some(
+        let decision = |key: DecisionKey| {
             self.decisions
                 .iter()
-                .find(|(candidate, _)| *candidate == key)
-                .map_or(record.fallback, |(_, record)| *record),
-        )
+                .find(|(k, _)| *k == key)
+                .map(|(_, hit)| *hit)
+        };
+        let mut best: Option<Hit> = None;
+        for group in 0..KINDS {
+            if !record.has_kind(group, direction) {
+                continue;
+            }
+            let found = match group {
+                0 => decision(DecisionKey {
+                    ruleset,
+                    kind_dir: kind_dir(0, 0, direction),
+                    ..DecisionKey::default()
+                }),
+                DIM_REMOTE => addr_hit(kind_dir(group, group, direction)),
+                DIM_REMOTE_PORT => port_hit(kind_dir(group, group, direction), conn.remote_port),
+                DIM_LOCAL_PORT => port_hit(kind_dir(group, group, direction), conn.local_port),
+                _ => (|| {
+                    let mut key = DecisionKey {
+                        ruleset,
+                        kind_dir: kind_dir(group, 0, direction),
+                        ..DecisionKey::default()
+                    };
+                    if group & DIM_REMOTE != 0 {
+                        key.remote = addr_hit(kind_dir(group, DIM_REMOTE, direction))?.class;
+                    }
+                    if group & DIM_REMOTE_PORT != 0 {
+                        key.remote_port = port_hit(
+                            kind_dir(group, DIM_REMOTE_PORT, direction),
+                            conn.remote_port,
+                        )?
+                        .class;
+                    }
+                    if group & DIM_LOCAL_PORT != 0 {
+                        key.local_port =
+                            port_hit(kind_dir(group, DIM_LOCAL_PORT, direction), conn.local_port)?
+                                .class;
+                    }
+                    decision(key)
+                })(),
+            };
+            if let Some(hit) = found
+                && best.is_none_or(|b| hit.index < b.index)
+            {
+                best = Some(hit);
+            }
+        }
+        Some(best.map_or(record.fallback, |hit| hit.record))
     }
 
     /// The innermost attachment containing `cgroup`, the one whose program decides.
@@ -491,17 +627,12 @@ impl Tables {
     }
 }
 
-/// The class of the longest matching prefix among (matches, prefix length, class).
-fn longest(entries: impl Iterator<Item = (bool, u32, u32)>) -> Option<u32> {
+/// The hit of the longest matching prefix among (matches, prefix length, hit).
+fn longest(entries: impl Iterator<Item = (bool, u32, Hit)>) -> Option<Hit> {
     entries
         .filter(|(matches, ..)| *matches)
         .max_by_key(|(_, len, _)| *len)
-        .map(|(_, _, class)| class)
-}
-
-/// Whether a mode touches sockets at all (exempt and audit change nothing).
-pub fn changes_sockets(mode: Mode) -> bool {
-    matches!(mode, Mode::Enforce | Mode::Fill | Mode::Cap)
+        .map(|(_, _, hit)| hit)
 }
 
 #[cfg(test)]

@@ -24,8 +24,8 @@ use aya::{
 };
 use keepalive_common::{
     ADDR_MAP, AGENT_MAP, ATTACH_MAP, AddrKey, AttachRecord, CGROUPS_MAP, DECISIONS_MAP,
-    DecisionKey, LPORT_MAP, Outcome, PROGRAM_NAME, PortKey, RPORT_MAP, RULE_STATS_MAP, RuleRecord,
-    SETSOCKOPT_PROGRAM, STAGE, STATS_MAP, Stage, Stat, rule_stat_index, sock_ops::ATTACH_TYPE,
+    DecisionKey, Hit, Outcome, PORT_MAP, PROGRAM_NAME, PortKey, RULE_STATS_MAP, SETSOCKOPT_PROGRAM,
+    STAGE, STATS_MAP, Stage, Stat, rule_stat_index, sock_ops::ATTACH_TYPE,
 };
 
 use crate::{
@@ -391,38 +391,48 @@ impl Enforcer {
         Ok((points, missing))
     }
 
-    fn insert_entries(&mut self, tables: &Tables) -> Result<(), EnforcerError> {
-        let [addr, rport, lport, decisions] =
+    /// The lookup maps of the program, typed.
+    #[expect(
+        clippy::type_complexity,
+        reason = "three typed views of the maps, private"
+    )]
+    fn lookup_maps(
+        &mut self,
+    ) -> Result<
+        (
+            LpmTrie<&mut MapData, AddrKey, Hit>,
+            LpmTrie<&mut MapData, PortKey, Hit>,
+            HashMap<&mut MapData, DecisionKey, Hit>,
+        ),
+        EnforcerError,
+    > {
+        let [addr, ports, decisions] =
             self.ebpf
-                .maps_disjoint_mut([ADDR_MAP, RPORT_MAP, LPORT_MAP, DECISIONS_MAP]);
-        let mut addr = LpmTrie::<&mut MapData, AddrKey, u32>::try_from(
-            addr.ok_or(EnforcerError::Missing(ADDR_MAP))?,
-        )
-        .map_err(map_error(ADDR_MAP))?;
-        for (key, len, class) in &tables.remote {
-            addr.insert(&Key::new(*len, *key), class, 0)
+                .maps_disjoint_mut([ADDR_MAP, PORT_MAP, DECISIONS_MAP]);
+        Ok((
+            LpmTrie::try_from(addr.ok_or(EnforcerError::Missing(ADDR_MAP))?)
+                .map_err(map_error(ADDR_MAP))?,
+            LpmTrie::try_from(ports.ok_or(EnforcerError::Missing(PORT_MAP))?)
+                .map_err(map_error(PORT_MAP))?,
+            HashMap::try_from(decisions.ok_or(EnforcerError::Missing(DECISIONS_MAP))?)
+                .map_err(map_error(DECISIONS_MAP))?,
+        ))
+    }
+
+    fn insert_entries(&mut self, tables: &Tables) -> Result<(), EnforcerError> {
+        let (mut addr, mut ports, mut decisions) = self.lookup_maps()?;
+        for (key, len, hit) in &tables.addr {
+            addr.insert(&Key::new(*len, *key), hit, 0)
                 .map_err(map_error(ADDR_MAP))?;
         }
-        for (map, name, entries) in [
-            (rport, RPORT_MAP, &tables.remote_ports),
-            (lport, LPORT_MAP, &tables.local_ports),
-        ] {
-            let mut trie = LpmTrie::<&mut MapData, PortKey, u32>::try_from(
-                map.ok_or(EnforcerError::Missing(name))?,
-            )
-            .map_err(map_error(name))?;
-            for (key, len, class) in entries {
-                trie.insert(&Key::new(*len, *key), class, 0)
-                    .map_err(map_error(name))?;
-            }
+        for (key, len, hit) in &tables.ports {
+            ports
+                .insert(&Key::new(*len, *key), hit, 0)
+                .map_err(map_error(PORT_MAP))?;
         }
-        let mut decisions = HashMap::<&mut MapData, DecisionKey, RuleRecord>::try_from(
-            decisions.ok_or(EnforcerError::Missing(DECISIONS_MAP))?,
-        )
-        .map_err(map_error(DECISIONS_MAP))?;
-        for (key, record) in &tables.decisions {
+        for (key, hit) in &tables.decisions {
             decisions
-                .insert(key, record, 0)
+                .insert(key, hit, 0)
                 .map_err(map_error(DECISIONS_MAP))?;
         }
         Ok(())
@@ -430,41 +440,13 @@ impl Enforcer {
 
     /// Removes a generation's entries (missing ones are fine: a failed insert leaves gaps).
     fn remove_entries(&mut self, tables: &Tables) -> Result<(), EnforcerError> {
-        let gone = |result: Result<(), MapError>, name| match result {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(MapError::SyscallError(error))
-                if error.io_error.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(())
-            }
-            Err(source) => Err(EnforcerError::Map { map: name, source }),
-        };
-        let [addr, rport, lport, decisions] =
-            self.ebpf
-                .maps_disjoint_mut([ADDR_MAP, RPORT_MAP, LPORT_MAP, DECISIONS_MAP]);
-        let mut addr = LpmTrie::<&mut MapData, AddrKey, u32>::try_from(
-            addr.ok_or(EnforcerError::Missing(ADDR_MAP))?,
-        )
-        .map_err(map_error(ADDR_MAP))?;
-        for (key, len, _) in &tables.remote {
+        let (mut addr, mut ports, mut decisions) = self.lookup_maps()?;
+        for (key, len, _) in &tables.addr {
             gone(addr.remove(&Key::new(*len, *key)), ADDR_MAP)?;
         }
-        for (map, name, entries) in [
-            (rport, RPORT_MAP, &tables.remote_ports),
-            (lport, LPORT_MAP, &tables.local_ports),
-        ] {
-            let mut trie = LpmTrie::<&mut MapData, PortKey, u32>::try_from(
-                map.ok_or(EnforcerError::Missing(name))?,
-            )
-            .map_err(map_error(name))?;
-            for (key, len, _) in entries {
-                gone(trie.remove(&Key::new(*len, *key)), name)?;
-            }
+        for (key, len, _) in &tables.ports {
+            gone(ports.remove(&Key::new(*len, *key)), PORT_MAP)?;
         }
-        let mut decisions = HashMap::<&mut MapData, DecisionKey, RuleRecord>::try_from(
-            decisions.ok_or(EnforcerError::Missing(DECISIONS_MAP))?,
-        )
-        .map_err(map_error(DECISIONS_MAP))?;
         for (key, _) in &tables.decisions {
             gone(decisions.remove(key), DECISIONS_MAP)?;
         }
@@ -637,6 +619,19 @@ fn map_mut<'a>(
     name: &'static str,
 ) -> Result<&'a mut aya::maps::Map, EnforcerError> {
     ebpf.map_mut(name).ok_or(EnforcerError::Missing(name))
+}
+
+/// A removal whose key is already gone is no error.
+fn gone(result: Result<(), MapError>, map: &'static str) -> Result<(), EnforcerError> {
+    match result {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(error))
+            if error.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        Err(source) => Err(EnforcerError::Map { map, source }),
+    }
 }
 
 fn map_error(map: &'static str) -> impl FnOnce(MapError) -> EnforcerError {

@@ -26,13 +26,11 @@ pub const ATTACH_MAP: &str = "KA_ATTACH";
 /// [`AttachRecord`] by cgroup id, for the setsockopt hook (which finds the level from the
 /// calling task's cgroup and its ancestors).
 pub const CGROUPS_MAP: &str = "KA_CGROUPS";
-/// LPM trie: ([`AddrKey`]) remote address to address class.
+/// LPM trie: [`AddrKey`] (remote address) to a [`Hit`].
 pub const ADDR_MAP: &str = "KA_ADDR";
-/// LPM trie: ([`PortKey`]) remote port to remote-port class.
-pub const RPORT_MAP: &str = "KA_RPORT";
-/// LPM trie: ([`PortKey`]) local port to local-port class.
-pub const LPORT_MAP: &str = "KA_LPORT";
-/// Hash: [`DecisionKey`] to the first matching rule's [`RuleRecord`].
+/// LPM trie: [`PortKey`] (remote or local port) to a [`Hit`].
+pub const PORT_MAP: &str = "KA_PORT";
+/// Hash: [`DecisionKey`] to the [`Hit`] of a multi-dimension or direction-only group.
 pub const DECISIONS_MAP: &str = "KA_DECIDE";
 /// Socket storage: the direction of sockets whose ruleset needs it in the setsockopt hook.
 pub const DIRECTION_MAP: &str = "KA_DIRECTION";
@@ -53,11 +51,11 @@ pub mod limits {
     pub const RULES: u32 = 16_384;
     /// Rules with counters of their own; later rules share the last slot.
     pub const COUNTED_SLOTS: u32 = 1_024;
-    /// Distinct remote CIDRs (per attachment ruleset, summed) in one policy.
+    /// Remote-address entries (distinct CIDRs per group and direction) in one policy.
     pub const ADDR_ENTRIES: u32 = 65_536;
-    /// Port-range prefixes (each of remote and local) in one policy.
-    pub const PORT_ENTRIES: u32 = 16_384;
-    /// Decision entries (combinations of classes) in one policy.
+    /// Port entries (port-range prefixes per group, dimension and direction) in one policy.
+    pub const PORT_ENTRIES: u32 = 65_536;
+    /// Decision entries (class combinations of multi-key groups) in one policy.
     pub const DECISIONS: u32 = 262_144;
     /// Cgroups the agent attaches to or has rules for.
     pub const CGROUPS: u32 = 16_384;
@@ -249,8 +247,7 @@ mod tests {
             ATTACH_MAP,
             CGROUPS_MAP,
             ADDR_MAP,
-            RPORT_MAP,
-            LPORT_MAP,
+            PORT_MAP,
             DECISIONS_MAP,
             DIRECTION_MAP,
             STATS_MAP,

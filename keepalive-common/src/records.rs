@@ -97,19 +97,33 @@ impl RuleRecord {
 /// `AttachRecord::flags`: the record holds a policy (a fresh attachment's storage is zeroed,
 /// and such a program run leaves the socket to the programs of ancestor cgroups).
 pub const ATTACH_VALID: u32 = 1 << 0;
-/// `AttachRecord::flags`: rules of this attachment match on the remote address.
-pub const DIM_REMOTE: u32 = 1 << 1;
-/// `AttachRecord::flags`: ... on the remote port.
-pub const DIM_REMOTE_PORT: u32 = 1 << 2;
-/// `AttachRecord::flags`: ... on the local port.
-pub const DIM_LOCAL_PORT: u32 = 1 << 3;
-/// `AttachRecord::flags`: ... on the direction.
-pub const DIM_DIRECTION: u32 = 1 << 4;
 /// `AttachRecord::flags`: the setsockopt hook needs each socket's direction, so the sock_ops
 /// program records it in socket storage.
-pub const REMEMBER_DIRECTION: u32 = 1 << 5;
-/// Any of the `DIM_*` bits: the attachment has rules to look up.
-pub const DIMS: u32 = DIM_REMOTE | DIM_REMOTE_PORT | DIM_LOCAL_PORT | DIM_DIRECTION;
+pub const REMEMBER_DIRECTION: u32 = 1 << 1;
+
+/// A match dimension, and a bit of a [`kind`](AttachRecord::kinds): rules are grouped by the
+/// set of keys they use (tuple space search), each group looked up on its own.
+pub const DIM_REMOTE: u32 = 1 << 0;
+pub const DIM_REMOTE_PORT: u32 = 1 << 1;
+pub const DIM_LOCAL_PORT: u32 = 1 << 2;
+/// Number of kinds: every subset of the three dimensions; kind 0 is direction-only rules.
+pub const KINDS: u32 = 8;
+
+/// The bit of `AttachRecord::kinds` for rules of `kind` in `direction`.
+#[inline(always)]
+pub const fn kind_bit(kind: u32, direction: u32) -> u32 {
+    if direction == INBOUND {
+        1 << (8 + kind)
+    } else {
+        1 << kind
+    }
+}
+
+/// The key part that separates groups, dimensions and directions in the shared lookup maps.
+#[inline(always)]
+pub const fn kind_dir(kind: u32, dim: u32, direction: u32) -> u32 {
+    (kind << 16) | (dim << 8) | direction
+}
 
 /// The policy of one attachment (one cgroup with rules, or an enforced cgroup).
 ///
@@ -120,13 +134,15 @@ pub const DIMS: u32 = DIM_REMOTE | DIM_REMOTE_PORT | DIM_LOCAL_PORT | DIM_DIRECT
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AttachRecord {
-    /// `ATTACH_VALID`, `DIM_*`, `REMEMBER_DIRECTION` bits.
+    /// `ATTACH_VALID`, `REMEMBER_DIRECTION` bits.
     pub flags: u32,
-    /// Prefix of this attachment's entries in the lookup maps (meaningful with a `DIM_*` bit).
+    /// Prefix of this attachment's entries in the lookup maps.
     pub ruleset: u32,
+    /// Bit `k` (outbound) or `8 + k` (inbound) set: the ruleset has rules of kind `k` (see
+    /// [`KINDS`]) for that direction. 0: nothing to look up.
+    pub kinds: u32,
     /// The policy generation the record belongs to.
     pub generation: u32,
-    pub _pad: u32,
     /// The decision when no rule matches (or there are none): the default, or the first rule
     /// without match keys.
     pub fallback: RuleRecord,
@@ -142,6 +158,11 @@ impl AttachRecord {
     pub const fn has(&self, flag: u32) -> bool {
         self.flags & flag != 0
     }
+
+    #[inline(always)]
+    pub const fn has_kind(&self, kind: u32, direction: u32) -> bool {
+        self.kinds & kind_bit(kind, direction) != 0
+    }
 }
 
 /// Connection direction as rules see it.
@@ -149,39 +170,56 @@ pub const OUTBOUND: u32 = 1;
 /// Connection direction as rules see it.
 pub const INBOUND: u32 = 2;
 
-/// Data of an [`ADDR_MAP`](crate::ADDR_MAP) LPM key: prefix length = 32 + address prefix
+/// Data of an [`ADDR_MAP`](crate::ADDR_MAP) LPM key: prefix length = 64 + address prefix
 /// length. Addresses are IPv6; IPv4 is mapped (`::ffff:a.b.c.d`), so a mapped IPv6 peer matches
 /// the IPv4 rules.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AddrKey {
-    /// Always matched in full (the first 32 bits of every prefix).
+    /// Matched in full, like `kind_dir` (the first 64 bits of every prefix).
     pub ruleset: u32,
+    /// [`kind_dir`]: group, dimension, direction.
+    pub kind_dir: u32,
     /// Network byte order.
     pub addr: [u8; 16],
 }
 
-/// Data of a [`RPORT_MAP`](crate::RPORT_MAP) / [`LPORT_MAP`](crate::LPORT_MAP) LPM key:
-/// prefix length = 32 + port prefix length.
+/// Data of a [`PORT_MAP`](crate::PORT_MAP) LPM key: prefix length = 64 + port prefix length.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PortKey {
     pub ruleset: u32,
+    pub kind_dir: u32,
     /// Network byte order.
     pub port: [u8; 2],
     pub _pad: [u8; 2],
 }
 
-/// Key of the [`DECISIONS_MAP`](crate::DECISIONS_MAP): one combination of classes.
+/// Key of the [`DECISIONS_MAP`](crate::DECISIONS_MAP): a group of several dimensions (its
+/// classes), or a direction-only group (classes 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DecisionKey {
     pub ruleset: u32,
-    /// [`OUTBOUND`] or [`INBOUND`]; 0 when the ruleset does not match on direction.
-    pub direction: u32,
+    pub kind_dir: u32,
     pub remote: u32,
     pub remote_port: u32,
     pub local_port: u32,
+}
+
+/// `Hit::index` of an entry that only carries a class.
+pub const NO_RULE: u32 = u32::MAX;
+
+/// What a lookup finds: the best (first in precedence order) rule of a group for that prefix
+/// or combination, or, for a dimension of a multi-dimension group, the prefix's class.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Hit {
+    /// Position of the rule in the ruleset's precedence order; lower wins. [`NO_RULE`] for
+    /// class entries.
+    pub index: u32,
+    pub class: u32,
+    pub record: RuleRecord,
 }
 
 #[cfg(feature = "user")]
@@ -196,6 +234,8 @@ mod pod {
     unsafe impl aya::Pod for super::PortKey {}
     // SAFETY: repr(C), only u32 fields, no padding (checked by tests).
     unsafe impl aya::Pod for super::DecisionKey {}
+    // SAFETY: repr(C), u32 fields and a RuleRecord, no padding (checked by tests).
+    unsafe impl aya::Pod for super::Hit {}
 }
 
 #[cfg(test)]
@@ -208,9 +248,10 @@ mod tests {
     fn records_have_no_implicit_padding() {
         assert_eq!(size_of::<RuleRecord>(), 8 * 4);
         assert_eq!(size_of::<AttachRecord>(), 4 * 4 + size_of::<RuleRecord>());
-        assert_eq!(size_of::<AddrKey>(), 4 + 16);
-        assert_eq!(size_of::<PortKey>(), 4 + 2 + 2);
+        assert_eq!(size_of::<AddrKey>(), 4 + 4 + 16);
+        assert_eq!(size_of::<PortKey>(), 4 + 4 + 2 + 2);
         assert_eq!(size_of::<DecisionKey>(), 5 * 4);
+        assert_eq!(size_of::<Hit>(), 2 * 4 + size_of::<RuleRecord>());
         assert_eq!(align_of::<AttachRecord>(), 4);
     }
 

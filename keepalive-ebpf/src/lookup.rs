@@ -1,13 +1,13 @@
-//! Finding a connection's rule: at most three LPM lookups and one hash lookup, whatever the
-//! number of rules (the agent compiled them into classes; see keepalive-agent's compile.rs).
+//! Finding a connection's rule: a few lookups per group of rules, whatever the number of rules
+//! (the agent compiled them; see keepalive-agent's compile.rs).
 
 use aya_ebpf::{bindings::bpf_sock, maps::lpm_trie::Key, programs::SockOpsContext};
 use keepalive_common::{
-    AddrKey, AttachRecord, DIM_DIRECTION, DIM_LOCAL_PORT, DIM_REMOTE, DIM_REMOTE_PORT, DIMS,
-    DecisionKey, PortKey, RuleRecord,
+    AddrKey, AttachRecord, DIM_LOCAL_PORT, DIM_REMOTE, DIM_REMOTE_PORT, DecisionKey, Hit, NO_RULE,
+    PortKey, RuleRecord, kind_dir,
 };
 
-use crate::{KA_ADDR, KA_DECIDE, KA_LPORT, KA_RPORT};
+use crate::{KA_ADDR, KA_DECIDE, KA_PORT};
 
 const AF_INET: u32 = 2;
 
@@ -93,66 +93,135 @@ pub(crate) fn bpf_sock_peer(sk: &bpf_sock) -> Peer {
     }
 }
 
-/// The rule for a connection at the attachment whose record is `record`.
+/// The rule for a connection at the attachment whose record is `record`: one lookup per group
+/// of rules the ruleset has (see keepalive-agent's compile.rs); the lowest index wins.
 #[inline(always)]
 pub(crate) fn decide(record: &AttachRecord, peer: &Peer, direction: u32) -> RuleRecord {
-    if record.flags & DIMS == 0 {
-        return record.fallback;
+    let mut best = Best {
+        index: NO_RULE,
+        record: record.fallback,
+    };
+    if record.kinds == 0 {
+        return best.record;
     }
     let ruleset = record.ruleset;
-    let mut key = DecisionKey {
-        ruleset,
-        direction: 0,
-        remote: 0,
-        remote_port: 0,
-        local_port: 0,
-    };
-    if record.has(DIM_DIRECTION) {
-        key.direction = direction;
+    if record.has_kind(0, direction) {
+        best.take(decision(&DecisionKey {
+            ruleset,
+            kind_dir: kind_dir(0, 0, direction),
+            remote: 0,
+            remote_port: 0,
+            local_port: 0,
+        }));
     }
-    if record.has(DIM_REMOTE) {
-        let addr = Key::new(
-            32 + 128,
-            AddrKey {
-                ruleset,
-                addr: peer.addr,
-            },
-        );
-        match KA_ADDR.get(&addr) {
-            Some(class) => key.remote = *class,
-            // The compiler always inserts the ruleset's root prefix; absent means a reload is
-            // removing this ruleset, and the fallback is a whole policy of it.
-            None => return record.fallback,
+    if record.has_kind(DIM_REMOTE, direction) {
+        best.take(addr(
+            ruleset,
+            kind_dir(DIM_REMOTE, DIM_REMOTE, direction),
+            peer,
+        ));
+    }
+    if record.has_kind(DIM_REMOTE_PORT, direction) {
+        let key_dir = kind_dir(DIM_REMOTE_PORT, DIM_REMOTE_PORT, direction);
+        best.take(port(ruleset, key_dir, peer.remote_port));
+    }
+    if record.has_kind(DIM_LOCAL_PORT, direction) {
+        let key_dir = kind_dir(DIM_LOCAL_PORT, DIM_LOCAL_PORT, direction);
+        best.take(port(ruleset, key_dir, peer.local_port));
+    }
+    for group in [
+        DIM_REMOTE | DIM_REMOTE_PORT,
+        DIM_REMOTE | DIM_LOCAL_PORT,
+        DIM_REMOTE_PORT | DIM_LOCAL_PORT,
+        DIM_REMOTE | DIM_REMOTE_PORT | DIM_LOCAL_PORT,
+    ] {
+        if record.has_kind(group, direction) {
+            best.take(multi(ruleset, group, direction, peer));
         }
     }
-    if record.has(DIM_REMOTE_PORT) {
-        match KA_RPORT.get(&port_key(ruleset, peer.remote_port)) {
-            Some(class) => key.remote_port = *class,
-            None => return record.fallback,
+    best.record
+}
+
+/// The lowest-index hit so far.
+struct Best {
+    index: u32,
+    record: RuleRecord,
+}
+
+impl Best {
+    #[inline(always)]
+    fn take(&mut self, hit: Option<Hit>) {
+        if let Some(hit) = hit
+            && hit.index < self.index
+        {
+            self.index = hit.index;
+            self.record = hit.record;
         }
-    }
-    if record.has(DIM_LOCAL_PORT) {
-        match KA_LPORT.get(&port_key(ruleset, peer.local_port)) {
-            Some(class) => key.local_port = *class,
-            None => return record.fallback,
-        }
-    }
-    // SAFETY: the element is replaced, not modified, by updates (no-prealloc hash map, RCU);
-    // it is copied out at once.
-    match unsafe { KA_DECIDE.get(&key) } {
-        Some(rule) => *rule,
-        None => record.fallback,
     }
 }
 
 #[inline(always)]
-fn port_key(ruleset: u32, port: u16) -> Key<PortKey> {
-    Key::new(
-        32 + 16,
+fn addr(ruleset: u32, kind_dir: u32, peer: &Peer) -> Option<Hit> {
+    let key = Key::new(
+        64 + 128,
+        AddrKey {
+            ruleset,
+            kind_dir,
+            addr: peer.addr,
+        },
+    );
+    KA_ADDR.get(&key).copied()
+}
+
+#[inline(always)]
+fn port(ruleset: u32, kind_dir: u32, port: u16) -> Option<Hit> {
+    let key = Key::new(
+        64 + 16,
         PortKey {
             ruleset,
+            kind_dir,
             port: port.to_be_bytes(),
             _pad: [0; 2],
         },
-    )
+    );
+    KA_PORT.get(&key).copied()
+}
+
+#[inline(always)]
+fn decision(key: &DecisionKey) -> Option<Hit> {
+    // SAFETY: the element is replaced, not modified, by updates (no-prealloc hash map, RCU);
+    // it is copied out at once.
+    unsafe { KA_DECIDE.get(key) }.copied()
+}
+
+/// A group of several keys: each key's class, then the combination's entry.
+#[inline(always)]
+fn multi(ruleset: u32, group: u32, direction: u32, peer: &Peer) -> Option<Hit> {
+    let mut key = DecisionKey {
+        ruleset,
+        kind_dir: kind_dir(group, 0, direction),
+        remote: 0,
+        remote_port: 0,
+        local_port: 0,
+    };
+    if group & DIM_REMOTE != 0 {
+        key.remote = addr(ruleset, kind_dir(group, DIM_REMOTE, direction), peer)?.class;
+    }
+    if group & DIM_REMOTE_PORT != 0 {
+        key.remote_port = port(
+            ruleset,
+            kind_dir(group, DIM_REMOTE_PORT, direction),
+            peer.remote_port,
+        )?
+        .class;
+    }
+    if group & DIM_LOCAL_PORT != 0 {
+        key.local_port = port(
+            ruleset,
+            kind_dir(group, DIM_LOCAL_PORT, direction),
+            peer.local_port,
+        )?
+        .class;
+    }
+    decision(&key)
 }

@@ -34,7 +34,7 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use keepalive_common::{
-    AddrKey, AttachRecord, DecisionKey, HANDLED_MARK, INBOUND, OUTBOUND, Outcome, PortKey,
+    AddrKey, AttachRecord, DecisionKey, HANDLED_MARK, Hit, INBOUND, OUTBOUND, Outcome, PortKey,
     REMEMBER_DIRECTION, RuleRecord, Stage, Stat,
     enforce::{self, Applied},
     limits,
@@ -60,19 +60,15 @@ static KA_CGROUPS: HashMap<u64, AttachRecord> =
     HashMap::with_max_entries(2 * limits::CGROUPS, NO_PREALLOC);
 
 #[map]
-static KA_ADDR: LpmTrie<AddrKey, u32> =
+static KA_ADDR: LpmTrie<AddrKey, Hit> =
     LpmTrie::with_max_entries(2 * limits::ADDR_ENTRIES, NO_PREALLOC);
 
 #[map]
-static KA_RPORT: LpmTrie<PortKey, u32> =
+static KA_PORT: LpmTrie<PortKey, Hit> =
     LpmTrie::with_max_entries(2 * limits::PORT_ENTRIES, NO_PREALLOC);
 
 #[map]
-static KA_LPORT: LpmTrie<PortKey, u32> =
-    LpmTrie::with_max_entries(2 * limits::PORT_ENTRIES, NO_PREALLOC);
-
-#[map]
-static KA_DECIDE: HashMap<DecisionKey, RuleRecord> =
+static KA_DECIDE: HashMap<DecisionKey, Hit> =
     HashMap::with_max_entries(2 * limits::DECISIONS, NO_PREALLOC);
 
 #[map]

@@ -17,7 +17,7 @@ use aya_ebpf::{
     programs::{SockOpsContext, SockoptContext},
 };
 use keepalive_common::{
-    AttachRecord, DIM_DIRECTION, INBOUND, OUTBOUND, Outcome, Stat,
+    AttachRecord, INBOUND, OUTBOUND, Outcome, REMEMBER_DIRECTION, Stat,
     enforce::{AppSetsockopt, on_app_setsockopt},
     limits,
     sockopt::{
@@ -121,7 +121,7 @@ fn hold_to_rule(ctx: &SockoptContext) {
     };
     bump(Stat::AppSetsockopt);
     let peer = lookup::bpf_sock_peer(socket);
-    let rule = if record.has(DIM_DIRECTION) {
+    let rule = if record.has(REMEMBER_DIRECTION) {
         match remembered_direction(sk) {
             Some(direction) => lookup::decide(&record, &peer, direction),
             None => {
@@ -135,7 +135,8 @@ fn hold_to_rule(ctx: &SockoptContext) {
             }
         }
     } else {
-        lookup::decide(&record, &peer, 0)
+        // No locked rule depends on the direction: either gives the same verdict.
+        lookup::decide(&record, &peer, OUTBOUND)
     };
     // SAFETY: 4 bytes within [optval, optval_end), checked above.
     let value = unsafe { optval.cast::<i32>().read_unaligned() };

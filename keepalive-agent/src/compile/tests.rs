@@ -3,7 +3,7 @@ use std::net::IpAddr;
 use proptest::prelude::*;
 
 use super::*;
-use crate::policy::{Action, Rule, Values};
+use crate::policy::{Action, Mode, Rule, Values};
 
 fn path(text: &str) -> CgroupPath {
     CgroupPath::parse(text).unwrap_or_else(|e| panic!("{e}"))
@@ -159,9 +159,9 @@ fn a_policy_without_rules_needs_no_lookups() {
     let policy = Policy::enforce(Values::default(), vec![CgroupPath::root()]);
     let tables = compile(&policy, &attach_points(&policy), 1).unwrap_or_else(|e| panic!("{e}"));
     let record = tables.attachments[&CgroupPath::root()];
-    assert_eq!(record.flags, ATTACH_VALID, "no DIM_* flag: the fast path");
+    assert_eq!(record.kinds, 0, "nothing to look up: the fast path");
     assert_eq!(record.fallback, policy.default.record(0));
-    assert!(tables.remote.is_empty() && tables.decisions.is_empty());
+    assert!(tables.addr.is_empty() && tables.ports.is_empty() && tables.decisions.is_empty());
 }
 
 #[test]
@@ -176,13 +176,10 @@ fn a_catch_all_rule_becomes_the_fallback_of_its_cgroup() {
     };
     let tables = compile(&policy, &attach_points(&policy), 1).unwrap_or_else(|e| panic!("{e}"));
     let legacy = tables.attachments[&path("/legacy")];
-    assert_eq!(
-        legacy.flags, ATTACH_VALID,
-        "nothing to look up below a catch-all"
-    );
+    assert_eq!(legacy.kinds, 0, "nothing to look up below a catch-all");
     assert_eq!(legacy.fallback.mode(), Some(Mode::Exempt));
     assert_eq!(legacy.fallback.slot, 1);
-    assert!(tables.attachments[&CgroupPath::root()].has(DIM_REMOTE));
+    assert!(tables.attachments[&CgroupPath::root()].has_kind(DIM_REMOTE, OUTBOUND));
 }
 
 #[test]
@@ -203,7 +200,11 @@ fn attachments_with_the_same_rules_share_a_ruleset_and_generations_do_not_collid
         one.attachments[&path("/a")].ruleset,
         two.attachments[&path("/a")].ruleset
     );
-    assert_eq!(one.remote.len(), 2, "root and 10/8, once");
+    assert_eq!(
+        one.addr.len(),
+        2,
+        "10/8 once per direction, for both attachments"
+    );
 }
 
 #[test]
@@ -223,21 +224,29 @@ fn ten_thousand_cidr_rules_stay_within_the_limits() {
         existing: true,
     };
     let tables = compile(&policy, &attach_points(&policy), 1).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(tables.remote.len(), 10_001);
-    assert_eq!(tables.decisions.len(), 10_000);
+    assert_eq!(
+        tables.addr.len(),
+        20_000,
+        "one entry per CIDR and direction"
+    );
+    assert!(
+        tables.decisions.is_empty(),
+        "single-key rules need no combinations"
+    );
     let c = conn("/x", "10.3.4.5", 80);
     assert_eq!(kernel_decision(&tables, &c), model_decision(&policy, &c));
 }
 
 #[test]
 fn too_many_combinations_are_refused_with_the_limit() {
-    // 600 address-only rules and 600 port-only rules: every (address, port) pair of classes
-    // has a first matching rule, 601 x 601 entries.
+    // In one group (remote + remote_port): 600 rules with a network and any port, 600 with any
+    // network and one port. Every network class meets every port class: 600 x 600 x 2
+    // directions.
     let by_address = (0..600u16).map(|i| {
         let cidr = format!("10.{}.{}.0/24", i / 256, i % 256);
-        rule(None, &[cidr.as_str()], &[], 10)
+        rule(None, &[cidr.as_str()], &[(1, 65535)], 10)
     });
-    let by_port = (0..600u16).map(|i| rule(None, &[], &[(1000 + i, 1000 + i)], 10));
+    let by_port = (0..600u16).map(|i| rule(None, &["0.0.0.0/0"], &[(1000 + i, 1000 + i)], 10));
     let rules: Vec<Rule> = by_address
         .chain(by_port)
         .enumerate()
@@ -261,6 +270,54 @@ fn too_many_combinations_are_refused_with_the_limit() {
             .is_some_and(|e| e.contains("decision entries") && e.contains("262144")),
         "{error:?}"
     );
+}
+
+#[test]
+fn a_mixed_ten_thousand_rule_policy_stays_small() {
+    // CIDR rules, port rules and local-port rules, as a fleet writes them: separate groups,
+    // no cross product.
+    let rules: Vec<Rule> = (0..10_000u32)
+        .map(|i| {
+            let mut r = match i % 4 {
+                0 | 1 => {
+                    let cidr = format!("10.{}.{}.0/24", i / 256 % 256, i % 256);
+                    rule(None, &[cidr.as_str()], &[], 10)
+                }
+                2 => {
+                    let port = u16::try_from(5000 + i % 500).unwrap_or(5000);
+                    rule(None, &[], &[(port, port)], 11)
+                }
+                _ => {
+                    let mut r = rule(None, &[], &[], 12);
+                    let port = u16::try_from(20_000 + i % 300).unwrap_or(20_000);
+                    r.local_ports = vec![PortRange {
+                        first: port,
+                        last: port,
+                    }];
+                    r
+                }
+            };
+            r.name = format!("r{i}");
+            r
+        })
+        .collect();
+    let policy = Policy {
+        scopes: vec![CgroupPath::root()],
+        default: Action::enforce(Values::default()),
+        rules,
+        existing: true,
+    };
+    let tables = compile(&policy, &attach_points(&policy), 1).unwrap_or_else(|e| panic!("{e}"));
+    assert!(tables.decisions.is_empty());
+    let entries = tables.addr.len() + tables.ports.len();
+    assert!(entries < 30_000, "{entries}");
+    for c in [
+        conn("/x", "10.3.4.5", 80),
+        conn("/x", "192.0.2.1", 5007),
+        conn("/", "192.0.2.1", 9),
+    ] {
+        assert_eq!(kernel_decision(&tables, &c), model_decision(&policy, &c));
+    }
 }
 
 // Random policies and connections: the compiled tables must agree with the reference model.

@@ -132,9 +132,13 @@ impl RawFile {
         };
         let mut names: HashMap<String, usize> = HashMap::new();
         let mut rules = Vec::with_capacity(self.rule.len());
+        // Rules come in file order: count lines incrementally, not from the start each time.
+        let (mut line, mut counted) = (1, 0);
         for (i, raw) in self.rule.into_iter().enumerate() {
             let at = raw.span();
-            let line = position(text, at.start).0;
+            let upto = at.start.min(text.len()).max(counted);
+            line += text[counted..upto].matches('\n').count();
+            counted = upto;
             let rule = raw.into_inner().into_rule(i, line, &default)?;
             if let Some(first) = names.insert(rule.name.clone(), line) {
                 return Err((

@@ -13,6 +13,7 @@
 )]
 
 mod measure;
+mod policies;
 mod report;
 mod variants;
 

@@ -8,7 +8,7 @@ use keepalive_common::Stage;
 use keepalive_tests::enforce;
 use keepalive_tests::{Netns, Placement, TestCgroup, Veth, Workload};
 
-use crate::{Paths, Settings, variants::Variant};
+use crate::{Paths, Settings, policies, variants::Variant};
 
 /// The CPU the measured workload runs on; the benchmark itself and the veth sink use the other.
 const WORKLOAD_CPU: usize = 1;
@@ -62,8 +62,12 @@ pub(crate) struct Results {
     pub(crate) update_latency_us: Samples,
     /// From exec to the `attached` log line (ms).
     pub(crate) startup_ms: Samples,
+    /// The same with a policy file of 10,000 rules (ms).
+    pub(crate) startup_10k_ms: Samples,
     /// Agent resident memory once attached (KiB).
     pub(crate) rss_kib: Samples,
+    /// The same with 10,000 rules (KiB).
+    pub(crate) rss_10k_kib: Samples,
 }
 
 pub(crate) fn run(paths: &Paths, settings: Settings) -> Results {
@@ -89,11 +93,30 @@ pub(crate) fn run(paths: &Paths, settings: Settings) -> Results {
             Stage::TcpValues,
         ),
         Variant::agent("agent", "keepalive-agent, default policy", &default),
+        Variant::policy(
+            "rules-1",
+            "1 rule (loopback matches it)",
+            Stage::Full,
+            |scope| policies::realistic(1, scope),
+        ),
+        Variant::policy(
+            "rules-100",
+            "100 realistic rules, the last matches",
+            Stage::Full,
+            |scope| policies::realistic(100, scope),
+        ),
+        Variant::policy(
+            "rules-10k",
+            "10,000 realistic rules, the last matches",
+            Stage::Full,
+            |scope| policies::realistic(10_000, scope),
+        ),
         Variant::libkeepalive(),
     ];
     let (loopback, veth) = connection_rates(paths, settings, &variants);
     let (program_ns, runs_per_conn) = program_cost(paths, settings, &variants);
-    let (startup_ms, rss_kib) = agent_startups(paths, settings);
+    let (startup_ms, rss_kib) = agent_startups(paths, settings, None);
+    let (startup_10k_ms, rss_10k_kib) = agent_startups(paths, settings, Some(10_000));
     Results {
         settings,
         kernel: keepalive_common::host::check()
@@ -105,7 +128,9 @@ pub(crate) fn run(paths: &Paths, settings: Settings) -> Results {
         runs_per_conn,
         update_latency_us: update_latency(paths, settings),
         startup_ms,
+        startup_10k_ms,
         rss_kib,
+        rss_10k_kib,
     }
 }
 
@@ -243,15 +268,30 @@ fn update_latency(paths: &Paths, settings: Settings) -> Samples {
     samples
 }
 
-/// Start-up time (ms) and resident memory once attached (KiB) of the agent binary.
-fn agent_startups(paths: &Paths, settings: Settings) -> (Samples, Samples) {
+/// Start-up time (ms) and resident memory once attached (KiB) of the agent binary, with the
+/// default policy or a policy file of `rules` rules.
+fn agent_startups(paths: &Paths, settings: Settings, rules: Option<usize>) -> (Samples, Samples) {
     let cgroup = TestCgroup::new();
+    let config = rules.map(|rules| {
+        let path = std::env::temp_dir().join(format!("{}.toml", keepalive_tests::unique_name()));
+        std::fs::write(&path, policies::realistic_toml(rules, &cgroup.scope())).unwrap();
+        RemoveOnDrop(path)
+    });
+    let mut args = vec![
+        "run".to_string(),
+        "--cgroup".into(),
+        cgroup.cgroup().name.clone(),
+        "--no-existing".into(),
+    ];
+    if let Some(config) = &config {
+        args.extend(["--config".into(), config.0.display().to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (mut startup, mut rss) = (Samples::default(), Samples::default());
     for _ in 0..settings.starts {
         let start = Instant::now();
-        let mut agent =
-            Workload::spawn_daemon(&paths.agent, &["run", "--cgroup", &cgroup.cgroup().name]);
-        agent.expect_log("attached", Duration::from_secs(10));
+        let mut agent = Workload::spawn_daemon(&paths.agent, &args);
+        agent.expect_log("attached", Duration::from_secs(30));
         startup.0.push(start.elapsed().as_secs_f64() * 1e3);
         rss.0.push(vm_rss_kib(agent.pid()));
         assert_eq!(
@@ -260,6 +300,15 @@ fn agent_startups(paths: &Paths, settings: Settings) -> (Samples, Samples) {
         );
     }
     (startup, rss)
+}
+
+/// A file removed on drop.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ignored = std::fs::remove_file(&self.0);
+    }
 }
 
 fn vm_rss_kib(pid: u32) -> f64 {

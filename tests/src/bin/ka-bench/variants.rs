@@ -1,9 +1,8 @@
 //! What is compared: no program, the agent with a given policy, libkeepalive (LD_PRELOAD).
 
-use keepalive_agent::{Enforcer, Values};
+use keepalive_agent::{CgroupPath, Enforcer, Policy, Values};
 use keepalive_common::Stage;
-use keepalive_tests::{Netns, Placement, TestCgroup};
-use keepalive_tests::{enforce, load_enforcer};
+use keepalive_tests::{Netns, Placement, TestCgroup, load_enforcer};
 
 /// Where Debian's libkeepalive0 puts the library.
 const LIBKEEPALIVE: &str = "/usr/lib/libkeepalive.so";
@@ -37,22 +36,35 @@ impl Variant {
         }
     }
 
-    pub(crate) fn agent(name: &'static str, what: &'static str, policy: &Values) -> Self {
-        Self::stage(name, what, policy, Stage::Full)
+    /// The agent with `values` everywhere, no rules.
+    pub(crate) fn agent(name: &'static str, what: &'static str, values: &Values) -> Self {
+        Self::stage(name, what, values, Stage::Full)
     }
 
     /// The program stopping after `stage`: what the steps up to there cost.
     pub(crate) fn stage(
         name: &'static str,
         what: &'static str,
-        policy: &Values,
+        values: &Values,
         stage: Stage,
+    ) -> Self {
+        Self::policy(name, what, stage, |scope| {
+            Policy::enforce(*values, vec![scope])
+        })
+    }
+
+    /// The agent with the policy `make` builds for the variant's cgroup.
+    pub(crate) fn policy(
+        name: &'static str,
+        what: &'static str,
+        stage: Stage,
+        make: impl FnOnce(CgroupPath) -> Policy,
     ) -> Self {
         let cgroup = TestCgroup::new();
         let mut enforcer = load_enforcer(stage);
         enforcer
-            .apply(&enforce(*policy, &[&cgroup]))
-            .expect("attach");
+            .apply(&make(cgroup.scope()))
+            .expect("apply the policy");
         Self {
             name,
             what,
