@@ -118,6 +118,26 @@ fn is_cgroup2(path: &Path) -> Result<bool, CgroupError> {
     Ok(stat.f_type == CGROUP2_SUPER_MAGIC)
 }
 
+/// Every cgroup of the hierarchy by id (to find what a pinned link's id names).
+pub fn by_id(mount: &Path) -> std::collections::HashMap<u64, PathBuf> {
+    let mut found = std::collections::HashMap::new();
+    let mut stack = vec![mount.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        if let Ok(metadata) = fs::metadata(&dir) {
+            found.insert(metadata.ino(), dir.clone());
+        }
+        if let Ok(entries) = fs::read_dir(&dir) {
+            stack.extend(
+                entries
+                    .flatten()
+                    .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
+                    .map(|entry| entry.path()),
+            );
+        }
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,6 +38,39 @@ pub enum Command {
     /// Check a policy file without loading anything: exit 0, or an error naming file, line,
     /// field and what is allowed.
     Check(CheckArgs),
+    /// Show what is attached where, the policy in force and its source, and counters per rule.
+    Status(StatusArgs),
+    /// Remove everything the agent pinned or attached; new connections are no longer touched.
+    Detach(DetachArgs),
+}
+
+/// Where the agent keeps what outlives it.
+#[derive(Debug, Clone, Args)]
+pub struct Places {
+    /// bpffs mount point; the agent pins its maps and links under `<PATH>/keepalive-agent`
+    /// and mounts bpffs there if it is not mounted.
+    #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf")]
+    pub bpffs: PathBuf,
+
+    /// Where the agent writes state.json (policy source, generation, rule names) for `status`.
+    #[arg(long, value_name = "DIR", default_value = "/run/keepalive-agent")]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub places: Places,
+
+    /// JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DetachArgs {
+    #[command(flatten)]
+    pub places: Places,
 }
 
 #[derive(Debug, Args)]
@@ -83,6 +116,15 @@ pub struct RunArgs {
     /// get it too).
     #[arg(long)]
     pub no_existing: bool,
+
+    /// On SIGINT or SIGTERM, leave enforcement in place (it stays pinned; `keepalive-agent
+    /// detach` removes it). For services: an upgrade or restart never leaves a gap. Without
+    /// it, stopping detaches everything.
+    #[arg(long)]
+    pub persist: bool,
+
+    #[command(flatten)]
+    pub places: Places,
 }
 
 #[derive(Debug, Args)]

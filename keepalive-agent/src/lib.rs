@@ -1,6 +1,7 @@
 //! The keepalive agent: loads the eBPF programs, attaches them to cgroups, compiles the policy
 //! into their maps, and keeps it current.
 
+pub mod bpffs;
 pub mod cgroup;
 pub mod cli;
 pub mod commands;
@@ -8,6 +9,7 @@ pub mod compile;
 pub mod enforcer;
 pub mod existing;
 pub mod policy;
+pub mod state;
 pub mod watch;
 
 pub use cgroup::Cgroup;

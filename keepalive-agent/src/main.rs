@@ -18,6 +18,20 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Check(args) => commands::check::check(&args).map(|summary| print(&summary)),
+        Command::Status(args) => keepalive_common::host::check()
+            .map_err(anyhow::Error::from)
+            .and_then(|host| commands::status::collect(&args, &host.cgroup2_mount))
+            .map(|status| {
+                if args.json {
+                    print(&format!("{status:#}\n"));
+                } else {
+                    print(&commands::status::table(&status));
+                }
+            }),
+        Command::Detach(args) => keepalive_common::host::check()
+            .map_err(anyhow::Error::from)
+            .and_then(|_| commands::detach::detach(&args))
+            .map(|summary| print(&summary)),
         Command::Run(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -9,6 +9,7 @@
     reason = "a harness that cannot set up panics with the reason; tests do not return Result"
 )]
 
+pub mod agent;
 pub mod cgroup;
 pub mod connection;
 pub mod netns;
@@ -23,6 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub use agent::AgentPlaces;
 pub use cgroup::TestCgroup;
 pub use connection::{Connection, connect, probe, probe_bin};
 pub use netns::{Netns, Veth};
@@ -69,6 +71,13 @@ fn sweep_stale(host: &keepalive_common::host::Host) {
         for entry in entries.flatten() {
             if entry.file_name().to_str().is_some_and(stale) {
                 cgroup::remove_tree(&entry.path());
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_str().is_some_and(stale) {
+                let _ignored = agent::remove(&entry.path());
             }
         }
     }

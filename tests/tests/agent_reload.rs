@@ -5,7 +5,7 @@
 use std::{fs, path::PathBuf, process::Command, time::Duration};
 
 use keepalive_tests::{
-    Keepalive, Netns, Placement, TestCgroup, Workload, agent_bin, connect, require_host,
+    AgentPlaces, Keepalive, Netns, Placement, TestCgroup, agent_bin, connect, require_host,
     unique_name,
 };
 
@@ -58,11 +58,11 @@ fn file_changes_reload_live_and_bad_files_leave_the_running_policy() {
     let cgroup = TestCgroup::new();
     let netns = Netns::new();
     let dir = TempDir::new();
+    let places = AgentPlaces::new();
     let config = dir.0.join("policy.toml");
     fs::write(&config, policy_text(&cgroup, "91s")).unwrap();
     let place = Placement::new(&cgroup, &netns);
-    let mut agent =
-        Workload::spawn_daemon(agent_bin(), &["run", "--config", config.to_str().unwrap()]);
+    let mut agent = places.spawn(agent_bin(), &["run", "--config", config.to_str().unwrap()]);
     agent.expect_log("attached", LOG_WAIT);
     let first = connect("127.0.0.1:0", "127.0.0.1", place, place);
     assert_eq!(first.client(), idle(91));

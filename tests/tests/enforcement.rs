@@ -12,8 +12,8 @@ use std::time::Duration;
 use keepalive_agent::{Action, Enforcer, Values};
 use keepalive_common::{Outcome, Stage, Stat};
 use keepalive_tests::{
-    Keepalive, Netns, Placement, TestCgroup, Workload, agent_bin, connect, enforce, load_enforcer,
-    netns::SsEntry, require_host,
+    AgentPlaces, Keepalive, Netns, Placement, TestCgroup, Workload, agent_bin, connect, enforce,
+    load_enforcer, netns::SsEntry, require_host,
 };
 
 /// Distinct from the kernel defaults and from each other, so a match cannot be a coincidence.
@@ -371,7 +371,8 @@ fn agent_binary_attaches_enforces_and_detaches_on_sigterm() {
     let cgroup = TestCgroup::new();
     let netns = Netns::new();
     let place = Placement::new(&cgroup, &netns);
-    let mut agent = Workload::spawn_daemon(
+    let places = AgentPlaces::new();
+    let mut agent = places.spawn(
         agent_bin(),
         &[
             "run",

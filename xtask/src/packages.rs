@@ -17,6 +17,7 @@ pub(crate) const TEST: &[Need] = &[
     ("ss", "iproute2"),
     ("nft", "nftables"),
     ("python3", "python3"),
+    ("bpftool", "bpftool"),
     // The LD_PRELOAD peer the benchmark compares against.
     ("/usr/lib/libkeepalive.so", "libkeepalive0"),
 ];

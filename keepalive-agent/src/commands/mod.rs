@@ -1,4 +1,6 @@
 //! One module per subcommand.
 
 pub mod check;
+pub mod detach;
 pub mod run;
+pub mod status;

@@ -13,6 +13,7 @@ use crate::{
     cli::RunArgs,
     enforcer::{Applied, Enforcer},
     policy::Policy,
+    state::State,
     watch::Watch,
 };
 
@@ -23,8 +24,11 @@ const SETTLE: Duration = Duration::from_millis(100);
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let host = keepalive_common::host::check()?;
     let mount: PathBuf = host.cgroup2_mount.clone();
-    // A bad policy is refused before anything is loaded.
+    // A bad policy, or a cgroup that does not exist, is refused before anything is loaded.
     let policy = args.policy(&mount)?;
+    for scope in &policy.scopes {
+        crate::cgroup::Cgroup::resolve(&mount, std::path::Path::new(scope.as_str()))?;
+    }
 
     // Listen before attaching, so a signal that arrives during start-up still detaches.
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
@@ -37,10 +41,26 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => None,
     };
 
-    let mut enforcer = Enforcer::new(&mount).context("cannot load the keepalive programs")?;
+    let mut enforcer = Enforcer::pinned(&mount, &args.places.bpffs)
+        .context("cannot load the keepalive programs")?;
+    // Enforcement in these never stopped: an earlier agent's links now run our programs.
+    for cgroup in enforcer.attachments() {
+        info!(
+            cgroup = %cgroup.name,
+            id = cgroup.id,
+            adopted = true,
+            "attached (taken over from an earlier agent)"
+        );
+    }
     forward_kernel_logs(&mut enforcer);
     let applied = enforcer.apply(&policy).context("cannot apply the policy")?;
     report(&applied, &policy);
+    let source = args.config.as_ref().map_or_else(
+        || "command line".to_string(),
+        |path| path.display().to_string(),
+    );
+    let mut state = State::new(&policy, &source, applied.generation);
+    save(&state, &args);
 
     let signal = loop {
         let why = tokio::select! {
@@ -53,13 +73,39 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 "file changed"
             }
         };
-        reload(&args, &mount, &mut enforcer, why);
+        match reload(&args, &mount, &mut enforcer, why) {
+            Reload::Applied(reloaded) => {
+                state = State {
+                    reloads_succeeded: state.reloads_succeeded + 1,
+                    reloads_failed: state.reloads_failed,
+                    ..State::new(&reloaded, &source, enforcer.generation())
+                };
+            }
+            Reload::Unchanged => {}
+            Reload::Refused => state.reloads_failed += 1,
+        }
+        save(&state, &args);
     };
+    if args.persist {
+        info!(
+            signal,
+            pins = %args.places.bpffs.join("keepalive-agent").display(),
+            "stopping; enforcement stays in place (`keepalive-agent detach` removes it)"
+        );
+        return Ok(());
+    }
     info!(signal, "stopping");
     for cgroup in enforcer.detach_all().context("cannot detach")? {
         info!(cgroup = %cgroup.name, id = cgroup.id, "detached");
     }
+    State::remove(&args.places.state_dir);
     Ok(())
+}
+
+fn save(state: &State, args: &RunArgs) {
+    if let Err(error) = state.write(&args.places.state_dir) {
+        warn!(%error, dir = %args.places.state_dir.display(), "cannot write the state file; status will lack rule names");
+    }
 }
 
 async fn changed(watch: &mut Option<Watch>) -> std::io::Result<()> {
@@ -69,9 +115,16 @@ async fn changed(watch: &mut Option<Watch>) -> std::io::Result<()> {
     }
 }
 
+/// What a reload did.
+enum Reload {
+    Applied(Policy),
+    Unchanged,
+    Refused,
+}
+
 /// Reads the policy again; a policy that does not check, or does not apply, leaves the
 /// running one in force.
-fn reload(args: &RunArgs, mount: &std::path::Path, enforcer: &mut Enforcer, why: &str) {
+fn reload(args: &RunArgs, mount: &std::path::Path, enforcer: &mut Enforcer, why: &str) -> Reload {
     let policy = match args.policy(mount) {
         Ok(policy) => policy,
         Err(error) => {
@@ -80,12 +133,12 @@ fn reload(args: &RunArgs, mount: &std::path::Path, enforcer: &mut Enforcer, why:
                 error = format!("{error:#}"),
                 "policy refused; the running policy stays"
             );
-            return;
+            return Reload::Refused;
         }
     };
     if enforcer.policy() == Some(&policy) {
         info!(trigger = why, "policy unchanged");
-        return;
+        return Reload::Unchanged;
     }
     match enforcer.apply(&policy) {
         Ok(applied) => {
@@ -96,6 +149,7 @@ fn reload(args: &RunArgs, mount: &std::path::Path, enforcer: &mut Enforcer, why:
                 "policy reloaded"
             );
             report(&applied, &policy);
+            Reload::Applied(policy)
         }
         Err(error) => {
             error!(
@@ -103,6 +157,7 @@ fn reload(args: &RunArgs, mount: &std::path::Path, enforcer: &mut Enforcer, why:
                 error = format!("{error:#}"),
                 "policy not applied; the running policy stays"
             );
+            Reload::Refused
         }
     }
 }

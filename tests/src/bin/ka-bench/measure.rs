@@ -290,7 +290,8 @@ fn agent_startups(paths: &Paths, settings: Settings, rules: Option<usize>) -> (S
     let (mut startup, mut rss) = (Samples::default(), Samples::default());
     for _ in 0..settings.starts {
         let start = Instant::now();
-        let mut agent = Workload::spawn_daemon(&paths.agent, &args);
+        let places = keepalive_tests::AgentPlaces::new();
+        let mut agent = places.spawn(&paths.agent, &args);
         agent.expect_log("attached", Duration::from_secs(30));
         startup.0.push(start.elapsed().as_secs_f64() * 1e3);
         rss.0.push(vm_rss_kib(agent.pid()));

@@ -1,0 +1,123 @@
+//! Attachments: one bpf_link per program and cgroup, held as a descriptor (dropping it
+//! detaches) or pinned in bpffs (it outlives the agent).
+
+use std::{
+    fs::{self, File},
+    os::fd::{AsFd as _, OwnedFd},
+    path::PathBuf,
+};
+
+use super::EnforcerError;
+use crate::{
+    bpffs::{self, PinDir},
+    cgroup::Cgroup,
+};
+
+/// One program's link to one cgroup.
+#[derive(Debug)]
+pub(super) struct Attachment {
+    pub(super) cgroup: Cgroup,
+    /// Unpinned: the link lives as long as this descriptor (held, never read).
+    _link: Option<OwnedFd>,
+    /// Pinned: the link lives as long as this pin.
+    pin: Option<PathBuf>,
+}
+
+/// Which program: the pin name and the attach type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Kind {
+    pub(super) pin_name: &'static str,
+    pub(super) attach_type: u32,
+    pub(super) program: &'static str,
+}
+
+pub(super) const SOCK_OPS: Kind = Kind {
+    pin_name: "sockops",
+    attach_type: bpffs::SOCK_OPS,
+    program: keepalive_common::PROGRAM_NAME,
+};
+
+pub(super) const SETSOCKOPT: Kind = Kind {
+    pin_name: "setsockopt",
+    attach_type: bpffs::SETSOCKOPT,
+    program: keepalive_common::SETSOCKOPT_PROGRAM,
+};
+
+impl Attachment {
+    /// Attaches `program` to `cgroup`, pinning the link when there is a pin directory.
+    pub(super) fn create(
+        kind: Kind,
+        program: std::os::fd::BorrowedFd<'_>,
+        cgroup: &Cgroup,
+        pins: Option<&PinDir>,
+    ) -> Result<Self, EnforcerError> {
+        let dir = File::open(&cgroup.path).map_err(|source| EnforcerError::OpenCgroup {
+            cgroup: cgroup.to_string(),
+            source,
+        })?;
+        let attach_error = |source| EnforcerError::Attach {
+            program: kind.program,
+            cgroup: cgroup.to_string(),
+            source,
+        };
+        let fd =
+            bpffs::link_cgroup(program, dir.as_fd(), kind.attach_type).map_err(attach_error)?;
+        match pins {
+            None => Ok(Self {
+                cgroup: cgroup.clone(),
+                _link: Some(fd),
+                pin: None,
+            }),
+            Some(pins) => {
+                let path = pins.link(kind.pin_name, cgroup.id);
+                // A stale pin of a removed cgroup's id would be in the way.
+                let _ignored = fs::remove_file(&path);
+                bpffs::pin(fd.as_fd(), &path).map_err(attach_error)?;
+                Ok(Self {
+                    cgroup: cgroup.clone(),
+                    _link: None,
+                    pin: Some(path),
+                })
+            }
+        }
+    }
+
+    /// Takes over a pinned link: its program becomes `program` (an atomic swap).
+    pub(super) fn adopt(
+        kind: Kind,
+        program: std::os::fd::BorrowedFd<'_>,
+        cgroup: Cgroup,
+        pin: PathBuf,
+    ) -> Result<Self, EnforcerError> {
+        let attach_error = |source| EnforcerError::Attach {
+            program: kind.program,
+            cgroup: cgroup.to_string(),
+            source,
+        };
+        let link = bpffs::open_pinned(&pin).map_err(attach_error)?;
+        bpffs::update_link(link.as_fd(), program).map_err(attach_error)?;
+        Ok(Self {
+            cgroup,
+            _link: None,
+            pin: Some(pin),
+        })
+    }
+
+    /// Detaches (the descriptor closes, or the pin goes).
+    pub(super) fn detach(self, kind: Kind) -> Result<Cgroup, EnforcerError> {
+        if let Some(pin) = &self.pin {
+            match fs::remove_file(pin) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(EnforcerError::Detach {
+                        program: kind.program,
+                        cgroup: self.cgroup.to_string(),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(self.cgroup)
+    }
+}

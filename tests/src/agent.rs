@@ -1,0 +1,92 @@
+//! Private places for an agent binary under test: its own bpffs mount and state directory, so
+//! it never touches the host's /sys/fs/bpf, and nothing stays mounted or pinned afterwards.
+
+use std::{
+    ffi::CString,
+    os::unix::ffi::OsStrExt as _,
+    path::{Path, PathBuf},
+};
+
+use keepalive_agent::bpffs::PinDir;
+
+use crate::{cleanup_failed, unique_name};
+
+/// A directory for one agent: `bpffs/` (the agent mounts bpffs there) and `state/`.
+#[derive(Debug)]
+pub struct AgentPlaces {
+    root: PathBuf,
+}
+
+impl AgentPlaces {
+    #[expect(
+        clippy::new_without_default,
+        reason = "creating directories is not a default value"
+    )]
+    pub fn new() -> Self {
+        let root = std::env::temp_dir().join(unique_name());
+        std::fs::create_dir_all(root.join("bpffs"))
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", root.display()));
+        Self { root }
+    }
+
+    pub fn bpffs(&self) -> PathBuf {
+        self.root.join("bpffs")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.root.join("state")
+    }
+
+    /// `--bpffs DIR --state-dir DIR`, for every agent subcommand that takes them.
+    pub fn args(&self) -> Vec<String> {
+        vec![
+            "--bpffs".into(),
+            self.bpffs().display().to_string(),
+            "--state-dir".into(),
+            self.state_dir().display().to_string(),
+        ]
+    }
+}
+
+impl AgentPlaces {
+    /// Starts `agent ARGS --bpffs ... --state-dir ...` as a daemon (log on stderr).
+    pub fn spawn(&self, agent: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> crate::Workload {
+        let places = self.args();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(places.iter().map(String::as_str));
+        crate::Workload::spawn_daemon(agent, &all)
+    }
+
+    /// Runs `agent ARGS --bpffs ... --state-dir ...` to completion.
+    pub fn command(
+        &self,
+        agent: impl AsRef<std::ffi::OsStr>,
+        args: &[&str],
+    ) -> std::process::Output {
+        std::process::Command::new(agent)
+            .args(args)
+            .args(self.args())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run the agent: {e}"))
+    }
+}
+
+impl Drop for AgentPlaces {
+    fn drop(&mut self) {
+        if let Err(error) = remove(&self.root) {
+            cleanup_failed(&format!("{}: {error}", self.root.display()));
+        }
+    }
+}
+
+/// Removes the agent's pins (detaching links a killed agent left), unmounts its bpffs and
+/// deletes the directory.
+pub(crate) fn remove(root: &Path) -> std::io::Result<()> {
+    let bpffs = root.join("bpffs");
+    let _ignored = PinDir::at(&bpffs).remove();
+    if let Ok(path) = CString::new(bpffs.as_os_str().as_bytes()) {
+        // SAFETY: a NUL-terminated path; failure (not mounted) is fine.
+        unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+    }
+    std::fs::remove_dir_all(root)
+}
