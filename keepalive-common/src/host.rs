@@ -103,7 +103,8 @@ pub fn check() -> Result<Host, HostError> {
 /// assume either.
 pub fn cgroup2_mount() -> Result<PathBuf, HostError> {
     let mountinfo = read("/proc/self/mountinfo")?;
-    parse_cgroup2_mount(&mountinfo).ok_or(HostError::NoCgroup2)
+    pick_cgroup2_mount(&mountinfo, |path| path.join("cgroup.controllers").exists())
+        .ok_or(HostError::NoCgroup2)
 }
 
 fn read(path: &str) -> Result<String, HostError> {
@@ -139,10 +140,28 @@ pub fn parse_kernel_version(release: &str) -> Option<(u32, u32)> {
     Some((major, minor))
 }
 
-/// The first cgroup2 mount whose root is the hierarchy's root (a bind mount of a sub-tree,
-/// as inside some containers, is used only when there is nothing else).
+/// The cgroup2 mount to use: of the mounts of the hierarchy's root, the last one that is
+/// `usable` (a later mount can shadow an earlier one's path); a bind mount of a sub-tree, as
+/// inside some containers, only when there is nothing else.
+pub fn pick_cgroup2_mount(mountinfo: &str, usable: impl Fn(&Path) -> bool) -> Option<PathBuf> {
+    let (roots, subtrees) = cgroup2_mounts(mountinfo);
+    roots
+        .iter()
+        .rev()
+        .find(|path| usable(path))
+        .or(roots.first())
+        .or(subtrees.first())
+        .cloned()
+}
+
+/// The first cgroup2 mount of the hierarchy's root, as listed.
 pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
-    let mut fallback = None;
+    pick_cgroup2_mount(mountinfo, |_| false)
+}
+
+/// cgroup2 mounts: (of the hierarchy's root, of sub-trees), in mountinfo order.
+fn cgroup2_mounts(mountinfo: &str) -> (std::vec::Vec<PathBuf>, std::vec::Vec<PathBuf>) {
+    let (mut roots, mut subtrees) = (std::vec::Vec::new(), std::vec::Vec::new());
     for line in mountinfo.lines() {
         // id parent major:minor root mount-point options [optional fields...] - fstype source super
         let Some((left, right)) = line.split_once(" - ") else {
@@ -157,11 +176,12 @@ pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
         };
         let mount_point = PathBuf::from(unescape_mountinfo(mount_point));
         if root == "/" {
-            return Some(mount_point);
+            roots.push(mount_point);
+        } else {
+            subtrees.push(mount_point);
         }
-        fallback.get_or_insert(mount_point);
     }
-    fallback
+    (roots, subtrees)
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo` octal.
@@ -229,6 +249,21 @@ mod tests {
         assert_eq!(
             parse_cgroup2_mount(only_subtree),
             Some(PathBuf::from("/host/cg"))
+        );
+    }
+
+    #[test]
+    fn a_later_usable_mount_wins_over_a_shadowed_one() {
+        let info = std::format!("{HYBRID}90 23 0:38 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n");
+        let usable = |path: &Path| path == Path::new("/sys/fs/cgroup");
+        assert_eq!(
+            pick_cgroup2_mount(&info, usable),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(
+            pick_cgroup2_mount(HYBRID, |_| false),
+            Some(PathBuf::from("/sys/fs/cgroup/unified")),
+            "nothing checks out: the first listed"
         );
     }
 

@@ -38,7 +38,7 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<String> {
 fn attach_points(policy: &Policy) -> Vec<CgroupPath> {
     let mut points = policy.scopes.clone();
     for cgroup in policy.rules.iter().filter_map(|rule| rule.cgroup.as_ref()) {
-        if policy.scopes.iter().any(|scope| scope.contains(cgroup)) && !points.contains(cgroup) {
+        if policy.in_scope(cgroup) && !points.contains(cgroup) {
             points.push(cgroup.clone());
         }
     }
@@ -53,7 +53,7 @@ fn warnings(policy: &Policy) -> Vec<String> {
             && !policy
                 .scopes
                 .iter()
-                .any(|scope| scope.contains(cgroup) || cgroup.contains(scope))
+                .any(|scope| scope.covers(cgroup) || cgroup.contains(&scope.literal_prefix()))
         {
             warnings.push(format!(
                 "rule {:?} (line {}): cgroup {cgroup} is outside every enforced cgroup; it never applies",

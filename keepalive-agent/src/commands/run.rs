@@ -12,21 +12,25 @@ use tracing::{error, info, warn};
 use crate::{
     cli::RunArgs,
     enforcer::{Applied, Enforcer},
-    policy::Policy,
+    policy::{CgroupPath, Policy},
     state::State,
-    watch::Watch,
+    watch::{CgroupWatch, Watch},
 };
 
 /// How long to wait for more events after a change before reading the file (an editor or a
 /// ConfigMap update is several events).
 const SETTLE: Duration = Duration::from_millis(100);
 
+/// The same for cgroups: a container runtime makes several in a row. Short, because a new
+/// container's cgroup should be covered within 100 ms.
+const SETTLE_CGROUPS: Duration = Duration::from_millis(10);
+
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let host = keepalive_common::host::check()?;
     let mount: PathBuf = host.cgroup2_mount.clone();
     // A bad policy, or a cgroup that does not exist, is refused before anything is loaded.
     let policy = args.policy(&mount)?;
-    for scope in &policy.scopes {
+    for scope in policy.scopes.iter().filter(|scope| !scope.is_pattern()) {
         crate::cgroup::Cgroup::resolve(&mount, std::path::Path::new(scope.as_str()))?;
     }
 
@@ -53,11 +57,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         );
     }
     forward_kernel_logs(&mut enforcer);
+    // Watch before applying: a cgroup created meanwhile is an event, not missed.
+    let mut cgroups = watch_cgroups(&mount, &policy)?;
     let applied = enforcer.apply(&policy).context("cannot apply the policy")?;
     report(&applied, &policy);
     let source = args.config.as_ref().map_or_else(
         || "command line".to_string(),
         |path| path.display().to_string(),
+    );
+    let scopes: Vec<&str> = policy.scopes.iter().map(CgroupPath::as_str).collect();
+    info!(
+        generation = applied.generation,
+        scopes = scopes.join(" "),
+        rules = policy.rules.len(),
+        source,
+        "policy applied"
     );
     let mut state = State::new(&policy, &source, applied.generation);
     save(&state, &args);
@@ -72,6 +86,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 tokio::time::sleep(SETTLE).await;
                 "file changed"
             }
+            changed = cgroups.changed() => {
+                changed.context("watching the cgroup tree failed")?;
+                tokio::time::sleep(SETTLE_CGROUPS).await;
+                follow_cgroups(&mut enforcer, &mut state);
+                save(&state, &args);
+                continue;
+            }
         };
         match reload(&args, &mount, &mut enforcer, why) {
             Reload::Applied(reloaded) => {
@@ -80,6 +101,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     reloads_failed: state.reloads_failed,
                     ..State::new(&reloaded, &source, enforcer.generation())
                 };
+                cgroups = watch_cgroups(&mount, &reloaded)?;
             }
             Reload::Unchanged => {}
             Reload::Refused => state.reloads_failed += 1,
@@ -100,6 +122,33 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     State::remove(&args.places.state_dir);
     Ok(())
+}
+
+/// Watches the sub-trees where the policy's cgroups (patterns, rule cgroups) can appear.
+fn watch_cgroups(mount: &std::path::Path, policy: &Policy) -> anyhow::Result<CgroupWatch> {
+    let roots: Vec<PathBuf> = policy
+        .scopes
+        .iter()
+        .map(|scope| mount.join(scope.literal_prefix().relative()))
+        .collect();
+    CgroupWatch::new(&roots).context("cannot watch the cgroup tree")
+}
+
+/// Attaches to new matching cgroups and forgets removed ones.
+fn follow_cgroups(enforcer: &mut Enforcer, state: &mut State) {
+    match enforcer.refresh() {
+        Ok(Some(applied)) => {
+            if let Some(policy) = enforcer.policy().cloned() {
+                report(&applied, &policy);
+            }
+            state.generation = applied.generation;
+        }
+        Ok(None) => {}
+        Err(error) => error!(
+            error = format!("{error:#}"),
+            "cannot follow the cgroup tree"
+        ),
+    }
 }
 
 fn save(state: &State, args: &RunArgs) {
@@ -190,7 +239,7 @@ fn report(applied: &Applied, policy: &Policy) {
         None => {}
     }
     for (rule, cgroup) in &applied.missing {
-        warn!(rule, cgroup = %cgroup, "rule cgroup does not exist; the rule applies once it does and the policy is reloaded");
+        warn!(rule, cgroup = %cgroup, "cgroup does not exist (yet); it is covered as soon as it does");
     }
 }
 

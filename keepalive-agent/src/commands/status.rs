@@ -17,9 +17,13 @@ pub fn collect(args: &StatusArgs, cgroup2_mount: &Path) -> anyhow::Result<Value>
         .is_some_and(|state| crate::state::alive(state.pid));
     let links = pins.pinned_links();
     if links.is_empty() {
+        let records = PinnedMaps::open(&pins.maps())
+            .and_then(|maps| maps.records())
+            .map_or(0, |records| records.len());
         return Ok(json!({
             "pins": pins.root,
             "attached": [],
+            "records": records,
             "agent_running": running,
         }));
     }
@@ -81,6 +85,7 @@ pub fn collect(args: &StatusArgs, cgroup2_mount: &Path) -> anyhow::Result<Value>
             "reloads_failed": state.reloads_failed,
         })),
         "attached": attached,
+        "records": maps.records()?.len(),
         "counters": global,
         "rules": rules,
     }))

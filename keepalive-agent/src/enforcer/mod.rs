@@ -272,7 +272,11 @@ impl Enforcer {
     /// a connection is decided from one record, so it sees the old or the new policy whole),
     /// then attachments no longer needed go, then every entry of other generations.
     pub fn apply(&mut self, policy: &Policy) -> Result<Applied, EnforcerError> {
-        let (points, missing) = self.attach_points(policy)?;
+        let Points {
+            all: points,
+            scopes,
+            missing,
+        } = self.attach_points(policy)?;
         let generation = self.generation.wrapping_add(1);
         let paths: Vec<CgroupPath> = points.keys().cloned().collect();
         let tables = compile(policy, &paths, generation)?;
@@ -313,7 +317,7 @@ impl Enforcer {
             }
             maps::write_record(&mut self.ebpf, cgroup.id, &tables.attachments[path])?;
         }
-        self.sync(SETSOCKOPT, &scopes_only(&policy.scopes, &points))?;
+        self.sync(SETSOCKOPT, &scopes)?;
         report.detached = self.sync(SOCK_OPS, &points)?;
         keep = tables
             .attachments
@@ -328,7 +332,6 @@ impl Enforcer {
         self.current = Some((policy.clone(), tables));
         self.generation = generation;
         if policy.existing {
-            let scopes = scopes_only(&policy.scopes, &points);
             let scopes: Vec<&Cgroup> = scopes.values().collect();
             report.existing = Some(sweep(policy, &self.mount, &scopes).map_err(|e| e.to_string()));
         }
@@ -438,40 +441,70 @@ impl Enforcer {
         Ok(detached)
     }
 
-    /// Enforced cgroups and the existing rule cgroups inside them; rules whose cgroup does not
-    /// exist are reported, not fatal (containers come and go).
-    #[expect(clippy::type_complexity, reason = "a private pair of results")]
-    fn attach_points(
-        &self,
-        policy: &Policy,
-    ) -> Result<(BTreeMap<CgroupPath, Cgroup>, Vec<(String, CgroupPath)>), EnforcerError> {
-        let mut points = BTreeMap::new();
-        for scope in outermost(&policy.scopes) {
-            let cgroup =
-                Cgroup::resolve(&self.mount, Path::new(scope.as_str())).map_err(|source| {
-                    EnforcerError::Scope {
-                        scope: scope.clone(),
-                        source,
-                    }
-                })?;
-            points.insert(scope.clone(), cgroup);
+    /// Applies the policy in force again if the cgroups it covers changed (a cgroup matching a
+    /// pattern or named by a rule appeared, or one went). `None`: nothing to do.
+    pub fn refresh(&mut self) -> Result<Option<Applied>, EnforcerError> {
+        let Some((policy, _)) = &self.current else {
+            return Ok(None);
+        };
+        let points = self.attach_points(policy)?;
+        let same = |ours: &BTreeMap<CgroupPath, Attachment>,
+                    wanted: &BTreeMap<CgroupPath, Cgroup>| {
+            ours.len() == wanted.len()
+                && ours.iter().all(|(path, attachment)| {
+                    wanted
+                        .get(path)
+                        .is_some_and(|cgroup| cgroup.id == attachment.cgroup.id)
+                })
+        };
+        if same(&self.sock_ops, &points.all) && same(&self.setsockopt, &points.scopes) {
+            return Ok(None);
         }
-        let mut missing = Vec::new();
+        let policy = policy.clone();
+        self.apply(&policy).map(Some)
+    }
+
+    /// Enforced cgroups (patterns expanded; plain ones must exist) and the existing rule
+    /// cgroups inside them; rules whose cgroup does not exist are reported, not fatal
+    /// (containers come and go).
+    fn attach_points(&self, policy: &Policy) -> Result<Points, EnforcerError> {
+        let mut scopes = Vec::new();
+        for scope in &policy.scopes {
+            if scope.is_pattern() {
+                scopes.extend(expand(&self.mount, scope));
+            } else {
+                scopes.push(scope.clone());
+            }
+        }
+        let mut points = Points::default();
+        for scope in outermost(&scopes) {
+            let cgroup = match Cgroup::resolve(&self.mount, Path::new(scope.as_str())) {
+                Ok(cgroup) => cgroup,
+                // Removed since (a container ended): nothing to enforce there now.
+                Err(CgroupError::NotFound { .. }) => {
+                    points.missing.push(("enforced cgroup".into(), scope));
+                    continue;
+                }
+                Err(source) => return Err(EnforcerError::Scope { scope, source }),
+            };
+            points.all.insert(scope.clone(), cgroup.clone());
+            points.scopes.insert(scope, cgroup);
+        }
         for rule in &policy.rules {
             let Some(cgroup) = &rule.cgroup else {
                 continue;
             };
-            if points.contains_key(cgroup)
-                || !policy.scopes.iter().any(|scope| scope.contains(cgroup))
+            if points.all.contains_key(cgroup)
+                || !points.scopes.keys().any(|scope| scope.contains(cgroup))
             {
                 continue;
             }
             match Cgroup::resolve(&self.mount, Path::new(cgroup.as_str())) {
                 Ok(resolved) => {
-                    points.insert(cgroup.clone(), resolved);
+                    points.all.insert(cgroup.clone(), resolved);
                 }
                 Err(CgroupError::NotFound { .. }) => {
-                    missing.push((rule.name.clone(), cgroup.clone()))
+                    points.missing.push((rule.name.clone(), cgroup.clone()))
                 }
                 Err(source) => {
                     return Err(EnforcerError::Scope {
@@ -481,11 +514,22 @@ impl Enforcer {
                 }
             }
         }
-        Ok((points, missing))
+        Ok(points)
     }
 }
 
-/// Scopes without the ones nested in another scope (those add nothing).
+/// Where a policy attaches.
+#[derive(Debug, Default)]
+struct Points {
+    /// Every attachment of the sock_ops program: enforced cgroups and rule cgroups in them.
+    all: BTreeMap<CgroupPath, Cgroup>,
+    /// The enforced cgroups (outermost only): the setsockopt hook, the existing-connection
+    /// sweep.
+    scopes: BTreeMap<CgroupPath, Cgroup>,
+    missing: Vec<(String, CgroupPath)>,
+}
+
+/// Paths without the ones nested in another (those add nothing).
 fn outermost(scopes: &[CgroupPath]) -> BTreeSet<CgroupPath> {
     scopes
         .iter()
@@ -498,14 +542,27 @@ fn outermost(scopes: &[CgroupPath]) -> BTreeSet<CgroupPath> {
         .collect()
 }
 
-fn scopes_only(
-    scopes: &[CgroupPath],
-    points: &BTreeMap<CgroupPath, Cgroup>,
-) -> BTreeMap<CgroupPath, Cgroup> {
-    outermost(scopes)
-        .into_iter()
-        .filter_map(|scope| points.get(&scope).map(|cgroup| (scope, cgroup.clone())))
-        .collect()
+/// The existing cgroups a pattern matches.
+fn expand(mount: &Path, pattern: &CgroupPath) -> Vec<CgroupPath> {
+    let mut found = Vec::new();
+    let mut stack = vec![mount.join(pattern.literal_prefix().relative())];
+    while let Some(dir) = stack.pop() {
+        let relative = dir.strip_prefix(mount).unwrap_or(&dir);
+        if let Ok(path) = CgroupPath::parse(&relative.to_string_lossy())
+            && pattern.matches(&path)
+        {
+            found.push(path);
+        }
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            stack.extend(
+                entries
+                    .flatten()
+                    .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
+                    .map(|entry| entry.path()),
+            );
+        }
+    }
+    found
 }
 
 impl PinnedMaps {

@@ -128,6 +128,63 @@ impl CgroupPath {
     pub fn relative(&self) -> &str {
         self.0.trim_start_matches('/')
     }
+
+    fn components(&self) -> Vec<&str> {
+        self.0.split('/').filter(|part| !part.is_empty()).collect()
+    }
+
+    /// Whether this is a glob pattern (`*`, `?` in a component, `**` for any depth) rather
+    /// than one cgroup.
+    pub fn is_pattern(&self) -> bool {
+        self.0.contains(['*', '?'])
+    }
+
+    /// The longest leading part without wildcards: where a pattern's matches live.
+    pub fn literal_prefix(&self) -> Self {
+        let literal: Vec<&str> = self
+            .components()
+            .into_iter()
+            .take_while(|part| !part.contains(['*', '?']))
+            .collect();
+        Self(format!("/{}", literal.join("/")))
+    }
+
+    /// Whether the pattern (or plain path) matches `path` exactly.
+    pub fn matches(&self, path: &Self) -> bool {
+        glob(&self.components(), &path.components())
+    }
+
+    /// Whether connections of `cgroup` are covered: a plain path covers itself and its
+    /// descendants, a pattern every cgroup it matches and their descendants.
+    pub fn covers(&self, cgroup: &Self) -> bool {
+        if !self.is_pattern() {
+            return self.contains(cgroup);
+        }
+        let parts = cgroup.components();
+        let pattern = self.components();
+        (0..=parts.len()).any(|len| glob(&pattern, &parts[..len]))
+    }
+}
+
+/// Component-wise glob: `**` matches any number of components (none included), `*` and `?`
+/// within one component as in shells.
+fn glob(pattern: &[&str], path: &[&str]) -> bool {
+    match pattern.split_first() {
+        None => path.is_empty(),
+        Some((&"**", rest)) => (0..=path.len()).any(|skip| glob(rest, &path[skip..])),
+        Some((first, rest)) => path.split_first().is_some_and(|(part, tail)| {
+            component(first.as_bytes(), part.as_bytes()) && glob(rest, tail)
+        }),
+    }
+}
+
+fn component(pattern: &[u8], name: &[u8]) -> bool {
+    match pattern.split_first() {
+        None => name.is_empty(),
+        Some((b'*', rest)) => (0..=name.len()).any(|skip| component(rest, &name[skip..])),
+        Some((b'?', rest)) => !name.is_empty() && component(rest, &name[1..]),
+        Some((c, rest)) => name.first() == Some(c) && component(rest, &name[1..]),
+    }
 }
 
 impl fmt::Display for CgroupPath {
@@ -332,13 +389,18 @@ impl Policy {
     /// without a cgroup (file order). The first candidate whose keys all match decides; if
     /// none does, the default applies.
     pub fn decide(&self, conn: &Connection) -> Decision {
-        if !self.scopes.iter().any(|scope| scope.contains(&conn.cgroup)) {
+        if !self.in_scope(&conn.cgroup) {
             return Decision::Outside;
         }
         self.candidates(&conn.cgroup)
             .into_iter()
             .find(|&i| self.rules[i].matches(conn))
             .map_or(Decision::Default, Decision::Rule)
+    }
+
+    /// Whether connections of `cgroup` are enforced at all.
+    pub fn in_scope(&self, cgroup: &CgroupPath) -> bool {
+        self.scopes.iter().any(|scope| scope.covers(cgroup))
     }
 
     /// Rule indices in precedence order for connections of `cgroup`.

@@ -167,3 +167,27 @@ fn slots_cap_at_the_counted_limit() {
         limits::COUNTED_SLOTS - 1
     );
 }
+
+#[test]
+fn scope_patterns_match_components_and_depths() {
+    let any_pod = path("kubepods.slice/**");
+    assert!(any_pod.is_pattern());
+    assert_eq!(any_pod.literal_prefix(), path("/kubepods.slice"));
+    assert!(
+        any_pod.matches(&path("/kubepods.slice")),
+        "** matches no component too"
+    );
+    assert!(any_pod.matches(&path("/kubepods.slice/burstable/pod1/c1")));
+    assert!(!any_pod.matches(&path("/system.slice")));
+    let docker = path("system.slice/docker-*.scope");
+    assert!(docker.matches(&path("/system.slice/docker-abc123.scope")));
+    assert!(!docker.matches(&path("/system.slice/docker-abc123.scope/child")));
+    assert!(
+        docker.covers(&path("/system.slice/docker-abc123.scope/child")),
+        "descendants are covered"
+    );
+    assert!(!docker.covers(&path("/system.slice/sshd.service")));
+    assert!(!docker.covers(&path("/system.slice")));
+    assert!(path("/a/?b").matches(&path("/a/xb")) && !path("/a/?b").matches(&path("/a/b")));
+    assert!(path("/a").covers(&path("/a/b")) && !path("/a").is_pattern());
+}

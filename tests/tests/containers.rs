@@ -1,0 +1,164 @@
+//! Container hosts: cgroups chosen by pattern, followed as they come and go, and the unified
+//! cgroup v2 layout (this machine is hybrid; the agent gets a mount namespace where cgroup2 is
+//! at /sys/fs/cgroup).
+#![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
+
+use std::time::{Duration, Instant};
+
+use keepalive_tests::{
+    AgentPlaces, Netns, Placement, TestCgroup, agent_bin, connect, poll, require_host,
+};
+
+const LOG_WAIT: Duration = Duration::from_secs(10);
+
+fn status(places: &AgentPlaces) -> serde_json::Value {
+    let out = places.command(agent_bin(), &["status", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn attached(places: &AgentPlaces) -> Vec<String> {
+    status(places)["attached"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .filter_map(|entry| entry["cgroup"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn cgroups_matching_a_pattern_are_followed_as_they_come_and_go() {
+    require_host();
+    let root = TestCgroup::new();
+    let netns = Netns::new();
+    let places = AgentPlaces::new();
+    let pattern = format!("{}/app-*", root.scope());
+    let mut agent = places.spawn(
+        agent_bin(),
+        &[
+            "run",
+            "--cgroup",
+            &pattern,
+            "--idle",
+            "111",
+            "--no-existing",
+        ],
+    );
+    agent.expect_log("policy applied", LOG_WAIT);
+    assert!(attached(&places).is_empty(), "nothing matches yet");
+
+    let created = Instant::now();
+    let app = root.child("app-1");
+    let line = agent.expect_log("attached", LOG_WAIT);
+    let latency = created.elapsed();
+    assert!(line.contains(app.cgroup().name.as_str()), "{line}");
+    assert!(
+        latency < Duration::from_secs(1),
+        "covered {latency:?} after creation"
+    );
+    let place = Placement::new(&app, &netns);
+    assert_eq!(
+        connect("127.0.0.1:0", "127.0.0.1", place, place)
+            .client()
+            .idle_secs,
+        111
+    );
+    let other = root.child("db-1");
+    let place = Placement::new(&other, &netns);
+    assert!(
+        !connect("127.0.0.1:0", "127.0.0.1", place, place)
+            .client()
+            .enabled,
+        "no match, no keepalive"
+    );
+
+    let name = app.cgroup().name.clone();
+    drop(app);
+    agent.expect_log("detached", LOG_WAIT);
+    let gone = poll(LOG_WAIT, || {
+        let json = status(&places);
+        (json["attached"].as_array().is_some_and(Vec::is_empty) && json["records"] == 0)
+            .then_some(json)
+    });
+    assert!(
+        gone.is_some(),
+        "{name} forgotten: no attachment, no map record left"
+    );
+    assert_eq!(agent.signal_and_wait(libc::SIGTERM, LOG_WAIT), Some(0));
+}
+
+#[test]
+fn a_rule_for_a_cgroup_that_appears_later_applies_once_it_exists() {
+    require_host();
+    let root = TestCgroup::new();
+    let netns = Netns::new();
+    let places = AgentPlaces::new();
+    let dir = std::env::temp_dir().join(keepalive_tests::unique_name());
+    std::fs::create_dir(&dir).unwrap();
+    let config = dir.join("policy.toml");
+    let late = format!("{}/late", root.scope());
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\ncgroups = [\"{}\"]\n[[rule]]\ncgroup = \"{late}\"\nidle = \"112s\"\n",
+            root.scope()
+        ),
+    )
+    .unwrap();
+    let agent = places.spawn(agent_bin(), &["run", "--config", config.to_str().unwrap()]);
+    let warning = agent.expect_log("does not exist", LOG_WAIT);
+    assert!(warning.contains(&late), "{warning}");
+    let child = root.child("late");
+    agent.expect_log("attached", LOG_WAIT);
+    let place = Placement::new(&child, &netns);
+    assert_eq!(
+        connect("127.0.0.1:0", "127.0.0.1", place, place)
+            .client()
+            .idle_secs,
+        112
+    );
+    drop(agent);
+    let _ignored = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_unified_layout_at_sys_fs_cgroup_works_too() {
+    require_host();
+    let cgroup = TestCgroup::new();
+    let netns = Netns::new();
+    let places = AgentPlaces::new();
+    // In a private mount namespace, cgroup2 mounted at /sys/fs/cgroup shadows the hybrid
+    // layout: what a unified host looks like to the agent.
+    let mut command = vec![
+        agent_bin().display().to_string(),
+        "run".into(),
+        "--cgroup".into(),
+        cgroup.cgroup().name.clone(),
+    ];
+    command.extend(["--idle".into(), "113".into(), "--no-existing".into()]);
+    command.extend(places.args());
+    let script = format!(
+        "mount -t cgroup2 none /sys/fs/cgroup && exec {}",
+        command.join(" ")
+    );
+    let mut agent = keepalive_tests::Workload::spawn_daemon(
+        "unshare",
+        &["--mount", "--propagation", "private", "sh", "-c", &script],
+    );
+    let line = agent.expect_log("attached", LOG_WAIT);
+    assert!(line.contains(&cgroup.cgroup().name), "{line}");
+    let place = Placement::new(&cgroup, &netns);
+    assert_eq!(
+        connect("127.0.0.1:0", "127.0.0.1", place, place)
+            .client()
+            .idle_secs,
+        113
+    );
+    assert_eq!(agent.signal_and_wait(libc::SIGTERM, LOG_WAIT), Some(0));
+}
