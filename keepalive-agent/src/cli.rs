@@ -21,6 +21,12 @@ use crate::policy::{
 #[derive(Debug, Parser)]
 #[command(name = "keepalive-agent", version)]
 pub struct Cli {
+    /// Log format on stderr: `text` for people, `json` (one object per line) for collectors.
+    /// Verbosity follows RUST_LOG (default `info`; `debug` also shows the kernel side's
+    /// per-connection events).
+    #[arg(long, global = true, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -117,6 +123,16 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_existing: bool,
 
+    /// Prometheus endpoint (/metrics, and /healthz and /readyz for probes); `none` turns it off.
+    /// Loopback only unless told otherwise: the counters describe the host's connections.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9477")]
+    pub metrics_addr: String,
+
+    /// Turn on the kernel's run-time accounting of BPF programs while the agent runs
+    /// (keepalive_program_run_seconds_total). It adds a few ns to every BPF program on the host.
+    #[arg(long)]
+    pub program_stats: bool,
+
     /// On SIGINT or SIGTERM, leave enforcement in place (it stays pinned; `keepalive-agent
     /// detach` removes it). For services: an upgrade or restart never leaves a gap. Without
     /// it, stopping detaches everything.
@@ -189,6 +205,7 @@ mod tests {
         match Cli::try_parse_from(argv) {
             Ok(Cli {
                 command: Command::Run(run),
+                ..
             }) => Ok(run),
             Ok(other) => Err(format!("{other:?}")),
             Err(error) => Err(error.to_string()),

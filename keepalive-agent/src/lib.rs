@@ -8,6 +8,8 @@ pub mod commands;
 pub mod compile;
 pub mod enforcer;
 pub mod existing;
+pub mod metrics;
+pub mod notify;
 pub mod policy;
 pub mod state;
 pub mod watch;

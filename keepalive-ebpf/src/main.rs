@@ -142,6 +142,14 @@ fn ka_sockops(ctx: SockOpsContext) -> u32 {
 #[inline(always)]
 fn report(ctx: &SockOpsContext, rule: &RuleRecord, applied: Applied) {
     count_outcome(rule.slot, applied.outcome);
+    // Removed by the verifier unless the agent logs at debug level (AYA_LOG_LEVEL).
+    aya_log_ebpf::debug!(
+        ctx,
+        "keepalive: op {} rule slot {} outcome {}",
+        ctx.op(),
+        rule.slot,
+        applied.outcome as u32
+    );
     if applied.failed != 0 {
         counters::count_failures(applied.failed);
         aya_log_ebpf::warn!(

@@ -49,12 +49,31 @@ impl AgentPlaces {
 }
 
 impl AgentPlaces {
-    /// Starts `agent ARGS --bpffs ... --state-dir ...` as a daemon (log on stderr).
+    /// Starts `agent run ARGS --bpffs ... --state-dir ... --metrics-addr 127.0.0.1:0` as a
+    /// daemon (log on stderr); `args` starts with `run`.
     pub fn spawn(&self, agent: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> crate::Workload {
-        let places = self.args();
+        self.spawn_with_env(agent, args, &[])
+    }
+
+    /// [`Self::spawn`] with extra environment variables.
+    pub fn spawn_with_env(
+        &self,
+        agent: impl AsRef<std::ffi::OsStr>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> crate::Workload {
+        let places = self.run_args();
         let mut all: Vec<&str> = args.to_vec();
         all.extend(places.iter().map(String::as_str));
-        crate::Workload::spawn_daemon(agent, &all)
+        crate::Workload::spawn_daemon_with_env(agent, &all, env)
+    }
+
+    /// [`Self::args`] plus a metrics endpoint on a free loopback port (tests run agents side by
+    /// side; the default port would clash).
+    pub fn run_args(&self) -> Vec<String> {
+        let mut args = self.args();
+        args.extend(["--metrics-addr".into(), "127.0.0.1:0".into()]);
+        args
     }
 
     /// Runs `agent ARGS --bpffs ... --state-dir ...` to completion.

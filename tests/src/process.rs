@@ -67,7 +67,20 @@ impl Workload {
     /// Starts a daemon whose log goes to stderr; its stderr lines are what
     /// [`Self::expect_log`] reads.
     pub fn spawn_daemon(program: impl AsRef<OsStr>, args: &[&str]) -> Self {
-        Self::start(program.as_ref(), args, Placement::default(), true)
+        Self::spawn_daemon_with_env(program, args, &[])
+    }
+
+    /// [`Self::spawn_daemon`] with extra environment variables.
+    pub fn spawn_daemon_with_env(
+        program: impl AsRef<OsStr>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        let place = Placement {
+            env,
+            ..Placement::default()
+        };
+        Self::start(program.as_ref(), args, place, true)
     }
 
     fn start(program: &OsStr, args: &[&str], place: Placement<'_>, read_stderr: bool) -> Self {

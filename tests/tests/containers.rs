@@ -142,7 +142,7 @@ fn the_unified_layout_at_sys_fs_cgroup_works_too() {
         cgroup.cgroup().name.clone(),
     ];
     command.extend(["--idle".into(), "113".into(), "--no-existing".into()]);
-    command.extend(places.args());
+    command.extend(places.run_args());
     let script = format!(
         "mount -t cgroup2 none /sys/fs/cgroup && exec {}",
         command.join(" ")

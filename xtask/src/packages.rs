@@ -18,6 +18,8 @@ pub(crate) const TEST: &[Need] = &[
     ("nft", "nftables"),
     ("python3", "python3"),
     ("bpftool", "bpftool"),
+    // promtool checks the metrics endpoint's output.
+    ("promtool", "prometheus"),
     // The LD_PRELOAD peer the benchmark compares against.
     ("/usr/lib/libkeepalive.so", "libkeepalive0"),
 ];

@@ -12,6 +12,8 @@ use tracing::{error, info, warn};
 use crate::{
     cli::RunArgs,
     enforcer::{Applied, Enforcer},
+    metrics,
+    notify::notify,
     policy::{CgroupPath, Policy},
     state::State,
     watch::{CgroupWatch, Watch},
@@ -45,8 +47,32 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => None,
     };
 
+    let telemetry = metrics::Shared::default();
+    let metrics = match args.metrics_addr.as_str() {
+        "none" => None,
+        addr => {
+            let addr = addr.parse().with_context(|| {
+                format!("--metrics-addr {addr}: not an address like 127.0.0.1:9477")
+            })?;
+            let listener = metrics::bind(addr)
+                .await
+                .with_context(|| format!("cannot serve metrics on {addr}"))?;
+            info!(addr = %listener.local_addr()?, "metrics endpoint");
+            Some(listener)
+        }
+    };
+    let _stats = match args.program_stats {
+        true => {
+            Some(crate::enforcer::enable_run_time_stats().context("cannot turn on program stats")?)
+        }
+        false => None,
+    };
+
     let mut enforcer = Enforcer::pinned(&mount, &args.places.bpffs)
         .context("cannot load the keepalive programs")?;
+    if let (Some(listener), Some(pins)) = (metrics, enforcer.pins()) {
+        tokio::spawn(metrics::serve(listener, telemetry.clone(), pins.maps()));
+    }
     // Enforcement in these never stopped: an earlier agent's links now run our programs.
     for cgroup in enforcer.attachments() {
         info!(
@@ -74,7 +100,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         "policy applied"
     );
     let mut state = State::new(&policy, &source, applied.generation);
-    save(&state, &args);
+    publish(&state, &args, &enforcer, &telemetry);
+    notify(&format!(
+        "READY=1\nSTATUS=enforcing generation {}",
+        applied.generation
+    ));
 
     let signal = loop {
         let why = tokio::select! {
@@ -90,7 +120,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 changed.context("watching the cgroup tree failed")?;
                 tokio::time::sleep(SETTLE_CGROUPS).await;
                 follow_cgroups(&mut enforcer, &mut state);
-                save(&state, &args);
+                publish(&state, &args, &enforcer, &telemetry);
                 continue;
             }
         };
@@ -106,8 +136,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             Reload::Unchanged => {}
             Reload::Refused => state.reloads_failed += 1,
         }
-        save(&state, &args);
+        publish(&state, &args, &enforcer, &telemetry);
     };
+    notify("STOPPING=1");
     if args.persist {
         info!(
             signal,
@@ -148,6 +179,16 @@ fn follow_cgroups(enforcer: &mut Enforcer, state: &mut State) {
             error = format!("{error:#}"),
             "cannot follow the cgroup tree"
         ),
+    }
+}
+
+/// The state file for `status`, and the numbers for the metrics endpoint.
+fn publish(state: &State, args: &RunArgs, enforcer: &Enforcer, telemetry: &metrics::Shared) {
+    save(state, args);
+    if let Ok(mut shared) = telemetry.lock() {
+        shared.state = Some(state.clone());
+        shared.attached = enforcer.attachments().count();
+        shared.programs = enforcer.program_ids();
     }
 }
 

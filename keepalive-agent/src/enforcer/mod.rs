@@ -180,8 +180,16 @@ impl Enforcer {
         pins: Option<PinDir>,
     ) -> Result<Self, EnforcerError> {
         let stage = stage as u32;
+        // The kernel side's log level is a load-time constant: statements above it are removed
+        // by the verifier. Debug (per-connection events) only when our log shows debug.
+        let kernel_log: u8 = if log::max_level() >= log::LevelFilter::Debug {
+            4
+        } else {
+            2
+        };
         let mut loader = EbpfLoader::new();
         loader.override_global(STAGE, &stage, true);
+        loader.override_global(aya_log::LEVEL, &kernel_log, false);
         if let Some(pins) = &pins {
             for name in maps::PINNED {
                 loader.map_pin_path(name, pins.map(name));
@@ -392,6 +400,15 @@ impl Enforcer {
     /// Starts forwarding the programs' aya-log records to the `log` crate.
     pub fn logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>, aya_log::Error> {
         aya_log::EbpfLogger::init(&mut self.ebpf)
+    }
+
+    /// Ids of the loaded programs.
+    pub fn program_ids(&self) -> Vec<u32> {
+        [PROGRAM_NAME, SETSOCKOPT_PROGRAM]
+            .into_iter()
+            .filter_map(|name| self.ebpf.program(name)?.info().ok())
+            .map(|info| info.id())
+            .collect()
     }
 
     fn program_fd(&self, kind: Kind) -> Result<BorrowedFd<'_>, EnforcerError> {

@@ -1,0 +1,184 @@
+//! What an operator sees: the Prometheus endpoint (checked by promtool on a real scrape),
+//! probes, JSON logs, and systemd readiness.
+#![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    os::unix::net::UnixDatagram,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use keepalive_tests::{
+    AgentPlaces, Netns, Placement, TestCgroup, Workload, agent_bin, connect, require_host,
+    unique_name,
+};
+
+const LOG_WAIT: Duration = Duration::from_secs(10);
+
+/// The endpoint the agent logged, e.g. `127.0.0.1:40123`.
+fn metrics_addr(agent: &Workload) -> String {
+    let line = agent.expect_log("metrics endpoint", LOG_WAIT);
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix("addr="))
+        .map(|addr| addr.trim_matches('"').to_string())
+        .unwrap_or_else(|| panic!("no addr in {line}"))
+}
+
+/// `GET path`: (status code, body).
+fn get(addr: &str, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(LOG_WAIT)).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    (code, body.to_string())
+}
+
+/// The value of the sample whose line starts with `prefix`.
+fn sample(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|line| line.starts_with(prefix))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {prefix} in:\n{metrics}"))
+}
+
+#[test]
+fn metrics_count_connections_and_reloads_and_pass_promtool() {
+    require_host();
+    let cgroup = TestCgroup::new();
+    let netns = Netns::new();
+    let places = AgentPlaces::new();
+    let dir = std::env::temp_dir().join(unique_name());
+    std::fs::create_dir(&dir).unwrap();
+    let config = dir.join("policy.toml");
+    let text = format!(
+        "[agent]\ncgroups = [\"{}\"]\n[[rule]]\nname = \"db\"\nremote_port = 5432\n",
+        cgroup.scope()
+    );
+    std::fs::write(&config, &text).unwrap();
+    let agent = places.spawn(
+        agent_bin(),
+        &[
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--program-stats",
+        ],
+    );
+    let addr = metrics_addr(&agent);
+    agent.expect_log("policy applied", LOG_WAIT);
+    assert_eq!(get(&addr, "/healthz").0, 200);
+    assert_eq!(get(&addr, "/readyz").0, 200);
+    assert_eq!(get(&addr, "/nothing").0, 404);
+
+    let place = Placement::new(&cgroup, &netns);
+    let _db = connect("127.0.0.1:5432", "127.0.0.1", place, place);
+    let _other = connect("127.0.0.1:0", "127.0.0.1", place, place);
+    std::fs::write(&config, "[default]\ncount = 500\n").unwrap();
+    agent.expect_log("policy refused", LOG_WAIT);
+
+    let (code, metrics) = get(&addr, "/metrics");
+    assert_eq!(code, 200);
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"keepalive_connections_total{rule="db",slot="1",outcome="set"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"keepalive_connections_total{rule="default",slot="0",outcome="set"}"#
+        ),
+        3.0
+    );
+    assert_eq!(
+        sample(&metrics, r#"keepalive_reloads_total{result="failure"}"#),
+        1.0
+    );
+    assert_eq!(sample(&metrics, "keepalive_attached_cgroups"), 1.0);
+    assert!(
+        sample(
+            &metrics,
+            "keepalive_program_runs_total{program=\"ka_sockops\""
+        ) >= 18.0,
+        "{metrics}"
+    );
+
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run promtool (Debian package prometheus): {e}"));
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{metrics}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(agent);
+    let _ignored = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    require_host();
+    let cgroup = TestCgroup::new();
+    let places = AgentPlaces::new();
+    let name = cgroup.cgroup().name.clone();
+    let mut agent = places.spawn(
+        agent_bin(),
+        &["--log-format", "json", "run", "--cgroup", &name],
+    );
+    let attached = agent.expect_log("attached", LOG_WAIT);
+    let json: serde_json::Value =
+        serde_json::from_str(&attached).unwrap_or_else(|e| panic!("{e}: {attached}"));
+    assert_eq!(json["fields"]["cgroup"], name.as_str());
+    assert_eq!(json["level"], "INFO");
+    assert_eq!(agent.signal_and_wait(libc::SIGTERM, LOG_WAIT), Some(0));
+}
+
+#[test]
+fn systemd_hears_ready_once_enforcement_is_live() {
+    require_host();
+    let cgroup = TestCgroup::new();
+    let places = AgentPlaces::new();
+    let socket_path = std::env::temp_dir().join(format!("{}.notify", unique_name()));
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(LOG_WAIT)).unwrap();
+    let name = cgroup.cgroup().name.clone();
+    let mut agent = places.spawn_with_env(
+        agent_bin(),
+        &["run", "--cgroup", &name],
+        &[("NOTIFY_SOCKET", socket_path.to_str().unwrap())],
+    );
+    let mut buffer = [0u8; 256];
+    let received = socket.recv(&mut buffer).unwrap();
+    let message = String::from_utf8_lossy(&buffer[..received]).to_string();
+    assert!(message.starts_with("READY=1"), "{message}");
+    agent.signal(libc::SIGTERM);
+    let received = socket.recv(&mut buffer).unwrap();
+    assert_eq!(&buffer[..received], b"STOPPING=1");
+    assert_eq!(agent.signal_and_wait(0, LOG_WAIT), Some(0));
+    let _ignored = std::fs::remove_file(&socket_path);
+}
