@@ -82,13 +82,15 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Test { test_args } => {
             host_check("cargo xtask test")?;
             packages::ensure(packages::TEST)?;
+            let validate = packages::ensure_python_tools(&toolchain::cache_dir()?)?;
             let toolchain = Toolchain::ensure()?;
             let agent = build(&workspace, &toolchain, Profile::Debug)?;
             run_status(
                 cargo(&workspace, &toolchain)?
                     .args(["test", "--locked", "--no-fail-fast"])
                     .args(test_args)
-                    .env("KEEPALIVE_AGENT_BIN", agent),
+                    .env("KEEPALIVE_AGENT_BIN", agent)
+                    .env("KUBERNETES_VALIDATE", validate),
             )
         }
         Task::Lint => lint(&workspace, &Toolchain::ensure()?),

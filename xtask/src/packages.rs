@@ -20,6 +20,8 @@ pub(crate) const TEST: &[Need] = &[
     ("bpftool", "bpftool"),
     // promtool checks the metrics endpoint's output.
     ("promtool", "prometheus"),
+    // systemd-analyze verifies the systemd unit.
+    ("systemd-analyze", "systemd"),
     // The LD_PRELOAD peer the benchmark compares against.
     ("/usr/lib/libkeepalive.so", "libkeepalive0"),
 ];
@@ -60,4 +62,38 @@ pub(crate) fn ensure(needs: &[Need]) -> anyhow::Result<()> {
             .args(&packages)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+/// `kubernetes-validate` validates the Kubernetes manifests offline, against schemas it ships.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+
+/// A virtualenv in the cache with the pinned Python tools the tests run; returns the path of
+/// the `kubernetes-validate` executable.
+pub(crate) fn ensure_python_tools(cache: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let venv = cache.join("venv");
+    let tool = venv.join("bin").join("kubernetes-validate");
+    let marker = venv.join(KUBERNETES_VALIDATE);
+    if tool.exists() && marker.exists() {
+        return Ok(tool);
+    }
+    eprintln!(
+        "xtask: installing {KUBERNETES_VALIDATE} into {}",
+        venv.display()
+    );
+    let created = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status();
+    if !created.is_ok_and(|status| status.success()) {
+        // Debian's python3 needs python3-venv for `-m venv`.
+        ensure(&[("/usr/lib/python3/dist-packages/venv", "python3-venv")])?;
+        run_status(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    run_status(Command::new(venv.join("bin").join("pip")).args([
+        "install",
+        "--quiet",
+        KUBERNETES_VALIDATE,
+    ]))?;
+    std::fs::write(&marker, "")?;
+    Ok(tool)
 }

@@ -74,7 +74,7 @@ fn ensure_nightly() -> anyhow::Result<()> {
 
 /// `$XDG_CACHE_HOME/keepalive-agent` (or `~/.cache/keepalive-agent`): outlives `cargo clean`
 /// and is shared by every checkout on the machine.
-fn cache_dir() -> anyhow::Result<PathBuf> {
+pub(crate) fn cache_dir() -> anyhow::Result<PathBuf> {
     let base = match std::env::var_os("XDG_CACHE_HOME") {
         Some(dir) if !dir.is_empty() => PathBuf::from(dir),
         _ => PathBuf::from(
