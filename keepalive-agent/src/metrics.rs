@@ -204,13 +204,7 @@ pub fn render(shared: &Shared, maps_dir: &std::path::Path) -> anyhow::Result<Str
         "# HELP keepalive_program_events_total Program events: callbacks left to a more specific cgroup, sockets of unconfigured attachments, application setsockopt calls seen."
     );
     let _ = writeln!(w, "# TYPE keepalive_program_events_total counter");
-    for stat in [
-        Stat::Active,
-        Stat::Passive,
-        Stat::Deferred,
-        Stat::Unconfigured,
-        Stat::AppSetsockopt,
-    ] {
+    for stat in [Stat::Deferred, Stat::Unconfigured, Stat::AppSetsockopt] {
         let _ = writeln!(
             w,
             "keepalive_program_events_total{{event=\"{}\"}} {}",

@@ -70,41 +70,36 @@ pub mod limits {
 /// on, so it tells the runs for ancestor cgroups that a more specific policy already applied.
 pub const HANDLED_MARK: u32 = 0x4b41_4c56; // "KALV"
 
-/// Global counters, per CPU.
+/// Global counters, per CPU. Connections themselves are counted per rule ([`Outcome`]); these
+/// are the rarer events, so the common path pays for one counter, not two.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
-    /// Client sockets (ACTIVE_ESTABLISHED) a rule or the default decided.
-    Active = 0,
-    /// Server sockets (PASSIVE_ESTABLISHED) a rule or the default decided.
-    Passive = 1,
     /// Sockets left to a program run for a more specific cgroup.
-    Deferred = 2,
+    Deferred = 0,
     /// Sockets seen before the agent wrote the attachment's record (left alone).
-    Unconfigured = 3,
+    Unconfigured = 1,
     /// `bpf_setsockopt(SO_KEEPALIVE)` failures.
-    ErrKeepalive = 4,
+    ErrKeepalive = 2,
     /// `bpf_setsockopt(TCP_KEEPIDLE)` failures.
-    ErrIdle = 5,
+    ErrIdle = 3,
     /// `bpf_setsockopt(TCP_KEEPINTVL)` failures.
-    ErrInterval = 6,
+    ErrInterval = 4,
     /// `bpf_setsockopt(TCP_KEEPCNT)` failures.
-    ErrCount = 7,
+    ErrCount = 5,
     /// `bpf_setsockopt(TCP_USER_TIMEOUT)` failures.
-    ErrUserTimeout = 8,
+    ErrUserTimeout = 6,
     /// `bpf_getsockopt` failures (fill, cap and audit read the application's settings).
-    ErrRead = 9,
+    ErrRead = 7,
     /// Applications' setsockopt calls on keepalive options the hook looked at.
-    AppSetsockopt = 10,
+    AppSetsockopt = 8,
 }
 
 impl Stat {
     /// Number of counters (the map's `max_entries`).
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 9;
     /// Every counter, in index order.
     pub const ALL: [Self; Self::COUNT as usize] = [
-        Self::Active,
-        Self::Passive,
         Self::Deferred,
         Self::Unconfigured,
         Self::ErrKeepalive,
@@ -119,8 +114,6 @@ impl Stat {
     /// Stable snake_case name, used in logs, status and metrics.
     pub const fn name(self) -> &'static str {
         match self {
-            Self::Active => "active",
-            Self::Passive => "passive",
             Self::Deferred => "deferred",
             Self::Unconfigured => "unconfigured",
             Self::ErrKeepalive => "err_so_keepalive",

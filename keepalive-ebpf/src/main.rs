@@ -99,9 +99,9 @@ fn ka_sockops(ctx: SockOpsContext) -> u32 {
     if stage == Stage::Attached as u32 {
         return 1;
     }
-    let (direction, seen) = match ctx.op() {
-        ACTIVE_ESTABLISHED_CB => (OUTBOUND, Stat::Active),
-        PASSIVE_ESTABLISHED_CB => (INBOUND, Stat::Passive),
+    let direction = match ctx.op() {
+        ACTIVE_ESTABLISHED_CB => OUTBOUND,
+        PASSIVE_ESTABLISHED_CB => INBOUND,
         _ => return 1,
     };
     // SAFETY: `ops` is the context the kernel passed in; `reply` is readable for every op.
@@ -119,7 +119,6 @@ fn ka_sockops(ctx: SockOpsContext) -> u32 {
         return 1;
     }
     ctx.set_reply(HANDLED_MARK);
-    bump(seen);
 
     let rule = lookup::decide(record, &lookup::sock_ops_peer(&ctx), direction);
     if stage == Stage::Lookup as u32 {

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use keepalive_agent::{Action, Enforcer, Values};
-use keepalive_common::{Outcome, Stage, Stat};
+use keepalive_common::{Outcome, Stage};
 use keepalive_tests::{
     AgentPlaces, Keepalive, Netns, Placement, TestCgroup, Workload, agent_bin, connect, enforce,
     load_enforcer, netns::SsEntry, require_host,
@@ -63,7 +63,7 @@ impl Fixture {
 }
 
 fn assert_both_enforced(fixture: &Fixture, listen: &str, connect_ip: &str, policy: &Values) {
-    let before = fixture.enforcer.counters().unwrap();
+    let before = fixture.enforcer.outcomes(0).unwrap().get(Outcome::Set);
     let conn = connect(listen, connect_ip, fixture.inside(), fixture.inside());
     assert_eq!(
         conn.client(),
@@ -75,9 +75,12 @@ fn assert_both_enforced(fixture: &Fixture, listen: &str, connect_ip: &str, polic
         Keepalive::enforced(policy),
         "server socket ({listen})"
     );
-    let after = fixture.enforcer.counters().unwrap();
-    assert_eq!(after.get(Stat::Active) - before.get(Stat::Active), 1);
-    assert_eq!(after.get(Stat::Passive) - before.get(Stat::Passive), 1);
+    let after = fixture.enforcer.outcomes(0).unwrap().get(Outcome::Set);
+    assert_eq!(
+        after - before,
+        2,
+        "client and server socket, each counted once"
+    );
     let outcomes = fixture.enforcer.outcomes(0).unwrap();
     assert_eq!(
         outcomes.get(Outcome::Failed),
