@@ -15,6 +15,7 @@
 mod measure;
 mod policies;
 mod report;
+mod scale;
 mod variants;
 
 use std::path::PathBuf;
@@ -28,8 +29,10 @@ pub(crate) struct Settings {
     pub(crate) rounds: usize,
     /// Policy changes timed for the update latency.
     pub(crate) updates: usize,
-    /// Agent start-ups timed.
+    /// Agent start-ups timed (also: new cgroups timed per scale step).
     pub(crate) starts: usize,
+    /// Numbers of followed cgroups for the scale table.
+    pub(crate) cgroup_steps: &'static [usize],
 }
 
 impl Settings {
@@ -38,6 +41,7 @@ impl Settings {
         rounds: 9,
         updates: 21,
         starts: 7,
+        cgroup_steps: &[1, 100, 1000],
     };
     /// Checks that every step works, in seconds; its figures mean nothing.
     const QUICK: Self = Self {
@@ -45,6 +49,7 @@ impl Settings {
         rounds: 2,
         updates: 3,
         starts: 2,
+        cgroup_steps: &[1, 3],
     };
 }
 

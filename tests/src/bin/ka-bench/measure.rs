@@ -68,6 +68,8 @@ pub(crate) struct Results {
     pub(crate) rss_kib: Samples,
     /// The same with 10,000 rules (KiB).
     pub(crate) rss_10k_kib: Samples,
+    /// Cost, coverage and memory as the followed cgroups grow.
+    pub(crate) scale: Vec<crate::scale::ScaleRow>,
 }
 
 pub(crate) fn run(paths: &Paths, settings: Settings) -> Results {
@@ -131,6 +133,7 @@ pub(crate) fn run(paths: &Paths, settings: Settings) -> Results {
         startup_10k_ms,
         rss_kib,
         rss_10k_kib,
+        scale: crate::scale::cgroup_scale(paths, settings),
     }
 }
 
@@ -312,7 +315,7 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-fn vm_rss_kib(pid: u32) -> f64 {
+pub(crate) fn vm_rss_kib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()

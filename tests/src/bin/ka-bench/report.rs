@@ -14,7 +14,8 @@ pub(crate) fn markdown(results: &Results, took: Duration) -> String {
     let _ = writeln!(
         w,
         "Linux {}; {} rounds of {} connections per variant, interleaved; medians (min..max). \
-         Ratios compare medians of this run only. Took {:.0} s.\n",
+         A ratio is the median over rounds of (variant / `none`) within the same round, so \
+         drift of the machine between rounds cancels out. Took {:.0} s.\n",
         results.kernel,
         s.rounds,
         s.conns,
@@ -25,17 +26,16 @@ pub(crate) fn markdown(results: &Results, took: Duration) -> String {
         w,
         "| variant | what | loopback conn/s | ratio | veth conn/s | ratio |\n|---|---|---:|---:|---:|---:|"
     );
-    let (lo_base, veth_base) = (baseline(&results.loopback), baseline(&results.veth));
     for (lo, veth) in results.loopback.iter().zip(&results.veth) {
         let _ = writeln!(
             w,
-            "| {} | {} | {} | {:.3} | {} | {:.3} |",
+            "| {} | {} | {} | {} | {} | {} |",
             lo.name,
             lo.what,
             spread(&lo.samples, 0),
-            lo.samples.median() / lo_base,
+            spread(&paired_ratio(&results.loopback, lo), 3),
             spread(&veth.samples, 0),
-            veth.samples.median() / veth_base,
+            spread(&paired_ratio(&results.veth, veth), 3),
         );
     }
     let _ = writeln!(
@@ -78,13 +78,42 @@ pub(crate) fn markdown(results: &Results, took: Duration) -> String {
         "| resident memory with 10,000 rules (MiB) | {} |",
         spread(&mib(&results.rss_10k_kib), 1)
     );
+    let _ = writeln!(
+        w,
+        "\n## Scale with followed cgroups\n\nThe agent follows a pattern matching N cgroups. \
+         Program time per loopback connection in one of them; time from creating one more \
+         matching cgroup to the agent's `attached` line; agent memory.\n"
+    );
+    let _ = writeln!(
+        w,
+        "| cgroups | ns per connection | new cgroup covered after (ms) | agent RSS (MiB) |\n|---:|---:|---:|---:|"
+    );
+    for row in &results.scale {
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {:.1} |",
+            row.cgroups,
+            spread(&row.program_ns, 0),
+            spread(&row.coverage_ms, 1),
+            row.rss_kib / 1024.0
+        );
+    }
     md
 }
 
-fn baseline(rows: &[Row]) -> f64 {
-    rows.iter()
-        .find(|row| row.name == "none")
-        .map_or(f64::NAN, |row| row.samples.median())
+/// Per round, `row`'s rate over the `none` rate measured in the same round.
+fn paired_ratio(rows: &[Row], row: &Row) -> Samples {
+    let Some(none) = rows.iter().find(|row| row.name == "none") else {
+        return Samples(Vec::new());
+    };
+    Samples(
+        row.samples
+            .0
+            .iter()
+            .zip(&none.samples.0)
+            .map(|(rate, base)| rate / base)
+            .collect(),
+    )
 }
 
 fn spread(samples: &Samples, decimals: usize) -> String {
@@ -101,14 +130,15 @@ fn spread(samples: &Samples, decimals: usize) -> String {
 
 fn json(results: &Results) -> Value {
     let rows = |rows: &[Row]| -> Value {
-        let base = baseline(rows);
         rows.iter()
             .map(|row| {
+                let ratios = paired_ratio(rows, row);
                 json!({
                     "variant": row.name,
                     "what": row.what,
                     "median": row.samples.median(),
-                    "ratio_to_none": row.samples.median() / base,
+                    "ratio_to_none": ratios.median(),
+                    "ratio_samples": ratios.0,
                     "samples": row.samples.0,
                 })
             })
@@ -132,6 +162,12 @@ fn json(results: &Results) -> Value {
         "agent_rss_kib": samples(&results.rss_kib),
         "agent_startup_10k_rules_ms": samples(&results.startup_10k_ms),
         "agent_rss_10k_rules_kib": samples(&results.rss_10k_kib),
+        "cgroup_scale": results.scale.iter().map(|row| json!({
+            "cgroups": row.cgroups,
+            "program_ns_per_conn": samples(&row.program_ns),
+            "new_cgroup_covered_ms": samples(&row.coverage_ms),
+            "agent_rss_kib": row.rss_kib,
+        })).collect::<Value>(),
     })
 }
 
@@ -154,9 +190,8 @@ fn svg(results: &Results) -> String {
         (&results.loopback, "#4477aa", "loopback"),
         (&results.veth, "#66ccee", "veth"),
     ] {
-        let base = baseline(rows);
         for row in rows.iter() {
-            let ratio = row.samples.median() / base;
+            let ratio = paired_ratio(rows, row).median();
             let len = (ratio / 1.1).clamp(0.0, 1.0) * plot;
             y += BAR + 4.0;
             let _ = writeln!(
