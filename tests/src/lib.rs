@@ -27,7 +27,7 @@ use std::{
 pub use agent::AgentPlaces;
 pub use cgroup::TestCgroup;
 pub use connection::{Connection, connect, probe, probe_bin};
-pub use netns::{Netns, Veth};
+pub use netns::{Netns, Routed, Veth};
 pub use process::{Placement, Workload};
 pub use sockopt::Keepalive;
 

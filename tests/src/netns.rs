@@ -73,6 +73,11 @@ impl Netns {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
+    /// Sets a value of this namespace's `/proc/sys` (only the namespace sees it).
+    pub fn set_sysctl(&self, key: &str, value: &str) {
+        self.exec("sh", &["-c", &format!("echo {value} > /proc/sys/{key}")]);
+    }
+
     /// A counter of this namespace's `/proc/net/netstat`, e.g. (`TcpExt`, `TCPKeepAlive`).
     pub fn netstat(&self, group: &str, counter: &str) -> u64 {
         let out = self.exec("cat", &["/proc/net/netstat"]);
@@ -126,36 +131,111 @@ impl Veth {
     /// Links `a` (10.250.0.1, fd00:250::1) and `b` (10.250.0.2, fd00:250::2). The namespaces are
     /// private to the test, so the same addresses serve every test.
     pub fn link(a: &Netns, b: &Netns) -> Self {
+        Self::subnet(a, b, 0)
+    }
+
+    /// Links `a` (10.250.N.1, fd00:250:N::1, device `kaNa`) and `b` (10.250.N.2, fd00:250:N::2,
+    /// device `kaNb`): one subnet per link of a bigger network.
+    pub fn subnet(a: &Netns, b: &Netns, n: u8) -> Self {
         let veth = Self {
-            a_v4: "10.250.0.1".into(),
-            b_v4: "10.250.0.2".into(),
-            a_v6: "fd00:250::1".into(),
-            b_v6: "fd00:250::2".into(),
+            a_v4: format!("10.250.{n}.1"),
+            b_v4: format!("10.250.{n}.2"),
+            a_v6: format!("fd00:250:{n}::1"),
+            b_v6: format!("fd00:250:{n}::2"),
         };
+        let (a_dev, b_dev) = (Self::device(n, 'a'), Self::device(n, 'b'));
         run(Command::new("ip").args([
             "link",
             "add",
-            "kaa",
+            &a_dev,
             "netns",
             a.name(),
             "type",
             "veth",
             "peer",
             "name",
-            "kab",
+            &b_dev,
             "netns",
             b.name(),
         ]));
         for (ns, dev, v4, v6) in [
-            (a, "kaa", &veth.a_v4, &veth.a_v6),
-            (b, "kab", &veth.b_v4, &veth.b_v6),
+            (a, &a_dev, &veth.a_v4, &veth.a_v6),
+            (b, &b_dev, &veth.b_v4, &veth.b_v6),
         ] {
             // nodad: the IPv6 address is usable at once, without duplicate address detection.
             ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"]);
             ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev]);
             ns.ip(&["link", "set", dev, "up"]);
         }
+        // Static neighbours, no ARP or neighbour discovery: the first IPv6 neighbour
+        // solicitation right after link-up is lost here, so the first handshake took ~1 s, and
+        // that RTT sample put the connection's retransmission timeout at ~3 s.
+        let (a_mac, b_mac) = (mac(a, &a_dev), mac(b, &b_dev));
+        for (ns, dev, peer_v4, peer_v6, peer_mac) in [
+            (a, &a_dev, &veth.b_v4, &veth.b_v6, &b_mac),
+            (b, &b_dev, &veth.a_v4, &veth.a_v6, &a_mac),
+        ] {
+            for peer in [peer_v4, peer_v6] {
+                ns.ip(&[
+                    "neigh",
+                    "replace",
+                    peer,
+                    "lladdr",
+                    peer_mac,
+                    "dev",
+                    dev,
+                    "nud",
+                    "permanent",
+                ]);
+            }
+        }
         veth
+    }
+
+    /// The device name of `end` (`a` or `b`) of link `n`.
+    pub fn device(n: u8, end: char) -> String {
+        format!("ka{n}{end}")
+    }
+}
+
+/// client - router - server: the router forwards between two links, so a firewall on it sits
+/// between the two ends like a middlebox on the Internet.
+#[derive(Debug)]
+pub struct Routed {
+    pub client: Netns,
+    pub router: Netns,
+    pub server: Netns,
+    /// client (a, 10.250.1.1) to router (b, 10.250.1.2).
+    pub client_link: Veth,
+    /// router (a, 10.250.2.1) to server (b, 10.250.2.2).
+    pub server_link: Veth,
+}
+
+impl Routed {
+    #[expect(
+        clippy::new_without_default,
+        reason = "building a network is not a default value"
+    )]
+    pub fn new() -> Self {
+        let (client, router, server) = (Netns::new(), Netns::new(), Netns::new());
+        let client_link = Veth::subnet(&client, &router, 1);
+        let server_link = Veth::subnet(&router, &server, 2);
+        router.set_sysctl("net/ipv4/ip_forward", "1");
+        router.set_sysctl("net/ipv6/conf/all/forwarding", "1");
+        for (ns, v4, v6) in [
+            (&client, &client_link.b_v4, &client_link.b_v6),
+            (&server, &server_link.a_v4, &server_link.a_v6),
+        ] {
+            ns.ip(&["route", "add", "default", "via", v4]);
+            ns.ip(&["-6", "route", "add", "default", "via", v6]);
+        }
+        Self {
+            client,
+            router,
+            server,
+            client_link,
+            server_link,
+        }
     }
 }
 
@@ -186,6 +266,17 @@ impl SsEntry {
             .as_deref()
             .is_some_and(|timer| timer.starts_with("keepalive,"))
     }
+}
+
+/// The MAC address of `dev` in `ns`.
+fn mac(ns: &Netns, dev: &str) -> String {
+    let out = ns.ip(&["-o", "link", "show", "dev", dev]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split_whitespace()
+        .skip_while(|word| *word != "link/ether")
+        .nth(1)
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("no MAC address for {dev}: {text}"))
 }
 
 fn parse_netstat(text: &str, group: &str, counter: &str) -> Option<u64> {

@@ -209,6 +209,20 @@ impl Workload {
         }
     }
 
+    /// Writes one command line to the workload's standard input.
+    pub fn send(&mut self, line: &str) {
+        use std::io::Write as _;
+        let name = &self.name;
+        let stdin = self
+            .stdin
+            .as_mut()
+            .unwrap_or_else(|| panic!("{name}: standard input already closed"));
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| stdin.flush())
+            .unwrap_or_else(|e| panic!("{name}: cannot send {line:?}: {e}"));
+    }
+
     /// The next line if one is ready, without waiting.
     pub fn try_line(&self) -> Option<String> {
         self.lines.try_recv().ok()

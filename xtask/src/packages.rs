@@ -16,6 +16,8 @@ pub(crate) const TEST: &[Need] = &[
     ("ip", "iproute2"),
     ("ss", "iproute2"),
     ("nft", "nftables"),
+    // Lists the firewall's connection tracking table in the middlebox scenario.
+    ("conntrack", "conntrack"),
     ("python3", "python3"),
     ("bpftool", "bpftool"),
     // promtool checks the metrics endpoint's output.

@@ -15,12 +15,21 @@
 //! ka-probe tally ADDR COUNT      -> "listening PORT", then COUNT connections to itself; reads
 //!                                  both ends back and prints one "tally KEEPALIVE IDLE INTVL
 //!                                  CNT N" line per distinct combination, then "tallied COUNT"
+//! ka-probe echo ADDR             -> "listening PORT", then echoes every client ("echoed PEER N")
+//! ka-probe converse ADDR         -> "connected FD LOCAL"; each "send WAIT_MS" on stdin writes a
+//!                                  line and reports "reply N", "no-reply", "read-eof" or
+//!                                  "read-error ERRNO"
+//! ka-probe worker PORT...        -> listens on [::]:PORT each ("listening"), reports
+//!                                  "accepted PORT FD"; stdin "connect ADDR" -> "connected FD",
+//!                                  "close" -> "closed"
 //! ```
 //! Sockets stay open until standard input reaches end of file; then the probe exits.
 #![expect(
     clippy::print_stdout,
     reason = "stdout is the probe's report to the test"
 )]
+
+mod interactive;
 
 use std::{
     io::{self, BufRead as _, Read as _, Write as _},
@@ -41,10 +50,18 @@ fn main() -> ExitCode {
         ["dial", addr, count] => parse(addr).and_then(|addr| dial(addr, number(count)?)),
         ["watch", addr, idle] => parse(addr).and_then(|addr| watch(addr, number(idle)?)),
         ["tally", addr, count] => parse(addr).and_then(|addr| tally(addr, number(count)?)),
+        ["echo", addr] => parse(addr).and_then(interactive::echo),
+        ["converse", addr] => parse(addr).and_then(interactive::converse),
+        ["worker", ports @ ..] if !ports.is_empty() => ports
+            .iter()
+            .map(|port| number(port))
+            .collect::<io::Result<Vec<u16>>>()
+            .and_then(|ports| interactive::worker(&ports)),
         _ => Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "usage: ka-probe listen ADDR | connect ADDR [--read] | loop ADDR COUNT | sink ADDR \
-             | dial ADDR COUNT | watch ADDR IDLE | tally ADDR COUNT",
+             | dial ADDR COUNT | watch ADDR IDLE | tally ADDR COUNT | echo ADDR \
+             | converse ADDR | worker PORT...",
         )),
     };
     match result {
