@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 
 use crate::measure::{Results, Row, Samples};
 
-pub(crate) fn markdown(results: &Results, took: Duration) -> String {
+pub(crate) fn markdown(results: &Results, took: Duration, note: Option<&str>) -> String {
     let s = results.settings;
     let mut md = String::new();
     let w = &mut md;
@@ -21,6 +21,9 @@ pub(crate) fn markdown(results: &Results, took: Duration) -> String {
         s.conns,
         took.as_secs_f64()
     );
+    if let Some(note) = note {
+        let _ = writeln!(w, "{note}\n");
+    }
     let _ = writeln!(w, "## Connection rate\n");
     let _ = writeln!(
         w,
