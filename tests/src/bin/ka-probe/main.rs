@@ -12,9 +12,10 @@
 //! ka-probe dial ADDR COUNT       -> COUNT times connects to ADDR and closes; "dialed COUNT NANOS"
 //! ka-probe watch ADDR IDLE       -> "listening PORT", then connects to itself until a client
 //!                                  socket has TCP_KEEPIDLE = IDLE; "seen MONOTONIC_NS"
-//! ka-probe tally ADDR COUNT      -> "listening PORT", then COUNT connections to itself; reads
-//!                                  both ends back and prints one "tally KEEPALIVE IDLE INTVL
-//!                                  CNT N" line per distinct combination, then "tallied COUNT"
+//! ka-probe tally ADDR COUNT [RATE] -> "listening PORT", then COUNT connections to itself (at
+//!                                  most RATE per second); reads both ends back and prints one
+//!                                  "tally KEEPALIVE IDLE INTVL CNT N" line per distinct
+//!                                  combination, then "tallied COUNT"
 //! ka-probe echo ADDR             -> "listening PORT", then echoes every client ("echoed PEER N")
 //! ka-probe converse ADDR         -> "connected FD LOCAL"; each "send WAIT_MS" on stdin writes a
 //!                                  line and reports "reply N", "no-reply", "read-eof" or
@@ -49,7 +50,10 @@ fn main() -> ExitCode {
         ["sink", addr] => parse(addr).and_then(sink),
         ["dial", addr, count] => parse(addr).and_then(|addr| dial(addr, number(count)?)),
         ["watch", addr, idle] => parse(addr).and_then(|addr| watch(addr, number(idle)?)),
-        ["tally", addr, count] => parse(addr).and_then(|addr| tally(addr, number(count)?)),
+        ["tally", addr, count] => parse(addr).and_then(|addr| tally(addr, number(count)?, None)),
+        ["tally", addr, count, rate] => {
+            parse(addr).and_then(|addr| tally(addr, number(count)?, Some(number(rate)?)))
+        }
         ["echo", addr] => parse(addr).and_then(interactive::echo),
         ["converse", addr] => parse(addr).and_then(interactive::converse),
         ["worker", ports @ ..] if !ports.is_empty() => ports
@@ -60,7 +64,7 @@ fn main() -> ExitCode {
         _ => Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "usage: ka-probe listen ADDR | connect ADDR [--read] | loop ADDR COUNT | sink ADDR \
-             | dial ADDR COUNT | watch ADDR IDLE | tally ADDR COUNT | echo ADDR \
+             | dial ADDR COUNT | watch ADDR IDLE | tally ADDR COUNT [RATE] | echo ADDR \
              | converse ADDR | worker PORT...",
         )),
     };
@@ -217,13 +221,22 @@ fn option(stream: &TcpStream, level: i32, name: i32) -> io::Result<i32> {
 }
 
 /// Many connections, each end read back: which combinations of values occurred, how often.
-fn tally(addr: SocketAddr, count: u64) -> io::Result<()> {
+/// With a `rate`, connection `i` starts no earlier than `i / rate` seconds in: the load spreads
+/// over a known time, so the test has time to do things to the agent meanwhile.
+fn tally(addr: SocketAddr, count: u64, rate: Option<u64>) -> io::Result<()> {
     let listener = TcpListener::bind(addr)?;
     exit_on_stdin_eof();
     report(&format!("listening {}", listener.local_addr()?.port()));
     let target = listener.local_addr()?;
     let mut seen: std::collections::BTreeMap<[i32; 4], u64> = std::collections::BTreeMap::new();
-    for _ in 0..count {
+    let start = std::time::Instant::now();
+    for i in 0..count {
+        if let Some(rate) = rate.filter(|&rate| rate > 0) {
+            let due = std::time::Duration::from_micros(i * 1_000_000 / rate);
+            if let Some(ahead) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(ahead);
+            }
+        }
         let client = TcpStream::connect(target)?;
         let (server, _) = listener.accept()?;
         for end in [&client, &server] {
