@@ -8,6 +8,7 @@
 use std::{
     ffi::CString,
     fs, io,
+    os::unix::fs::PermissionsExt as _,
     os::{
         fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
         unix::ffi::OsStrExt as _,
@@ -115,12 +116,12 @@ fn is_bpffs(path: &Path) -> io::Result<bool> {
 #[derive(Debug, thiserror::Error)]
 pub enum BpffsError {
     #[error(
-        "bpffs is not mounted at {} and mounting it failed ({source}): mount it with \
+        "bpffs is not mounted at {} and mounting it failed ({error}): mount it with \
          `mount -t bpf bpf {}`", path.display(), path.display()
     )]
-    Mount { path: PathBuf, source: io::Error },
-    #[error("cannot prepare the agent's bpffs directory {}: {source}", path.display())]
-    Io { path: PathBuf, source: io::Error },
+    Mount { path: PathBuf, error: io::Error },
+    #[error("cannot prepare the agent's bpffs directory {}: {error}", path.display())]
+    Io { path: PathBuf, error: io::Error },
 }
 
 /// The agent's directory in bpffs: `<bpffs>/keepalive-agent`, with `maps/` and `links/`.
@@ -134,7 +135,7 @@ impl PinDir {
     pub fn prepare(bpffs: &Path) -> Result<Self, BpffsError> {
         let io_error = |path: &Path| {
             let path = path.to_path_buf();
-            move |source| BpffsError::Io { path, source }
+            move |error| BpffsError::Io { path, error }
         };
         fs::create_dir_all(bpffs).map_err(io_error(bpffs))?;
         if !is_bpffs(bpffs).map_err(io_error(bpffs))? {
@@ -152,13 +153,18 @@ impl PinDir {
             if ret != 0 {
                 return Err(BpffsError::Mount {
                     path: bpffs.to_path_buf(),
-                    source: io::Error::last_os_error(),
+                    error: io::Error::last_os_error(),
                 });
             }
         }
         let dir = Self::at(bpffs);
         for sub in [dir.maps(), dir.links()] {
             fs::create_dir_all(&sub).map_err(io_error(&sub))?;
+        }
+        // Root only: whoever can open a pinned map can rewrite the policy, and whoever can
+        // unlink a pinned link can stop enforcement. The pins themselves are 0600.
+        for sub in [&dir.root, &dir.maps(), &dir.links()] {
+            fs::set_permissions(sub, fs::Permissions::from_mode(0o700)).map_err(io_error(sub))?;
         }
         Ok(dir)
     }

@@ -22,8 +22,8 @@ pub enum CgroupError {
     },
     #[error("{} is not in the cgroup v2 hierarchy (mounted at {})", path.display(), mount.display())]
     NotCgroup2 { path: PathBuf, mount: PathBuf },
-    #[error("cannot read cgroup {}: {source}", path.display())]
-    Io { path: PathBuf, source: io::Error },
+    #[error("cannot read cgroup {}: {error}", path.display())]
+    Io { path: PathBuf, error: io::Error },
 }
 
 /// A cgroup v2 directory.
@@ -54,7 +54,7 @@ impl Cgroup {
         } else {
             mount.join(arg.strip_prefix("/").unwrap_or(arg))
         };
-        let metadata = fs::metadata(&path).map_err(|source| match source.kind() {
+        let metadata = fs::metadata(&path).map_err(|error| match error.kind() {
             io::ErrorKind::NotFound | io::ErrorKind::NotADirectory => CgroupError::NotFound {
                 arg: arg.to_path_buf(),
                 tried: path.clone(),
@@ -62,7 +62,7 @@ impl Cgroup {
             },
             _ => CgroupError::Io {
                 path: path.clone(),
-                source,
+                error,
             },
         })?;
         if !metadata.is_dir() {
@@ -78,9 +78,9 @@ impl Cgroup {
                 mount: mount.to_path_buf(),
             });
         }
-        let path = path.canonicalize().map_err(|source| CgroupError::Io {
+        let path = path.canonicalize().map_err(|error| CgroupError::Io {
             path: path.clone(),
-            source,
+            error,
         })?;
         let name = match path.strip_prefix(mount) {
             Ok(rest) => format!("/{}", rest.display()),
@@ -102,9 +102,9 @@ impl Cgroup {
 fn is_cgroup2(path: &Path) -> Result<bool, CgroupError> {
     use std::os::unix::ffi::OsStrExt as _;
 
-    let io_error = |source| CgroupError::Io {
+    let io_error = |error| CgroupError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|e| io_error(io::Error::new(io::ErrorKind::InvalidInput, e)))?;

@@ -43,11 +43,10 @@ pub struct Tables {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CompileError {
-    #[error("{owner}: {source}")]
+    #[error("{owner}: {error}")]
     Invalid {
         owner: String,
-        #[source]
-        source: crate::policy::OutOfRange,
+        error: crate::policy::OutOfRange,
     },
     #[error(
         "the policy needs {needed} {what}; the kernel map holds {limit} \
@@ -75,7 +74,7 @@ pub fn compile(
     attach_points: &[CgroupPath],
     generation: u32,
 ) -> Result<Tables, CompileError> {
-    let invalid = |owner: String| move |source| CompileError::Invalid { owner, source };
+    let invalid = |owner: String| move |error| CompileError::Invalid { owner, error };
     policy
         .default
         .values

@@ -83,6 +83,15 @@ impl Workload {
         Self::start(program.as_ref(), args, place, true)
     }
 
+    /// [`Self::spawn_daemon`] inside `place` (a network namespace, a cgroup).
+    pub fn spawn_daemon_placed(
+        program: impl AsRef<OsStr>,
+        args: &[&str],
+        place: Placement<'_>,
+    ) -> Self {
+        Self::start(program.as_ref(), args, place, true)
+    }
+
     fn start(program: &OsStr, args: &[&str], place: Placement<'_>, read_stderr: bool) -> Self {
         let name = format!("{} {}", program.to_string_lossy(), args.join(" "));
         let procs = place.cgroup.map(|cgroup| {

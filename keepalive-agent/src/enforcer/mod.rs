@@ -354,10 +354,10 @@ impl Enforcer {
         maps::prune_entries(&mut self.ebpf, &BTreeSet::new())?;
         maps::prune_cgroups(&mut self.ebpf, &BTreeSet::new())?;
         if let Some(pins) = &self.pins {
-            pins.remove().map_err(|source| {
+            pins.remove().map_err(|error| {
                 EnforcerError::Bpffs(BpffsError::Io {
                     path: pins.root.clone(),
-                    source,
+                    error,
                 })
             })?;
         }

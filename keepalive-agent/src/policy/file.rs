@@ -16,10 +16,12 @@ use super::{Action, CgroupPath, Cidr, Direction, Field, Mode, Policy, PortRange,
 /// A policy file that cannot be used. The running policy is never touched by one.
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
-    #[error("cannot read policy file {}: {source}", path.display())]
-    Io { path: PathBuf, source: io::Error },
+    #[error("cannot read policy file {}: {error}", path.display())]
+    Io { path: PathBuf, error: io::Error },
     #[error("{} is a directory, not a policy file", path.display())]
     Directory { path: PathBuf },
+    #[error("refusing policy file {}: {reason}", path.display())]
+    Untrusted { path: PathBuf, reason: String },
     #[error("{}:{line}:{column}: {message}", path.display())]
     Invalid {
         path: PathBuf,
@@ -36,9 +38,15 @@ pub fn load(path: &Path) -> Result<Policy, FileError> {
             path: path.to_path_buf(),
         });
     }
-    let text = fs::read_to_string(path).map_err(|source| FileError::Io {
+    if let Some(reason) = trust::distrust(path) {
+        return Err(FileError::Untrusted {
+            path: path.to_path_buf(),
+            reason,
+        });
+    }
+    let text = fs::read_to_string(path).map_err(|error| FileError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     parse(path, &text)
 }
@@ -47,15 +55,47 @@ pub fn load(path: &Path) -> Result<Policy, FileError> {
 pub fn parse(path: &Path, text: &str) -> Result<Policy, FileError> {
     let raw: RawFile = toml::from_str(text).map_err(|error| {
         let at = error.span().unwrap_or(0..0);
-        invalid(path, text, &at, error.message().trim_end().to_string())
+        invalid(path, text, &at, toml_message(text, &at, error.message()))
     })?;
     raw.into_policy(text)
         .map_err(|(at, message)| invalid(path, text, &at, message))
 }
 
+/// The TOML parser's message, naming the key of the line it points at (serde's type errors
+/// name the expected type, not the field) and without the names of our internal types.
+fn toml_message(text: &str, at: &Range<usize>, message: &str) -> String {
+    let message = message.trim_end();
+    let message = if message.contains(" as i128") {
+        "the number is too large".to_string()
+    } else {
+        ["RawFile", "RawAgent", "RawValues", "RawRule"]
+            .iter()
+            .fold(message.to_string(), |message, raw| {
+                message.replace(&format!("struct {raw}"), "a table")
+            })
+    };
+    match key_at(text, at.start) {
+        Some(key) if !message.contains("field `") => format!("field `{key}`: {message}"),
+        _ => message,
+    }
+}
+
+/// The bare key of the `key = value` line holding byte `offset`, if it is one.
+fn key_at(text: &str, offset: usize) -> Option<&str> {
+    let start = text.get(..offset)?.rfind('\n').map_or(0, |i| i + 1);
+    let (key, _) = text.get(start..)?.lines().next()?.split_once('=')?;
+    let key = key.trim();
+    let bare = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    (!key.is_empty() && key.chars().all(bare)).then_some(key)
+}
+
 /// 1-based line and column of byte `offset`.
 fn position(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
     let line = before.matches('\n').count() + 1;
     let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
     (line, column)
@@ -483,6 +523,8 @@ fn port_ranges(
         })
         .collect()
 }
+
+mod trust;
 
 #[cfg(test)]
 mod tests;

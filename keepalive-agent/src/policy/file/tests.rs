@@ -226,6 +226,37 @@ fn match_keys_are_checked() {
 }
 
 #[test]
+fn type_errors_name_the_field_in_words_of_the_file() {
+    assert_refused(
+        "[default]\nlock = \"yes\"\n",
+        2,
+        &["field `lock`", "a boolean"],
+    );
+    assert_refused(
+        "[agent]\nexisting = 1\n",
+        2,
+        &["field `existing`", "a boolean"],
+    );
+    assert_refused(
+        "[default]\nidle = \"60s\"\nidle = \"1s\"\n",
+        3,
+        &["field `idle`", "duplicate"],
+    );
+    assert_refused(
+        "default = \"enforce\"\n",
+        1,
+        &["field `default`", "expected a table"],
+    );
+    assert_refused(
+        "[default]\ncount = 99999999999999999999999\n",
+        2,
+        &["field `count`", "too large"],
+    );
+    let error = refused("default = 1\n");
+    assert!(!error.contains("Raw"), "internal type names leak: {error}");
+}
+
+#[test]
 fn rule_names_are_unique() {
     assert_refused(
         "[[rule]]\nname = \"a\"\n\n[[rule]]\nname = \"a\"\n",
@@ -254,5 +285,110 @@ fn missing_unreadable_and_directory_paths_get_one_sentence() {
     assert!(
         dir.as_deref().is_some_and(|e| e.contains("is a directory")),
         "{dir:?}"
+    );
+}
+
+/// Variants of the example a hand or a tool could produce: lines dropped, files cut short,
+/// values swapped for wrong ones, keys misspelt, random bytes changed.
+fn mutations() -> Vec<String> {
+    const BAD_VALUES: [&str; 14] = [
+        "\"\"",
+        "\"0s\"",
+        "-1",
+        "1e400",
+        "\"x\"",
+        "[]",
+        "{}",
+        "true",
+        "\"99999999999999999999s\"",
+        "\"10.0.0.0/99\"",
+        "\"65536\"",
+        "\"é\"",
+        "[\"/a\", 1]",
+        "\"1-\"",
+    ];
+    let lines: Vec<&str> = EXAMPLE.lines().collect();
+    let join = |lines: &[&str]| lines.join("\n");
+    let mut out = Vec::new();
+    for i in 0..lines.len() {
+        let mut dropped = lines.clone();
+        dropped.remove(i);
+        out.push(join(&dropped));
+        out.push(join(&lines[..i]));
+        let cut = lines[i].len() / 2;
+        if lines[i].is_char_boundary(cut) {
+            out.push(format!("{}\n{}", join(&lines[..i]), &lines[i][..cut]));
+        }
+        if let Some((key, _)) = lines[i].split_once(" = ") {
+            for value in BAD_VALUES {
+                let mut changed = lines.clone();
+                let line = format!("{key} = {value}");
+                changed[i] = &line;
+                out.push(join(&changed));
+            }
+            let mut renamed = lines.clone();
+            let line = lines[i].replacen(key, &format!("{key}x"), 1);
+            renamed[i] = &line;
+            out.push(join(&renamed));
+        }
+    }
+    // Deterministic byte noise (xorshift), kept valid UTF-8 the way a reader would see it.
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for _ in 0..5000 {
+        let mut bytes = EXAMPLE.as_bytes().to_vec();
+        for _ in 0..=next() % 3 {
+            let at = usize::try_from(next() % bytes.len() as u64).unwrap_or(0);
+            const NOISE: &[u8] = b"=[]\"#\n .,-/:0123456789az{}\\\xff";
+            bytes[at] = NOISE[usize::try_from(next() % NOISE.len() as u64).unwrap_or(0)];
+        }
+        out.push(String::from_utf8_lossy(&bytes).into_owned());
+    }
+    out
+}
+
+#[test]
+fn thousands_of_broken_variants_are_refused_cleanly_never_a_panic() {
+    let variants = mutations();
+    assert!(variants.len() > 5000, "{} variants", variants.len());
+    let mut refused = 0;
+    for text in &variants {
+        let outcome = std::panic::catch_unwind(|| {
+            parse(Path::new("test.toml"), text).map(|policy| {
+                let mut points = policy.scopes.clone();
+                points.extend(policy.rules.iter().filter_map(|rule| rule.cgroup.clone()));
+                points.retain(|point| !point.is_pattern());
+                points.dedup();
+                // The compiler may refuse (limits), but must not panic either.
+                let _tables = crate::compile::compile(&policy, &points, 1);
+            })
+        });
+        match outcome {
+            Err(_) => panic!("panicked on:\n{text}"),
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                refused += 1;
+                let message = error.to_string();
+                let place = message.split(':').take(3).collect::<Vec<_>>();
+                assert!(
+                    place.len() == 3
+                        && place[0] == "test.toml"
+                        && place[1].parse::<usize>().is_ok()
+                        && place[2].parse::<usize>().is_ok(),
+                    "an error without file:line:column: {message}\nfor:\n{text}"
+                );
+                assert!(!message.contains('\n'), "one line: {message}");
+            }
+        }
+    }
+    assert!(
+        refused > 1000,
+        "only {refused} of {} refused",
+        variants.len()
     );
 }
