@@ -617,6 +617,12 @@ impl Tables {
         Some(best.map_or(record.fallback, |hit| hit.record))
     }
 
+    /// What the kernel decides for `conn` with these tables (the lookups of the program,
+    /// simulated), or None where no attachment covers it. [`Policy::record_for`] must agree.
+    pub fn decide(&self, conn: &Connection) -> Option<RuleRecord> {
+        self.lookup(self.attachment_for(&conn.cgroup)?, conn)
+    }
+
     /// The innermost attachment containing `cgroup`, the one whose program decides.
     pub fn attachment_for(&self, cgroup: &CgroupPath) -> Option<&CgroupPath> {
         self.attachments

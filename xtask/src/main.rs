@@ -5,6 +5,7 @@
 )]
 
 mod cmd;
+mod fuzz;
 mod packages;
 mod toolchain;
 
@@ -56,6 +57,16 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Fuzz the policy file parser and the policy compiler (cargo fuzz, pinned nightly) for a
+    /// bounded time per target; not part of `test`. Failing inputs land in fuzz/artifacts/.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+        /// Only this target (policy_file or policy_rules).
+        #[arg(long)]
+        target: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -94,6 +105,12 @@ fn run(task: Task) -> anyhow::Result<()> {
             )
         }
         Task::Lint => lint(&workspace, &Toolchain::ensure()?),
+        Task::Fuzz { seconds, target } => fuzz::run(
+            &workspace,
+            &Toolchain::ensure()?,
+            seconds,
+            target.as_deref(),
+        ),
         Task::Bench { quick } => {
             host_check("cargo xtask bench")?;
             packages::ensure(packages::TEST)?;
@@ -155,6 +172,13 @@ fn build(workspace: &Path, toolchain: &Toolchain, profile: Profile) -> anyhow::R
 
 fn lint(workspace: &Path, toolchain: &Toolchain) -> anyhow::Result<()> {
     run_status(cargo(workspace, toolchain)?.args(["fmt", "--all", "--check"]))?;
+    // fuzz/ is a workspace of its own; `cargo xtask fuzz` builds it.
+    run_status(cargo(workspace, toolchain)?.args([
+        "fmt",
+        "--manifest-path",
+        "fuzz/Cargo.toml",
+        "--check",
+    ]))?;
     run_status(cargo(workspace, toolchain)?.args([
         "clippy",
         "--locked",

@@ -398,6 +398,14 @@ impl Policy {
             .map_or(Decision::Default, Decision::Rule)
     }
 
+    /// The record the reference model gives `conn`: the decision's action, counting into its
+    /// slot; None outside every scope.
+    pub fn record_for(&self, conn: &Connection) -> Option<RuleRecord> {
+        let decision = self.decide(conn);
+        self.action(decision)
+            .map(|action| action.record(Self::slot(decision)))
+    }
+
     /// Whether connections of `cgroup` are enforced at all.
     pub fn in_scope(&self, cgroup: &CgroupPath) -> bool {
         self.scopes.iter().any(|scope| scope.covers(cgroup))
