@@ -85,13 +85,7 @@ fn policy(spec: &Spec) -> Policy {
                 .collect(),
             remote_ports: ranges(&rule.remote_ports),
             local_ports: ranges(&rule.local_ports),
-            direction: rule.direction.map(|outbound| {
-                if outbound {
-                    Direction::Outbound
-                } else {
-                    Direction::Inbound
-                }
-            }),
+            direction: rule.direction.map(Direction::from_outbound),
             action: Action {
                 mode: MODES[usize::from(rule.mode) % MODES.len()],
                 values: Values {

@@ -132,9 +132,10 @@ fn check_refuses_missing_unreadable_directory_and_writable_by_anyone() {
 
 /// A running agent (JSON logs) with a good policy file for `cgroup`.
 struct Running {
-    places: AgentPlaces,
-    config: PathBuf,
+    // Fields drop in order: the agent must be gone before its directories are removed.
     agent: Workload,
+    config: PathBuf,
+    places: AgentPlaces,
 }
 
 fn good_policy(cgroup: &TestCgroup) -> String {
@@ -163,9 +164,9 @@ impl Running {
         );
         agent.expect_log("attached", LOG_WAIT);
         Self {
-            places,
-            config,
             agent,
+            config,
+            places,
         }
     }
 
@@ -199,7 +200,11 @@ fn a_running_agent_refuses_every_bad_file_and_keeps_its_policy() {
     let config = &running.config;
     let mut tried = 0;
     for (path, expect) in corpus() {
-        fs::copy(&path, config).unwrap();
+        // Replaced in one step, as editors and ConfigMaps do (an in-place rewrite is the next
+        // test's subject).
+        let staging = config.with_extension("new");
+        fs::copy(&path, &staging).unwrap();
+        fs::rename(&staging, config).unwrap();
         running.refused(&path.display().to_string(), &expect);
         tried += 1;
     }
@@ -226,6 +231,35 @@ fn a_running_agent_refuses_every_bad_file_and_keeps_its_policy() {
         let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         (status["policy"]["reloads_failed"].as_u64().unwrap_or(0) >= tried).then_some(())
     });
+}
+
+#[test]
+fn a_file_being_rewritten_in_place_is_not_read_half_way() {
+    use std::io::Write as _;
+    require_host();
+    let cgroup = TestCgroup::new();
+    let running = Running::start(&cgroup);
+    // A tool that truncates, pauses, then writes (no rename), with a reload asked for in the
+    // middle: read then, the empty file would be a valid policy for the whole host.
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&running.config)
+        .unwrap();
+    running.agent.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(30));
+    let rewritten = format!(
+        "{}[[rule]]\nremote_port = 5432\nidle = \"45s\"\n",
+        good_policy(&cgroup)
+    );
+    file.write_all(rewritten.as_bytes()).unwrap();
+    drop(file);
+    let line = running.agent.expect_log("policy reloaded", LOG_WAIT);
+    let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        json["fields"]["rules"], 1,
+        "the first reload read the whole new file, not the empty one: {line}"
+    );
 }
 
 #[test]

@@ -67,12 +67,13 @@ const MODES: [Mode; 5] = [
 ];
 const DEFAULT_IDLE: u32 = 99;
 
+/// Drops in field order: workers, then their cgroups and namespace, then the programs.
 struct World {
-    enforcer: Enforcer,
-    netns: Netns,
+    workers: Vec<Workload>,
     /// `cgroups[k]` is `CGROUPS[k]`.
     cgroups: Vec<TestCgroup>,
-    workers: Vec<Workload>,
+    netns: Netns,
+    enforcer: Enforcer,
 }
 
 impl World {
@@ -100,10 +101,10 @@ impl World {
             })
             .collect();
         Self {
-            enforcer,
-            netns,
-            cgroups,
             workers,
+            cgroups,
+            netns,
+            enforcer,
         }
     }
 
@@ -202,13 +203,7 @@ fn policy(world: &World, rules: &[RuleSpec], scopes: usize) -> Policy {
                     .collect(),
                 remote_ports: spec.remote_ports.iter().map(range).collect(),
                 local_ports: spec.local_ports.iter().map(range).collect(),
-                direction: spec.direction.map(|outbound| {
-                    if outbound {
-                        Direction::Outbound
-                    } else {
-                        Direction::Inbound
-                    }
-                }),
+                direction: spec.direction.map(Direction::from_outbound),
                 action: Action {
                     mode: MODES[spec.mode],
                     values: values(100 + u32::try_from(i).unwrap()),

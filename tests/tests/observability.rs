@@ -58,9 +58,7 @@ fn metrics_count_connections_and_reloads_and_pass_promtool() {
     let cgroup = TestCgroup::new();
     let netns = Netns::new();
     let places = AgentPlaces::new();
-    let dir = std::env::temp_dir().join(unique_name());
-    std::fs::create_dir(&dir).unwrap();
-    let config = dir.join("policy.toml");
+    let config = places.state_dir().with_file_name("policy.toml");
     let text = format!(
         "[agent]\ncgroups = [\"{}\"]\n[[rule]]\nname = \"db\"\nremote_port = 5432\n",
         cgroup.scope()
@@ -84,7 +82,9 @@ fn metrics_count_connections_and_reloads_and_pass_promtool() {
     let place = Placement::new(&cgroup, &netns);
     let _db = connect("127.0.0.1:5432", "127.0.0.1", place, place);
     let _other = connect("127.0.0.1:0", "127.0.0.1", place, place);
-    std::fs::write(&config, "[default]\ncount = 500\n").unwrap();
+    let staging = config.with_extension("new");
+    std::fs::write(&staging, "[default]\ncount = 500\n").unwrap();
+    std::fs::rename(&staging, &config).unwrap();
     agent.expect_log("policy refused", LOG_WAIT);
 
     let (code, metrics) = get(&addr, "/metrics");
@@ -137,7 +137,6 @@ fn metrics_count_connections_and_reloads_and_pass_promtool() {
         String::from_utf8_lossy(&out.stderr)
     );
     drop(agent);
-    let _ignored = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

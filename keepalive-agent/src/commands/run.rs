@@ -19,8 +19,9 @@ use crate::{
     watch::{CgroupWatch, Watch},
 };
 
-/// How long to wait for more events after a change before reading the file (an editor or a
-/// ConfigMap update is several events).
+/// How long the policy file must have been left alone before it is read (an editor or a
+/// ConfigMap update is several events; a tool that truncates and then writes must not be read
+/// half-way: an empty file is a valid policy).
 const SETTLE: Duration = Duration::from_millis(100);
 
 /// The same for cgroups: a container runtime makes several in a row. Short, because a new
@@ -113,7 +114,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = sighup.recv() => "SIGHUP",
             changed = changed(&mut watch) => {
                 changed.context("watching the policy file failed")?;
-                tokio::time::sleep(SETTLE).await;
                 "file changed"
             }
             changed = cgroups.changed() => {
@@ -124,7 +124,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 continue;
             }
         };
-        match reload(&args, &mount, &mut enforcer, why) {
+        let loaded = load_settled(&args, &mount).await;
+        match reload(loaded, &mut enforcer, why) {
             Reload::Applied(reloaded) => {
                 state = State {
                     reloads_succeeded: state.reloads_succeeded + 1,
@@ -212,10 +213,39 @@ enum Reload {
     Refused,
 }
 
-/// Reads the policy again; a policy that does not check, or does not apply, leaves the
+/// Reads the policy again, from a file nobody has touched for [`SETTLE`] before or after the
+/// read: a writer that truncates and then writes in place is never caught half-way. A file
+/// rewritten without pause is read after ten rounds anyway, and checked like any other.
+async fn load_settled(args: &RunArgs, mount: &std::path::Path) -> anyhow::Result<Policy> {
+    let Some(config) = &args.config else {
+        return args.policy(mount);
+    };
+    for _ in 0..10 {
+        if let Some(wait) = unsettled(config) {
+            tokio::time::sleep(wait).await;
+            continue;
+        }
+        let policy = args.policy(mount);
+        if unsettled(config).is_none() {
+            return policy;
+        }
+    }
+    args.policy(mount)
+}
+
+/// How much longer `path` must be left alone to count as settled, if it is not yet.
+fn unsettled(path: &std::path::Path) -> Option<Duration> {
+    let modified = std::fs::metadata(path)
+        .and_then(|meta| meta.modified())
+        .ok()?;
+    let age = std::time::SystemTime::now().duration_since(modified).ok()?;
+    SETTLE.checked_sub(age).filter(|wait| !wait.is_zero())
+}
+
+/// Applies a policy read again; one that does not check, or does not apply, leaves the
 /// running one in force.
-fn reload(args: &RunArgs, mount: &std::path::Path, enforcer: &mut Enforcer, why: &str) -> Reload {
-    let policy = match args.policy(mount) {
+fn reload(loaded: anyhow::Result<Policy>, enforcer: &mut Enforcer, why: &str) -> Reload {
+    let policy = match loaded {
         Ok(policy) => policy,
         Err(error) => {
             error!(

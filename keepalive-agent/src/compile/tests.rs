@@ -359,13 +359,7 @@ fn any_rule() -> impl Strategy<Value = Rule> {
                     .collect(),
                 remote_ports,
                 local_ports,
-                direction: outbound.map(|out| {
-                    if out {
-                        Direction::Outbound
-                    } else {
-                        Direction::Inbound
-                    }
-                }),
+                direction: outbound.map(Direction::from_outbound),
                 action: Action {
                     mode,
                     values: Values {
@@ -407,11 +401,7 @@ fn any_connection() -> impl Strategy<Value = Connection> {
         .prop_map(
             |(cgroup, outbound, remote, remote_port, local_port)| Connection {
                 cgroup: path(cgroup),
-                direction: if outbound {
-                    Direction::Outbound
-                } else {
-                    Direction::Inbound
-                },
+                direction: Direction::from_outbound(outbound),
                 remote: remote.parse().unwrap_or_else(|e| panic!("{e}")),
                 remote_port,
                 local_port,

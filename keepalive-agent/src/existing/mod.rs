@@ -109,11 +109,7 @@ pub fn sweep(policy: &Policy, mount: &Path, scopes: &[&Cgroup]) -> io::Result<Sw
             });
             let conn = Connection {
                 cgroup: cgroup.clone(),
-                direction: if inbound {
-                    Direction::Inbound
-                } else {
-                    Direction::Outbound
-                },
+                direction: Direction::from_outbound(!inbound),
                 remote: socket.remote,
                 remote_port: socket.remote_port,
                 local_port: socket.local_port,

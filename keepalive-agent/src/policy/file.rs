@@ -53,6 +53,18 @@ pub fn load(path: &Path) -> Result<Policy, FileError> {
 
 /// Checks policy `text`; `path` names it in errors.
 pub fn parse(path: &Path, text: &str) -> Result<Policy, FileError> {
+    // Empty would mean "the built-in default on the whole host"; far more often it is a file
+    // truncated by a writer that has not written yet, or a failed generation step.
+    if text.trim().is_empty() {
+        return Err(invalid(
+            path,
+            text,
+            &(0..0),
+            "the file is empty; for the built-in default everywhere, write an empty [default] \
+             table"
+                .to_string(),
+        ));
+    }
     let raw: RawFile = toml::from_str(text).map_err(|error| {
         let at = error.span().unwrap_or(0..0);
         invalid(path, text, &at, toml_message(text, &at, error.message()))

@@ -25,6 +25,15 @@ pub enum Direction {
 }
 
 impl Direction {
+    /// Outbound when `outbound`, else inbound.
+    pub const fn from_outbound(outbound: bool) -> Self {
+        if outbound {
+            Self::Outbound
+        } else {
+            Self::Inbound
+        }
+    }
+
     pub const fn name(self) -> &'static str {
         match self {
             Self::Outbound => "outbound",

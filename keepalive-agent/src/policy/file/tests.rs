@@ -81,12 +81,19 @@ fn the_example_parses_into_what_it_says() {
 }
 
 #[test]
-fn an_empty_file_is_the_built_in_default_everywhere() {
-    let policy = parsed("");
+fn an_empty_default_table_is_the_built_in_default_everywhere() {
+    let policy = parsed("[default]\n");
     assert_eq!(
         policy,
         Policy::enforce(Values::default(), vec![CgroupPath::root()])
     );
+}
+
+#[test]
+fn an_empty_file_is_refused_it_is_more_likely_a_write_caught_half_way() {
+    for text in ["", "\n", "  \n\t\n"] {
+        assert_refused(text, 1, &["the file is empty", "[default]"]);
+    }
 }
 
 #[test]
