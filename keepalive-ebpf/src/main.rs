@@ -120,12 +120,23 @@ fn ka_sockops(ctx: SockOpsContext) -> u32 {
     }
     ctx.set_reply(HANDLED_MARK);
 
-    let rule = lookup::decide(record, &lookup::sock_ops_peer(&ctx), direction);
+    let peer = lookup::sock_ops_peer(&ctx);
+    let rule = lookup::decide(record, &peer, direction);
     if stage == Stage::Lookup as u32 {
         return 1;
     }
+    // The setsockopt hook needs the direction only where the other one leads elsewhere (it
+    // acts on a socket without one only when both agree). Socket storage is allocated per
+    // socket (~200 ns); the other direction's lookups cost less, and usually agree.
     if record.has(REMEMBER_DIRECTION) {
-        setsockopt::remember_direction(&ctx, direction);
+        let other = if direction == OUTBOUND {
+            INBOUND
+        } else {
+            OUTBOUND
+        };
+        if lookup::decide(record, &peer, other) != rule {
+            setsockopt::remember_direction(&ctx, direction);
+        }
     }
     let mut socket = SockOpsSocket::new(&ctx);
     let applied = if stage == Stage::TcpValues as u32 {

@@ -125,8 +125,9 @@ fn hold_to_rule(ctx: &SockoptContext) {
         match remembered_direction(sk) {
             Some(direction) => lookup::decide(&record, &peer, direction),
             None => {
-                // Not remembered (the socket predates the policy): act only when both
-                // directions lead to the same rule.
+                // Not remembered: both directions lead to the same rule (sock_ops remembers
+                // only where they differ), or the socket predates the policy; act only when
+                // they agree.
                 let outbound = lookup::decide(&record, &peer, OUTBOUND);
                 if outbound != lookup::decide(&record, &peer, INBOUND) {
                     return;

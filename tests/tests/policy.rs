@@ -380,6 +380,15 @@ fn the_lock_follows_direction_rules() {
     ));
     let (values, _w) = python_client(fixture.inside(), [0, 0, 0], true);
     assert_eq!(values, rule_values(71));
+
+    // A direction rule that this connection matches in neither direction: both directions
+    // lead to the default, so nothing is stored for the socket and the hook still holds it.
+    let fixture = Fixture::new(&format!(
+        "{SCOPE}[default]\nidle = \"72s\"\n[[rule]]\ndirection = \"outbound\"\nremote_port = 1\n\
+         mode = \"exempt\"\n"
+    ));
+    let (values, _w) = python_client(fixture.inside(), [0, 0, 0], true);
+    assert_eq!(values, rule_values(72));
 }
 
 #[test]

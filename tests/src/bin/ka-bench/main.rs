@@ -37,8 +37,8 @@ pub(crate) struct Settings {
 
 impl Settings {
     const FULL: Self = Self {
-        conns: 20_000,
-        rounds: 9,
+        conns: 10_000,
+        rounds: 31,
         updates: 21,
         starts: 7,
         cgroup_steps: &[1, 100, 1000],

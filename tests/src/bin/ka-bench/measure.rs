@@ -102,6 +102,12 @@ pub(crate) fn run(paths: &Paths, settings: Settings) -> Results {
             |scope| policies::realistic(1, scope),
         ),
         Variant::policy(
+            "rules-4",
+            "4 rules: one of each kind of match key, the last matches",
+            Stage::Full,
+            |scope| policies::realistic(4, scope),
+        ),
+        Variant::policy(
             "rules-100",
             "100 realistic rules, the last matches",
             Stage::Full,

@@ -35,7 +35,15 @@ pub(crate) fn realistic(rules: usize, scope: CgroupPath) -> Policy {
     let mut list: Vec<Rule> = (0..rules.saturating_sub(1))
         .map(|i| {
             let mut r = rule(i);
-            match i % 20 {
+            // The first three rules are one of each kind of match key, so that a small policy
+            // already does every lookup a large one does; then the mix repeats every 20.
+            let kind = match i {
+                0 => 0,
+                1 => 16,
+                2 => 18,
+                _ => i % 20,
+            };
+            match kind {
                 // Most rules: a network (a /24 of 10/8, or a /48 of fd00::/8).
                 0..=13 => {
                     r.remote = vec![cidr(&format!("10.{}.{}.0/24", (i / 256) % 256, i % 256))]
