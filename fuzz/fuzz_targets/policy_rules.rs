@@ -13,13 +13,6 @@ use libfuzzer_sys::fuzz_target;
 mod agree;
 
 const CGROUPS: [&str; 5] = ["/", "/a", "/a/b", "/c", "/a/b/d"];
-const MODES: [Mode; 5] = [
-    Mode::Enforce,
-    Mode::Fill,
-    Mode::Cap,
-    Mode::Exempt,
-    Mode::Audit,
-];
 
 #[derive(Debug, Arbitrary)]
 struct Spec {
@@ -87,7 +80,7 @@ fn policy(spec: &Spec) -> Policy {
             local_ports: ranges(&rule.local_ports),
             direction: rule.direction.map(Direction::from_outbound),
             action: Action {
-                mode: MODES[usize::from(rule.mode) % MODES.len()],
+                mode: Mode::ALL[usize::from(rule.mode) % Mode::ALL.len()],
                 values: Values {
                     idle_secs: u32::from(rule.idle % 32767) + 1,
                     ..Values::default()

@@ -11,6 +11,7 @@ pub mod existing;
 pub mod metrics;
 pub mod notify;
 pub mod policy;
+pub mod sockopt;
 pub mod state;
 pub mod watch;
 

@@ -1,6 +1,6 @@
 //! Reading a socket's keepalive settings back from the kernel.
 
-use std::os::fd::{AsFd, AsRawFd as _};
+use std::os::fd::AsFd;
 
 use keepalive_agent::Values;
 use keepalive_common::sockopt::{
@@ -24,24 +24,8 @@ impl Keepalive {
     pub fn of(fd: impl AsFd) -> Self {
         let fd = fd.as_fd();
         let get = |level, name| {
-            let mut value: libc::c_int = 0;
-            let mut len: libc::socklen_t = 4;
-            // SAFETY: a 4-byte buffer and its length, on a descriptor we hold.
-            let ret = unsafe {
-                libc::getsockopt(
-                    fd.as_raw_fd(),
-                    level,
-                    name,
-                    (&raw mut value).cast(),
-                    &raw mut len,
-                )
-            };
-            assert_eq!(
-                ret,
-                0,
-                "getsockopt({level}, {name}): {}",
-                std::io::Error::last_os_error()
-            );
+            let value = keepalive_agent::sockopt::get_int(fd, level, name)
+                .unwrap_or_else(|error| panic!("getsockopt({level}, {name}): {error}"));
             u32::try_from(value).unwrap_or_else(|_| panic!("getsockopt({level}, {name}) = {value}"))
         };
         Self {

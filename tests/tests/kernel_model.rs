@@ -58,13 +58,6 @@ const PORTS: [(u16, u16); 8] = [
     (40000, 65535),
     (1, 65535),
 ];
-const MODES: [Mode; 5] = [
-    Mode::Enforce,
-    Mode::Fill,
-    Mode::Cap,
-    Mode::Exempt,
-    Mode::Audit,
-];
 const DEFAULT_IDLE: u32 = 99;
 
 /// Drops in field order: workers, then their cgroups and namespace, then the programs.
@@ -135,7 +128,7 @@ fn rule_spec() -> impl Strategy<Value = RuleSpec> {
         few(PORTS.len()),
         few(PORTS.len()),
         prop::option::of(any::<bool>()),
-        0..MODES.len(),
+        0..Mode::ALL.len(),
     )
         .prop_map(
             |(cgroup, remote, remote_ports, local_ports, direction, mode)| RuleSpec {
@@ -205,7 +198,7 @@ fn policy(world: &World, rules: &[RuleSpec], scopes: usize) -> Policy {
                 local_ports: spec.local_ports.iter().map(range).collect(),
                 direction: spec.direction.map(Direction::from_outbound),
                 action: Action {
-                    mode: MODES[spec.mode],
+                    mode: Mode::ALL[spec.mode],
                     values: values(100 + u32::try_from(i).unwrap()),
                     lock: false,
                 },

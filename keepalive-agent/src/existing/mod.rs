@@ -17,7 +17,7 @@ use std::{
     fs, io,
     net::IpAddr,
     os::{
-        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
         unix::fs::MetadataExt as _,
     },
     path::Path,
@@ -31,6 +31,7 @@ use keepalive_common::{
 use crate::{
     cgroup::Cgroup,
     policy::{CgroupPath, Connection, Direction, Policy},
+    sockopt,
 };
 
 /// What a sweep found and did.
@@ -212,44 +213,15 @@ struct FdSocket(OwnedFd);
 
 impl Socket for FdSocket {
     fn get(&mut self, level: i32, name: i32) -> Result<i32, i64> {
-        let mut value: libc::c_int = 0;
-        let mut len: libc::socklen_t = 4;
-        // SAFETY: a 4-byte buffer and its length, on a descriptor we hold.
-        let ret = unsafe {
-            libc::getsockopt(
-                self.0.as_raw_fd(),
-                level,
-                name,
-                (&raw mut value).cast(),
-                &raw mut len,
-            )
-        };
-        if ret == 0 {
-            Ok(value)
-        } else {
-            Err(-i64::from(
-                io::Error::last_os_error().raw_os_error().unwrap_or(0),
-            ))
-        }
+        sockopt::get_int(self.0.as_fd(), level, name).map_err(negative_errno)
     }
 
     fn set(&mut self, level: i32, name: i32, value: i32) -> Result<(), i64> {
-        // SAFETY: a 4-byte value, on a descriptor we hold.
-        let ret = unsafe {
-            libc::setsockopt(
-                self.0.as_raw_fd(),
-                level,
-                name,
-                (&raw const value).cast(),
-                4,
-            )
-        };
-        if ret == 0 {
-            Ok(())
-        } else {
-            Err(-i64::from(
-                io::Error::last_os_error().raw_os_error().unwrap_or(0),
-            ))
-        }
+        sockopt::set_int(self.0.as_fd(), level, name, value).map_err(negative_errno)
     }
+}
+
+/// The kernel's convention, which `enforce::Socket` follows.
+fn negative_errno(error: io::Error) -> i64 {
+    -i64::from(error.raw_os_error().unwrap_or(0))
 }

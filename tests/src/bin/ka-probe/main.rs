@@ -35,7 +35,7 @@ mod interactive;
 use std::{
     io::{self, BufRead as _, Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd as _,
+    os::fd::{AsFd as _, AsRawFd as _},
     process::ExitCode,
 };
 
@@ -201,23 +201,7 @@ fn keepidle(stream: &TcpStream) -> io::Result<i32> {
 }
 
 fn option(stream: &TcpStream, level: i32, name: i32) -> io::Result<i32> {
-    let mut value: libc::c_int = 0;
-    let mut len: libc::socklen_t = 4;
-    // SAFETY: a 4-byte buffer and its length, on a socket we own.
-    let ret = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            level,
-            name,
-            (&raw mut value).cast(),
-            &raw mut len,
-        )
-    };
-    if ret == 0 {
-        Ok(value)
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    keepalive_agent::sockopt::get_int(stream.as_fd(), level, name)
 }
 
 /// Many connections, each end read back: which combinations of values occurred, how often.
