@@ -2,11 +2,16 @@
 //! refused with the running policy kept, and `check`.
 #![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 
-use std::{fs, path::PathBuf, process::Command, time::Duration};
+use std::{
+    fs,
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use keepalive_tests::{
-    AgentPlaces, Keepalive, Netns, Placement, TestCgroup, agent_bin, connect, require_host,
-    unique_name,
+    AgentPlaces, Keepalive, Netns, Placement, TestCgroup, Workload, agent_bin, connect,
+    require_host, unique_name,
 };
 
 const LOG_WAIT: Duration = Duration::from_secs(10);
@@ -52,6 +57,20 @@ fn idle(idle_secs: u32) -> Keepalive {
     }
 }
 
+/// The agent's log lines up to the first containing `text` (not included).
+fn lines_until(agent: &Workload, text: &str) -> Vec<String> {
+    let deadline = Instant::now() + LOG_WAIT;
+    let mut lines = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match agent.try_line_within(left) {
+            Some(line) if line.contains(text) => return lines,
+            Some(line) => lines.push(line),
+            None => panic!("no log line with `{text}` within {LOG_WAIT:?}: {lines:#?}"),
+        }
+    }
+}
+
 #[test]
 fn file_changes_reload_live_and_bad_files_leave_the_running_policy() {
     require_host();
@@ -77,8 +96,25 @@ fn file_changes_reload_live_and_bad_files_leave_the_running_policy() {
     let during = connect("127.0.0.1:0", "127.0.0.1", place, place);
     assert_eq!(during.client(), idle(91), "the running policy stays");
 
+    // Files coming and going beside it (an editor's swap file) do not read, log and count the
+    // refused version again; SIGHUP does.
+    for name in [".policy.toml.swp", "policy.toml~"] {
+        fs::write(dir.0.join(name), "scratch").unwrap();
+        fs::remove_file(dir.0.join(name)).unwrap();
+    }
+    agent.signal(libc::SIGHUP);
+    let again = agent.expect_log("policy refused", LOG_WAIT);
+    assert!(
+        again.contains("SIGHUP"),
+        "only SIGHUP reads it again: {again}"
+    );
+
     replace(&config, &policy_text(&cgroup, "92s"));
-    agent.expect_log("policy reloaded", LOG_WAIT);
+    let between = lines_until(&agent, "policy reloaded");
+    assert!(
+        !between.iter().any(|line| line.contains("policy refused")),
+        "the refused version was read again: {between:#?}"
+    );
     let after = connect("127.0.0.1:0", "127.0.0.1", place, place);
     assert_eq!((after.client(), after.server()), (idle(92), idle(92)));
     assert_eq!(

@@ -21,12 +21,15 @@ use crate::{
 
 /// How long the policy file must have been left alone before it is read (an editor or a
 /// ConfigMap update is several events; a tool that truncates and then writes must not be read
-/// half-way: an empty file is a valid policy).
+/// half-way: a truncated file may still parse).
 const SETTLE: Duration = Duration::from_millis(100);
 
 /// The same for cgroups: a container runtime makes several in a row. Short, because a new
 /// container's cgroup should be covered within 100 ms.
 const SETTLE_CGROUPS: Duration = Duration::from_millis(10);
+
+/// The reload trigger of an inotify event in the policy file's directory.
+const FILE_CHANGED: &str = "file changed";
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let host = keepalive_common::host::check()?;
@@ -107,6 +110,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         applied.generation
     ));
 
+    // The version of the file last refused: events in its directory (an editor's temporary
+    // files, a ConfigMap's symlink swap) do not read, log and count it again; SIGHUP does.
+    let mut refused: Option<FileVersion> = None;
     let signal = loop {
         let why = tokio::select! {
             _ = sigint.recv() => break "SIGINT",
@@ -114,7 +120,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = sighup.recv() => "SIGHUP",
             changed = changed(&mut watch) => {
                 changed.context("watching the policy file failed")?;
-                "file changed"
+                FILE_CHANGED
             }
             changed = cgroups.changed() => {
                 changed.context("watching the cgroup tree failed")?;
@@ -124,7 +130,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 continue;
             }
         };
-        let loaded = load_settled(&args, &mount).await;
+        let version = || args.config.as_deref().map(FileVersion::of);
+        if why == FILE_CHANGED && refused.is_some() && refused == version() {
+            continue;
+        }
+        let (loaded, read) = load_settled(&args, &mount).await;
+        refused = None;
         match reload(loaded, &mut enforcer, why) {
             Reload::Applied(reloaded) => {
                 state = State {
@@ -135,7 +146,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 cgroups = watch_cgroups(&mount, &reloaded)?;
             }
             Reload::Unchanged => {}
-            Reload::Refused => state.reloads_failed += 1,
+            Reload::Refused => {
+                refused = read;
+                state.reloads_failed += 1;
+            }
         }
         publish(&state, &args, &enforcer, &telemetry);
     };
@@ -214,23 +228,28 @@ enum Reload {
 }
 
 /// Reads the policy again, from a file nobody has touched for [`SETTLE`] before or after the
-/// read: a writer that truncates and then writes in place is never caught half-way. A file
-/// rewritten without pause is read after ten rounds anyway, and checked like any other.
-async fn load_settled(args: &RunArgs, mount: &std::path::Path) -> anyhow::Result<Policy> {
+/// read, and not replaced during it: a writer that truncates and then writes in place is never
+/// caught half-way, and the version read is known. A file rewritten without pause is read
+/// after ten rounds anyway, and checked like any other (its version unknown).
+async fn load_settled(
+    args: &RunArgs,
+    mount: &std::path::Path,
+) -> (anyhow::Result<Policy>, Option<FileVersion>) {
     let Some(config) = &args.config else {
-        return args.policy(mount);
+        return (args.policy(mount), None);
     };
     for _ in 0..10 {
         if let Some(wait) = unsettled(config) {
             tokio::time::sleep(wait).await;
             continue;
         }
+        let before = FileVersion::of(config);
         let policy = args.policy(mount);
-        if unsettled(config).is_none() {
-            return policy;
+        if unsettled(config).is_none() && FileVersion::of(config) == before {
+            return (policy, Some(before));
         }
     }
-    args.policy(mount)
+    (args.policy(mount), None)
 }
 
 /// How much longer `path` must be left alone to count as settled, if it is not yet.
@@ -240,6 +259,35 @@ fn unsettled(path: &std::path::Path) -> Option<Duration> {
         .ok()?;
     let age = std::time::SystemTime::now().duration_since(modified).ok()?;
     SETTLE.checked_sub(age).filter(|wait| !wait.is_zero())
+}
+
+/// A version of a file on disk: another file renamed over it, or a write to it, is a new one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FileVersion {
+    Missing,
+    At {
+        dev: u64,
+        ino: u64,
+        size: u64,
+        mtime: (i64, i64),
+        ctime: (i64, i64),
+    },
+}
+
+impl FileVersion {
+    fn of(path: &std::path::Path) -> Self {
+        use std::os::unix::fs::MetadataExt as _;
+        match std::fs::metadata(path) {
+            Ok(meta) => Self::At {
+                dev: meta.dev(),
+                ino: meta.ino(),
+                size: meta.size(),
+                mtime: (meta.mtime(), meta.mtime_nsec()),
+                ctime: (meta.ctime(), meta.ctime_nsec()),
+            },
+            Err(_) => Self::Missing,
+        }
+    }
 }
 
 /// Applies a policy read again; one that does not check, or does not apply, leaves the
