@@ -38,8 +38,10 @@ pub enum Command {
     /// Logs one line containing `attached` per cgroup once enforcement is live there. SIGHUP, or
     /// a change of the --config file, reloads the policy; a file that does not check is refused
     /// (logged) and the running policy stays. On SIGINT or SIGTERM it detaches from every
-    /// cgroup and exits; connections keep the values they got. Needs root (or CAP_BPF and
-    /// CAP_NET_ADMIN). Log verbosity follows RUST_LOG (default `info`).
+    /// cgroup and exits (with --persist, enforcement stays pinned); connections keep the values
+    /// they got. Needs root (or CAP_BPF and CAP_NET_ADMIN; updating connections that already
+    /// exist also needs CAP_SYS_ADMIN and CAP_SYS_PTRACE). Log verbosity follows RUST_LOG
+    /// (default `info`).
     Run(RunArgs),
     /// Check a policy file without loading anything: exit 0, or an error naming file, line,
     /// field and what is allowed.

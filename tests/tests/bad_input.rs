@@ -108,7 +108,7 @@ fn check_gives_every_malformed_policy_one_clear_error() {
 }
 
 #[test]
-fn check_refuses_missing_unreadable_directory_and_writable_by_anyone() {
+fn check_refuses_missing_unreadable_directory_foreign_and_writable_by_anyone() {
     require_host();
     let scratch = Scratch::new();
     let good = "[default]\nidle = \"30s\"\n";
@@ -124,6 +124,9 @@ fn check_refuses_missing_unreadable_directory_and_writable_by_anyone() {
     );
     let open = scratch.write("open.toml", good, 0o666);
     assert_one_clear_error(&check(&open, None), "open.toml", "writable by every user");
+    let foreign = scratch.write("foreign.toml", good, 0o644);
+    std::os::unix::fs::chown(&foreign, Some(NOBODY), None).unwrap();
+    assert_one_clear_error(&check(&foreign, None), "foreign.toml", "not root");
     let fine = scratch.write("fine.toml", good, 0o644);
     assert!(check(&fine, None).status.success());
     fs::set_permissions(&scratch.0, fs::Permissions::from_mode(0o777)).unwrap();
@@ -240,7 +243,7 @@ fn a_file_being_rewritten_in_place_is_not_read_half_way() {
     let cgroup = TestCgroup::new();
     let running = Running::start(&cgroup);
     // A tool that truncates, pauses, then writes (no rename), with a reload asked for in the
-    // middle: read then, the empty file would be a valid policy for the whole host.
+    // middle: read then, the file would be refused as empty, or parse as something else.
     let mut file = fs::OpenOptions::new()
         .write(true)
         .truncate(true)
