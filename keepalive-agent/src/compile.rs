@@ -386,6 +386,22 @@ impl<'a> Ruleset<'a> {
         tables: &mut Tables,
     ) {
         let key_dir = kind_dir(dim, dim, direction);
+        self.emit_prefixes(ruleset, key_dir, dim, members, tables, |covered| {
+            self.hit(members[covered[0]])
+        });
+    }
+
+    /// The prefixes of key `dim` of the `members`' rules, each with the hit `hit` gives for
+    /// the positions (in `members`) of the rules covering it.
+    fn emit_prefixes(
+        &self,
+        ruleset: u32,
+        key_dir: u32,
+        dim: u32,
+        members: &[usize],
+        tables: &mut Tables,
+        mut hit: impl FnMut(Vec<usize>) -> Hit,
+    ) {
         if dim == DIM_REMOTE {
             let keys: Vec<Vec<(u128, u8)>> = members
                 .iter()
@@ -397,9 +413,7 @@ impl<'a> Ruleset<'a> {
                     kind_dir: key_dir,
                     addr: bits.to_be_bytes(),
                 };
-                tables
-                    .addr
-                    .push((key, 64 + u32::from(len), self.hit(members[covered[0]])));
+                tables.addr.push((key, 64 + u32::from(len), hit(covered)));
             }
         } else {
             let keys: Vec<Vec<(u16, u8)>> = members
@@ -413,9 +427,7 @@ impl<'a> Ruleset<'a> {
                     port: bits.to_be_bytes(),
                     _pad: [0; 2],
                 };
-                tables
-                    .ports
-                    .push((key, 64 + u32::from(len), self.hit(members[covered[0]])));
+                tables.ports.push((key, 64 + u32::from(len), hit(covered)));
             }
         }
     }
@@ -445,43 +457,11 @@ impl<'a> Ruleset<'a> {
                 })
             };
             let key_dir = kind_dir(group, dim, direction);
-            let class_hit = |class| Hit {
+            self.emit_prefixes(ruleset, key_dir, dim, members, tables, |covered| Hit {
                 index: NO_RULE,
-                class,
+                class: class_of(covered),
                 record: RuleRecord::default(),
-            };
-            if dim == DIM_REMOTE {
-                let keys: Vec<Vec<(u128, u8)>> = members
-                    .iter()
-                    .map(|&p| addr_prefixes(self.rule_at(p)))
-                    .collect();
-                for ((bits, len), covered) in covering(&keys, truncate_addr) {
-                    let key = AddrKey {
-                        ruleset,
-                        kind_dir: key_dir,
-                        addr: bits.to_be_bytes(),
-                    };
-                    tables
-                        .addr
-                        .push((key, 64 + u32::from(len), class_hit(class_of(covered))));
-                }
-            } else {
-                let keys: Vec<Vec<(u16, u8)>> = members
-                    .iter()
-                    .map(|&p| ports_of(self.rule_at(p), dim))
-                    .collect();
-                for ((bits, len), covered) in covering(&keys, truncate_port) {
-                    let key = PortKey {
-                        ruleset,
-                        kind_dir: key_dir,
-                        port: bits.to_be_bytes(),
-                        _pad: [0; 2],
-                    };
-                    tables
-                        .ports
-                        .push((key, 64 + u32::from(len), class_hit(class_of(covered))));
-                }
-            }
+            });
             dims.push((dim, sets));
         }
         // Every combination of one class per key.

@@ -11,6 +11,14 @@ fn path(text: &str) -> CgroupPath {
 
 /// The attachments the agent makes for `policy`: enforced cgroups, and rule cgroups inside them
 /// (all assumed to exist).
+/// `rules` over the whole hierarchy, the built-in values as the default.
+fn at_root(rules: Vec<Rule>) -> Policy {
+    Policy {
+        rules,
+        ..Policy::enforce(Values::default(), vec![CgroupPath::root()])
+    }
+}
+
 fn attach_points(policy: &Policy) -> Vec<CgroupPath> {
     let mut points: Vec<CgroupPath> = policy.scopes.clone();
     for rule in &policy.rules {
@@ -99,17 +107,12 @@ fn conn(cgroup: &str, remote: &str, remote_port: u16) -> Connection {
 
 #[test]
 fn nested_cidrs_and_ports_pick_the_first_rule_in_file_order() {
-    let policy = Policy {
-        scopes: vec![CgroupPath::root()],
-        default: Action::enforce(Values::default()),
-        rules: vec![
-            rule(None, &["10.1.0.0/16"], &[(5432, 5432)], 11),
-            rule(None, &["10.0.0.0/8"], &[], 12),
-            rule(None, &["10.1.2.0/24", "fd00::/8"], &[(1, 65535)], 13),
-            rule(Some("/app"), &[], &[(443, 443)], 14),
-        ],
-        existing: true,
-    };
+    let policy = at_root(vec![
+        rule(None, &["10.1.0.0/16"], &[(5432, 5432)], 11),
+        rule(None, &["10.0.0.0/8"], &[], 12),
+        rule(None, &["10.1.2.0/24", "fd00::/8"], &[(1, 65535)], 13),
+        rule(Some("/app"), &[], &[(443, 443)], 14),
+    ]);
     let tables = compile(&policy, &attach_points(&policy), 7).unwrap_or_else(|e| panic!("{e}"));
     let idle = |c: &Connection| tables.decide(c).map(|r| r.idle_secs);
     assert_eq!(idle(&conn("/", "10.1.2.3", 5432)), Some(11));
@@ -154,12 +157,7 @@ fn a_policy_without_rules_needs_no_lookups() {
 fn a_catch_all_rule_becomes_the_fallback_of_its_cgroup() {
     let mut exempt = rule(Some("/legacy"), &[], &[], 1);
     exempt.action.mode = Mode::Exempt;
-    let policy = Policy {
-        scopes: vec![CgroupPath::root()],
-        default: Action::enforce(Values::default()),
-        rules: vec![exempt, rule(None, &["10.0.0.0/8"], &[], 2)],
-        existing: true,
-    };
+    let policy = at_root(vec![exempt, rule(None, &["10.0.0.0/8"], &[], 2)]);
     let tables = compile(&policy, &attach_points(&policy), 1).unwrap_or_else(|e| panic!("{e}"));
     let legacy = tables.attachments[&path("/legacy")];
     assert_eq!(legacy.kinds, 0, "nothing to look up below a catch-all");
@@ -203,12 +201,7 @@ fn ten_thousand_cidr_rules_stay_within_the_limits() {
             r
         })
         .collect();
-    let policy = Policy {
-        scopes: vec![CgroupPath::root()],
-        default: Action::enforce(Values::default()),
-        rules,
-        existing: true,
-    };
+    let policy = at_root(rules);
     let tables = compile(&policy, &attach_points(&policy), 1).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         tables.addr.len(),
@@ -241,12 +234,7 @@ fn too_many_combinations_are_refused_with_the_limit() {
             r
         })
         .collect();
-    let policy = Policy {
-        scopes: vec![CgroupPath::root()],
-        default: Action::enforce(Values::default()),
-        rules,
-        existing: true,
-    };
+    let policy = at_root(rules);
     let error = compile(&policy, &attach_points(&policy), 1)
         .err()
         .map(|e| e.to_string());
@@ -287,12 +275,7 @@ fn a_mixed_ten_thousand_rule_policy_stays_small() {
             r
         })
         .collect();
-    let policy = Policy {
-        scopes: vec![CgroupPath::root()],
-        default: Action::enforce(Values::default()),
-        rules,
-        existing: true,
-    };
+    let policy = at_root(rules);
     let tables = compile(&policy, &attach_points(&policy), 1).unwrap_or_else(|e| panic!("{e}"));
     assert!(tables.decisions.is_empty());
     let entries = tables.addr.len() + tables.ports.len();
