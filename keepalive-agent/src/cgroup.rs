@@ -118,6 +118,21 @@ fn is_cgroup2(path: &Path) -> Result<bool, CgroupError> {
     Ok(stat.f_type == CGROUP2_SUPER_MAGIC)
 }
 
+/// The directories directly inside `dir` (its child cgroups); none if it cannot be read (it
+/// may be gone already).
+pub(crate) fn child_dirs(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir).map_or_else(
+        |_| Vec::new(),
+        |entries| {
+            entries
+                .flatten()
+                .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
+                .map(|entry| entry.path())
+                .collect()
+        },
+    )
+}
+
 /// Every cgroup of the hierarchy by id (to find what a pinned link's id names).
 pub fn by_id(mount: &Path) -> std::collections::HashMap<u64, PathBuf> {
     let mut found = std::collections::HashMap::new();
@@ -126,14 +141,7 @@ pub fn by_id(mount: &Path) -> std::collections::HashMap<u64, PathBuf> {
         if let Ok(metadata) = fs::metadata(&dir) {
             found.insert(metadata.ino(), dir.clone());
         }
-        if let Ok(entries) = fs::read_dir(&dir) {
-            stack.extend(
-                entries
-                    .flatten()
-                    .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
-                    .map(|entry| entry.path()),
-            );
-        }
+        stack.extend(child_dirs(&dir));
     }
     found
 }

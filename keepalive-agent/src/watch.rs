@@ -121,14 +121,7 @@ impl CgroupWatch {
             if wd < 0 {
                 continue; // gone already
             }
-            if let Ok(entries) = std::fs::read_dir(&dir) {
-                stack.extend(
-                    entries
-                        .flatten()
-                        .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
-                        .map(|entry| entry.path()),
-                );
-            }
+            stack.extend(crate::cgroup::child_dirs(&dir));
             self.dirs.insert(wd, dir);
         }
     }

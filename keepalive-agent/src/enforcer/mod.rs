@@ -570,14 +570,7 @@ fn expand(mount: &Path, pattern: &CgroupPath) -> Vec<CgroupPath> {
         {
             found.push(path);
         }
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            stack.extend(
-                entries
-                    .flatten()
-                    .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
-                    .map(|entry| entry.path()),
-            );
-        }
+        stack.extend(crate::cgroup::child_dirs(&dir));
     }
     found
 }

@@ -158,12 +158,8 @@ fn walk(
                 .filter_map(|line| line.trim().parse::<u32>().ok()),
         );
     }
-    if let Ok(entries) = fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
-                walk(mount, &entry.path(), cgroups, pids)?;
-            }
-        }
+    for child in crate::cgroup::child_dirs(dir) {
+        walk(mount, &child, cgroups, pids)?;
     }
     Ok(())
 }
