@@ -4,6 +4,7 @@
 //! same answer from lookup tables ([`crate::compile`]); tests hold the two to each other.
 
 pub mod file;
+mod pattern;
 mod values;
 
 use std::{
@@ -13,6 +14,7 @@ use std::{
 
 pub use keepalive_common::Mode;
 use keepalive_common::{RULE_LOCK, RULE_USER_TIMEOUT, RuleRecord, limits};
+pub use pattern::Pattern;
 pub use values::*;
 
 /// Which side opened the connection, seen from the cgroup.
@@ -158,9 +160,10 @@ impl CgroupPath {
         Self(format!("/{}", literal.join("/")))
     }
 
-    /// Whether the pattern (or plain path) matches `path` exactly.
+    /// Whether the pattern (or plain path) matches `path` exactly. To match many paths,
+    /// compile it once with [`Pattern::new`].
     pub fn matches(&self, path: &Self) -> bool {
-        glob(&self.components(), &path.components())
+        Pattern::new(self).matches(path)
     }
 
     /// Whether connections of `cgroup` are covered: a plain path covers itself and its
@@ -169,30 +172,7 @@ impl CgroupPath {
         if !self.is_pattern() {
             return self.contains(cgroup);
         }
-        let parts = cgroup.components();
-        let pattern = self.components();
-        (0..=parts.len()).any(|len| glob(&pattern, &parts[..len]))
-    }
-}
-
-/// Component-wise glob: `**` matches any number of components (none included), `*` and `?`
-/// within one component as in shells.
-fn glob(pattern: &[&str], path: &[&str]) -> bool {
-    match pattern.split_first() {
-        None => path.is_empty(),
-        Some((&"**", rest)) => (0..=path.len()).any(|skip| glob(rest, &path[skip..])),
-        Some((first, rest)) => path.split_first().is_some_and(|(part, tail)| {
-            component(first.as_bytes(), part.as_bytes()) && glob(rest, tail)
-        }),
-    }
-}
-
-fn component(pattern: &[u8], name: &[u8]) -> bool {
-    match pattern.split_first() {
-        None => name.is_empty(),
-        Some((b'*', rest)) => (0..=name.len()).any(|skip| component(rest, &name[skip..])),
-        Some((b'?', rest)) => !name.is_empty() && component(rest, &name[1..]),
-        Some((c, rest)) => name.first() == Some(c) && component(rest, &name[1..]),
+        Pattern::new(self).covers(cgroup)
     }
 }
 
