@@ -18,6 +18,7 @@ use std::{
 
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 /// `BPF_FS_MAGIC` from include/uapi/linux/magic.h.
@@ -100,6 +101,33 @@ pub fn update_link(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<
     // link_update: link_fd, new_prog_fd, flags, old_prog_fd.
     let mut attr = [pair(fd_u32(link), fd_u32(program)), 0];
     bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+/// What the kernel says a cgroup link is attached to now (aya's `LinkInfo` does not give the
+/// cgroup).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CgroupLinkInfo {
+    /// The program the link runs.
+    pub program_id: u32,
+    /// The cgroup it is attached to; 0 once detached (`bpftool link detach`, cgroup removed).
+    pub cgroup_id: u64,
+}
+
+/// Reads a cgroup link's program and cgroup from the kernel (BPF_OBJ_GET_INFO_BY_FD).
+pub fn cgroup_link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> {
+    // struct bpf_link_info: type, id, prog_id (u32 each), then the union at offset 16, whose
+    // cgroup member is cgroup_id (u64), attach_type (u32).
+    let mut info = [0u64; 8];
+    let mut attr = [
+        pair(fd_u32(link), u64::try_from(size_of_val(&info)).unwrap_or(0)),
+        info.as_mut_ptr() as u64,
+    ];
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let [a, b, c, d, ..] = info[1].to_ne_bytes();
+    Ok(CgroupLinkInfo {
+        program_id: u32::from_ne_bytes([a, b, c, d]),
+        cgroup_id: info[2],
+    })
 }
 
 fn is_bpffs(path: &Path) -> io::Result<bool> {

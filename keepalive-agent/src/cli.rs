@@ -141,6 +141,13 @@ pub struct RunArgs {
     #[arg(long)]
     pub persist: bool,
 
+    /// Replace the agent already running with these pins (an upgrade in place): it is asked
+    /// to hand over (SIGUSR2: it exits leaving enforcement pinned), then this one takes its
+    /// links over with an atomic program swap, without a gap. Without it, a second agent is
+    /// refused and the running one named.
+    #[arg(long)]
+    pub take_over: bool,
+
     #[command(flatten)]
     pub places: Places,
 }

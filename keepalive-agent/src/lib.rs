@@ -1,6 +1,7 @@
 //! The keepalive agent: loads the eBPF programs, attaches them to cgroups, compiles the policy
 //! into their maps, and keeps it current.
 
+pub mod agent;
 pub mod bpffs;
 pub mod cgroup;
 pub mod cli;
@@ -8,6 +9,7 @@ pub mod commands;
 pub mod compile;
 pub mod enforcer;
 pub mod existing;
+pub mod instance;
 pub mod metrics;
 pub mod notify;
 pub mod policy;

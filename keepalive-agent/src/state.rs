@@ -37,6 +37,10 @@ pub struct State {
     pub rules: Vec<RuleState>,
     pub reloads_succeeded: u64,
     pub reloads_failed: u64,
+    /// Attachments the agent found missing (removed by someone else) and could not put back
+    /// yet: where enforcement is missing.
+    #[serde(default)]
+    pub faults: Vec<String>,
 }
 
 impl State {
@@ -64,6 +68,7 @@ impl State {
             rules,
             reloads_succeeded: 0,
             reloads_failed: 0,
+            faults: Vec::new(),
         }
     }
 

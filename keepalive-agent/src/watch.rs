@@ -75,10 +75,13 @@ impl Watch {
 }
 
 /// Wakes when cgroups appear or go anywhere below the given roots (inotify on every
-/// directory of the sub-trees; new directories are watched as they come).
+/// directory of the sub-trees; new directories are watched as they come). When the kernel's
+/// event queue overflowed (IN_Q_OVERFLOW: events, and so new directories, were lost), the
+/// sub-trees are walked again: every directory is watched, and the caller rescans.
 #[derive(Debug)]
 pub struct CgroupWatch {
     inotify: AsyncFd<OwnedFd>,
+    roots: Vec<std::path::PathBuf>,
     /// Watch descriptor -> directory, to watch what is created inside.
     dirs: std::collections::HashMap<i32, std::path::PathBuf>,
 }
@@ -98,13 +101,18 @@ impl CgroupWatch {
             .map_err(io::Error::from)?;
         let mut watch = Self {
             inotify,
+            roots: roots.to_vec(),
             dirs: std::collections::HashMap::new(),
         };
-        for root in roots {
-            let existing = root.ancestors().find(|dir| dir.is_dir()).unwrap_or(root);
-            watch.add_tree(existing);
-        }
+        watch.add_roots();
         Ok(watch)
+    }
+
+    fn add_roots(&mut self) {
+        for root in self.roots.clone() {
+            let existing = root.ancestors().find(|dir| dir.is_dir()).unwrap_or(&root);
+            self.add_tree(existing);
+        }
     }
 
     fn add_tree(&mut self, root: &Path) {
@@ -127,8 +135,9 @@ impl CgroupWatch {
     }
 
     /// Returns after at least one cgroup was created or removed, having drained the events and
-    /// watched the new directories.
-    pub async fn changed(&mut self) -> io::Result<()> {
+    /// watched the new directories: `Overflowed` when events were lost (the sub-trees were
+    /// walked again; whatever they hold must be looked at again too).
+    pub async fn changed(&mut self) -> io::Result<Change> {
         loop {
             let mut guard = self.inotify.readable_mut().await?;
             let mut buffer = [0u8; 8192];
@@ -146,6 +155,7 @@ impl CgroupWatch {
             drop(guard);
             let read = usize::try_from(read).unwrap_or(0);
             let mut created = Vec::new();
+            let mut overflowed = false;
             let mut at = 0;
             // struct inotify_event: wd (i32), mask (u32), cookie (u32), len (u32), name[len].
             while at + 16 <= read {
@@ -165,6 +175,9 @@ impl CgroupWatch {
                 {
                     created.push(dir.join(OsStr::from_bytes(name)));
                 }
+                if mask & libc::IN_Q_OVERFLOW != 0 {
+                    overflowed = true;
+                }
                 if mask & libc::IN_IGNORED != 0 {
                     self.dirs.remove(&wd);
                 }
@@ -173,7 +186,20 @@ impl CgroupWatch {
             for dir in created {
                 self.add_tree(&dir);
             }
-            return Ok(());
+            if overflowed {
+                self.add_roots();
+                return Ok(Change::Overflowed);
+            }
+            return Ok(Change::Events);
         }
     }
+}
+
+/// What [`CgroupWatch::changed`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Cgroups were created or removed.
+    Events,
+    /// The kernel's queue overflowed: events were lost.
+    Overflowed,
 }

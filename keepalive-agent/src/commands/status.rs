@@ -12,9 +12,11 @@ use crate::{bpffs::PinDir, cli::StatusArgs, enforcer::PinnedMaps, state::State};
 pub fn collect(args: &StatusArgs, cgroup2_mount: &Path) -> anyhow::Result<Value> {
     let pins = PinDir::at(&args.places.bpffs);
     let state = State::read(&args.places.state_dir);
-    let running = state
-        .as_ref()
-        .is_some_and(|state| crate::state::alive(state.pid));
+    let holder = crate::instance::holder(&pins.root);
+    let running = holder.is_some()
+        || state
+            .as_ref()
+            .is_some_and(|state| crate::state::alive(state.pid));
     let links = pins.pinned_links();
     if links.is_empty() {
         let records = PinnedMaps::open(&pins.maps())
@@ -44,6 +46,7 @@ pub fn collect(args: &StatusArgs, cgroup2_mount: &Path) -> anyhow::Result<Value>
             json!({"cgroup": path, "id": id, "programs": programs})
         })
         .collect();
+    let missing = missing(&links, &by_id, cgroup2_mount, state.as_ref(), running);
     let maps = PinnedMaps::open(&pins.maps())?;
     let counters = maps.counters()?;
     let global: serde_json::Map<String, Value> = Stat::ALL
@@ -75,7 +78,8 @@ pub fn collect(args: &StatusArgs, cgroup2_mount: &Path) -> anyhow::Result<Value>
     Ok(json!({
         "pins": pins.root,
         "agent_running": running,
-        "agent_pid": state.as_ref().map(|state| state.pid),
+        "agent_pid": holder.or(state.as_ref().map(|state| state.pid)),
+        "missing": missing,
         "policy": state.as_ref().map(|state| json!({
             "source": state.source,
             "generation": state.generation,
@@ -89,6 +93,39 @@ pub fn collect(args: &StatusArgs, cgroup2_mount: &Path) -> anyhow::Result<Value>
         "counters": global,
         "rules": rules,
     }))
+}
+
+/// Where enforcement is missing: pinned links the kernel no longer has attached (checked
+/// here), and what the running agent found missing and has not put back yet.
+fn missing(
+    links: &[(String, u64, std::path::PathBuf)],
+    by_id: &std::collections::HashMap<u64, std::path::PathBuf>,
+    mount: &Path,
+    state: Option<&State>,
+    running: bool,
+) -> Vec<String> {
+    let mut missing: Vec<String> = links
+        .iter()
+        .filter_map(|(kind, id, pin)| {
+            let attached = crate::bpffs::open_pinned(pin)
+                .and_then(|link| crate::bpffs::cgroup_link_info(std::os::fd::AsFd::as_fd(&link)))
+                .is_ok_and(|info| info.cgroup_id == *id);
+            if attached {
+                return None;
+            }
+            let cgroup = by_id.get(id).map_or_else(
+                || format!("cgroup id {id}"),
+                |path| format!("/{}", path.strip_prefix(mount).unwrap_or(path).display()),
+            );
+            Some(format!("{kind} at {cgroup}: link detached"))
+        })
+        .collect();
+    if running && let Some(state) = state {
+        missing.extend(state.faults.iter().cloned());
+    }
+    missing.sort();
+    missing.dedup();
+    missing
 }
 
 /// The status as a table for people.
@@ -118,6 +155,13 @@ pub fn table(status: &Value) -> String {
         "pins: {}; {agent}",
         status["pins"].as_str().unwrap_or("?")
     );
+    let missing: Vec<&str> = status["missing"]
+        .as_array()
+        .map(|list| list.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    if !missing.is_empty() {
+        let _ = writeln!(out, "enforcement missing: {}", missing.join("; "));
+    }
     if let Some(policy) = status["policy"].as_object() {
         let _ = writeln!(
             out,

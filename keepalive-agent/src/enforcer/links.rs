@@ -103,6 +103,29 @@ impl Attachment {
         })
     }
 
+    /// Why this attachment is not what the kernel has, if it is not: the pin is gone, the link
+    /// was detached, or it runs another program than `program_id`.
+    pub(super) fn fault(&self, program_id: u32) -> Option<&'static str> {
+        let opened;
+        let link = match (&self._link, &self.pin) {
+            (Some(fd), _) => fd.as_fd(),
+            (None, Some(pin)) => match bpffs::open_pinned(pin) {
+                Ok(fd) => {
+                    opened = fd;
+                    opened.as_fd()
+                }
+                Err(_) => return Some("pin removed"),
+            },
+            (None, None) => return Some("no link"),
+        };
+        match bpffs::cgroup_link_info(link) {
+            Err(_) => Some("link unreadable"),
+            Ok(info) if info.cgroup_id != self.cgroup.id => Some("link detached"),
+            Ok(info) if info.program_id != program_id => Some("program replaced"),
+            Ok(_) => None,
+        }
+    }
+
     /// Detaches (the descriptor closes, or the pin goes).
     pub(super) fn detach(self, kind: Kind) -> Result<Cgroup, EnforcerError> {
         if let Some(pin) = &self.pin {

@@ -1,8 +1,10 @@
 //! The loaded programs, their attachments and their maps; applying a policy atomically.
 
+mod health;
 mod links;
 mod maps;
 
+pub use health::Fault;
 pub use maps::PinnedMaps;
 
 use std::{
@@ -26,8 +28,8 @@ use crate::{
     bpffs::{BpffsError, PinDir},
     cgroup::{Cgroup, CgroupError},
     compile::{CompileError, Tables, compile},
-    existing::{Sweep, sweep},
-    policy::{CgroupPath, Policy},
+    existing::{Sweep, SweepJob},
+    policy::{CgroupPath, Pattern, Policy},
 };
 /// The compiled programs, built by build.rs.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keepalive"));
@@ -280,6 +282,17 @@ impl Enforcer {
     /// a connection is decided from one record, so it sees the old or the new policy whole),
     /// then attachments no longer needed go, then every entry of other generations.
     pub fn apply(&mut self, policy: &Policy) -> Result<Applied, EnforcerError> {
+        let (mut report, sweep) = self.apply_later(policy)?;
+        report.existing = sweep.map(|job| job.run());
+        Ok(report)
+    }
+
+    /// [`Self::apply`], leaving the sweep of existing connections (when the policy asks for
+    /// it) to the caller: `existing` is None and the job is returned.
+    pub fn apply_later(
+        &mut self,
+        policy: &Policy,
+    ) -> Result<(Applied, Option<SweepJob>), EnforcerError> {
         let Points {
             all: points,
             scopes,
@@ -339,11 +352,12 @@ impl Enforcer {
         )?;
         self.current = Some((policy.clone(), tables));
         self.generation = generation;
-        if policy.existing {
-            let scopes: Vec<&Cgroup> = scopes.values().collect();
-            report.existing = Some(sweep(policy, &self.mount, &scopes).map_err(|e| e.to_string()));
-        }
-        Ok(report)
+        let sweep = policy.existing.then(|| SweepJob {
+            policy: policy.clone(),
+            mount: self.mount.clone(),
+            scopes: scopes.into_values().collect(),
+        });
+        Ok((report, sweep))
     }
 
     /// Detaches everything and, when pinned, removes the pins; new connections are no longer
@@ -422,6 +436,14 @@ impl Enforcer {
             .map_err(program_error(kind.program))
     }
 
+    fn attachments_of(&self, kind: Kind) -> &BTreeMap<CgroupPath, Attachment> {
+        if kind == SOCK_OPS {
+            &self.sock_ops
+        } else {
+            &self.setsockopt
+        }
+    }
+
     fn attachments_mut(&mut self, kind: Kind) -> &mut BTreeMap<CgroupPath, Attachment> {
         if kind == SOCK_OPS {
             &mut self.sock_ops
@@ -461,6 +483,15 @@ impl Enforcer {
     /// Applies the policy in force again if the cgroups it covers changed (a cgroup matching a
     /// pattern or named by a rule appeared, or one went). `None`: nothing to do.
     pub fn refresh(&mut self) -> Result<Option<Applied>, EnforcerError> {
+        let refreshed = self.refresh_later()?;
+        Ok(refreshed.map(|(mut report, sweep)| {
+            report.existing = sweep.map(|job| job.run());
+            report
+        }))
+    }
+
+    /// [`Self::refresh`], leaving the sweep to the caller as [`Self::apply_later`] does.
+    pub fn refresh_later(&mut self) -> Result<Option<(Applied, Option<SweepJob>)>, EnforcerError> {
         let Some((policy, _)) = &self.current else {
             return Ok(None);
         };
@@ -478,7 +509,7 @@ impl Enforcer {
             return Ok(None);
         }
         let policy = policy.clone();
-        self.apply(&policy).map(Some)
+        self.apply_later(&policy).map(Some)
     }
 
     /// Enforced cgroups (patterns expanded; plain ones must exist) and the existing rule
@@ -562,11 +593,12 @@ fn outermost(scopes: &[CgroupPath]) -> BTreeSet<CgroupPath> {
 /// The existing cgroups a pattern matches.
 fn expand(mount: &Path, pattern: &CgroupPath) -> Vec<CgroupPath> {
     let mut found = Vec::new();
+    let compiled = Pattern::new(pattern);
     let mut stack = vec![mount.join(pattern.literal_prefix().relative())];
     while let Some(dir) = stack.pop() {
         let relative = dir.strip_prefix(mount).unwrap_or(&dir);
         if let Ok(path) = CgroupPath::parse(&relative.to_string_lossy())
-            && pattern.matches(&path)
+            && compiled.matches(&path)
         {
             found.push(path);
         }

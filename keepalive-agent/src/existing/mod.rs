@@ -48,6 +48,22 @@ pub struct Sweep {
     pub namespaces: usize,
 }
 
+/// A sweep to run later, on another thread: it reads /proc and every namespace's socket
+/// list, which takes seconds with tens of thousands of connections.
+#[derive(Debug, Clone)]
+pub struct SweepJob {
+    pub policy: Policy,
+    pub mount: std::path::PathBuf,
+    pub scopes: Vec<Cgroup>,
+}
+
+impl SweepJob {
+    pub fn run(&self) -> Result<Sweep, String> {
+        let scopes: Vec<&Cgroup> = self.scopes.iter().collect();
+        sweep(&self.policy, &self.mount, &scopes).map_err(|e| e.to_string())
+    }
+}
+
 /// Applies `policy` to the established connections of the processes in `scopes`.
 pub fn sweep(policy: &Policy, mount: &Path, scopes: &[&Cgroup]) -> io::Result<Sweep> {
     let mut cgroups: HashMap<u64, CgroupPath> = HashMap::new();

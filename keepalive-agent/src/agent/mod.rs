@@ -1,0 +1,363 @@
+//! The agent's engine: it owns the enforcer and the state and handles typed [`Event`]s, one
+//! batch at a time, on a thread of its own. `commands::run` is the thin loop that turns
+//! signals, inotify and a timer into events, and serves the metrics endpoint meanwhile: no
+//! blocking work (attaching, expanding patterns, reading a policy) ever runs on it, and the
+//! sweep of existing connections runs on a third thread.
+
+mod reload;
+
+use std::{collections::BTreeSet, path::PathBuf, sync::mpsc, time::Duration};
+
+use tokio::sync::{mpsc::UnboundedReceiver, watch};
+use tracing::{error, info, warn};
+
+use self::reload::{FileVersion, Reload, load_settled, reload, report, report_sweep};
+use crate::{
+    cli::RunArgs,
+    enforcer::{Applied, Enforcer, Fault},
+    existing::SweepJob,
+    metrics,
+    notify::notify,
+    policy::{CgroupPath, Policy},
+    state::State,
+    watch::Change,
+};
+
+/// How often the engine asks the kernel whether every attachment is still there.
+pub const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
+
+/// A container runtime makes several cgroups in a row; short, because a new container's
+/// cgroup should be covered within 100 ms.
+const SETTLE_CGROUPS: Duration = Duration::from_millis(10);
+
+/// What the loop tells the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// Something changed in the policy file's directory.
+    PolicyFileChanged,
+    /// Cgroups appeared or vanished below a watched root (or events were lost).
+    CgroupsChanged(Change),
+    Signal(Signal),
+    /// Time to check that enforcement is where it should be.
+    Tick,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGINT: stop.
+    Interrupt,
+    /// SIGTERM: stop.
+    Terminate,
+    /// SIGHUP: read the policy again.
+    Hangup,
+    /// SIGUSR2 from `run --take-over`: exit, leaving enforcement pinned for the successor.
+    HandOver,
+}
+
+impl Signal {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Interrupt => "SIGINT",
+            Self::Terminate => "SIGTERM",
+            Self::Hangup => "SIGHUP",
+            Self::HandOver => "SIGUSR2",
+        }
+    }
+
+    /// Whether the agent stops on it.
+    pub fn stops(self) -> bool {
+        self != Self::Hangup
+    }
+}
+
+/// The engine.
+#[derive(Debug)]
+pub struct Agent {
+    enforcer: Enforcer,
+    args: RunArgs,
+    mount: PathBuf,
+    /// The policy file, or `command line`.
+    source: String,
+    state: Option<State>,
+    telemetry: metrics::Shared,
+    /// The version of the file last refused: events in its directory (an editor's temporary
+    /// files, a ConfigMap's symlink swap) do not read, log and count it again; SIGHUP does.
+    refused: Option<FileVersion>,
+    /// Attachments found missing and not put back yet (each logged once).
+    faults: BTreeSet<Fault>,
+    /// Where the loop watches for cgroups (they follow the policy).
+    roots: watch::Sender<Vec<PathBuf>>,
+    sweeps: mpsc::Sender<SweepJob>,
+}
+
+/// Where a policy's cgroups (patterns, rule cgroups) can appear.
+pub fn watch_roots(mount: &std::path::Path, policy: &Policy) -> Vec<PathBuf> {
+    policy
+        .scopes
+        .iter()
+        .map(|scope| mount.join(scope.literal_prefix().relative()))
+        .collect()
+}
+
+impl Agent {
+    pub fn new(
+        enforcer: Enforcer,
+        args: RunArgs,
+        mount: PathBuf,
+        telemetry: metrics::Shared,
+        roots: watch::Sender<Vec<PathBuf>>,
+    ) -> Self {
+        let source = args.config.as_ref().map_or_else(
+            || "command line".to_string(),
+            |path| path.display().to_string(),
+        );
+        Self {
+            enforcer,
+            args,
+            mount,
+            source,
+            state: None,
+            telemetry,
+            refused: None,
+            faults: BTreeSet::new(),
+            roots,
+            sweeps: spawn_sweeper(),
+        }
+    }
+
+    /// Applies the first policy, then handles events until one says stop.
+    pub fn run(
+        mut self,
+        policy: &Policy,
+        mut events: UnboundedReceiver<Event>,
+    ) -> anyhow::Result<()> {
+        use anyhow::Context as _;
+        let (applied, sweep) = self
+            .enforcer
+            .apply_later(policy)
+            .context("cannot apply the policy")?;
+        report(&applied, policy);
+        let scopes: Vec<&str> = policy.scopes.iter().map(CgroupPath::as_str).collect();
+        info!(
+            generation = applied.generation,
+            scopes = scopes.join(" "),
+            rules = policy.rules.len(),
+            source = self.source,
+            "policy applied"
+        );
+        self.queue(sweep);
+        self.state = Some(State::new(policy, &self.source, applied.generation));
+        self.publish(Some(false));
+        notify(&format!(
+            "READY=1\nSTATUS=enforcing generation {}",
+            applied.generation
+        ));
+        loop {
+            let Some(first) = events.blocking_recv() else {
+                return self.stop(Signal::Terminate);
+            };
+            let mut batch = vec![first];
+            while let Ok(event) = events.try_recv() {
+                batch.push(event);
+            }
+            if let Some(signal) = batch.iter().find_map(|event| match event {
+                Event::Signal(signal) if signal.stops() => Some(*signal),
+                _ => None,
+            }) {
+                return self.stop(signal);
+            }
+            self.handle(&batch);
+        }
+    }
+
+    /// One batch of events: the same event twice is handled once.
+    fn handle(&mut self, batch: &[Event]) {
+        let mut reloaded = None;
+        if let Some(change) = batch.iter().find_map(|event| match event {
+            Event::CgroupsChanged(change) => Some(*change),
+            _ => None,
+        }) {
+            if batch.contains(&Event::CgroupsChanged(Change::Overflowed))
+                || change == Change::Overflowed
+            {
+                warn!("the cgroup watch lost events (inotify queue overflow); rescanning the tree");
+                if let Ok(mut telemetry) = self.telemetry.lock() {
+                    telemetry.watch_overflows += 1;
+                }
+            }
+            std::thread::sleep(SETTLE_CGROUPS);
+            self.follow_cgroups();
+        }
+        if batch.contains(&Event::Signal(Signal::Hangup)) {
+            reloaded = self.reload("SIGHUP", false);
+        } else if batch.contains(&Event::PolicyFileChanged) {
+            reloaded = self.reload("file changed", true);
+        }
+        self.check_health();
+        self.publish(reloaded);
+    }
+
+    /// Attaches to new matching cgroups and forgets removed ones.
+    fn follow_cgroups(&mut self) {
+        match self.enforcer.refresh_later() {
+            Ok(Some((applied, sweep))) => self.applied_again(&applied, sweep),
+            Ok(None) => {}
+            Err(error) => error!(
+                error = format!("{error:#}"),
+                "cannot follow the cgroup tree"
+            ),
+        }
+    }
+
+    fn applied_again(&mut self, applied: &Applied, sweep: Option<SweepJob>) {
+        if let Some(policy) = self.enforcer.policy() {
+            report(applied, policy);
+        }
+        if let Some(state) = &mut self.state {
+            state.generation = applied.generation;
+        }
+        self.queue(sweep);
+    }
+
+    /// Reads and applies the policy again; returns whether it was refused (None: not read,
+    /// the file is the version refused last).
+    fn reload(&mut self, why: &str, skip_refused: bool) -> Option<bool> {
+        let version = || self.args.config.as_deref().map(FileVersion::of);
+        if skip_refused && self.refused.is_some() && self.refused == version() {
+            return None;
+        }
+        let (loaded, read) = load_settled(&self.args, &self.mount);
+        self.refused = None;
+        let state = self.state.as_mut()?;
+        match reload(loaded, &mut self.enforcer, why) {
+            Reload::Applied(applied) => {
+                let (policy, sweep) = *applied;
+                *state = State {
+                    reloads_succeeded: state.reloads_succeeded + 1,
+                    reloads_failed: state.reloads_failed,
+                    ..State::new(&policy, &self.source, self.enforcer.generation())
+                };
+                self.roots.send_replace(watch_roots(&self.mount, &policy));
+                self.queue(sweep);
+                Some(false)
+            }
+            Reload::Unchanged => Some(false),
+            Reload::Refused => {
+                self.refused = read;
+                state.reloads_failed += 1;
+                Some(true)
+            }
+        }
+    }
+
+    /// Asks the kernel whether every attachment is still there; puts back what is not.
+    fn check_health(&mut self) {
+        let faults = self.enforcer.faults();
+        if faults.is_empty() {
+            self.faults.clear();
+            return;
+        }
+        let new: Vec<&Fault> = faults
+            .iter()
+            .filter(|fault| !self.faults.contains(fault))
+            .collect();
+        for fault in &new {
+            warn!(
+                program = fault.program,
+                cgroup = fault.cgroup,
+                fault = fault.what,
+                "enforcement removed by someone else; re-attaching"
+            );
+        }
+        match self.enforcer.heal(&faults) {
+            Ok(Some((applied, sweep))) => {
+                if let Ok(mut telemetry) = self.telemetry.lock() {
+                    telemetry.healed += u64::try_from(faults.len()).unwrap_or(u64::MAX);
+                }
+                info!(
+                    attachments = faults.len(),
+                    generation = applied.generation,
+                    "re-attached"
+                );
+                self.applied_again(&applied, sweep);
+            }
+            Ok(None) => {}
+            Err(error) if !new.is_empty() => {
+                error!(error = format!("{error:#}"), "cannot re-attach");
+            }
+            Err(_) => {}
+        }
+        self.faults = self.enforcer.faults().into_iter().collect();
+    }
+
+    fn queue(&self, sweep: Option<SweepJob>) {
+        if let Some(job) = sweep {
+            let _ignored = self.sweeps.send(job);
+        }
+    }
+
+    /// The state file for `status`, and the numbers for the metrics endpoint.
+    fn publish(&mut self, refused: Option<bool>) {
+        let faults: Vec<String> = self.faults.iter().map(Fault::to_string).collect();
+        if let Some(state) = &mut self.state {
+            state.faults.clone_from(&faults);
+            if let Err(error) = state.write(&self.args.places.state_dir) {
+                warn!(%error, dir = %self.args.places.state_dir.display(), "cannot write the state file; status will lack rule names");
+            }
+        }
+        if let Ok(mut shared) = self.telemetry.lock() {
+            shared.state.clone_from(&self.state);
+            shared.attached = self.enforcer.attachments().count();
+            shared.programs = self.enforcer.program_ids();
+            shared.faults = faults;
+            if let Some(refused) = refused {
+                shared.last_reload_ok = !refused;
+            }
+        }
+    }
+
+    fn stop(mut self, signal: Signal) -> anyhow::Result<()> {
+        use anyhow::Context as _;
+        notify("STOPPING=1");
+        let pins = self.args.places.bpffs.join("keepalive-agent");
+        if signal == Signal::HandOver {
+            info!(signal = signal.name(), pins = %pins.display(), "handing over to a new agent; enforcement stays in place");
+            return Ok(());
+        }
+        if self.args.persist {
+            info!(
+                signal = signal.name(),
+                pins = %pins.display(),
+                "stopping; enforcement stays in place (`keepalive-agent detach` removes it)"
+            );
+            return Ok(());
+        }
+        info!(signal = signal.name(), "stopping");
+        for cgroup in self.enforcer.detach_all().context("cannot detach")? {
+            info!(cgroup = %cgroup.name, id = cgroup.id, "detached");
+        }
+        State::remove(&self.args.places.state_dir);
+        self.state = None;
+        Ok(())
+    }
+}
+
+/// The thread that applies policies to existing connections, in order, the latest pending
+/// one only.
+fn spawn_sweeper() -> mpsc::Sender<SweepJob> {
+    let (jobs, queue) = mpsc::channel::<SweepJob>();
+    let spawned = std::thread::Builder::new()
+        .name("sweep".into())
+        .spawn(move || {
+            while let Ok(mut job) = queue.recv() {
+                while let Ok(newer) = queue.try_recv() {
+                    job = newer;
+                }
+                report_sweep(&job.run());
+            }
+        });
+    if let Err(error) = spawned {
+        warn!(%error, "cannot start the sweep thread; existing connections are left as they are");
+    }
+    jobs
+}

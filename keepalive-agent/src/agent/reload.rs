@@ -1,0 +1,163 @@
+//! Reading the policy again (settled files, refused versions) and logging what an apply did.
+
+use std::{path::Path, time::Duration};
+
+use tracing::{error, info, warn};
+
+use crate::{
+    cli::RunArgs,
+    enforcer::{Applied, Enforcer},
+    existing::{Sweep, SweepJob},
+    policy::Policy,
+};
+
+/// How long the policy file must have been left alone before it is read (an editor or a
+/// ConfigMap update is several events; a tool that truncates and then writes must not be read
+/// half-way: a truncated file may still parse).
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// What a reload did.
+#[derive(Debug)]
+pub(super) enum Reload {
+    Applied(Box<(Policy, Option<SweepJob>)>),
+    Unchanged,
+    Refused,
+}
+
+/// Reads the policy again, from a file nobody has touched for [`SETTLE`] before or after the
+/// read, and not replaced during it: a writer that truncates and then writes in place is never
+/// caught half-way, and the version read is known. A file rewritten without pause is read
+/// after ten rounds anyway, and checked like any other (its version unknown). Blocking: runs
+/// on the engine's thread.
+pub(super) fn load_settled(
+    args: &RunArgs,
+    mount: &Path,
+) -> (anyhow::Result<Policy>, Option<FileVersion>) {
+    let Some(config) = &args.config else {
+        return (args.policy(mount), None);
+    };
+    for _ in 0..10 {
+        if let Some(wait) = unsettled(config) {
+            std::thread::sleep(wait);
+            continue;
+        }
+        let before = FileVersion::of(config);
+        let policy = args.policy(mount);
+        if unsettled(config).is_none() && FileVersion::of(config) == before {
+            return (policy, Some(before));
+        }
+    }
+    (args.policy(mount), None)
+}
+
+/// How much longer `path` must be left alone to count as settled, if it is not yet.
+fn unsettled(path: &Path) -> Option<Duration> {
+    let modified = std::fs::metadata(path)
+        .and_then(|meta| meta.modified())
+        .ok()?;
+    let age = std::time::SystemTime::now().duration_since(modified).ok()?;
+    SETTLE.checked_sub(age).filter(|wait| !wait.is_zero())
+}
+
+/// A version of a file on disk: another file renamed over it, or a write to it, is a new one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum FileVersion {
+    Missing,
+    At {
+        dev: u64,
+        ino: u64,
+        size: u64,
+        mtime: (i64, i64),
+        ctime: (i64, i64),
+    },
+}
+
+impl FileVersion {
+    pub(super) fn of(path: &Path) -> Self {
+        use std::os::unix::fs::MetadataExt as _;
+        match std::fs::metadata(path) {
+            Ok(meta) => Self::At {
+                dev: meta.dev(),
+                ino: meta.ino(),
+                size: meta.size(),
+                mtime: (meta.mtime(), meta.mtime_nsec()),
+                ctime: (meta.ctime(), meta.ctime_nsec()),
+            },
+            Err(_) => Self::Missing,
+        }
+    }
+}
+
+/// Applies a policy read again; one that does not check, or does not apply, leaves the
+/// running one in force.
+pub(super) fn reload(loaded: anyhow::Result<Policy>, enforcer: &mut Enforcer, why: &str) -> Reload {
+    let policy = match loaded {
+        Ok(policy) => policy,
+        Err(error) => {
+            error!(
+                trigger = why,
+                error = format!("{error:#}"),
+                "policy refused; the running policy stays"
+            );
+            return Reload::Refused;
+        }
+    };
+    if enforcer.policy() == Some(&policy) {
+        info!(trigger = why, "policy unchanged");
+        return Reload::Unchanged;
+    }
+    match enforcer.apply_later(&policy) {
+        Ok((applied, sweep)) => {
+            info!(
+                trigger = why,
+                generation = applied.generation,
+                rules = policy.rules.len(),
+                "policy reloaded"
+            );
+            report(&applied, &policy);
+            Reload::Applied(Box::new((policy, sweep)))
+        }
+        Err(error) => {
+            error!(
+                trigger = why,
+                error = format!("{error:#}"),
+                "policy not applied; the running policy stays"
+            );
+            Reload::Refused
+        }
+    }
+}
+
+/// Logs the attachments an apply made and removed, and the rules whose cgroup is missing.
+pub(super) fn report(applied: &Applied, policy: &Policy) {
+    for cgroup in &applied.attached {
+        info!(cgroup = %cgroup.name, id = cgroup.id, default = %policy.default, rules = policy.rules.len(), "attached");
+    }
+    for cgroup in &applied.detached {
+        info!(cgroup = %cgroup.name, id = cgroup.id, "detached");
+    }
+    for (rule, cgroup) in &applied.missing {
+        warn!(rule, cgroup = %cgroup, "cgroup does not exist (yet); it is covered as soon as it does");
+    }
+}
+
+/// Logs what a sweep of existing connections did.
+pub(super) fn report_sweep(sweep: &Result<Sweep, String>) {
+    match sweep {
+        Ok(sweep) => {
+            let outcomes: Vec<String> = keepalive_common::Outcome::ALL
+                .iter()
+                .filter(|outcome| sweep.outcomes[**outcome as usize] > 0)
+                .map(|outcome| format!("{}={}", outcome.name(), sweep.outcomes[*outcome as usize]))
+                .collect();
+            info!(
+                connections = sweep.connections,
+                outcomes = outcomes.join(" "),
+                unreachable = sweep.unreachable,
+                namespaces = sweep.namespaces,
+                "existing connections"
+            );
+        }
+        Err(error) => warn!(%error, "existing connections could not be updated; new ones are"),
+    }
+}

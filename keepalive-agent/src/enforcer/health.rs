@@ -1,0 +1,82 @@
+//! Whether what the enforcer believes is attached really is, and putting back what someone
+//! else removed (`bpftool link detach`, a removed pin, a link given another program).
+
+use super::{
+    Applied, Enforcer, EnforcerError, SweepJob,
+    links::{Kind, SETSOCKOPT, SOCK_OPS},
+};
+use crate::policy::CgroupPath;
+
+/// One attachment the kernel does not have as the enforcer left it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Fault {
+    /// `sockops` or `setsockopt`.
+    pub program: &'static str,
+    /// The cgroup, as /proc/PID/cgroup shows it.
+    pub cgroup: String,
+    /// What is wrong: `pin removed`, `link detached`, `program replaced`, ...
+    pub what: &'static str,
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} at {}: {}", self.program, self.cgroup, self.what)
+    }
+}
+
+impl Enforcer {
+    /// Asks the kernel about every attachment (one pin open and one link info each).
+    pub fn faults(&self) -> Vec<Fault> {
+        let mut faults = Vec::new();
+        for kind in [SOCK_OPS, SETSOCKOPT] {
+            let Ok(program_id) = self.program_id(kind) else {
+                continue;
+            };
+            for attachment in self.attachments_of(kind).values() {
+                if let Some(what) = attachment.fault(program_id) {
+                    faults.push(Fault {
+                        program: kind.pin_name,
+                        cgroup: attachment.cgroup.name.clone(),
+                        what,
+                    });
+                }
+            }
+        }
+        faults
+    }
+
+    /// Drops the faulty attachments (their pins too) and applies the policy in force again,
+    /// which attaches afresh and rewrites their records. The sweep of existing connections
+    /// (those opened meanwhile went unenforced) is returned to run off the caller's thread.
+    pub fn heal(
+        &mut self,
+        faults: &[Fault],
+    ) -> Result<Option<(Applied, Option<SweepJob>)>, EnforcerError> {
+        for fault in faults {
+            let kind = if fault.program == SOCK_OPS.pin_name {
+                SOCK_OPS
+            } else {
+                SETSOCKOPT
+            };
+            let Ok(path) = CgroupPath::parse(&fault.cgroup) else {
+                continue;
+            };
+            if let Some(attachment) = self.attachments_mut(kind).remove(&path) {
+                attachment.detach(kind)?;
+            }
+        }
+        let Some(policy) = self.policy().cloned() else {
+            return Ok(None);
+        };
+        self.apply_later(&policy).map(Some)
+    }
+
+    fn program_id(&self, kind: Kind) -> Result<u32, EnforcerError> {
+        let program = self
+            .ebpf
+            .program(kind.program)
+            .ok_or(EnforcerError::Missing(kind.program))?;
+        let info = program.info().map_err(super::program_error(kind.program))?;
+        Ok(info.id())
+    }
+}
