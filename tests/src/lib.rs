@@ -12,9 +12,11 @@
 pub mod agent;
 pub mod cgroup;
 pub mod connection;
+pub mod http;
 pub mod netns;
 pub mod process;
 pub mod sockopt;
+pub mod sysctl;
 
 use std::{
     sync::{

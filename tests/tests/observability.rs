@@ -3,53 +3,26 @@
 #![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 
 use std::{
-    io::{Read as _, Write as _},
-    net::TcpStream,
+    io::Write as _,
     os::unix::net::UnixDatagram,
     process::{Command, Stdio},
     time::Duration,
 };
 
 use keepalive_tests::{
-    AgentPlaces, Netns, Placement, TestCgroup, Workload, agent_bin, connect, require_host,
-    unique_name,
+    AgentPlaces, Netns, Placement, TestCgroup, Workload, agent_bin, connect,
+    http::{self, sample},
+    require_host, unique_name,
 };
 
 const LOG_WAIT: Duration = Duration::from_secs(10);
 
-/// The endpoint the agent logged, e.g. `127.0.0.1:40123`.
 fn metrics_addr(agent: &Workload) -> String {
-    let line = agent.expect_log("metrics endpoint", LOG_WAIT);
-    line.split_whitespace()
-        .find_map(|word| word.strip_prefix("addr="))
-        .map(|addr| addr.trim_matches('"').to_string())
-        .unwrap_or_else(|| panic!("no addr in {line}"))
+    http::metrics_addr(agent, LOG_WAIT)
 }
 
-/// `GET path`: (status code, body).
 fn get(addr: &str, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(LOG_WAIT)).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0);
-    (code, body.to_string())
-}
-
-/// The value of the sample whose line starts with `prefix`.
-fn sample(metrics: &str, prefix: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|line| line.starts_with(prefix))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {prefix} in:\n{metrics}"))
+    http::get_within(addr, path, LOG_WAIT)
 }
 
 #[test]
@@ -92,14 +65,14 @@ fn metrics_count_connections_and_reloads_and_pass_promtool() {
     assert_eq!(
         sample(
             &metrics,
-            r#"keepalive_connections_total{rule="db",slot="1",outcome="set"}"#
+            r#"keepalive_connections_total{rule="db",outcome="set"}"#
         ),
         1.0
     );
     assert_eq!(
         sample(
             &metrics,
-            r#"keepalive_connections_total{rule="default",slot="0",outcome="set"}"#
+            r#"keepalive_connections_total{rule="default",outcome="set"}"#
         ),
         3.0
     );
@@ -108,10 +81,17 @@ fn metrics_count_connections_and_reloads_and_pass_promtool() {
         1.0
     );
     assert_eq!(sample(&metrics, "keepalive_attached_cgroups"), 1.0);
+    assert_eq!(sample(&metrics, "keepalive_last_reload_success "), 0.0);
+    assert_eq!(sample(&metrics, "keepalive_build_info{version="), 1.0);
+    assert_eq!(sample(&metrics, "keepalive_enforcement_missing "), 0.0);
+    assert!(
+        !metrics.contains("slot=") && !metrics.contains("id="),
+        "no label that changes on reorder or restart: {metrics}"
+    );
     assert!(
         sample(
             &metrics,
-            "keepalive_program_runs_total{program=\"ka_sockops\""
+            "keepalive_program_runs_total{program=\"ka_sockops\"}"
         ) >= 18.0,
         "{metrics}"
     );

@@ -16,6 +16,8 @@
 //!                                  most RATE per second); reads both ends back and prints one
 //!                                  "tally KEEPALIVE IDLE INTVL CNT N" line per distinct
 //!                                  combination, then "tallied COUNT"
+//! ka-probe hold ADDR COUNT       -> COUNT connections to itself, both ends kept open (the
+//!                                  soft descriptor limit raised to the hard one); "holding COUNT"
 //! ka-probe echo ADDR             -> "listening PORT", then echoes every client ("echoed PEER N")
 //! ka-probe converse ADDR         -> "connected FD LOCAL"; each "send WAIT_MS" on stdin writes a
 //!                                  line and reports "reply N", "no-reply", "read-eof" or
@@ -54,6 +56,7 @@ fn main() -> ExitCode {
         ["tally", addr, count, rate] => {
             parse(addr).and_then(|addr| tally(addr, number(count)?, Some(number(rate)?)))
         }
+        ["hold", addr, count] => parse(addr).and_then(|addr| hold(addr, number(count)?)),
         ["echo", addr] => parse(addr).and_then(interactive::echo),
         ["converse", addr] => parse(addr).and_then(interactive::converse),
         ["worker", ports @ ..] if !ports.is_empty() => ports
@@ -64,7 +67,7 @@ fn main() -> ExitCode {
         _ => Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "usage: ka-probe listen ADDR | connect ADDR [--read] | loop ADDR COUNT | sink ADDR \
-             | dial ADDR COUNT | watch ADDR IDLE | tally ADDR COUNT [RATE] | echo ADDR \
+             | dial ADDR COUNT | watch ADDR IDLE | tally ADDR COUNT [RATE] | hold ADDR COUNT | echo ADDR \
              | converse ADDR | worker PORT...",
         )),
     };
@@ -202,6 +205,37 @@ fn keepidle(stream: &TcpStream) -> io::Result<i32> {
 
 fn option(stream: &TcpStream, level: i32, name: i32) -> io::Result<i32> {
     keepalive_agent::sockopt::get_int(stream.as_fd(), level, name)
+}
+
+/// Many connections held open, for sweeps of existing connections.
+fn hold(addr: SocketAddr, count: u64) -> io::Result<()> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain system calls with a struct of the right type.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        limit.rlim_cur = limit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    let listener = TcpListener::bind(addr)?;
+    exit_on_stdin_eof();
+    let target = listener.local_addr()?;
+    let mut open = Vec::new();
+    for _ in 0..count {
+        let client = TcpStream::connect(target)?;
+        let (server, _) = listener.accept()?;
+        open.push((client, server));
+    }
+    report(&format!("holding {}", open.len()));
+    loop {
+        std::thread::park();
+    }
 }
 
 /// Many connections, each end read back: which combinations of values occurred, how often.

@@ -1,0 +1,193 @@
+//! One agent per set of pins, and enforcement that heals: a second `run` is refused and names
+//! the first, `--take-over` hands over without a gap, a SIGKILLed agent's successor starts,
+//! `detach` stops a running agent first, and what someone else removes comes back.
+#![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
+#![expect(clippy::print_stderr, reason = "the closing note's figures")]
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use keepalive_tests::{
+    AgentPlaces, Netns, Placement, TestCgroup, Workload, agent_bin, connect,
+    http::{get_within, metrics_addr, sample},
+    poll, require_host, wait_for,
+};
+
+const LOG_WAIT: Duration = Duration::from_secs(10);
+
+/// Our links on `cgroup`, as `bpftool link` lists them: (link id, attach type).
+fn links(cgroup: &TestCgroup) -> Vec<(u64, String)> {
+    let out = Command::new("bpftool")
+        .args(["-j", "link", "show"])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run bpftool (Debian package bpftool): {e}"));
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    links
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|link| link["cgroup_id"].as_u64() == Some(cgroup.cgroup().id))
+        .map(|link| {
+            (
+                link["id"].as_u64().unwrap(),
+                link["attach_type"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// A running agent and its metrics endpoint.
+fn start(places: &AgentPlaces, name: &str, extra: &[&str]) -> (Workload, String) {
+    let mut args = vec!["run", "--cgroup", name, "--no-existing"];
+    args.extend_from_slice(extra);
+    let agent = places.spawn(agent_bin(), &args);
+    let addr = metrics_addr(&agent, LOG_WAIT);
+    agent.expect_log("policy applied", LOG_WAIT);
+    (agent, addr)
+}
+
+#[test]
+fn a_second_agent_is_refused_and_a_take_over_hands_over() {
+    require_host();
+    let cgroup = TestCgroup::new();
+    let places = AgentPlaces::new();
+    let name = cgroup.cgroup().name.clone();
+    let (mut first, _) = start(&places, &name, &["--idle", "201"]);
+
+    let started = Instant::now();
+    let second = Command::new(agent_bin())
+        .args(["run", "--cgroup", &name, "--idle", "202"])
+        .args(places.run_args())
+        .output()
+        .unwrap();
+    let refused_in = started.elapsed();
+    let error = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "a second agent must not run");
+    assert!(
+        error.contains(&format!("pid {}", first.pid())) && error.contains("--take-over"),
+        "one sentence naming the running agent and the way to replace it: {error}"
+    );
+    assert!(refused_in < Duration::from_secs(1), "{refused_in:?}");
+    eprintln!("figure: second agent refused in {refused_in:?}");
+    assert_eq!(links(&cgroup).len(), 2, "the first agent's links only");
+
+    // status works beside it.
+    let status = places.command(agent_bin(), &["status", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(json["agent_running"], true);
+    assert_eq!(json["agent_pid"], first.pid());
+
+    // A SIGKILLed agent's lock dies with it: the next one starts and adopts.
+    assert_eq!(first.signal_and_wait(libc::SIGKILL, LOG_WAIT), None);
+    let (mut third, _) = start(&places, &name, &["--idle", "203"]);
+
+    // A deliberate hand-over: the running agent exits leaving its links, the new one swaps its
+    // programs in.
+    let mut fourth = places.spawn(
+        agent_bin(),
+        &[
+            "run",
+            "--cgroup",
+            &name,
+            "--no-existing",
+            "--idle",
+            "204",
+            "--take-over",
+        ],
+    );
+    third.expect_log("handing over", LOG_WAIT);
+    assert_eq!(third.signal_and_wait(0, LOG_WAIT), Some(0));
+    let adopted = fourth.expect_log("attached", LOG_WAIT);
+    assert!(adopted.contains("adopted=true"), "{adopted}");
+    fourth.expect_log("policy applied", LOG_WAIT);
+    let netns = Netns::new();
+    let place = Placement::new(&cgroup, &netns);
+    let conn = connect("127.0.0.1:0", "127.0.0.1", place, place);
+    assert_eq!(conn.client().idle_secs, 204, "the new agent's policy");
+    assert_eq!(links(&cgroup).len(), 2, "still one link of each program");
+
+    // detach beside a running agent stops it first, and says so.
+    let detach = places.command(agent_bin(), &["detach"]);
+    let said = String::from_utf8_lossy(&detach.stdout);
+    assert!(
+        detach.status.success(),
+        "{}",
+        String::from_utf8_lossy(&detach.stderr)
+    );
+    assert!(
+        said.contains(&format!("agent pid {} is running", fourth.pid()))
+            && said.contains("SIGTERM"),
+        "{said}"
+    );
+    assert_eq!(fourth.signal_and_wait(0, LOG_WAIT), Some(0));
+    assert!(links(&cgroup).is_empty(), "detached");
+}
+
+/// Waits until a new connection in `cgroup` gets `idle` again; returns how long it took.
+fn enforced_again(cgroup: &TestCgroup, netns: &Netns, idle: u32, since: Instant) -> Duration {
+    let place = Placement::new(cgroup, netns);
+    wait_for("enforcement to come back", LOG_WAIT, || {
+        let conn = connect("127.0.0.1:0", "127.0.0.1", place, place);
+        (conn.client().idle_secs == idle).then(|| since.elapsed())
+    })
+}
+
+#[test]
+fn enforcement_removed_behind_the_agents_back_comes_back() {
+    require_host();
+    let cgroup = TestCgroup::new();
+    let netns = Netns::new();
+    let places = AgentPlaces::new();
+    let name = cgroup.cgroup().name.clone();
+    let (mut agent, addr) = start(&places, &name, &["--idle", "211"]);
+    assert_eq!(get_within(&addr, "/readyz", LOG_WAIT).0, 200);
+
+    // bpftool link detach of the sock_ops link.
+    let (id, _) = links(&cgroup)
+        .into_iter()
+        .find(|(_, kind)| kind.ends_with("sock_ops"))
+        .unwrap();
+    let detached = Instant::now();
+    let out = Command::new("bpftool")
+        .args(["link", "detach", "id", &id.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let healed_in = enforced_again(&cgroup, &netns, 211, detached);
+    let logged = agent.expect_log("enforcement removed by someone else", LOG_WAIT);
+    assert!(logged.contains("link detached"), "{logged}");
+    agent.expect_log("re-attached", LOG_WAIT);
+    assert!(healed_in < Duration::from_secs(2), "{healed_in:?}");
+    eprintln!("figure: external `bpftool link detach` healed in {healed_in:?}");
+
+    // A removed pin.
+    let pin = places
+        .bpffs()
+        .join("keepalive-agent/links")
+        .join(format!("setsockopt-{}", cgroup.cgroup().id));
+    let removed = Instant::now();
+    std::fs::remove_file(&pin).unwrap();
+    wait_for("the pin to come back", LOG_WAIT, || {
+        pin.exists().then_some(())
+    });
+    let logged = agent.expect_log("enforcement removed by someone else", LOG_WAIT);
+    assert!(logged.contains("pin removed"), "{logged}");
+    eprintln!("figure: removed pin put back in {:?}", removed.elapsed());
+
+    let ready = poll(LOG_WAIT, || {
+        let (code, metrics) = get_within(&addr, "/metrics", LOG_WAIT);
+        (code == 200 && sample(&metrics, "keepalive_reattached_total ") >= 2.0).then_some(metrics)
+    });
+    let metrics = ready.unwrap_or_else(|| panic!("keepalive_reattached_total never reached 2"));
+    assert_eq!(sample(&metrics, "keepalive_enforcement_missing "), 0.0);
+    assert_eq!(get_within(&addr, "/readyz", LOG_WAIT).0, 200);
+    assert_eq!(links(&cgroup).len(), 2, "one link of each program again");
+    assert_eq!(agent.signal_and_wait(libc::SIGTERM, LOG_WAIT), Some(0));
+    assert!(links(&cgroup).is_empty());
+}
