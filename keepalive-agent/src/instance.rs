@@ -131,7 +131,8 @@ fn holder_in(locks: &str, dev: u64, ino: u64) -> Option<u32> {
         if fields.get(1) != Some(&"FLOCK") || fields.get(5) != Some(&wanted.as_str()) {
             return None;
         }
-        fields.get(4)?.parse().ok()
+        // 0: the holder is in a pid namespace this process cannot see.
+        fields.get(4)?.parse().ok().filter(|pid| *pid != 0)
     })
 }
 
