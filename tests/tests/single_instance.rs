@@ -191,3 +191,47 @@ fn enforcement_removed_behind_the_agents_back_comes_back() {
     assert_eq!(agent.signal_and_wait(libc::SIGTERM, LOG_WAIT), Some(0));
     assert!(links(&cgroup).is_empty());
 }
+
+#[test]
+fn enforcement_that_cannot_be_put_back_is_not_ready_and_status_says_where() {
+    require_host();
+    let cgroup = TestCgroup::new();
+    let netns = Netns::new();
+    let places = AgentPlaces::new();
+    let name = cgroup.cgroup().name.clone();
+    let (mut agent, addr) = start(&places, &name, &["--idle", "231"]);
+    assert_eq!(get_within(&addr, "/readyz", LOG_WAIT).0, 200);
+
+    // Without its links directory the agent can attach but not pin: it cannot put them back.
+    let dir = places.bpffs().join("keepalive-agent/links");
+    std::fs::remove_dir_all(&dir).unwrap();
+    let unready = poll(LOG_WAIT, || {
+        let (code, body) = get_within(&addr, "/readyz", LOG_WAIT);
+        (code == 503).then_some(body)
+    })
+    .unwrap_or_else(|| panic!("/readyz stayed ready with nothing attached"));
+    assert!(
+        unready.contains("enforcement missing") && unready.contains(&name),
+        "{unready}"
+    );
+    let status = wait_for("status to say where", LOG_WAIT, || {
+        let out = places.command(agent_bin(), &["status"]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.contains("enforcement missing").then_some(text)
+    });
+    assert!(status.contains(&name), "{status}");
+
+    std::fs::create_dir(&dir).unwrap();
+    let repaired = Instant::now();
+    let ready = poll(LOG_WAIT, || {
+        (get_within(&addr, "/readyz", LOG_WAIT).0 == 200).then_some(())
+    });
+    assert!(
+        ready.is_some(),
+        "not ready again after the directory came back"
+    );
+    assert!(repaired.elapsed() < 2 * Duration::from_secs(1));
+    enforced_again(&cgroup, &netns, 231, repaired);
+    assert_eq!(links(&cgroup).len(), 2);
+    assert_eq!(agent.signal_and_wait(libc::SIGTERM, LOG_WAIT), Some(0));
+}

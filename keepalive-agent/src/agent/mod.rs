@@ -137,6 +137,9 @@ impl Agent {
             .apply_later(policy)
             .context("cannot apply the policy")?;
         report(&applied, policy);
+        self.state = Some(State::new(policy, &self.source, applied.generation));
+        // Ready (/readyz) by the time the log says so.
+        self.publish(Some(false));
         let scopes: Vec<&str> = policy.scopes.iter().map(CgroupPath::as_str).collect();
         info!(
             generation = applied.generation,
@@ -146,8 +149,6 @@ impl Agent {
             "policy applied"
         );
         self.queue(sweep);
-        self.state = Some(State::new(policy, &self.source, applied.generation));
-        self.publish(Some(false));
         notify(&format!(
             "READY=1\nSTATUS=enforcing generation {}",
             applied.generation
@@ -250,14 +251,11 @@ impl Agent {
         }
     }
 
-    /// Asks the kernel whether every attachment is still there; puts back what is not.
+    /// Asks the kernel whether every attachment is still there; puts back what is not. What
+    /// could not be put back stays a fault (not ready) and is tried again at every tick.
     fn check_health(&mut self) {
-        let faults = self.enforcer.faults();
-        if faults.is_empty() {
-            self.faults.clear();
-            return;
-        }
-        let new: Vec<&Fault> = faults
+        let found = self.enforcer.faults();
+        let new: Vec<&Fault> = found
             .iter()
             .filter(|fault| !self.faults.contains(fault))
             .collect();
@@ -269,25 +267,37 @@ impl Agent {
                 "enforcement removed by someone else; re-attaching"
             );
         }
-        match self.enforcer.heal(&faults) {
-            Ok(Some((applied, sweep))) => {
-                if let Ok(mut telemetry) = self.telemetry.lock() {
-                    telemetry.healed += u64::try_from(faults.len()).unwrap_or(u64::MAX);
+        let first_seen = !new.is_empty();
+        self.faults.extend(found.iter().cloned());
+        if self.faults.is_empty() {
+            return;
+        }
+        let healed = if found.is_empty() {
+            // Earlier faults that could not be put back: attach what the policy wants again.
+            self.enforcer.refresh_later()
+        } else {
+            self.enforcer.heal(&found)
+        };
+        match healed {
+            Ok(outcome) => {
+                if let Some((applied, sweep)) = outcome {
+                    info!(
+                        attachments = self.faults.len(),
+                        generation = applied.generation,
+                        "re-attached"
+                    );
+                    self.applied_again(&applied, sweep);
                 }
-                info!(
-                    attachments = faults.len(),
-                    generation = applied.generation,
-                    "re-attached"
-                );
-                self.applied_again(&applied, sweep);
+                if let Ok(mut telemetry) = self.telemetry.lock() {
+                    telemetry.healed += u64::try_from(self.faults.len()).unwrap_or(u64::MAX);
+                }
+                self.faults = self.enforcer.faults().into_iter().collect();
             }
-            Ok(None) => {}
-            Err(error) if !new.is_empty() => {
-                error!(error = format!("{error:#}"), "cannot re-attach");
+            Err(error) if first_seen => {
+                error!(error = format!("{error:#}"), "cannot re-attach; retrying");
             }
             Err(_) => {}
         }
-        self.faults = self.enforcer.faults().into_iter().collect();
     }
 
     fn queue(&self, sweep: Option<SweepJob>) {

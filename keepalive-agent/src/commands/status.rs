@@ -22,11 +22,17 @@ pub fn collect(args: &StatusArgs, cgroup2_mount: &Path) -> anyhow::Result<Value>
         let records = PinnedMaps::open(&pins.maps())
             .and_then(|maps| maps.records())
             .map_or(0, |records| records.len());
+        let missing: Vec<String> = state
+            .as_ref()
+            .filter(|_| running)
+            .map(|state| state.faults.clone())
+            .unwrap_or_default();
         return Ok(json!({
             "pins": pins.root,
             "attached": [],
             "records": records,
             "agent_running": running,
+            "missing": missing,
         }));
     }
     let by_id = crate::cgroup::by_id(cgroup2_mount);
@@ -132,6 +138,13 @@ fn missing(
 pub fn table(status: &Value) -> String {
     let mut out = String::new();
     let attached = status["attached"].as_array().cloned().unwrap_or_default();
+    let missing: Vec<&str> = status["missing"]
+        .as_array()
+        .map(|list| list.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    if !missing.is_empty() {
+        let _ = writeln!(out, "enforcement missing: {}", missing.join("; "));
+    }
     if attached.is_empty() {
         let _ = writeln!(
             out,
@@ -155,13 +168,6 @@ pub fn table(status: &Value) -> String {
         "pins: {}; {agent}",
         status["pins"].as_str().unwrap_or("?")
     );
-    let missing: Vec<&str> = status["missing"]
-        .as_array()
-        .map(|list| list.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
-    if !missing.is_empty() {
-        let _ = writeln!(out, "enforcement missing: {}", missing.join("; "));
-    }
     if let Some(policy) = status["policy"].as_object() {
         let _ = writeln!(
             out,
