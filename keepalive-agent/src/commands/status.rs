@@ -63,21 +63,7 @@ pub fn collect(args: &StatusArgs, cgroup2_mount: &Path) -> anyhow::Result<Value>
         Some(state) => state
             .rules
             .iter()
-            .map(|rule| {
-                let outcomes = maps.outcomes(rule.slot)?;
-                let mut counts: serde_json::Map<String, Value> = Outcome::ALL
-                    .iter()
-                    .map(|outcome| (outcome.name().to_string(), json!(outcomes.get(*outcome))))
-                    .collect();
-                counts.insert("seen".into(), json!(outcomes.seen()));
-                Ok(json!({
-                    "slot": rule.slot,
-                    "name": rule.name,
-                    "line": rule.line,
-                    "action": rule.action,
-                    "counters": counts,
-                }))
-            })
+            .map(|rule| rule_json(rule, &maps))
             .collect::<anyhow::Result<_>>()?,
         None => Vec::new(),
     };
@@ -98,6 +84,23 @@ pub fn collect(args: &StatusArgs, cgroup2_mount: &Path) -> anyhow::Result<Value>
         "records": maps.records()?.len(),
         "counters": global,
         "rules": rules,
+    }))
+}
+
+/// A rule with its counters.
+fn rule_json(rule: &crate::state::RuleState, maps: &PinnedMaps) -> anyhow::Result<Value> {
+    let outcomes = maps.outcomes(rule.slot)?;
+    let mut counts: serde_json::Map<String, Value> = Outcome::ALL
+        .iter()
+        .map(|outcome| (outcome.name().to_string(), json!(outcomes.get(*outcome))))
+        .collect();
+    counts.insert("seen".into(), json!(outcomes.seen()));
+    Ok(json!({
+        "slot": rule.slot,
+        "name": rule.name,
+        "line": rule.line,
+        "action": rule.action,
+        "counters": counts,
     }))
 }
 
@@ -200,6 +203,22 @@ pub fn table(status: &Value) -> String {
             programs.join(", ")
         );
     }
+    rules_table(&mut out, status);
+    let counters: Vec<String> = status["counters"]
+        .as_object()
+        .map(|counters| {
+            counters
+                .iter()
+                .map(|(name, value)| format!("{name}={value}"))
+                .collect()
+        })
+        .unwrap_or_default();
+    let _ = writeln!(out, "\n{}", counters.join(" "));
+    out
+}
+
+/// The rules and their counters, one line each.
+fn rules_table(out: &mut String, status: &Value) {
     let columns = [
         "seen",
         "set",
@@ -228,15 +247,4 @@ pub fn table(status: &Value) -> String {
         }
         out.push('\n');
     }
-    let counters: Vec<String> = status["counters"]
-        .as_object()
-        .map(|counters| {
-            counters
-                .iter()
-                .map(|(name, value)| format!("{name}={value}"))
-                .collect()
-        })
-        .unwrap_or_default();
-    let _ = writeln!(out, "\n{}", counters.join(" "));
-    out
 }

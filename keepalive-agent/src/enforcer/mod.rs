@@ -3,15 +3,18 @@
 mod health;
 mod links;
 mod maps;
+mod points;
+mod stats;
 
 pub use health::Fault;
 pub use maps::PinnedMaps;
+use points::Points;
+pub use stats::{Counters, Outcomes, ProgramStats, enable_run_time_stats};
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     os::fd::{AsFd as _, BorrowedFd},
     path::{Path, PathBuf},
-    time::Duration,
 };
 
 use aya::{
@@ -19,9 +22,7 @@ use aya::{
     maps::MapError,
     programs::{CgroupSockopt, ProgramError, SockOps},
 };
-use keepalive_common::{
-    AttachRecord, Outcome, PROGRAM_NAME, SETSOCKOPT_PROGRAM, STAGE, Stage, Stat,
-};
+use keepalive_common::{AttachRecord, PROGRAM_NAME, SETSOCKOPT_PROGRAM, STAGE, Stage};
 
 use self::links::{Attachment, Kind, SETSOCKOPT, SOCK_OPS};
 use crate::{
@@ -29,7 +30,7 @@ use crate::{
     cgroup::{Cgroup, CgroupError},
     compile::{CompileError, Tables, compile},
     existing::{Sweep, SweepJob},
-    policy::{CgroupPath, Pattern, Policy},
+    policy::{CgroupPath, Policy},
 };
 /// The compiled programs, built by build.rs.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keepalive"));
@@ -82,43 +83,6 @@ pub enum EnforcerError {
     },
     #[error(transparent)]
     Bpffs(#[from] BpffsError),
-}
-
-/// Global counters summed over CPUs, in [`Stat`] order.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Counters(pub [u64; Stat::COUNT as usize]);
-
-impl Counters {
-    pub fn get(&self, stat: Stat) -> u64 {
-        self.0[stat as usize]
-    }
-}
-
-/// One rule slot's outcomes summed over CPUs, in [`Outcome`] order.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Outcomes(pub [u64; Outcome::COUNT as usize]);
-
-impl Outcomes {
-    pub fn get(&self, outcome: Outcome) -> u64 {
-        self.0[outcome as usize]
-    }
-
-    /// Connections the slot's rule decided (the hook's overrides are not connections).
-    pub fn seen(&self) -> u64 {
-        Outcome::ALL
-            .iter()
-            .filter(|outcome| **outcome != Outcome::Overridden)
-            .map(|outcome| self.get(*outcome))
-            .sum()
-    }
-}
-
-/// The kernel's own accounting of the sock_ops program (with BPF run-time stats on).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ProgramStats {
-    pub id: u32,
-    pub run_count: u64,
-    pub run_time: Duration,
 }
 
 /// What an [`Enforcer::apply`] changed.
@@ -511,123 +475,6 @@ impl Enforcer {
         let policy = policy.clone();
         self.apply_later(&policy).map(Some)
     }
-
-    /// Enforced cgroups (patterns expanded; plain ones must exist) and the existing rule
-    /// cgroups inside them; rules whose cgroup does not exist are reported, not fatal
-    /// (containers come and go).
-    fn attach_points(&self, policy: &Policy) -> Result<Points, EnforcerError> {
-        let mut scopes = Vec::new();
-        for scope in &policy.scopes {
-            if scope.is_pattern() {
-                scopes.extend(expand(&self.mount, scope));
-            } else {
-                scopes.push(scope.clone());
-            }
-        }
-        let mut points = Points::default();
-        for scope in outermost(&scopes) {
-            let cgroup = match Cgroup::resolve(&self.mount, Path::new(scope.as_str())) {
-                Ok(cgroup) => cgroup,
-                // Removed since (a container ended): nothing to enforce there now.
-                Err(CgroupError::NotFound { .. }) => {
-                    points.missing.push(("enforced cgroup".into(), scope));
-                    continue;
-                }
-                Err(source) => return Err(EnforcerError::Scope { scope, source }),
-            };
-            points.all.insert(scope.clone(), cgroup.clone());
-            points.scopes.insert(scope, cgroup);
-        }
-        for rule in &policy.rules {
-            let Some(cgroup) = &rule.cgroup else {
-                continue;
-            };
-            if points.all.contains_key(cgroup)
-                || !points.scopes.keys().any(|scope| scope.contains(cgroup))
-            {
-                continue;
-            }
-            match Cgroup::resolve(&self.mount, Path::new(cgroup.as_str())) {
-                Ok(resolved) => {
-                    points.all.insert(cgroup.clone(), resolved);
-                }
-                Err(CgroupError::NotFound { .. }) => {
-                    points.missing.push((rule.name.clone(), cgroup.clone()))
-                }
-                Err(source) => {
-                    return Err(EnforcerError::Scope {
-                        scope: cgroup.clone(),
-                        source,
-                    });
-                }
-            }
-        }
-        Ok(points)
-    }
-}
-
-/// Where a policy attaches.
-#[derive(Debug, Default)]
-struct Points {
-    /// Every attachment of the sock_ops program: enforced cgroups and rule cgroups in them.
-    all: BTreeMap<CgroupPath, Cgroup>,
-    /// The enforced cgroups (outermost only): the setsockopt hook, the existing-connection
-    /// sweep.
-    scopes: BTreeMap<CgroupPath, Cgroup>,
-    missing: Vec<(String, CgroupPath)>,
-}
-
-/// Paths without the ones nested in another (those add nothing).
-fn outermost(scopes: &[CgroupPath]) -> BTreeSet<CgroupPath> {
-    scopes
-        .iter()
-        .filter(|scope| {
-            !scopes
-                .iter()
-                .any(|other| other != *scope && other.contains(scope))
-        })
-        .cloned()
-        .collect()
-}
-
-/// The existing cgroups a pattern matches.
-fn expand(mount: &Path, pattern: &CgroupPath) -> Vec<CgroupPath> {
-    let mut found = Vec::new();
-    let compiled = Pattern::new(pattern);
-    let mut stack = vec![mount.join(pattern.literal_prefix().relative())];
-    while let Some(dir) = stack.pop() {
-        let relative = dir.strip_prefix(mount).unwrap_or(&dir);
-        if let Ok(path) = CgroupPath::parse(&relative.to_string_lossy())
-            && compiled.matches(&path)
-        {
-            found.push(path);
-        }
-        stack.extend(crate::cgroup::child_dirs(&dir));
-    }
-    found
-}
-
-impl PinnedMaps {
-    /// The global counters, summed over CPUs.
-    pub fn counters(&self) -> Result<Counters, EnforcerError> {
-        maps::counters(self)
-    }
-
-    /// The outcomes of a rule slot, summed over CPUs.
-    pub fn outcomes(&self, slot: u32) -> Result<Outcomes, EnforcerError> {
-        maps::outcomes(self, slot)
-    }
-
-    /// The records by cgroup id.
-    pub fn records(&self) -> Result<Vec<(u64, AttachRecord)>, EnforcerError> {
-        maps::cgroup_records(self)
-    }
-}
-
-/// Turns on the kernel's run-time accounting of BPF programs (`run_time_ns`, `run_cnt`) for as
-/// long as the returned descriptor is open (BPF_ENABLE_STATS): nothing global to restore.
-pub fn enable_run_time_stats() -> Result<std::os::fd::OwnedFd, aya::sys::SyscallError> {
-    aya::sys::enable_stats(aya::sys::Stats::RunTime)
 }
 
 fn program_error(program: &'static str) -> impl FnOnce(ProgramError) -> EnforcerError {
