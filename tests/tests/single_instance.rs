@@ -1,6 +1,6 @@
 //! One agent per set of pins, and enforcement that heals: a second `run` is refused and names
 //! the first, `--take-over` hands over without a gap, a SIGKILLed agent's successor starts,
-//! `detach` stops a running agent first, and what someone else removes comes back.
+//! `detach` stops a running agent first, and what someone else removes or replaces comes back.
 #![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 #![expect(clippy::print_stderr, reason = "the closing note's figures")]
 
@@ -180,11 +180,23 @@ fn enforcement_removed_behind_the_agents_back_comes_back() {
     assert!(logged.contains("pin removed"), "{logged}");
     eprintln!("figure: removed pin put back in {:?}", removed.elapsed());
 
+    // Another tool swaps programs of its own into the agent's links (BPF_LINK_UPDATE), as
+    // the library does when it adopts pins (sharing the pinned maps, which the kernel requires
+    // of a program replacing one that uses cgroup storage).
+    let mount = require_host().cgroup2_mount;
+    let replaced = Instant::now();
+    let intruder = keepalive_agent::Enforcer::pinned(&mount, &places.bpffs()).unwrap();
+    let logged = agent.expect_log("enforcement removed by someone else", LOG_WAIT);
+    assert!(logged.contains("program replaced"), "{logged}");
+    let healed_in = enforced_again(&cgroup, &netns, 211, replaced);
+    eprintln!("figure: replaced program put back in {healed_in:?}");
+    drop(intruder);
+
     let ready = poll(LOG_WAIT, || {
         let (code, metrics) = get_within(&addr, "/metrics", LOG_WAIT);
-        (code == 200 && sample(&metrics, "keepalive_reattached_total ") >= 2.0).then_some(metrics)
+        (code == 200 && sample(&metrics, "keepalive_reattached_total ") >= 3.0).then_some(metrics)
     });
-    let metrics = ready.unwrap_or_else(|| panic!("keepalive_reattached_total never reached 2"));
+    let metrics = ready.unwrap_or_else(|| panic!("keepalive_reattached_total never reached 3"));
     assert_eq!(sample(&metrics, "keepalive_enforcement_missing "), 0.0);
     assert_eq!(get_within(&addr, "/readyz", LOG_WAIT).0, 200);
     assert_eq!(links(&cgroup).len(), 2, "one link of each program again");
