@@ -42,6 +42,11 @@ pub enum Command {
     /// they got. Needs root (or CAP_BPF and CAP_NET_ADMIN; updating connections that already
     /// exist also needs CAP_SYS_ADMIN and CAP_SYS_PTRACE). Log verbosity follows RUST_LOG
     /// (default `info`).
+    ///
+    /// One agent runs per pin directory: a second `run` is refused and names the running one
+    /// (--take-over replaces it). Every 500 ms the agent checks each attachment against the
+    /// kernel and puts back what someone else removed; /readyz is not ready while anything is
+    /// missing.
     Run(RunArgs),
     /// Check a policy file without loading anything: exit 0, or an error naming file, line,
     /// field and what is allowed.
@@ -49,6 +54,7 @@ pub enum Command {
     /// Show what is attached where, the policy in force and its source, and counters per rule.
     Status(StatusArgs),
     /// Remove everything the agent pinned or attached; new connections are no longer touched.
+    /// A running agent is stopped first (SIGTERM), since it would put back what is removed.
     Detach(DetachArgs),
 }
 
