@@ -73,7 +73,18 @@ fn a_second_agent_is_refused_and_a_take_over_hands_over() {
     eprintln!("figure: second agent refused in {refused_in:?}");
     assert_eq!(links(&cgroup).len(), 2, "the first agent's links only");
 
-    // status works beside it.
+    // check and status work beside it.
+    let policy = places.state_dir().with_file_name("policy.toml");
+    std::fs::write(&policy, "[default]\ncount = 4\n").unwrap();
+    let check = Command::new(agent_bin())
+        .args(["check", "--config", policy.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
     let status = places.command(agent_bin(), &["status", "--json"]);
     let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(json["agent_running"], true);
