@@ -174,13 +174,11 @@ impl Agent {
     /// One batch of events: the same event twice is handled once.
     fn handle(&mut self, batch: &[Event]) {
         let mut reloaded = None;
-        if let Some(change) = batch.iter().find_map(|event| match event {
-            Event::CgroupsChanged(change) => Some(*change),
-            _ => None,
-        }) {
-            if batch.contains(&Event::CgroupsChanged(Change::Overflowed))
-                || change == Change::Overflowed
-            {
+        if batch
+            .iter()
+            .any(|event| matches!(event, Event::CgroupsChanged(_)))
+        {
+            if batch.contains(&Event::CgroupsChanged(Change::Overflowed)) {
                 warn!("the cgroup watch lost events (inotify queue overflow); rescanning the tree");
                 if let Ok(mut telemetry) = self.telemetry.lock() {
                     telemetry.watch_overflows += 1;

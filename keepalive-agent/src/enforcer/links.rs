@@ -105,7 +105,11 @@ impl Attachment {
 
     /// Why this attachment is not what the kernel has, if it is not: the pin is gone, the link
     /// was detached, or it runs another program than `program_id`.
+    /// A cgroup that is gone is no fault: following the tree forgets it.
     pub(super) fn fault(&self, program_id: u32) -> Option<&'static str> {
+        if !self.cgroup.path.exists() {
+            return None;
+        }
         let opened;
         let link = match (&self._link, &self.pin) {
             (Some(fd), _) => fd.as_fd(),
