@@ -228,22 +228,37 @@ impl Agent {
         let (loaded, read) = load_settled(&self.args, &self.mount);
         self.refused = None;
         let state = self.state.as_mut()?;
+        // The outcome is logged once published: whoever reads the log line and then asks
+        // /metrics or `status` sees it counted.
         match reload(loaded, &mut self.enforcer, why) {
             Reload::Applied(applied) => {
-                let (policy, sweep) = *applied;
+                let (policy, applied, sweep) = *applied;
                 *state = State {
                     reloads_succeeded: state.reloads_succeeded + 1,
                     reloads_failed: state.reloads_failed,
                     ..State::new(&policy, &self.source, self.enforcer.generation())
                 };
                 self.roots.send_replace(watch_roots(&self.mount, &policy));
+                self.publish(Some(false));
+                info!(
+                    trigger = why,
+                    generation = self.enforcer.generation(),
+                    rules = policy.rules.len(),
+                    "policy reloaded"
+                );
+                report(&applied, &policy);
                 self.queue(sweep);
                 Some(false)
             }
-            Reload::Unchanged => Some(false),
-            Reload::Refused => {
+            Reload::Unchanged => {
+                info!(trigger = why, "policy unchanged");
+                Some(false)
+            }
+            Reload::Refused { what, error } => {
                 self.refused = read;
                 state.reloads_failed += 1;
+                self.publish(Some(true));
+                error!(trigger = why, error, "{what}; the running policy stays");
                 Some(true)
             }
         }

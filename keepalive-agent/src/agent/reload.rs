@@ -2,7 +2,7 @@
 
 use std::{path::Path, time::Duration};
 
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::{
     cli::RunArgs,
@@ -19,9 +19,14 @@ const SETTLE: Duration = Duration::from_millis(100);
 /// What a reload did.
 #[derive(Debug)]
 pub(super) enum Reload {
-    Applied(Box<(Policy, Option<SweepJob>)>),
+    Applied(Box<(Policy, Applied, Option<SweepJob>)>),
     Unchanged,
-    Refused,
+    /// `what` happened (`policy refused`, `policy not applied`) and why; logged by the
+    /// caller once the state is published.
+    Refused {
+        what: &'static str,
+        error: String,
+    },
 }
 
 /// Reads the policy again, from a file nobody has touched for [`SETTLE`] before or after the
@@ -94,12 +99,10 @@ pub(super) fn reload(loaded: anyhow::Result<Policy>, enforcer: &mut Enforcer, wh
     let policy = match loaded {
         Ok(policy) => policy,
         Err(error) => {
-            error!(
-                trigger = why,
-                error = format!("{error:#}"),
-                "policy refused; the running policy stays"
-            );
-            return Reload::Refused;
+            return Reload::Refused {
+                what: "policy refused",
+                error: format!("{error:#}"),
+            };
         }
     };
     if enforcer.policy() == Some(&policy) {
@@ -107,24 +110,11 @@ pub(super) fn reload(loaded: anyhow::Result<Policy>, enforcer: &mut Enforcer, wh
         return Reload::Unchanged;
     }
     match enforcer.apply_later(&policy) {
-        Ok((applied, sweep)) => {
-            info!(
-                trigger = why,
-                generation = applied.generation,
-                rules = policy.rules.len(),
-                "policy reloaded"
-            );
-            report(&applied, &policy);
-            Reload::Applied(Box::new((policy, sweep)))
-        }
-        Err(error) => {
-            error!(
-                trigger = why,
-                error = format!("{error:#}"),
-                "policy not applied; the running policy stays"
-            );
-            Reload::Refused
-        }
+        Ok((applied, sweep)) => Reload::Applied(Box::new((policy, applied, sweep))),
+        Err(error) => Reload::Refused {
+            what: "policy not applied",
+            error: format!("{error:#}"),
+        },
     }
 }
 

@@ -104,7 +104,8 @@ impl Attachment {
     }
 
     /// Why this attachment is not what the kernel has, if it is not: the pin is gone, the link
-    /// was detached, or it runs another program than `program_id`.
+    /// was detached, or it runs another program than `program_id`. Only a definite answer is
+    /// a fault: a question that failed (no descriptor left) is asked again at the next check.
     /// A cgroup that is gone is no fault: following the tree forgets it.
     pub(super) fn fault(&self, program_id: u32) -> Option<&'static str> {
         if !self.cgroup.path.exists() {
@@ -118,12 +119,16 @@ impl Attachment {
                     opened = fd;
                     opened.as_fd()
                 }
-                Err(_) => return Some("pin removed"),
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                    return Some("pin removed");
+                }
+                // Out of descriptors (EMFILE) or memory: no answer, so no fault.
+                Err(_) => return None,
             },
             (None, None) => return Some("no link"),
         };
         match bpffs::cgroup_link_info(link) {
-            Err(_) => Some("link unreadable"),
+            Err(_) => None,
             Ok(info) if info.cgroup_id != self.cgroup.id => Some("link detached"),
             Ok(info) if info.program_id != program_id => Some("program replaced"),
             Ok(_) => None,
