@@ -230,7 +230,7 @@ impl Agent {
         let state = self.state.as_mut()?;
         // The outcome is logged once published: whoever reads the log line and then asks
         // /metrics or `status` sees it counted.
-        match reload(loaded, &mut self.enforcer, why) {
+        match reload(loaded, &mut self.enforcer) {
             Reload::Applied(applied) => {
                 let (policy, applied, sweep) = *applied;
                 *state = State {

@@ -95,7 +95,7 @@ impl FileVersion {
 
 /// Applies a policy read again; one that does not check, or does not apply, leaves the
 /// running one in force.
-pub(super) fn reload(loaded: anyhow::Result<Policy>, enforcer: &mut Enforcer, why: &str) -> Reload {
+pub(super) fn reload(loaded: anyhow::Result<Policy>, enforcer: &mut Enforcer) -> Reload {
     let policy = match loaded {
         Ok(policy) => policy,
         Err(error) => {
@@ -106,7 +106,6 @@ pub(super) fn reload(loaded: anyhow::Result<Policy>, enforcer: &mut Enforcer, wh
         }
     };
     if enforcer.policy() == Some(&policy) {
-        info!(trigger = why, "policy unchanged");
         return Reload::Unchanged;
     }
     match enforcer.apply_later(&policy) {
