@@ -189,15 +189,8 @@ fn lint(workspace: &Path, toolchain: &Toolchain) -> anyhow::Result<()> {
     ]))?;
     // The eBPF crate only builds for the BPF target, with the pinned nightly.
     run_status(
-        Command::new("rustup")
-            .args([
-                "run",
-                toolchain::NIGHTLY,
-                "cargo",
-                "clippy",
-                "--locked",
-                "--release",
-            ])
+        toolchain::rustup_run(toolchain::NIGHTLY, "cargo")
+            .args(["clippy", "--locked", "--release"])
             .args([
                 "--package",
                 "keepalive-ebpf",
@@ -212,9 +205,10 @@ fn lint(workspace: &Path, toolchain: &Toolchain) -> anyhow::Result<()> {
     )
 }
 
-/// `cargo` (the pinned stable that runs us) in the workspace, with bpf-linker on PATH.
+/// `cargo` of the pinned host toolchain (not the stable that runs xtask) in the workspace,
+/// with bpf-linker on PATH.
 fn cargo(workspace: &Path, toolchain: &Toolchain) -> anyhow::Result<Command> {
-    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    let mut command = toolchain::rustup_run(toolchain::HOST, "cargo");
     command
         .current_dir(workspace)
         .env("PATH", toolchain.path()?);
