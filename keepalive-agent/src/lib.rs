@@ -8,6 +8,7 @@ pub mod commands;
 pub mod compile;
 pub mod enforcer;
 pub mod existing;
+pub mod logs;
 pub mod metrics;
 pub mod notify;
 pub mod policy;

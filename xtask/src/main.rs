@@ -34,6 +34,10 @@ struct Cli {
 enum Task {
     /// Build the release agent at target/release/keepalive-agent (eBPF program embedded).
     Build,
+    /// Build the release agent and lay out what a package installs in target/dist: the
+    /// binary, man pages (man/), shell completions for bash, zsh and fish (completions/),
+    /// all generated from the agent's command line, and the systemd unit.
+    Dist,
     /// Build, then run the agent in the foreground as root: the default policy (idle 60 s,
     /// interval 5 s, 3 probes) at the root of the cgroup v2 hierarchy. Arguments after `--`
     /// go to `keepalive-agent run`. Ctrl-C or SIGTERM detaches cleanly.
@@ -83,6 +87,7 @@ fn run(task: Task) -> anyhow::Result<()> {
     let workspace = workspace_root();
     match task {
         Task::Build => build(&workspace, &Toolchain::ensure()?, Profile::Release).map(drop),
+        Task::Dist => dist(&workspace, &Toolchain::ensure()?),
         Task::Run { agent_args } => {
             host_check("cargo xtask run")?;
             let agent = build(&workspace, &Toolchain::ensure()?, Profile::Release)?;
@@ -168,6 +173,36 @@ fn build(workspace: &Path, toolchain: &Toolchain, profile: Profile) -> anyhow::R
         "debug"
     };
     Ok(target_dir(workspace).join(dir).join("keepalive-agent"))
+}
+
+/// `target/dist`: binary, man pages, completions and unit, for packaging and the docs' install
+/// steps.
+fn dist(workspace: &Path, toolchain: &Toolchain) -> anyhow::Result<()> {
+    let agent = build(workspace, toolchain, Profile::Release)?;
+    let dist = target_dir(workspace).join("dist");
+    // Nothing stale from an earlier layout.
+    if dist.exists() {
+        std::fs::remove_dir_all(&dist)
+            .with_context(|| format!("cannot remove {}", dist.display()))?;
+    }
+    run_status(
+        Command::new(&agent)
+            .arg("generate")
+            .arg("--out-dir")
+            .arg(&dist),
+    )?;
+    for (from, to) in [
+        (agent, "keepalive-agent"),
+        (
+            workspace.join("deploy/systemd/keepalive-agent.service"),
+            "keepalive-agent.service",
+        ),
+    ] {
+        std::fs::copy(&from, dist.join(to))
+            .with_context(|| format!("cannot copy {} into {}", from.display(), dist.display()))?;
+    }
+    eprintln!("xtask: {} is ready", dist.display());
+    Ok(())
 }
 
 fn lint(workspace: &Path, toolchain: &Toolchain) -> anyhow::Result<()> {

@@ -52,12 +52,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
 
     let telemetry = metrics::Shared::default();
-    let metrics = match args.metrics_addr.as_str() {
-        "none" => None,
-        addr => {
-            let addr = addr.parse().with_context(|| {
-                format!("--metrics-addr {addr}: not an address like 127.0.0.1:9477")
-            })?;
+    let metrics = match args.metrics_addr() {
+        None => None,
+        Some(addr) => {
             let listener = metrics::bind(addr)
                 .await
                 .with_context(|| format!("cannot serve metrics on {addr}"))?;
