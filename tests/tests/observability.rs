@@ -158,7 +158,7 @@ fn json_logs_are_one_object_per_line() {
 }
 
 #[test]
-fn systemd_hears_ready_once_enforcement_is_live() {
+fn systemd_hears_ready_reloads_and_the_watchdog() {
     require_host();
     let cgroup = TestCgroup::new();
     let places = AgentPlaces::new();
@@ -166,18 +166,45 @@ fn systemd_hears_ready_once_enforcement_is_live() {
     let socket = UnixDatagram::bind(&socket_path).unwrap();
     socket.set_read_timeout(Some(LOG_WAIT)).unwrap();
     let name = cgroup.cgroup().name.clone();
+    // WatchdogSec=1s: a ping every 500 ms.
     let mut agent = places.spawn_with_env(
         agent_bin(),
         &["run", "--cgroup", &name],
-        &[("NOTIFY_SOCKET", socket_path.to_str().unwrap())],
+        &[
+            ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "1000000"),
+        ],
     );
-    let mut buffer = [0u8; 256];
-    let received = socket.recv(&mut buffer).unwrap();
-    let message = String::from_utf8_lossy(&buffer[..received]).to_string();
-    assert!(message.starts_with("READY=1"), "{message}");
+    let mut pings = 0;
+    // The next message that is not a watchdog ping (those are counted).
+    let mut next = || loop {
+        let mut buffer = [0u8; 256];
+        let received = socket.recv(&mut buffer).unwrap();
+        let message = String::from_utf8_lossy(&buffer[..received]).to_string();
+        if message == "WATCHDOG=1\n" {
+            pings += 1;
+        } else {
+            return message;
+        }
+    };
+    let ready = next();
+    assert!(ready.starts_with("READY=1\nSTATUS=enforcing"), "{ready:?}");
+
+    // Type=notify-reload: SIGHUP, then RELOADING=1 with the monotonic clock, then READY=1.
+    agent.signal(libc::SIGHUP);
+    let reloading = next();
+    let usec: u64 = reloading
+        .strip_prefix("RELOADING=1\nMONOTONIC_USEC=")
+        .and_then(|rest| rest.trim_end().parse().ok())
+        .unwrap_or_else(|| panic!("{reloading:?}"));
+    assert!(usec > 0);
+    let ready = next();
+    assert!(ready.starts_with("READY=1\n"), "{ready:?}");
+
+    std::thread::sleep(Duration::from_millis(1_200));
     agent.signal(libc::SIGTERM);
-    let received = socket.recv(&mut buffer).unwrap();
-    assert_eq!(&buffer[..received], b"STOPPING=1");
+    assert_eq!(next(), "STOPPING=1\n");
+    assert!(pings >= 2, "{pings} watchdog pings in more than a second");
     assert_eq!(agent.signal_and_wait(0, LOG_WAIT), Some(0));
     let _ignored = std::fs::remove_file(&socket_path);
 }

@@ -12,8 +12,7 @@ use tracing::{error, info, warn};
 use crate::{
     cli::RunArgs,
     enforcer::{Applied, Enforcer},
-    metrics,
-    notify::notify,
+    metrics, notify,
     policy::{CgroupPath, Policy},
     state::State,
     watch::{CgroupWatch, Watch},
@@ -102,10 +101,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     let mut state = State::new(&policy, &source, applied.generation);
     publish(&state, &args, &enforcer, &telemetry);
-    notify(&format!(
-        "READY=1\nSTATUS=enforcing generation {}",
-        applied.generation
-    ));
+    notify::ready(&format!("enforcing generation {}", applied.generation));
+    let mut watchdog = notify::Watchdog::from_env();
 
     // The version of the file last refused: events in its directory (an editor's temporary
     // files, a ConfigMap's symlink swap) do not read, log and count it again; SIGHUP does.
@@ -115,6 +112,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = sigint.recv() => break "SIGINT",
             _ = sigterm.recv() => break "SIGTERM",
             _ = sighup.recv() => "SIGHUP",
+            () = watchdog.ping() => continue,
             changed = changed(&mut watch) => {
                 changed.context("watching the policy file failed")?;
                 FILE_CHANGED
@@ -131,6 +129,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         if why == FILE_CHANGED && refused.is_some() && refused == version() {
             continue;
         }
+        // Type=notify-reload: systemd waits for READY=1 after RELOADING=1.
+        notify::reloading();
         let (loaded, read) = load_settled(&args, &mount).await;
         refused = None;
         match reload(loaded, &mut enforcer, why) {
@@ -149,8 +149,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
         publish(&state, &args, &enforcer, &telemetry);
+        notify::ready(&format!("enforcing generation {}", enforcer.generation()));
     };
-    notify("STOPPING=1");
+    notify::stopping();
     if args.persist {
         info!(
             signal,
