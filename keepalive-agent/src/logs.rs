@@ -17,7 +17,11 @@ pub fn init(format: LogFormat, level: Option<LogLevel>) {
     let (journald, journal_error) = match format {
         LogFormat::Journald => match tracing_journald::layer() {
             Ok(layer) => (
-                Some(layer.with_syslog_identifier("keepalive-agent".to_string())),
+                Some(
+                    layer
+                        .with_syslog_identifier("keepalive-agent".to_string())
+                        .with_priority_mappings(priorities()),
+                ),
                 None,
             ),
             Err(error) => (None, Some(error)),
@@ -42,6 +46,17 @@ pub fn init(format: LogFormat, level: Option<LogLevel>) {
         .init();
     if let Some(error) = journal_error {
         tracing::warn!(%error, "cannot write to the journal; logging text to stderr");
+    }
+}
+
+/// Journal priorities: routine `info` lines are informational (6), not notices (5, which
+/// journalctl shows in bold), so warnings and errors stand out.
+fn priorities() -> tracing_journald::PriorityMappings {
+    use tracing_journald::Priority;
+    tracing_journald::PriorityMappings {
+        info: Priority::Informational,
+        debug: Priority::Debug,
+        ..tracing_journald::PriorityMappings::new()
     }
 }
 
