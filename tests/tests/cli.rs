@@ -200,17 +200,29 @@ fn version_names_the_commit_it_was_built_from() {
         ))
         .and_then(|rest| rest.strip_suffix(')'))
         .unwrap_or_else(|| panic!("{version}"));
-    let head = Command::new("git")
-        .args(["rev-parse", "--short=12", "HEAD"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .ok()
-        .filter(|out| out.status.success());
-    match head {
-        // Built in this checkout (by cargo xtask test, just now).
-        Some(head) => assert_eq!(commit, String::from_utf8_lossy(&head.stdout).trim()),
-        None => assert_eq!(commit, "unknown"),
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()
+    };
+    if !git(&["rev-parse", "HEAD"]).is_some_and(|out| out.status.success()) {
+        // Not a git checkout (a tarball): nothing to name.
+        assert_eq!(commit, "unknown");
+        return;
     }
+    // Built from this checkout by `cargo xtask test` just now: the commit is HEAD, or an
+    // ancestor of it should a commit have landed since.
+    assert!(
+        commit.len() == 12 && commit.chars().all(|c| c.is_ascii_hexdigit()),
+        "{version}"
+    );
+    let ancestor = git(&["merge-base", "--is-ancestor", commit, "HEAD"]);
+    assert!(
+        ancestor.is_some_and(|out| out.status.success()),
+        "{commit} is not a commit of this checkout's HEAD"
+    );
 }
 
 /// `keepalive-agent ARGS` with `ENV` set: clap settles the command line before anything is
