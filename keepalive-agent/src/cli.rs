@@ -365,6 +365,20 @@ mod tests {
     }
 
     #[test]
+    fn metrics_default_to_loopback_and_can_be_moved_or_turned_off() {
+        let addr = |args: &[&str]| parse(args).map(|run| run.metrics_addr());
+        assert_eq!(addr(&[]), Ok(Some(DEFAULT_METRICS_ADDR)));
+        assert_eq!(
+            addr(&["--metrics-addr", "[::1]:1234"]),
+            Ok(Some("[::1]:1234".parse().unwrap_or(DEFAULT_METRICS_ADDR)))
+        );
+        assert_ne!(DEFAULT_METRICS_ADDR.port(), 1234);
+        assert_eq!(addr(&["--no-metrics"]), Ok(None));
+        let none = addr(&["--metrics-addr", "none"]).err().unwrap_or_default();
+        assert!(none.contains("--metrics-addr"), "{none}");
+    }
+
+    #[test]
     fn generate_is_parsed_beside_the_agent_commands() {
         let generate =
             Invocation::try_parse_from(["keepalive-agent", "generate", "--out-dir", "d"]);
