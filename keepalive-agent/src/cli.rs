@@ -1,9 +1,12 @@
 //! Command line of `keepalive-agent`.
 
-use std::path::{Path, PathBuf};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum, builder::BoolishValueParser};
 
 use crate::policy::{
     COUNT, CgroupPath, IDLE_SECS, INTERVAL_SECS, Policy, USER_TIMEOUT_MS, Values, file,
@@ -18,17 +21,77 @@ use crate::policy::{
 /// attaches a sock_ops eBPF program to cgroup v2 directories; for every connection a process
 /// there opens or accepts, it sets SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT (and
 /// TCP_USER_TIMEOUT) as the policy says.
+///
+/// Options marked [env: KEEPALIVE_AGENT_...] may also be given in that environment variable
+/// (for orchestrators); the command line wins.
 #[derive(Debug, Parser)]
-#[command(name = "keepalive-agent", version)]
+#[command(name = "keepalive-agent", version = VERSION)]
 pub struct Cli {
-    /// Log format on stderr: `text` for people, `json` (one object per line) for collectors.
-    /// Verbosity follows RUST_LOG (default `info`; `debug` also shows the kernel side's
-    /// per-connection events).
-    #[arg(long, global = true, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
-    pub log_format: String,
+    /// Log format on stderr: `text` for people, `json` (one object per line) for collectors,
+    /// `journald` (structured fields, for `journalctl -o verbose`) under systemd. `auto`: journald
+    /// when stderr is connected to the journal (systemd sets $JOURNAL_STREAM), else text.
+    #[arg(long, global = true, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Auto,
+          env = "KEEPALIVE_AGENT_LOG_FORMAT")]
+    pub log_format: LogFormat,
+
+    /// Log verbosity (`debug` also shows the kernel side's per-connection events). Without
+    /// it, RUST_LOG (a tracing filter such as `info,keepalive_agent=debug`) or else `info`.
+    #[arg(
+        long,
+        global = true,
+        value_name = "LEVEL",
+        value_enum,
+        env = "KEEPALIVE_AGENT_LOG_LEVEL"
+    )]
+    pub log_level: Option<LogLevel>,
 
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// `--version`: the package version and the git commit it was built from (`unknown` for a
+/// build outside a git checkout without `$KEEPALIVE_AGENT_COMMIT`).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("KEEPALIVE_AGENT_COMMIT"),
+    ")"
+);
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// journald under systemd, else text.
+    Auto,
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+    /// Native journal entries with structured fields.
+    Journald,
+}
+
+/// `--log-level`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    /// The level as a tracing filter directive.
+    pub const fn directive(self) -> &'static str {
+        match self {
+            Self::Error => "error",
+            Self::Warn => "warn",
+            Self::Info => "info",
+            Self::Debug => "debug",
+            Self::Trace => "trace",
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -40,8 +103,8 @@ pub enum Command {
     /// (logged) and the running policy stays. On SIGINT or SIGTERM it detaches from every
     /// cgroup and exits (with --persist, enforcement stays pinned); connections keep the values
     /// they got. Needs root (or CAP_BPF and CAP_NET_ADMIN; updating connections that already
-    /// exist also needs CAP_SYS_ADMIN and CAP_SYS_PTRACE). Log verbosity follows RUST_LOG
-    /// (default `info`).
+    /// exist also needs CAP_SYS_ADMIN and CAP_SYS_PTRACE). Under systemd it reports readiness
+    /// and reloads (sd_notify) and pings the watchdog when one is set.
     ///
     /// One agent runs per pin directory: a second `run` is refused and names the running one
     /// (--take-over replaces it). Every 500 ms the agent checks each attachment against the
@@ -58,16 +121,71 @@ pub enum Command {
     Detach(DetachArgs),
 }
 
+/// What the command line asks for: the agent's commands ([`Cli`], which the man pages and
+/// completions describe), or the packaging tool `generate`, which they leave out.
+#[derive(Debug)]
+pub enum Invocation {
+    Agent(Cli),
+    Generate(GenerateArgs),
+}
+
+impl Invocation {
+    /// Parses the process's arguments; exits with clap's message (and status 2) on an error.
+    pub fn parse() -> Self {
+        Self::try_parse_from(std::env::args_os()).unwrap_or_else(|error| error.exit())
+    }
+
+    pub fn try_parse_from(
+        args: impl IntoIterator<Item = impl Into<std::ffi::OsString> + Clone>,
+    ) -> Result<Self, clap::Error> {
+        use clap::{CommandFactory as _, FromArgMatches as _};
+        let generate = GenerateArgs::augment_args(
+            clap::Command::new("generate")
+                .about("Write the man pages and shell completions (for packaging)")
+                .hide(true),
+        );
+        let matches = Cli::command()
+            .subcommand(generate)
+            .try_get_matches_from(args)?;
+        match matches.subcommand() {
+            Some(("generate", generate)) => {
+                GenerateArgs::from_arg_matches(generate).map(Self::Generate)
+            }
+            _ => Cli::from_arg_matches(&matches).map(Self::Agent),
+        }
+    }
+}
+
+/// `keepalive-agent generate`: the man pages and the shell completions (bash, zsh, fish)
+/// generated from [`Cli`], written into a directory (`cargo xtask dist` runs it).
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Directory to write `man/*.1` and `completions/{keepalive-agent.bash,_keepalive-agent,
+    /// keepalive-agent.fish}` into; created if missing.
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: PathBuf,
+}
+
 /// Where the agent keeps what outlives it.
 #[derive(Debug, Clone, Args)]
 pub struct Places {
     /// bpffs mount point; the agent pins its maps and links under `<PATH>/keepalive-agent`
     /// and mounts bpffs there if it is not mounted.
-    #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/sys/fs/bpf",
+        env = "KEEPALIVE_AGENT_BPFFS"
+    )]
     pub bpffs: PathBuf,
 
     /// Where the agent writes state.json (policy source, generation, rule names) for `status`.
-    #[arg(long, value_name = "DIR", default_value = "/run/keepalive-agent")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/run/keepalive-agent",
+        env = "KEEPALIVE_AGENT_STATE_DIR"
+    )]
     pub state_dir: PathBuf,
 }
 
@@ -91,7 +209,8 @@ pub struct DetachArgs {
 pub struct RunArgs {
     /// Policy file (TOML; see docs/policy.md and examples/policy.toml). Without it, the policy
     /// is --idle/--interval/--count/--user-timeout enforced on every connection.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["idle", "interval", "count", "user_timeout"])]
+    #[arg(long, value_name = "FILE", env = "KEEPALIVE_AGENT_CONFIG",
+          conflicts_with_all = ["idle", "interval", "count", "user_timeout"])]
     pub config: Option<PathBuf>,
 
     /// cgroup v2 to enforce in, with all its descendants; repeat for several. Overrides the
@@ -128,30 +247,36 @@ pub struct RunArgs {
 
     /// Leave connections that exist when a policy takes effect as they are (by default they
     /// get it too).
-    #[arg(long)]
+    #[arg(long, env = "KEEPALIVE_AGENT_NO_EXISTING", value_parser = BoolishValueParser::new())]
     pub no_existing: bool,
 
-    /// Prometheus endpoint (/metrics, and /healthz and /readyz for probes); `none` turns it off.
-    /// Loopback only unless told otherwise: the counters describe the host's connections.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9477")]
-    pub metrics_addr: String,
+    /// Address of the Prometheus endpoint (/metrics, and /healthz and /readyz for probes)
+    /// [default: 127.0.0.1:9477]. Loopback unless told otherwise: the counters describe the
+    /// host's connections.
+    #[arg(long, value_name = "ADDR", env = "KEEPALIVE_AGENT_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
+    /// Serve no metrics endpoint (and no /healthz, /readyz).
+    #[arg(long, env = "KEEPALIVE_AGENT_NO_METRICS", value_parser = BoolishValueParser::new(),
+          conflicts_with = "metrics_addr")]
+    pub no_metrics: bool,
 
     /// Turn on the kernel's run-time accounting of BPF programs while the agent runs
     /// (keepalive_program_run_seconds_total). It adds a few ns to every BPF program on the host.
-    #[arg(long)]
+    #[arg(long, env = "KEEPALIVE_AGENT_PROGRAM_STATS", value_parser = BoolishValueParser::new())]
     pub program_stats: bool,
 
     /// On SIGINT or SIGTERM, leave enforcement in place (it stays pinned; `keepalive-agent
     /// detach` removes it). For services: an upgrade or restart never leaves a gap. Without
     /// it, stopping detaches everything.
-    #[arg(long)]
+    #[arg(long, env = "KEEPALIVE_AGENT_PERSIST", value_parser = BoolishValueParser::new())]
     pub persist: bool,
 
     /// Replace the agent already running with these pins (an upgrade in place): it is asked
     /// to hand over (SIGUSR2: it exits leaving enforcement pinned), then this one takes its
     /// links over with an atomic program swap, without a gap. Without it, a second agent is
     /// refused and the running one named.
-    #[arg(long)]
+    #[arg(long, env = "KEEPALIVE_AGENT_TAKE_OVER", value_parser = BoolishValueParser::new())]
     pub take_over: bool,
 
     #[command(flatten)]
@@ -165,7 +290,18 @@ pub struct CheckArgs {
     pub config: PathBuf,
 }
 
+/// Where the metrics endpoint listens unless `--metrics-addr` says otherwise.
+pub const DEFAULT_METRICS_ADDR: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::LOCALHOST,
+    9477,
+));
+
 impl RunArgs {
+    /// Where to serve metrics, if at all.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        (!self.no_metrics).then(|| self.metrics_addr.unwrap_or(DEFAULT_METRICS_ADDR))
+    }
+
     /// The policy these options describe. With --config the file is read again each time, so
     /// this is also the reload.
     pub fn policy(&self, cgroup2_mount: &Path) -> anyhow::Result<Policy> {
@@ -239,6 +375,42 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn metrics_default_to_loopback_and_can_be_moved_or_turned_off() {
+        let addr = |args: &[&str]| parse(args).map(|run| run.metrics_addr());
+        assert_eq!(addr(&[]), Ok(Some(DEFAULT_METRICS_ADDR)));
+        assert_eq!(
+            addr(&["--metrics-addr", "[::1]:1234"]),
+            Ok(Some("[::1]:1234".parse().unwrap_or(DEFAULT_METRICS_ADDR)))
+        );
+        assert_ne!(DEFAULT_METRICS_ADDR.port(), 1234);
+        assert_eq!(addr(&["--no-metrics"]), Ok(None));
+        let none = addr(&["--metrics-addr", "none"]).err().unwrap_or_default();
+        assert!(none.contains("--metrics-addr"), "{none}");
+    }
+
+    #[test]
+    fn generate_is_parsed_beside_the_agent_commands() {
+        let generate =
+            Invocation::try_parse_from(["keepalive-agent", "generate", "--out-dir", "d"]);
+        assert!(
+            matches!(&generate, Ok(Invocation::Generate(args)) if args.out_dir == Path::new("d")),
+            "{generate:?}"
+        );
+        let run = Invocation::try_parse_from(["keepalive-agent", "--log-level", "debug", "run"]);
+        assert!(
+            matches!(
+                &run,
+                Ok(Invocation::Agent(Cli {
+                    log_level: Some(LogLevel::Debug),
+                    command: Command::Run(_),
+                    ..
+                }))
+            ),
+            "{run:?}"
+        );
     }
 
     #[test]

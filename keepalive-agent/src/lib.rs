@@ -10,6 +10,7 @@ pub mod compile;
 pub mod enforcer;
 pub mod existing;
 pub mod instance;
+pub mod logs;
 pub mod metrics;
 pub mod notify;
 pub mod policy;

@@ -1,23 +1,26 @@
-use std::{io::IsTerminal as _, process::ExitCode};
+use std::process::ExitCode;
 
-use clap::Parser as _;
 use keepalive_agent::{
-    cli::{Cli, Command},
-    commands,
+    cli::{Command, Invocation},
+    commands, logs,
 };
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if cli.log_format == "json" {
-        logs.json().init();
-    } else {
-        logs.with_ansi(std::io::stderr().is_terminal()).init();
-    }
+    let cli = match Invocation::parse() {
+        Invocation::Agent(cli) => cli,
+        Invocation::Generate(args) => {
+            return match commands::generate::generate(&args) {
+                Ok(written) => {
+                    for path in written {
+                        print(&format!("{}\n", path.display()));
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(error) => fail(&error),
+            };
+        }
+    };
+    logs::init(cli.log_format, cli.log_level);
     let result = match cli.command {
         Command::Check(args) => commands::check::check(&args).map(|summary| print(&summary)),
         Command::Status(args) => keepalive_common::host::check()

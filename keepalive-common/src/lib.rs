@@ -13,6 +13,7 @@ pub mod enforce;
 #[cfg(feature = "host")]
 pub mod host;
 mod records;
+pub mod toolchain;
 
 pub use records::*;
 

@@ -138,7 +138,7 @@ fn json_logs_are_one_object_per_line() {
 }
 
 #[test]
-fn systemd_hears_ready_once_enforcement_is_live() {
+fn systemd_hears_ready_reloads_and_the_watchdog() {
     require_host();
     let cgroup = TestCgroup::new();
     let places = AgentPlaces::new();
@@ -146,18 +146,170 @@ fn systemd_hears_ready_once_enforcement_is_live() {
     let socket = UnixDatagram::bind(&socket_path).unwrap();
     socket.set_read_timeout(Some(LOG_WAIT)).unwrap();
     let name = cgroup.cgroup().name.clone();
+    // WatchdogSec=1s: a ping every 500 ms.
     let mut agent = places.spawn_with_env(
         agent_bin(),
         &["run", "--cgroup", &name],
-        &[("NOTIFY_SOCKET", socket_path.to_str().unwrap())],
+        &[
+            ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "1000000"),
+        ],
     );
-    let mut buffer = [0u8; 256];
-    let received = socket.recv(&mut buffer).unwrap();
-    let message = String::from_utf8_lossy(&buffer[..received]).to_string();
-    assert!(message.starts_with("READY=1"), "{message}");
+    let mut pings = 0;
+    // The next message that is not a watchdog ping (those are counted).
+    let mut next = || loop {
+        let mut buffer = [0u8; 256];
+        let received = socket.recv(&mut buffer).unwrap();
+        let message = String::from_utf8_lossy(&buffer[..received]).to_string();
+        if message == "WATCHDOG=1\n" {
+            pings += 1;
+        } else {
+            return message;
+        }
+    };
+    let ready = next();
+    assert!(ready.starts_with("READY=1\nSTATUS=enforcing"), "{ready:?}");
+
+    // Type=notify-reload: SIGHUP, then RELOADING=1 with the monotonic clock, then READY=1.
+    agent.signal(libc::SIGHUP);
+    let reloading = next();
+    let usec: u64 = reloading
+        .strip_prefix("RELOADING=1\nMONOTONIC_USEC=")
+        .and_then(|rest| rest.trim_end().parse().ok())
+        .unwrap_or_else(|| panic!("{reloading:?}"));
+    assert!(usec > 0);
+    let ready = next();
+    assert!(ready.starts_with("READY=1\n"), "{ready:?}");
+
+    std::thread::sleep(Duration::from_millis(1_200));
     agent.signal(libc::SIGTERM);
-    let received = socket.recv(&mut buffer).unwrap();
-    assert_eq!(&buffer[..received], b"STOPPING=1");
+    assert_eq!(next(), "STOPPING=1\n");
+    assert!(pings >= 2, "{pings} watchdog pings in more than a second");
     assert_eq!(agent.signal_and_wait(0, LOG_WAIT), Some(0));
     let _ignored = std::fs::remove_file(&socket_path);
+}
+
+/// Receives journal entries on a journald socket of its own (a private mount namespace with a
+/// tmpfs on /run), runs the agent, and stops both once the `attached` entry arrived. `$1`: the
+/// file the entries go to (each after its length, 4 bytes little-endian); then the agent's
+/// command line.
+const JOURNAL_SCRIPT: &str = r#"
+set -eu
+out="$1"; shift
+mount -t tmpfs tmpfs /run
+mkdir -p /run/systemd/journal
+python3 - "$out" <<'PY' &
+import socket, struct, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind("/run/systemd/journal/socket")
+open(sys.argv[1] + ".ready", "w").close()
+s.settimeout(20)
+with open(sys.argv[1], "wb") as out:
+    while True:
+        entry = s.recv(1 << 16)
+        out.write(struct.pack("<I", len(entry)) + entry)
+        out.flush()
+        if b"attached\n" in entry:
+            break
+PY
+receiver=$!
+while [ ! -e "$out.ready" ]; do sleep 0.05; done
+"$@" &
+agent=$!
+trap 'kill -TERM $agent 2>/dev/null || true' EXIT
+wait $receiver
+kill -TERM $agent
+wait $agent
+trap - EXIT
+"#;
+
+#[test]
+fn journald_entries_carry_the_fields_and_priorities() {
+    require_host();
+    let cgroup = TestCgroup::new();
+    let places = AgentPlaces::new();
+    let name = cgroup.cgroup().name.clone();
+    let entries_file = places.state_dir().with_extension("journal");
+    let mut args: Vec<String> = vec![
+        "--log-format".into(),
+        "journald".into(),
+        "run".into(),
+        "--cgroup".into(),
+        name.clone(),
+        "--no-metrics".into(),
+    ];
+    args.extend(places.args());
+    let out = Command::new("timeout")
+        .args(["60", "unshare", "--mount", "--propagation", "private"])
+        .args(["sh", "-c", JOURNAL_SCRIPT, "journal"])
+        .arg(&entries_file)
+        .arg(agent_bin())
+        .args(&args)
+        .output()
+        .unwrap();
+    let entries = std::fs::read(&entries_file).unwrap_or_default();
+    let _ignored = std::fs::remove_file(&entries_file);
+    let _ignored = std::fs::remove_file(entries_file.with_extension("journal.ready"));
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Nothing went to stderr: the journal has it all.
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut rest = entries.as_slice();
+    let mut attached = None;
+    while let Some((length, after)) = rest.split_first_chunk::<4>() {
+        let length = u32::from_le_bytes(*length) as usize;
+        let (entry, after) = after.split_at(length.min(after.len()));
+        let fields = journal_fields(entry);
+        if fields.contains(&("MESSAGE".to_string(), "attached".to_string())) {
+            attached = Some(fields);
+        }
+        rest = after;
+    }
+    let fields = attached.unwrap_or_else(|| panic!("no attached entry in {entries:?}"));
+    for (key, value) in [
+        ("PRIORITY", "6"),
+        ("SYSLOG_IDENTIFIER", "keepalive-agent"),
+        ("F_CGROUP", name.as_str()),
+    ] {
+        assert!(
+            fields.contains(&(key.to_string(), value.to_string())),
+            "{key}={value} not in {fields:?}"
+        );
+    }
+}
+
+/// The fields of one entry of journald's native protocol: `KEY=value\n`, or `KEY\n`, the
+/// value's length (8 bytes little-endian), the value and `\n`.
+fn journal_fields(mut entry: &[u8]) -> Vec<(String, String)> {
+    let mut fields = Vec::new();
+    while let Some(end) = entry.iter().position(|byte| *byte == b'\n') {
+        let line = &entry[..end];
+        if let Some(equals) = line.iter().position(|byte| *byte == b'=') {
+            fields.push((
+                String::from_utf8_lossy(&line[..equals]).into_owned(),
+                String::from_utf8_lossy(&line[equals + 1..]).into_owned(),
+            ));
+            entry = &entry[end + 1..];
+            continue;
+        }
+        let Some((length, after)) = entry[end + 1..].split_first_chunk::<8>() else {
+            break;
+        };
+        let length = usize::try_from(u64::from_le_bytes(*length)).unwrap();
+        let value = &after[..length.min(after.len())];
+        fields.push((
+            String::from_utf8_lossy(line).into_owned(),
+            String::from_utf8_lossy(value).into_owned(),
+        ));
+        entry = after.get(length + 1..).unwrap_or_default();
+    }
+    fields
 }

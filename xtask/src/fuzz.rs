@@ -1,10 +1,7 @@
 //! `cargo xtask fuzz`: the cargo-fuzz targets in `fuzz/`, each for a bounded time. Not part of
 //! `cargo xtask test` (CI): a fuzzer finds things by running long, and a finding needs a human.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail, ensure};
 
@@ -51,8 +48,8 @@ pub(crate) fn run(
         std::fs::create_dir_all(&corpus)
             .with_context(|| format!("cannot create {}", corpus.display()))?;
         eprintln!("xtask: fuzzing {target} for {seconds} s");
-        let status = Command::new("rustup")
-            .args(["run", NIGHTLY, "cargo", "fuzz", "run", target])
+        let status = toolchain::rustup_run(NIGHTLY, "cargo")
+            .args(["fuzz", "run", target])
             .arg(&corpus)
             .args(seeds.iter().map(|dir| workspace.join(dir)))
             .arg("--")
@@ -86,9 +83,8 @@ fn ensure_cargo_fuzz() -> anyhow::Result<PathBuf> {
         "xtask: building cargo-fuzz {CARGO_FUZZ_VERSION} into {} (once)",
         root.display()
     );
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     run_status(
-        Command::new(cargo)
+        toolchain::rustup_run(toolchain::HOST, "cargo")
             .args(["install", "cargo-fuzz", "--locked", "--version"])
             .arg(CARGO_FUZZ_VERSION)
             .arg("--root")

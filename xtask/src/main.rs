@@ -34,6 +34,10 @@ struct Cli {
 enum Task {
     /// Build the release agent at target/release/keepalive-agent (eBPF program embedded).
     Build,
+    /// Build the release agent and lay out what a package installs in target/dist: the
+    /// binary, man pages (man/), shell completions for bash, zsh and fish (completions/),
+    /// all generated from the agent's command line, and the systemd unit.
+    Dist,
     /// Build, then run the agent in the foreground as root: the default policy (idle 60 s,
     /// interval 5 s, 3 probes) at the root of the cgroup v2 hierarchy. Arguments after `--`
     /// go to `keepalive-agent run`. Ctrl-C or SIGTERM detaches cleanly.
@@ -83,6 +87,7 @@ fn run(task: Task) -> anyhow::Result<()> {
     let workspace = workspace_root();
     match task {
         Task::Build => build(&workspace, &Toolchain::ensure()?, Profile::Release).map(drop),
+        Task::Dist => dist(&workspace, &Toolchain::ensure()?),
         Task::Run { agent_args } => {
             host_check("cargo xtask run")?;
             let agent = build(&workspace, &Toolchain::ensure()?, Profile::Release)?;
@@ -170,6 +175,36 @@ fn build(workspace: &Path, toolchain: &Toolchain, profile: Profile) -> anyhow::R
     Ok(target_dir(workspace).join(dir).join("keepalive-agent"))
 }
 
+/// `target/dist`: binary, man pages, completions and unit, for packaging and the docs' install
+/// steps.
+fn dist(workspace: &Path, toolchain: &Toolchain) -> anyhow::Result<()> {
+    let agent = build(workspace, toolchain, Profile::Release)?;
+    let dist = target_dir(workspace).join("dist");
+    // Nothing stale from an earlier layout.
+    if dist.exists() {
+        std::fs::remove_dir_all(&dist)
+            .with_context(|| format!("cannot remove {}", dist.display()))?;
+    }
+    run_status(
+        Command::new(&agent)
+            .arg("generate")
+            .arg("--out-dir")
+            .arg(&dist),
+    )?;
+    for (from, to) in [
+        (agent, "keepalive-agent"),
+        (
+            workspace.join("deploy/systemd/keepalive-agent.service"),
+            "keepalive-agent.service",
+        ),
+    ] {
+        std::fs::copy(&from, dist.join(to))
+            .with_context(|| format!("cannot copy {} into {}", from.display(), dist.display()))?;
+    }
+    eprintln!("xtask: {} is ready", dist.display());
+    Ok(())
+}
+
 fn lint(workspace: &Path, toolchain: &Toolchain) -> anyhow::Result<()> {
     run_status(cargo(workspace, toolchain)?.args(["fmt", "--all", "--check"]))?;
     // fuzz/ is a workspace of its own; `cargo xtask fuzz` builds it.
@@ -189,15 +224,8 @@ fn lint(workspace: &Path, toolchain: &Toolchain) -> anyhow::Result<()> {
     ]))?;
     // The eBPF crate only builds for the BPF target, with the pinned nightly.
     run_status(
-        Command::new("rustup")
-            .args([
-                "run",
-                toolchain::NIGHTLY,
-                "cargo",
-                "clippy",
-                "--locked",
-                "--release",
-            ])
+        toolchain::rustup_run(toolchain::NIGHTLY, "cargo")
+            .args(["clippy", "--locked", "--release"])
             .args([
                 "--package",
                 "keepalive-ebpf",
@@ -212,9 +240,10 @@ fn lint(workspace: &Path, toolchain: &Toolchain) -> anyhow::Result<()> {
     )
 }
 
-/// `cargo` (the pinned stable that runs us) in the workspace, with bpf-linker on PATH.
+/// `cargo` of the pinned host toolchain (not the stable that runs xtask) in the workspace,
+/// with bpf-linker on PATH.
 fn cargo(workspace: &Path, toolchain: &Toolchain) -> anyhow::Result<Command> {
-    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    let mut command = toolchain::rustup_run(toolchain::HOST, "cargo");
     command
         .current_dir(workspace)
         .env("PATH", toolchain.path()?);

@@ -22,8 +22,11 @@ pub(crate) const TEST: &[Need] = &[
     ("bpftool", "bpftool"),
     // promtool checks the metrics endpoint's output.
     ("promtool", "prometheus"),
-    // systemd-analyze verifies the systemd unit.
+    // systemd-analyze verifies the systemd unit and rates its hardening.
     ("systemd-analyze", "systemd"),
+    // man renders the generated man pages; bash drives the generated completion.
+    ("man", "man-db"),
+    ("bash", "bash"),
     // The LD_PRELOAD peer the benchmark compares against.
     ("/usr/lib/libkeepalive.so", "libkeepalive0"),
 ];

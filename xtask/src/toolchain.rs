@@ -1,5 +1,9 @@
-//! The pinned eBPF toolchain: a dated nightly with rust-src, and bpf-linker built against that
-//! nightly's own LLVM (the host's LLVM is rarely the right major version).
+//! The pinned toolchains (`keepalive_common::toolchain`): the host stable that builds the
+//! workspace, a dated nightly with rust-src for the eBPF crate, and bpf-linker built against
+//! that nightly's own LLVM (the host's LLVM is rarely the right major version).
+//!
+//! xtask runs on whatever stable the user has; it installs these with rustup itself, so
+//! nothing depends on rustup's auto-install (off with `RUSTUP_AUTO_INSTALL=0`).
 //!
 //! The nightly and the bpf-linker release move together: bpf-linker's default LLVM feature
 //! (llvm-23 for 0.13) must be the LLVM major of the nightly.
@@ -12,11 +16,11 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
+pub(crate) use keepalive_common::toolchain::{EBPF_NIGHTLY as NIGHTLY, HOST};
+use keepalive_common::toolchain::{EBPF_NIGHTLY_COMPONENTS, HOST_COMPONENTS};
 
 use crate::{cmd::run_status, cmd::which};
 
-/// Keep in step with `keepalive-agent/build.rs`, which builds the eBPF crate with it.
-pub(crate) const NIGHTLY: &str = "nightly-2026-10-01";
 const NIGHTLY_LLVM_MAJOR: &str = "23";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -31,11 +35,12 @@ impl Toolchain {
     pub(crate) fn ensure() -> anyhow::Result<Self> {
         if which("rustup").is_none() {
             bail!(
-                "rustup is not installed: the eBPF program is built with a pinned nightly that \
-                 rustup installs; get it from https://rustup.rs"
+                "rustup is not installed: the workspace is built with pinned toolchains \
+                 ({HOST} and {NIGHTLY}) that rustup installs; get it from https://rustup.rs"
             );
         }
-        ensure_nightly()?;
+        ensure_installed(HOST, HOST_COMPONENTS, "builds the agent and the tests")?;
+        ensure_installed(NIGHTLY, EBPF_NIGHTLY_COMPONENTS, "builds the eBPF crate")?;
         let bpf_linker_dir = ensure_bpf_linker()?;
         Ok(Self { bpf_linker_dir })
     }
@@ -50,26 +55,39 @@ impl Toolchain {
     }
 }
 
-fn ensure_nightly() -> anyhow::Result<()> {
+/// `rustup run <toolchain> <program>`: that toolchain whatever the environment says (cargo
+/// sets `RUSTUP_TOOLCHAIN` and `CARGO` to the stable that runs xtask).
+pub(crate) fn rustup_run(toolchain: &str, program: &str) -> Command {
+    let mut command = Command::new("rustup");
+    command
+        .args(["run", toolchain, program])
+        .env_remove("CARGO")
+        .env_remove("RUSTC")
+        .env_remove("RUSTDOC");
+    command
+}
+
+/// Installs `toolchain` (minimal profile) with `components` unless all are there already.
+fn ensure_installed(toolchain: &str, components: &[&str], what: &str) -> anyhow::Result<()> {
     let installed = Command::new("rustup")
-        .args(["component", "list", "--installed", "--toolchain", NIGHTLY])
+        .args(["component", "list", "--installed", "--toolchain", toolchain])
         .output()
         .context("rustup component list")?;
-    let components = String::from_utf8_lossy(&installed.stdout);
-    let has = |name: &str| components.lines().any(|line| line.starts_with(name));
-    if installed.status.success() && has("rust-src") && has("clippy") {
+    let listed = String::from_utf8_lossy(&installed.stdout);
+    let has = |name: &str| listed.lines().any(|line| line.starts_with(name));
+    if installed.status.success() && components.iter().all(|component| has(component)) {
         return Ok(());
     }
-    eprintln!("xtask: installing {NIGHTLY} with rust-src (builds the eBPF crate)");
-    run_status(Command::new("rustup").args([
-        "toolchain",
-        "install",
-        NIGHTLY,
-        "--profile",
-        "minimal",
-        "--component",
-        "rust-src,clippy",
-    ]))
+    eprintln!(
+        "xtask: installing {toolchain} with {} ({what})",
+        components.join(", ")
+    );
+    run_status(
+        Command::new("rustup")
+            .args(["toolchain", "install", toolchain, "--profile", "minimal"])
+            .arg("--component")
+            .arg(components.join(",")),
+    )
 }
 
 /// `$XDG_CACHE_HOME/keepalive-agent` (or `~/.cache/keepalive-agent`): outlives `cargo clean`
@@ -99,9 +117,8 @@ fn ensure_bpf_linker() -> anyhow::Result<PathBuf> {
          (once; about a minute)",
         root.display()
     );
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     run_status(
-        Command::new(cargo)
+        rustup_run(HOST, "cargo")
             .args([
                 "install",
                 "bpf-linker",

@@ -17,7 +17,7 @@ use crate::{
     enforcer::{Applied, Enforcer, Fault},
     existing::SweepJob,
     metrics,
-    notify::notify,
+    notify,
     policy::{CgroupPath, Policy},
     state::State,
     watch::Change,
@@ -149,10 +149,7 @@ impl Agent {
             "policy applied"
         );
         self.queue(sweep);
-        notify(&format!(
-            "READY=1\nSTATUS=enforcing generation {}",
-            applied.generation
-        ));
+        notify::ready(&format!("enforcing generation {}", applied.generation));
         loop {
             let Some(first) = events.blocking_recv() else {
                 return self.stop(Signal::Terminate);
@@ -187,13 +184,25 @@ impl Agent {
             std::thread::sleep(SETTLE_CGROUPS);
             self.follow_cgroups();
         }
-        if batch.contains(&Event::Signal(Signal::Hangup)) {
-            reloaded = self.reload("SIGHUP", false);
-        } else if batch.contains(&Event::PolicyFileChanged) {
-            reloaded = self.reload("file changed", true);
+        let hangup = batch.contains(&Event::Signal(Signal::Hangup));
+        let file_changed = batch.contains(&Event::PolicyFileChanged);
+        if hangup || file_changed {
+            // Type=notify-reload: systemd waits for READY=1 after RELOADING=1.
+            notify::reloading();
+            reloaded = if hangup {
+                self.reload("SIGHUP", false)
+            } else {
+                self.reload("file changed", true)
+            };
         }
         self.check_health();
         self.publish(reloaded);
+        if hangup || file_changed {
+            notify::ready(&format!(
+                "enforcing generation {}",
+                self.enforcer.generation()
+            ));
+        }
     }
 
     /// Attaches to new matching cgroups and forgets removed ones.
@@ -341,7 +350,7 @@ impl Agent {
 
     fn stop(mut self, signal: Signal) -> anyhow::Result<()> {
         use anyhow::Context as _;
-        notify("STOPPING=1");
+        notify::stopping();
         let pins = self.args.places.bpffs.join("keepalive-agent");
         if signal == Signal::HandOver {
             info!(signal = signal.name(), pins = %pins.display(), "handing over to a new agent; enforcement stays in place");

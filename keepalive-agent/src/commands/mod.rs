@@ -2,5 +2,6 @@
 
 pub mod check;
 pub mod detach;
+pub mod generate;
 pub mod run;
 pub mod status;

@@ -19,7 +19,7 @@ use crate::{
     cli::RunArgs,
     enforcer::Enforcer,
     instance::{HAND_OVER_TIMEOUT, InstanceLock},
-    metrics,
+    metrics, notify,
     watch::{CgroupWatch, Watch},
 };
 
@@ -104,6 +104,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (events, queue) = mpsc::unbounded_channel();
     let agent = Agent::new(enforcer, args, mount, telemetry, roots);
     let mut engine = tokio::task::spawn_blocking(move || agent.run(&policy, queue));
+    let mut watchdog = notify::Watchdog::from_env();
     let mut tick = tokio::time::interval(HEALTH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -124,6 +125,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 Event::CgroupsChanged(crate::watch::Change::Events)
             }
             _ = tick.tick() => Event::Tick,
+            // The loop turning is what the service manager's watchdog checks.
+            () = watchdog.ping() => continue,
             ended = &mut engine => return ended.context("the engine failed")?,
         };
         let stop = matches!(event, Event::Signal(signal) if signal.stops());
@@ -155,19 +158,14 @@ fn lock(args: &RunArgs) -> anyhow::Result<InstanceLock> {
 }
 
 async fn bind(args: &RunArgs) -> anyhow::Result<Option<tokio::net::TcpListener>> {
-    match args.metrics_addr.as_str() {
-        "none" => Ok(None),
-        addr => {
-            let addr = addr.parse().with_context(|| {
-                format!("--metrics-addr {addr}: not an address like 127.0.0.1:9477")
-            })?;
-            let listener = metrics::bind(addr)
-                .await
-                .with_context(|| format!("cannot serve metrics on {addr}"))?;
-            info!(addr = %listener.local_addr()?, "metrics endpoint");
-            Ok(Some(listener))
-        }
-    }
+    let Some(addr) = args.metrics_addr() else {
+        return Ok(None);
+    };
+    let listener = metrics::bind(addr)
+        .await
+        .with_context(|| format!("cannot serve metrics on {addr}"))?;
+    info!(addr = %listener.local_addr()?, "metrics endpoint");
+    Ok(Some(listener))
 }
 
 async fn changed(watch: &mut Option<Watch>) -> std::io::Result<()> {
