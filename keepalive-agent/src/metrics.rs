@@ -143,6 +143,23 @@ pub fn render(shared: &Shared, maps_dir: &std::path::Path) -> anyhow::Result<Str
     let Some(state) = state else {
         return Ok(out);
     };
+    let _ = writeln!(
+        w,
+        "# HELP keepalive_kernel_feature Whether an optional part of the agent loaded on this \
+         kernel (0: this kernel lacks it; `keepalive-agent status` says what follows)."
+    );
+    let _ = writeln!(w, "# TYPE keepalive_kernel_feature gauge");
+    for feature in crate::enforcer::features::OPTIONAL {
+        let missing = state
+            .missing_features
+            .iter()
+            .any(|missing| missing.feature == *feature);
+        let _ = writeln!(
+            w,
+            "keepalive_kernel_feature{{feature=\"{feature}\"}} {}",
+            u8::from(!missing)
+        );
+    }
     let maps = PinnedMaps::open(maps_dir)?;
     let _ = writeln!(
         w,

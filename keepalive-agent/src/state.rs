@@ -9,7 +9,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{CgroupPath, Policy};
+use crate::{
+    enforcer::MissingFeature,
+    policy::{CgroupPath, Policy},
+};
 
 const FILE: &str = "state.json";
 
@@ -37,6 +40,9 @@ pub struct State {
     pub rules: Vec<RuleState>,
     pub reloads_succeeded: u64,
     pub reloads_failed: u64,
+    /// Optional parts this kernel refused (e.g. the lock on 5.10).
+    #[serde(default)]
+    pub missing_features: Vec<MissingFeature>,
 }
 
 impl State {
@@ -64,6 +70,7 @@ impl State {
             rules,
             reloads_succeeded: 0,
             reloads_failed: 0,
+            missing_features: Vec::new(),
         }
     }
 

@@ -74,6 +74,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let mut enforcer = Enforcer::pinned(&mount, &args.places.bpffs)
         .context("cannot load the keepalive programs")?;
+    for missing in enforcer.missing_features() {
+        warn!(feature = %missing.feature, since = %missing.since, "{missing}");
+    }
     if let (Some(listener), Some(pins)) = (metrics, enforcer.pins()) {
         tokio::spawn(metrics::serve(listener, telemetry.clone(), pins.maps()));
     }
@@ -104,6 +107,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         "policy applied"
     );
     let mut state = State::new(&policy, &source, applied.generation);
+    state.missing_features = enforcer.missing_features().to_vec();
     publish(&state, &args, &enforcer, &telemetry);
     notify(&format!(
         "READY=1\nSTATUS=enforcing generation {}",
@@ -141,6 +145,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 state = State {
                     reloads_succeeded: state.reloads_succeeded + 1,
                     reloads_failed: state.reloads_failed,
+                    missing_features: enforcer.missing_features().to_vec(),
                     ..State::new(&reloaded, &source, enforcer.generation())
                 };
                 cgroups = watch_cgroups(&mount, &reloaded)?;
@@ -359,6 +364,9 @@ fn report(applied: &Applied, policy: &Policy) {
     }
     for (rule, cgroup) in &applied.missing {
         warn!(rule, cgroup = %cgroup, "cgroup does not exist (yet); it is covered as soon as it does");
+    }
+    for sentence in &applied.unsupported {
+        warn!("{sentence}");
     }
 }
 
