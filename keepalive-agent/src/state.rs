@@ -9,7 +9,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{CgroupPath, Policy};
+use crate::{
+    enforcer::MissingFeature,
+    policy::{CgroupPath, Policy},
+};
 
 const FILE: &str = "state.json";
 
@@ -41,6 +44,9 @@ pub struct State {
     /// yet: where enforcement is missing.
     #[serde(default)]
     pub faults: Vec<String>,
+    /// Optional parts this kernel refused (e.g. the lock on 5.10).
+    #[serde(default)]
+    pub missing_features: Vec<MissingFeature>,
 }
 
 impl State {
@@ -69,6 +75,7 @@ impl State {
             reloads_succeeded: 0,
             reloads_failed: 0,
             faults: Vec::new(),
+            missing_features: Vec::new(),
         }
     }
 

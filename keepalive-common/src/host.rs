@@ -9,9 +9,13 @@ use std::{
     string::{String, ToString},
 };
 
-/// Oldest kernel the agent supports: bpf_link attachments to cgroups (5.7) and the keepalive
-/// options in `bpf_setsockopt` from sock_ops (5.10 has them all).
-pub const MIN_KERNEL: (u32, u32) = (5, 10);
+/// Oldest kernel the agent can enforce on: SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL and
+/// TCP_KEEPCNT in `bpf_setsockopt` arrived in 5.9 (commit f9bcf96837f1), bpf_link attachments
+/// to cgroups in 5.7. The verifier accepts the calls on older kernels and they fail at run
+/// time, so no load can probe this: the release decides, and the agent's per-option failure
+/// counters show it on any kernel that misreports. Optional parts (the lock, from 6.1) are
+/// probed by loading them.
+pub const MIN_KERNEL: (u32, u32) = (5, 9);
 
 const BTF_VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 const CAP_NET_ADMIN: u32 = 12;
@@ -43,8 +47,8 @@ impl fmt::Display for HostError {
             ),
             Self::KernelTooOld { release } => write!(
                 f,
-                "kernel {release} is too old: the sock_ops keepalive options need Linux \
-                 {major}.{minor} or newer"
+                "kernel {release} cannot enforce keepalive: bpf_setsockopt gained the keepalive \
+                 options in Linux {major}.{minor}; use that kernel or newer"
             ),
             Self::NoBtf => write!(
                 f,
@@ -290,6 +294,13 @@ mod tests {
         assert_eq!(parse_kernel_version("5.10.0"), Some((5, 10)));
         assert_eq!(parse_kernel_version("garbage"), None);
         assert!(parse_kernel_version("5.4.0-150-generic").unwrap_or_default() < MIN_KERNEL);
+        assert!(parse_kernel_version("5.8.18").unwrap_or_default() < MIN_KERNEL);
+        assert!(parse_kernel_version("5.10.0-32-amd64").unwrap_or_default() >= MIN_KERNEL);
+        let refusal = HostError::KernelTooOld {
+            release: "5.8.18".to_string(),
+        }
+        .to_string();
+        assert!(refusal.contains("Linux 5.9"), "{refusal}");
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod cmd;
 mod fuzz;
 mod packages;
 mod toolchain;
+mod vm;
 
 use std::{
     os::unix::process::CommandExt as _,
@@ -46,10 +47,29 @@ enum Task {
         agent_args: Vec<String>,
     },
     /// Install what the tests need, then run every test: unit and privileged (as root).
-    /// Arguments after `--` go to `cargo test` (e.g. a test name filter).
+    /// Arguments after `--` go to `cargo test` on the host (e.g. a test name filter) and to
+    /// each test binary in the guests.
     Test {
-        #[arg(last = true, value_name = "CARGO TEST ARGS")]
+        /// Where the tests run: `host` (this kernel: unit and privileged tests), or a kernel
+        /// of the matrix booted under qemu (`5.10`, `6.1`, `6.12`; `all` is the three) with
+        /// the privileged integration suite inside. Repeatable or comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "host")]
+        kernel: Vec<String>,
+        /// In the guests, run only these integration test binaries (tests/tests/NAME.rs).
+        #[arg(long, value_name = "NAME", value_delimiter = ',')]
+        only: Vec<String>,
+        #[arg(last = true, value_name = "TEST ARGS")]
         test_args: Vec<String>,
+    },
+    /// Boot a kernel of the matrix under qemu (the host's root read-only, pure cgroup v2) and
+    /// run a bash command in this workspace inside it, as root.
+    Vm {
+        /// 5.10, 6.1 or 6.12.
+        #[arg(long)]
+        kernel: String,
+        /// The command, run by bash.
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<String>,
     },
     /// rustfmt and clippy (host crates and the eBPF crate), warnings as errors.
     Lint,
@@ -95,19 +115,47 @@ fn run(task: Task) -> anyhow::Result<()> {
             let error = Command::new(&agent).arg("run").args(agent_args).exec();
             Err(error).with_context(|| format!("cannot run {}", agent.display()))
         }
-        Task::Test { test_args } => {
-            host_check("cargo xtask test")?;
+        Task::Test {
+            kernel,
+            only,
+            test_args,
+        } => {
+            let targets = vm::targets(&kernel)?;
+            if targets.host {
+                host_check("cargo xtask test")?;
+            }
             packages::ensure(packages::TEST)?;
-            let validate = packages::ensure_python_tools(&toolchain::cache_dir()?)?;
             let toolchain = Toolchain::ensure()?;
             let agent = build(&workspace, &toolchain, Profile::Debug)?;
-            run_status(
-                cargo(&workspace, &toolchain)?
-                    .args(["test", "--locked", "--no-fail-fast"])
-                    .args(test_args)
-                    .env("KEEPALIVE_AGENT_BIN", agent)
-                    .env("KUBERNETES_VALIDATE", validate),
+            if targets.host {
+                let validate = packages::ensure_python_tools(&toolchain::cache_dir()?)?;
+                run_status(
+                    cargo(&workspace, &toolchain)?
+                        .args(["test", "--locked", "--no-fail-fast"])
+                        .args(&test_args)
+                        .env("KEEPALIVE_AGENT_BIN", &agent)
+                        .env("KUBERNETES_VALIDATE", validate),
+                )?;
+            }
+            if targets.kernels.is_empty() {
+                return Ok(());
+            }
+            vm::test_matrix(
+                &workspace,
+                || cargo(&workspace, &toolchain),
+                &agent,
+                &targets.kernels,
+                &only,
+                &test_args,
             )
+        }
+        Task::Vm { kernel, command } => {
+            let targets = vm::targets(std::slice::from_ref(&kernel))?;
+            let [kernel] = targets.kernels.as_slice() else {
+                anyhow::bail!("--kernel takes one kernel of the matrix here");
+            };
+            packages::ensure(packages::TEST)?;
+            vm::run_command(&workspace, *kernel, &command.join(" "))
         }
         Task::Lint => lint(&workspace, &Toolchain::ensure()?),
         Task::Fuzz { seconds, target } => fuzz::run(

@@ -137,7 +137,10 @@ impl Agent {
             .apply_later(policy)
             .context("cannot apply the policy")?;
         report(&applied, policy);
-        self.state = Some(State::new(policy, &self.source, applied.generation));
+        self.state = Some(State {
+            missing_features: self.enforcer.missing_features().to_vec(),
+            ..State::new(policy, &self.source, applied.generation)
+        });
         // Ready (/readyz) by the time the log says so.
         self.publish(Some(false));
         let scopes: Vec<&str> = policy.scopes.iter().map(CgroupPath::as_str).collect();
@@ -245,6 +248,7 @@ impl Agent {
                 *state = State {
                     reloads_succeeded: state.reloads_succeeded + 1,
                     reloads_failed: state.reloads_failed,
+                    missing_features: self.enforcer.missing_features().to_vec(),
                     ..State::new(&policy, &self.source, self.enforcer.generation())
                 };
                 self.roots.send_replace(watch_roots(&self.mount, &policy));

@@ -128,6 +128,9 @@ pub(super) fn report(applied: &Applied, policy: &Policy) {
     for (rule, cgroup) in &applied.missing {
         warn!(rule, cgroup = %cgroup, "cgroup does not exist (yet); it is covered as soon as it does");
     }
+    for sentence in &applied.unsupported {
+        warn!("{sentence}");
+    }
 }
 
 /// Logs what a sweep of existing connections did.

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use crate::{
     cli::CheckArgs,
     compile::compile,
+    enforcer::features,
     policy::{CgroupPath, Policy, file},
 };
 
@@ -31,6 +32,16 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<String> {
     );
     for warning in warnings(&policy) {
         let _ = writeln!(out, "warning: {warning}");
+    }
+    // check loads nothing, so this kernel's limits go by its release (`run` probes them).
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let missing = features::by_release(release.trim());
+    for sentence in features::unsupported(&policy, &missing) {
+        let _ = writeln!(
+            out,
+            "warning: on this kernel ({}): {sentence}",
+            release.trim()
+        );
     }
     Ok(out)
 }

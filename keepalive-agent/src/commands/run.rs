@@ -83,6 +83,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let mut enforcer = Enforcer::pinned(&mount, &args.places.bpffs)
         .context("cannot load the keepalive programs")?;
+    for missing in enforcer.missing_features() {
+        warn!(feature = %missing.feature, since = %missing.since, "{missing}");
+    }
     if let (Some(listener), Some(pins)) = (listener, enforcer.pins()) {
         tokio::spawn(metrics::serve(listener, telemetry.clone(), pins.maps()));
     }

@@ -80,6 +80,7 @@ pub fn collect(args: &StatusArgs, cgroup2_mount: &Path) -> anyhow::Result<Value>
             "reloads_succeeded": state.reloads_succeeded,
             "reloads_failed": state.reloads_failed,
         })),
+        "missing_features": state.as_ref().map(|state| state.missing_features.clone()).unwrap_or_default(),
         "attached": attached,
         "records": maps.records()?.len(),
         "counters": global,
@@ -187,6 +188,16 @@ pub fn table(status: &Value) -> String {
                 .unwrap_or_default(),
             policy["reloads_succeeded"],
             policy["reloads_failed"],
+        );
+    }
+    for missing in status["missing_features"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "kernel: no {} (needs Linux {}; {}): {}",
+            missing["feature"].as_str().unwrap_or("?"),
+            missing["since"].as_str().unwrap_or("?"),
+            missing["reason"].as_str().unwrap_or("?"),
+            missing["effect"].as_str().unwrap_or("?"),
         );
     }
     let _ = writeln!(out, "\n{:<48} {:>10}  PROGRAMS", "CGROUP", "ID");

@@ -1,11 +1,13 @@
 //! The loaded programs, their attachments and their maps; applying a policy atomically.
 
+pub mod features;
 mod health;
 mod links;
 mod maps;
 mod points;
 mod stats;
 
+pub use features::MissingFeature;
 pub use health::Fault;
 pub use maps::PinnedMaps;
 use points::Points;
@@ -39,6 +41,16 @@ static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 pub enum EnforcerError {
     #[error("cannot load the eBPF object")]
     Load(#[source] EbpfError),
+    #[error(
+        "cannot load the eBPF object, and RLIMIT_MEMLOCK could not be raised ({memlock}): \
+         kernels before 5.11 charge BPF maps to it; give the agent CAP_SYS_RESOURCE or run it \
+         with LimitMEMLOCK=infinity (systemd) / ulimit -l unlimited"
+    )]
+    Memlock {
+        memlock: String,
+        #[source]
+        source: Box<EbpfError>,
+    },
     #[error("the kernel refused program {program}")]
     Program {
         program: &'static str,
@@ -99,6 +111,8 @@ pub struct Applied {
     /// The connections that already existed, when the policy asks for them: what was done, or
     /// why the sweep failed (the policy is in force for new connections either way).
     pub existing: Option<Result<Sweep, String>>,
+    /// Rules whose mode this kernel cannot carry out ([`Enforcer::unsupported`]).
+    pub unsupported: Vec<String>,
 }
 
 /// The programs loaded into the kernel and the policy they enforce.
@@ -115,6 +129,8 @@ pub struct Enforcer {
     setsockopt: BTreeMap<CgroupPath, Attachment>,
     current: Option<(Policy, Tables)>,
     generation: u32,
+    /// Optional parts this kernel refused; the rest works without them.
+    missing: Vec<MissingFeature>,
 }
 
 impl Enforcer {
@@ -161,13 +177,27 @@ impl Enforcer {
                 loader.map_pin_path(name, pins.map(name));
             }
         }
-        let mut ebpf = loader.load(PROGRAM_OBJECT).map_err(EnforcerError::Load)?;
+        // Kernels before 5.11 charge maps to RLIMIT_MEMLOCK; newer ones ignore it, so a refusal
+        // (no CAP_SYS_RESOURCE) only matters if the maps then fail to load.
+        let memlock = features::raise_memlock_limit();
+        let mut ebpf = loader
+            .load(PROGRAM_OBJECT)
+            .map_err(|error| match &memlock {
+                Ok(()) => EnforcerError::Load(error),
+                Err(memlock) => EnforcerError::Memlock {
+                    memlock: memlock.to_string(),
+                    source: Box::new(error),
+                },
+            })?;
         sock_ops(&mut ebpf)?
             .load()
             .map_err(program_error(PROGRAM_NAME))?;
-        setsockopt(&mut ebpf)?
-            .load()
-            .map_err(program_error(SETSOCKOPT_PROGRAM))?;
+        let mut missing = Vec::new();
+        if let Err(error) = setsockopt(&mut ebpf)?.load() {
+            missing.push(MissingFeature::lock(&error));
+        }
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        missing.extend(MissingFeature::reads(release.trim()));
         maps::set_agent_pid(&mut ebpf)?;
         Ok(Self {
             ebpf,
@@ -177,7 +207,28 @@ impl Enforcer {
             setsockopt: BTreeMap::new(),
             current: None,
             generation: 0,
+            missing,
         })
+    }
+
+    /// The optional parts this kernel refused to load, each with what follows.
+    pub fn missing_features(&self) -> &[MissingFeature] {
+        &self.missing
+    }
+
+    /// One sentence per rule of `policy` (the default first) that this kernel cannot carry out
+    /// whole ([`features::unsupported`]).
+    pub fn unsupported(&self, policy: &Policy) -> Vec<String> {
+        features::unsupported(policy, &self.missing)
+    }
+
+    /// Whether the lock (the cgroup/setsockopt hook holding applications to locked rules)
+    /// loaded on this kernel.
+    pub fn has_lock(&self) -> bool {
+        !self
+            .missing
+            .iter()
+            .any(|missing| missing.feature == features::LOCK)
     }
 
     /// Takes over the links an earlier agent pinned; forgets those of removed cgroups.
@@ -189,7 +240,7 @@ impl Enforcer {
         for (pin_name, id, pin) in pins.pinned_links() {
             let kind = match pin_name.as_str() {
                 "sockops" => SOCK_OPS,
-                "setsockopt" => SETSOCKOPT,
+                "setsockopt" if self.has_lock() => SETSOCKOPT,
                 _ => continue,
             };
             let cgroup = by_id
@@ -283,6 +334,7 @@ impl Enforcer {
         let mut report = Applied {
             generation,
             missing,
+            unsupported: self.unsupported(policy),
             ..Applied::default()
         };
         // Deepest first: a new nested attachment starts zeroed and defers to its ancestors,
@@ -302,7 +354,9 @@ impl Enforcer {
             }
             maps::write_record(&mut self.ebpf, cgroup.id, &tables.attachments[path])?;
         }
-        self.sync(SETSOCKOPT, &scopes)?;
+        if self.has_lock() {
+            self.sync(SETSOCKOPT, &scopes)?;
+        }
         report.detached = self.sync(SOCK_OPS, &points)?;
         keep = tables
             .attachments
@@ -469,11 +523,22 @@ impl Enforcer {
                         .is_some_and(|cgroup| cgroup.id == attachment.cgroup.id)
                 })
         };
-        if same(&self.sock_ops, &points.all) && same(&self.setsockopt, &points.scopes) {
+        if same(&self.sock_ops, &points.all)
+            && (!self.has_lock() || same(&self.setsockopt, &points.scopes))
+        {
             return Ok(None);
         }
         let policy = policy.clone();
-        self.apply_later(&policy).map(Some)
+        // The policy is the same: what it cannot do here was said when it was applied.
+        self.apply_later(&policy).map(|(applied, sweep)| {
+            Some((
+                Applied {
+                    unsupported: Vec::new(),
+                    ..applied
+                },
+                sweep,
+            ))
+        })
     }
 }
 

@@ -63,6 +63,7 @@ pub fn render(shared: &Shared, maps_dir: &std::path::Path) -> anyhow::Result<Str
     let Some(state) = &telemetry.state else {
         return Ok(out);
     };
+    kernel_features(w, state);
     let maps = PinnedMaps::open(maps_dir)?;
     rules(w, state, &maps)?;
     program_counters(w, &maps)?;
@@ -178,6 +179,28 @@ fn program_counters(w: &mut String, maps: &PinnedMaps) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `keepalive_kernel_feature{feature}`: 0 for an optional part this kernel lacks.
+fn kernel_features(w: &mut String, state: &State) {
+    family(
+        w,
+        "keepalive_kernel_feature",
+        "gauge",
+        "Whether an optional part of the agent works on this kernel (0: it lacks it; \
+         `keepalive-agent status` says what follows).",
+    );
+    for feature in crate::enforcer::features::OPTIONAL {
+        let missing = state
+            .missing_features
+            .iter()
+            .any(|missing| missing.feature == *feature);
+        let _ = writeln!(
+            w,
+            "keepalive_kernel_feature{{feature=\"{feature}\"}} {}",
+            u8::from(!missing)
+        );
+    }
 }
 
 fn agent(w: &mut String, telemetry: &Snapshot, state: &State) {

@@ -1,0 +1,214 @@
+//! Parts of the agent that the running kernel may not offer, found by loading them (the
+//! verifier's answer, not the version string), and the RLIMIT_MEMLOCK that kernels before 5.11
+//! charge BPF maps to.
+
+use std::fmt;
+
+use aya::programs::ProgramError;
+use keepalive_common::Mode;
+use serde::{Deserialize, Serialize};
+
+use crate::policy::Policy;
+
+/// The optional parts, by the name `status` and the metrics use.
+pub const LOCK: &str = "lock";
+/// Reading a socket's keepalive options in the kernel (`bpf_getsockopt`), which the modes
+/// fill, cap and audit need.
+pub const READS: &str = "reads";
+/// Every optional part.
+pub const OPTIONAL: &[&str] = &[LOCK, READS];
+
+/// A part that did not load on this kernel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MissingFeature {
+    /// [`LOCK`].
+    pub feature: String,
+    /// The first kernel that offers it.
+    pub since: String,
+    /// What the verifier (or the load) said.
+    pub reason: String,
+    /// What works without it, and what does not.
+    pub effect: String,
+}
+
+impl MissingFeature {
+    /// The cgroup/setsockopt hook that holds applications to locked rules. It asks which
+    /// process calls (to let the agent's own calls through) and which cgroups the caller is
+    /// in; cgroup/setsockopt programs may call those helpers from Linux 6.1 (commit
+    /// bed89185af0d, "bpf: Use cgroup_{common,current}_func_proto in more hooks").
+    pub(crate) fn lock(error: &ProgramError) -> Self {
+        Self {
+            feature: LOCK.to_owned(),
+            since: "6.1".to_owned(),
+            reason: verifier_reason(error),
+            effect: "new connections get the policy, but applications can change or turn off \
+                     their keepalive afterwards (locked rules are not held)"
+                .to_owned(),
+        }
+    }
+
+    /// `bpf_getsockopt` of SO_KEEPALIVE and the TCP keepalive options, from Linux 6.1 (commits
+    /// 65ddc82d3b96 and 273b7f0fb448; before them the call fails with EINVAL at run time). The
+    /// verifier accepts the call on every kernel, so no load can tell: the release decides,
+    /// and the `failed` outcome counts what a misjudged kernel refuses.
+    pub(crate) fn reads(release: &str) -> Option<Self> {
+        let version = keepalive_common::host::parse_kernel_version(release)?;
+        (version < (6, 1)).then(|| Self {
+            feature: READS.to_owned(),
+            since: "6.1".to_owned(),
+            reason: format!("bpf_getsockopt cannot read SO_KEEPALIVE or TCP_KEEPIDLE on {release}"),
+            effect: "the modes fill, cap and audit cannot see what an application set, so \
+                     their connections are left alone and counted failed; enforce and exempt \
+                     work"
+                .to_owned(),
+        })
+    }
+}
+
+/// What a kernel of `release` is known to lack, without loading anything (for `check`).
+pub fn by_release(release: &str) -> Vec<MissingFeature> {
+    let mut missing: Vec<MissingFeature> = MissingFeature::reads(release).into_iter().collect();
+    if keepalive_common::host::parse_kernel_version(release).is_some_and(|version| version < (6, 1))
+    {
+        missing.push(MissingFeature {
+            feature: LOCK.to_owned(),
+            since: "6.1".to_owned(),
+            reason: format!("cgroup/setsockopt programs cannot ask for the caller on {release}"),
+            effect: "applications can change or turn off their keepalive afterwards".to_owned(),
+        });
+    }
+    missing
+}
+
+/// One sentence per action of `policy` (the default first) that a kernel lacking `missing`
+/// cannot carry out whole: fill, cap and audit without keepalive reads; locked enforce and
+/// cap without the lock.
+pub fn unsupported(policy: &Policy, missing: &[MissingFeature]) -> Vec<String> {
+    let lacks = |feature: &str| missing.iter().any(|missing| missing.feature == feature);
+    let (no_reads, no_lock) = (lacks(READS), lacks(LOCK));
+    let default = std::iter::once(("default".to_owned(), &policy.default));
+    let rules = policy.rules.iter().map(|rule| {
+        let name = if rule.line > 0 {
+            format!("rule {:?} (line {})", rule.name, rule.line)
+        } else {
+            format!("rule {:?}", rule.name)
+        };
+        (name, &rule.action)
+    });
+    let mut sentences = Vec::new();
+    for (name, action) in default.chain(rules) {
+        if no_reads && matches!(action.mode, Mode::Fill | Mode::Cap | Mode::Audit) {
+            sentences.push(format!(
+                "{name} uses mode {}, which needs Linux 6.1 (keepalive reads of bpf_getsockopt): \
+                 its connections are left alone and counted failed",
+                action.mode.name()
+            ));
+        }
+        if no_lock && action.lock && matches!(action.mode, Mode::Enforce | Mode::Cap) {
+            sentences.push(format!(
+                "{name} is locked, which needs Linux 6.1 (the cgroup/setsockopt hook): its \
+                 connections get the policy, but applications can change it afterwards"
+            ));
+        }
+    }
+    sentences
+}
+
+impl fmt::Display for MissingFeature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "this kernel cannot load the {} (it needs Linux {} or newer; the kernel said: {}): {}",
+            match self.feature.as_str() {
+                LOCK => "lock, the cgroup/setsockopt hook",
+                READS => "keepalive reads of bpf_getsockopt",
+                other => other,
+            },
+            self.since,
+            self.reason,
+            self.effect
+        )
+    }
+}
+
+/// The verifier's own sentence for a refused program (e.g. `unknown func
+/// bpf_get_current_pid_tgid#14`), else the error.
+fn verifier_reason(error: &ProgramError) -> String {
+    if let ProgramError::LoadError { verifier_log, .. } = error {
+        let log = verifier_log.to_string();
+        let line = log.lines().map(str::trim).find(|line| {
+            line.starts_with("unknown func")
+                || line.contains("cannot use helper")
+                || line.contains("helper call is not allowed")
+        });
+        if let Some(line) = line {
+            return line.to_owned();
+        }
+    }
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Raises RLIMIT_MEMLOCK to unlimited, as aya's own loaders do: kernels before 5.11 charge
+/// BPF maps to it, and its default (64 KiB there) is too small for the agent's maps. Returns
+/// why it could not, if it could not (no CAP_SYS_RESOURCE); newer kernels do not need it.
+pub fn raise_memlock_limit() -> Result<(), std::io::Error> {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: a valid rlimit struct on the stack; the call only reads it.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const unlimited) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
+
+    use std::path::Path;
+
+    use super::{LOCK, READS, by_release, unsupported};
+    use crate::policy::file;
+
+    const POLICY: &str = "[default]\nmode = \"enforce\"\n\
+        [[rule]]\nname = \"pool\"\nremote_port = 5432\nmode = \"cap\"\n\
+        [[rule]]\nname = \"ssh\"\nlocal_port = 22\nmode = \"exempt\"\n\
+        [[rule]]\nname = \"loose\"\nremote_port = 80\nlock = false\n";
+
+    #[test]
+    fn a_5_10_kernel_lacks_reads_and_the_lock_and_6_1_lacks_nothing() {
+        let names = |release: &str| -> Vec<String> {
+            by_release(release)
+                .into_iter()
+                .map(|missing| missing.feature)
+                .collect()
+        };
+        assert_eq!(names("5.10.0-32-amd64"), [READS, LOCK]);
+        assert!(names("6.1.0-50-amd64").is_empty());
+        assert!(names("6.18.2").is_empty());
+    }
+
+    #[test]
+    fn each_action_a_kernel_cannot_carry_out_is_named_once_per_reason() {
+        let policy = file::parse(Path::new("p.toml"), POLICY).unwrap();
+        let sentences = unsupported(&policy, &by_release("5.10.0"));
+        assert_eq!(sentences.len(), 3, "{sentences:#?}");
+        assert!(
+            sentences[0].starts_with("default is locked"),
+            "{sentences:#?}"
+        );
+        assert!(sentences[1].starts_with("rule \"pool\" (line 3) uses mode cap"));
+        assert!(sentences[2].starts_with("rule \"pool\" (line 3) is locked"));
+        assert!(unsupported(&policy, &by_release("6.1.0")).is_empty());
+    }
+}
