@@ -13,6 +13,7 @@ pub mod agent;
 pub mod cgroup;
 pub mod connection;
 pub mod http;
+pub mod links;
 pub mod netns;
 pub mod process;
 pub mod sockopt;
@@ -29,6 +30,7 @@ use std::{
 pub use agent::AgentPlaces;
 pub use cgroup::TestCgroup;
 pub use connection::{Connection, connect, probe, probe_bin};
+pub use links::{kernel_links, links_per_cgroup};
 pub use netns::{Netns, Routed, Veth};
 pub use process::{Placement, Workload};
 pub use sockopt::Keepalive;

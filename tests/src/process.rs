@@ -246,21 +246,28 @@ impl Workload {
     /// Panics on exit or after `timeout`.
     pub fn expect_log(&self, text: &str, timeout: Duration) -> String {
         let deadline = std::time::Instant::now() + timeout;
+        // What it said instead, for the panic message (the last few lines).
+        let mut seen: std::collections::VecDeque<String> = std::collections::VecDeque::new();
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.lines.recv_timeout(left) {
+            let why = match self.lines.recv_timeout(left) {
                 Ok(line) if line.contains(text) => return line,
-                Ok(_) => {}
+                Ok(line) => {
+                    if seen.len() == 8 {
+                        seen.pop_front();
+                    }
+                    seen.push_back(line);
+                    continue;
+                }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    panic!(
-                        "{}: no log line with `{text}` within {timeout:?}",
-                        self.name
-                    )
+                    format!("no log line with `{text}` within {timeout:?}")
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    panic!("{}: exited before logging `{text}`", self.name)
+                    format!("exited before logging `{text}`")
                 }
-            }
+            };
+            let said: Vec<String> = seen.into_iter().collect();
+            panic!("{}: {why}; its last lines:\n{}", self.name, said.join("\n"));
         }
     }
 

@@ -12,6 +12,7 @@ use std::{
 
 use keepalive_agent::{
     Action, CgroupPath, Enforcer, Mode, Policy, Rule, Values,
+    enforcer::features,
     policy::{Cidr, Connection, Decision, Direction, PortRange},
 };
 use keepalive_common::{Outcome, Stage};
@@ -298,6 +299,13 @@ fn check(
     let policy = policy(world, rules, scopes);
     world.enforcer.apply(&policy).unwrap();
     let untouched = Keepalive::untouched(&world.netns);
+    // Before 6.1 the kernel cannot read keepalive options: fill, cap and audit leave the
+    // socket alone and count it failed (what the agent warns of at start).
+    let reads = !world
+        .enforcer
+        .missing_features()
+        .iter()
+        .any(|missing| missing.feature == features::READS);
     conns.iter().try_for_each(|&spec| {
         let before = counters(world, rules.len());
         let ends = open(world, spec);
@@ -309,6 +317,9 @@ fn check(
             let (want, outcome) = match policy.action(decision) {
                 None => (untouched, None),
                 Some(action) => match action.mode {
+                    Mode::Fill | Mode::Cap | Mode::Audit if !reads => {
+                        (untouched, Some(Outcome::Failed))
+                    }
                     // Nothing set by the application: fill and cap set the values too.
                     Mode::Enforce | Mode::Fill | Mode::Cap => {
                         (Keepalive::enforced(&action.values), Some(Outcome::Set))

@@ -4,22 +4,12 @@
 
 use std::{process::Command, time::Duration};
 
-use keepalive_tests::{AgentPlaces, Netns, Placement, TestCgroup, agent_bin, probe, require_host};
+use keepalive_tests::{
+    AgentPlaces, Netns, Placement, TestCgroup, agent_bin, kernel_links, links_per_cgroup, probe,
+    require_host,
+};
 
 const LOG_WAIT: Duration = Duration::from_secs(10);
-
-/// How many of our programs `bpftool cgroup show` lists on `cgroup`.
-fn bpftool_attachments(cgroup: &TestCgroup) -> usize {
-    let out = Command::new("bpftool")
-        .args(["cgroup", "show"])
-        .arg(cgroup.path())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run bpftool (Debian package bpftool): {e}"));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|line| line.contains("ka_sockops") || line.contains("ka_setsockopt"))
-        .count()
-}
 
 fn run_args<'a>(cgroup: &'a str, idle: &'a str) -> Vec<&'a str> {
     vec!["run", "--cgroup", cgroup, "--idle", idle, "--no-existing"]
@@ -48,9 +38,9 @@ fn connections_across_sigkill_and_restart_are_all_enforced() {
         "the new agent takes over: {adopted}"
     );
     assert_eq!(
-        bpftool_attachments(&cgroup),
-        2,
-        "one sock_ops and one setsockopt link, not two of each"
+        kernel_links(&cgroup).len(),
+        links_per_cgroup(),
+        "one link per program, not two of each"
     );
 
     let mut seen = Vec::new();
@@ -80,7 +70,7 @@ fn connections_across_sigkill_and_restart_are_all_enforced() {
     assert_eq!(total, 60_000, "both ends of every connection: {seen:?}");
     assert_eq!(second.signal_and_wait(libc::SIGTERM, LOG_WAIT), Some(0));
     assert_eq!(
-        bpftool_attachments(&cgroup),
+        kernel_links(&cgroup).len(),
         0,
         "SIGTERM without --persist detaches"
     );
@@ -99,8 +89,8 @@ fn persist_keeps_enforcement_until_detach_and_status_tells() {
     agent.expect_log("attached", LOG_WAIT);
     assert_eq!(agent.signal_and_wait(libc::SIGTERM, LOG_WAIT), Some(0));
     assert_eq!(
-        bpftool_attachments(&cgroup),
-        2,
+        kernel_links(&cgroup).len(),
+        links_per_cgroup(),
         "--persist leaves enforcement in place"
     );
     let place = Placement::new(&cgroup, &netns);
@@ -139,7 +129,7 @@ fn persist_keeps_enforcement_until_detach_and_status_tells() {
         String::from_utf8_lossy(&detach.stderr)
     );
     assert_eq!(
-        bpftool_attachments(&cgroup),
+        kernel_links(&cgroup).len(),
         0,
         "bpftool agrees: nothing attached"
     );

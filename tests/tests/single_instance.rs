@@ -12,31 +12,10 @@ use std::{
 use keepalive_tests::{
     AgentPlaces, Netns, Placement, TestCgroup, Workload, agent_bin, connect,
     http::{get_within, metrics_addr, sample},
-    poll, require_host, wait_for,
+    kernel_links, links_per_cgroup, poll, require_host, wait_for,
 };
 
 const LOG_WAIT: Duration = Duration::from_secs(10);
-
-/// Our links on `cgroup`, as `bpftool link` lists them: (link id, attach type).
-fn links(cgroup: &TestCgroup) -> Vec<(u64, String)> {
-    let out = Command::new("bpftool")
-        .args(["-j", "link", "show"])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run bpftool (Debian package bpftool): {e}"));
-    let links: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    links
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|link| link["cgroup_id"].as_u64() == Some(cgroup.cgroup().id))
-        .map(|link| {
-            (
-                link["id"].as_u64().unwrap(),
-                link["attach_type"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect()
-}
 
 /// A running agent and its metrics endpoint.
 fn start(places: &AgentPlaces, name: &str, extra: &[&str]) -> (Workload, String) {
@@ -71,7 +50,11 @@ fn a_second_agent_is_refused_and_a_take_over_hands_over() {
     );
     assert!(refused_in < Duration::from_secs(1), "{refused_in:?}");
     eprintln!("figure: second agent refused in {refused_in:?}");
-    assert_eq!(links(&cgroup).len(), 2, "the first agent's links only");
+    assert_eq!(
+        kernel_links(&cgroup).len(),
+        links_per_cgroup(),
+        "the first agent's links only"
+    );
 
     // check and status work beside it.
     let policy = places.state_dir().with_file_name("policy.toml");
@@ -117,7 +100,11 @@ fn a_second_agent_is_refused_and_a_take_over_hands_over() {
     let place = Placement::new(&cgroup, &netns);
     let conn = connect("127.0.0.1:0", "127.0.0.1", place, place);
     assert_eq!(conn.client().idle_secs, 204, "the new agent's policy");
-    assert_eq!(links(&cgroup).len(), 2, "still one link of each program");
+    assert_eq!(
+        kernel_links(&cgroup).len(),
+        links_per_cgroup(),
+        "still one link of each program"
+    );
 
     // detach beside a running agent stops it first, and says so.
     let detach = places.command(agent_bin(), &["detach"]);
@@ -133,7 +120,7 @@ fn a_second_agent_is_refused_and_a_take_over_hands_over() {
         "{said}"
     );
     assert_eq!(fourth.signal_and_wait(0, LOG_WAIT), Some(0));
-    assert!(links(&cgroup).is_empty(), "detached");
+    assert!(kernel_links(&cgroup).is_empty(), "detached");
 }
 
 /// Waits until a new connection in `cgroup` gets `idle` again; returns how long it took.
@@ -156,7 +143,7 @@ fn enforcement_removed_behind_the_agents_back_comes_back() {
     assert_eq!(get_within(&addr, "/readyz", LOG_WAIT).0, 200);
 
     // bpftool link detach of the sock_ops link.
-    let (id, _) = links(&cgroup)
+    let (id, _) = kernel_links(&cgroup)
         .into_iter()
         .find(|(_, kind)| kind.ends_with("sock_ops"))
         .unwrap();
@@ -178,10 +165,15 @@ fn enforcement_removed_behind_the_agents_back_comes_back() {
     eprintln!("figure: external `bpftool link detach` healed in {healed_in:?}");
 
     // A removed pin.
-    let pin = places
-        .bpffs()
-        .join("keepalive-agent/links")
-        .join(format!("setsockopt-{}", cgroup.cgroup().id));
+    let pin = places.bpffs().join("keepalive-agent/links").join(format!(
+        "{}-{}",
+        if links_per_cgroup() == 2 {
+            "setsockopt"
+        } else {
+            "sockops"
+        },
+        cgroup.cgroup().id
+    ));
     let removed = Instant::now();
     std::fs::remove_file(&pin).unwrap();
     wait_for("the pin to come back", LOG_WAIT, || {
@@ -210,9 +202,13 @@ fn enforcement_removed_behind_the_agents_back_comes_back() {
     let metrics = ready.unwrap_or_else(|| panic!("keepalive_reattached_total never reached 3"));
     assert_eq!(sample(&metrics, "keepalive_enforcement_missing "), 0.0);
     assert_eq!(get_within(&addr, "/readyz", LOG_WAIT).0, 200);
-    assert_eq!(links(&cgroup).len(), 2, "one link of each program again");
+    assert_eq!(
+        kernel_links(&cgroup).len(),
+        links_per_cgroup(),
+        "one link of each program again"
+    );
     assert_eq!(agent.signal_and_wait(libc::SIGTERM, LOG_WAIT), Some(0));
-    assert!(links(&cgroup).is_empty());
+    assert!(kernel_links(&cgroup).is_empty());
 }
 
 #[test]
@@ -255,6 +251,6 @@ fn enforcement_that_cannot_be_put_back_is_not_ready_and_status_says_where() {
     );
     assert!(repaired.elapsed() < 2 * Duration::from_secs(1));
     enforced_again(&cgroup, &netns, 231, repaired);
-    assert_eq!(links(&cgroup).len(), 2);
+    assert_eq!(kernel_links(&cgroup).len(), links_per_cgroup());
     assert_eq!(agent.signal_and_wait(libc::SIGTERM, LOG_WAIT), Some(0));
 }

@@ -4,6 +4,8 @@
 # the kernel's modules for autoloading), then run /ka-vm/command and leave its exit status in
 # /ka-vm/status. The guest powers itself off at the end; the host's qemu then exits.
 set -u
+# PID 1's environment is the initramfs's (PATH=/bin): give the host's programs theirs.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8
 
 poweroff() {
     sync
@@ -39,6 +41,8 @@ hostname ka-vm
 # Pre-5.11 kernels charge BPF maps to RLIMIT_MEMLOCK. Start from the kernel's own default
 # (64 KiB) so the agent's raising of the limit is what the run proves.
 ulimit -l 64
+# PID 1 starts at 1024 open files; the load tests hold thousands of connections per process.
+ulimit -n 65536
 
 cut -d" " -f1 /proc/uptime >/ka-vm/boot-seconds
 export KA_VM_OUT=/ka-vm

@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 
 use crate::{
+    Mode,
     cli::CheckArgs,
     compile::compile,
     enforcer::features,
@@ -42,6 +43,16 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<String> {
             "warning: on this kernel ({}): {sentence}",
             release.trim()
         );
+    }
+    let locked = std::iter::once(&policy.default)
+        .chain(policy.rules.iter().map(|rule| &rule.action))
+        .any(|action| action.lock && matches!(action.mode, Mode::Enforce | Mode::Cap));
+    if let Some(lock) = missing
+        .iter()
+        .find(|missing| missing.feature == features::LOCK)
+        .filter(|_| locked)
+    {
+        let _ = writeln!(out, "warning: {lock}");
     }
     Ok(out)
 }

@@ -80,12 +80,12 @@ pub fn by_release(release: &str) -> Vec<MissingFeature> {
     missing
 }
 
-/// One sentence per action of `policy` (the default first) that a kernel lacking `missing`
-/// cannot carry out whole: fill, cap and audit without keepalive reads; locked enforce and
-/// cap without the lock.
+/// One sentence per rule of `policy` (the default first) that a kernel lacking `missing`
+/// cannot carry out: fill, cap and audit without keepalive reads. (A missing lock is one
+/// sentence for the whole agent, said when it loads.)
 pub fn unsupported(policy: &Policy, missing: &[MissingFeature]) -> Vec<String> {
     let lacks = |feature: &str| missing.iter().any(|missing| missing.feature == feature);
-    let (no_reads, no_lock) = (lacks(READS), lacks(LOCK));
+    let no_reads = lacks(READS);
     let default = std::iter::once(("default".to_owned(), &policy.default));
     let rules = policy.rules.iter().map(|rule| {
         let name = if rule.line > 0 {
@@ -104,29 +104,21 @@ pub fn unsupported(policy: &Policy, missing: &[MissingFeature]) -> Vec<String> {
                 action.mode.name()
             ));
         }
-        if no_lock && action.lock && matches!(action.mode, Mode::Enforce | Mode::Cap) {
-            sentences.push(format!(
-                "{name} is locked, which needs Linux 6.1 (the cgroup/setsockopt hook): its \
-                 connections get the policy, but applications can change it afterwards"
-            ));
-        }
     }
     sentences
 }
 
 impl fmt::Display for MissingFeature {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.feature.as_str() {
+            LOCK => "the lock (the cgroup/setsockopt hook)",
+            READS => "keepalive reads (bpf_getsockopt of the keepalive options)",
+            other => other,
+        };
         write!(
             f,
-            "this kernel cannot load the {} (it needs Linux {} or newer; the kernel said: {}): {}",
-            match self.feature.as_str() {
-                LOCK => "lock, the cgroup/setsockopt hook",
-                READS => "keepalive reads of bpf_getsockopt",
-                other => other,
-            },
-            self.since,
-            self.reason,
-            self.effect
+            "this kernel lacks {what}, which needs Linux {} or newer ({}): {}",
+            self.since, self.reason, self.effect
         )
     }
 }
@@ -199,7 +191,7 @@ mod tests {
     }
 
     #[test]
-    fn each_action_a_kernel_cannot_carry_out_is_named_once_per_reason() {
+    fn each_rule_a_kernel_cannot_carry_out_is_named() {
         let policy = file::parse(Path::new("p.toml"), POLICY).unwrap();
         let sentences = unsupported(&policy, &by_release("5.10.0"));
         assert_eq!(sentences.len(), 3, "{sentences:#?}");

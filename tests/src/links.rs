@@ -1,0 +1,40 @@
+//! What the kernel says is attached to a cgroup, read with `bpftool -j link show` (bpf_link
+//! attachments, which is how the agent attaches). `bpftool cgroup show` is not used: the
+//! bpftool of Debian 12 fails it on 5.10 kernels.
+
+use std::process::Command;
+
+use crate::TestCgroup;
+
+/// The bpf_links attached to `cgroup`: (link id, attach type).
+pub fn kernel_links(cgroup: &TestCgroup) -> Vec<(u64, String)> {
+    let out = Command::new("bpftool")
+        .args(["-j", "link", "show"])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run bpftool (Debian package bpftool): {e}"));
+    assert!(out.status.success(), "bpftool -j link show: {}", out.status);
+    let links: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("bpftool -j link show prints JSON");
+    links
+        .as_array()
+        .expect("bpftool -j link show prints a list")
+        .iter()
+        .filter(|link| link["cgroup_id"].as_u64() == Some(cgroup.cgroup().id))
+        .map(|link| {
+            (
+                link["id"].as_u64().unwrap_or_default(),
+                link["attach_type"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The links the agent makes per enforced cgroup on this kernel: sock_ops, and the lock
+/// (cgroup/setsockopt) from Linux 6.1, where the kernel lets it load.
+pub fn links_per_cgroup() -> usize {
+    let host = crate::require_host();
+    let lock = !keepalive_agent::enforcer::features::by_release(&host.kernel_release)
+        .iter()
+        .any(|missing| missing.feature == keepalive_agent::enforcer::features::LOCK);
+    1 + usize::from(lock)
+}
