@@ -115,6 +115,8 @@ fn file_changes_reload_live_and_bad_files_leave_the_running_policy() {
         !between.iter().any(|line| line.contains("policy refused")),
         "the refused version was read again: {between:#?}"
     );
+    // Existing connections are swept off the event loop, after the reload is logged.
+    agent.expect_log("existing connections", LOG_WAIT);
     let after = connect("127.0.0.1:0", "127.0.0.1", place, place);
     assert_eq!((after.client(), after.server()), (idle(92), idle(92)));
     assert_eq!(

@@ -108,7 +108,7 @@ fn persist_keeps_enforcement_until_detach_and_status_tells() {
     assert_eq!(json["attached"][0]["cgroup"], name.as_str());
     assert_eq!(
         json["attached"][0]["programs"].as_array().map(Vec::len),
-        Some(2)
+        Some(links_per_cgroup())
     );
     assert_eq!(json["rules"][0]["name"], "default");
     assert!(
