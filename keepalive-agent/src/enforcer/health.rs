@@ -68,16 +68,7 @@ impl Enforcer {
         let Some(policy) = self.policy().cloned() else {
             return Ok(None);
         };
-        // The policy is the same: what it cannot do here was said when it was applied.
-        self.apply_later(&policy).map(|(applied, sweep)| {
-            Some((
-                Applied {
-                    unsupported: Vec::new(),
-                    ..applied
-                },
-                sweep,
-            ))
-        })
+        self.reapply(&policy).map(Some)
     }
 
     fn program_id(&self, kind: Kind) -> Result<u32, EnforcerError> {

@@ -216,6 +216,22 @@ impl Enforcer {
         &self.missing
     }
 
+    /// The policy in force applied again (cgroups came or went, an attachment was put back):
+    /// what it cannot do on this kernel was said when it was first applied.
+    pub(crate) fn reapply(
+        &mut self,
+        policy: &Policy,
+    ) -> Result<(Applied, Option<SweepJob>), EnforcerError> {
+        let (applied, sweep) = self.apply_later(policy)?;
+        Ok((
+            Applied {
+                unsupported: Vec::new(),
+                ..applied
+            },
+            sweep,
+        ))
+    }
+
     /// One sentence per rule of `policy` (the default first) that this kernel cannot carry out
     /// whole ([`features::unsupported`]).
     pub fn unsupported(&self, policy: &Policy) -> Vec<String> {
@@ -529,16 +545,7 @@ impl Enforcer {
             return Ok(None);
         }
         let policy = policy.clone();
-        // The policy is the same: what it cannot do here was said when it was applied.
-        self.apply_later(&policy).map(|(applied, sweep)| {
-            Some((
-                Applied {
-                    unsupported: Vec::new(),
-                    ..applied
-                },
-                sweep,
-            ))
-        })
+        self.reapply(&policy).map(Some)
     }
 }
 
