@@ -110,9 +110,14 @@ pub enum Command {
     /// (--take-over replaces it). Every 500 ms the agent checks each attachment against the
     /// kernel and puts back what someone else removed; /readyz is not ready while anything is
     /// missing.
+    ///
+    /// Kernels: Linux 5.9 or newer enforces. The lock (holding applications to locked rules)
+    /// and the modes fill, cap and audit need Linux 6.1; on an older kernel the agent says so
+    /// once at start, runs without them, and `status` and the metrics show it.
     Run(RunArgs),
     /// Check a policy file without loading anything: exit 0, or an error naming file, line,
-    /// field and what is allowed.
+    /// field and what is allowed. Also warns of rules the running kernel cannot carry out
+    /// (fill, cap, audit and the lock need Linux 6.1).
     Check(CheckArgs),
     /// Show what is attached where, the policy in force and its source, and counters per rule.
     Status(StatusArgs),

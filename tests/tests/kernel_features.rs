@@ -85,8 +85,9 @@ fn keepalive_reads_are_expected_exactly_from_6_1() {
 #[test]
 fn the_memlock_limit_does_not_stop_the_load() {
     // Kernels before 5.11 charge maps to RLIMIT_MEMLOCK (the guests start at 64 KiB): loading
-    // raises it. The loaded programs prove the maps were created.
-    require_host();
+    // raises it, which needs CAP_SYS_RESOURCE. Where that is refused (our CI hosts), only a
+    // kernel that no longer charges maps may load. The loaded programs prove the maps exist.
+    let host = require_host();
     let enforcer = load_enforcer(Stage::Full);
     assert!(!enforcer.program_ids().is_empty());
     let mut limit = libc::rlimit {
@@ -96,5 +97,11 @@ fn the_memlock_limit_does_not_stop_the_load() {
     // SAFETY: a valid rlimit struct to write into.
     let read = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &raw mut limit) };
     assert_eq!(read, 0);
-    assert_eq!(limit.rlim_cur, libc::RLIM_INFINITY, "raised by the load");
+    let version = parse_kernel_version(&host.kernel_release).unwrap();
+    assert!(
+        limit.rlim_cur == libc::RLIM_INFINITY || version >= (5, 11),
+        "kernel {} charges maps to RLIMIT_MEMLOCK, and the load did not raise it ({})",
+        host.kernel_release,
+        limit.rlim_cur
+    );
 }
