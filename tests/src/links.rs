@@ -4,6 +4,8 @@
 
 use std::process::Command;
 
+use keepalive_agent::enforcer::features;
+
 use crate::TestCgroup;
 
 /// The bpf_links attached to `cgroup`: (link id, attach type).
@@ -33,8 +35,7 @@ pub fn kernel_links(cgroup: &TestCgroup) -> Vec<(u64, String)> {
 /// (cgroup/setsockopt) from Linux 6.1, where the kernel lets it load.
 pub fn links_per_cgroup() -> usize {
     let host = crate::require_host();
-    let lock = !keepalive_agent::enforcer::features::by_release(&host.kernel_release)
-        .iter()
-        .any(|missing| missing.feature == keepalive_agent::enforcer::features::LOCK);
+    let missing = features::by_release(&host.kernel_release);
+    let lock = !features::lacks(&missing, features::LOCK);
     1 + usize::from(lock)
 }

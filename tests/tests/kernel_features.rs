@@ -51,10 +51,7 @@ fn keepalive_reads_are_expected_exactly_from_6_1() {
     let host = require_host();
     let version = parse_kernel_version(&host.kernel_release).unwrap();
     let enforcer = load_enforcer(Stage::Full);
-    let reads_missing = enforcer
-        .missing_features()
-        .iter()
-        .any(|missing| missing.feature == keepalive_agent::enforcer::features::READS);
+    let reads_missing = enforcer.lacks(keepalive_agent::enforcer::features::READS);
     assert_eq!(
         reads_missing,
         version < (6, 1),

@@ -301,11 +301,7 @@ fn check(
     let untouched = Keepalive::untouched(&world.netns);
     // Before 6.1 the kernel cannot read keepalive options: fill, cap and audit leave the
     // socket alone and count it failed (what the agent warns of at start).
-    let reads = !world
-        .enforcer
-        .missing_features()
-        .iter()
-        .any(|missing| missing.feature == features::READS);
+    let reads = !world.enforcer.lacks(features::READS);
     conns.iter().try_for_each(|&spec| {
         let before = counters(world, rules.len());
         let ends = open(world, spec);

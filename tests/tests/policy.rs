@@ -258,11 +258,7 @@ fn app_values(idle: u32, interval: u32, count: u32) -> Keepalive {
 /// Whether the kernel lets the program read a socket's keepalive options (6.1 on): fill, cap
 /// and audit need it; without it their connections are left alone and counted failed.
 fn reads(fixture: &Fixture) -> bool {
-    !fixture
-        .enforcer
-        .missing_features()
-        .iter()
-        .any(|missing| missing.feature == features::READS)
+    !fixture.enforcer.lacks(features::READS)
 }
 
 /// Where the kernel cannot read: every connection of the slot failed and none was changed.

@@ -5,7 +5,10 @@
 
 use std::{collections::BTreeMap, fs, path::Path, time::Duration};
 
-use keepalive_agent::{bpffs::PinDir, enforcer::PinnedMaps};
+use keepalive_agent::{
+    bpffs::PinDir,
+    enforcer::{PinnedMaps, features},
+};
 use keepalive_tests::{
     AgentPlaces, Netns, Placement, TestCgroup, Workload, agent_bin, poll, probe, require_host,
     wait_for,
@@ -256,10 +259,7 @@ fn thousands_of_short_lived_cgroups_leave_nothing_behind() {
     let baseline = held(&places);
     // sock_ops, and the lock where the kernel loads it (6.1 on; the agent's state says).
     let state = keepalive_agent::state::State::read(&places.state_dir()).unwrap();
-    let lock = !state
-        .missing_features
-        .iter()
-        .any(|missing| missing.feature == keepalive_agent::enforcer::features::LOCK);
+    let lock = !features::lacks(&state.missing_features, features::LOCK);
     assert_eq!(
         baseline,
         (1 + usize::from(lock), 1),

@@ -37,10 +37,14 @@ impl MissingFeature {
     /// in; cgroup/setsockopt programs may call those helpers from Linux 6.1 (commit
     /// bed89185af0d, "bpf: Use cgroup_{common,current}_func_proto in more hooks").
     pub(crate) fn lock(error: &ProgramError) -> Self {
+        Self::lock_because(verifier_reason(error))
+    }
+
+    fn lock_because(reason: String) -> Self {
         Self {
             feature: LOCK.to_owned(),
             since: "6.1".to_owned(),
-            reason: verifier_reason(error),
+            reason,
             effect: "new connections get the policy, but applications can change or turn off \
                      their keepalive afterwards (locked rules are not held)"
                 .to_owned(),
@@ -70,22 +74,23 @@ pub fn by_release(release: &str) -> Vec<MissingFeature> {
     let mut missing: Vec<MissingFeature> = MissingFeature::reads(release).into_iter().collect();
     if keepalive_common::host::parse_kernel_version(release).is_some_and(|version| version < (6, 1))
     {
-        missing.push(MissingFeature {
-            feature: LOCK.to_owned(),
-            since: "6.1".to_owned(),
-            reason: format!("cgroup/setsockopt programs cannot ask for the caller on {release}"),
-            effect: "applications can change or turn off their keepalive afterwards".to_owned(),
-        });
+        missing.push(MissingFeature::lock_because(format!(
+            "cgroup/setsockopt programs cannot ask for the caller on {release}"
+        )));
     }
     missing
+}
+
+/// Whether `missing` names `feature` ([`LOCK`], [`READS`]).
+pub fn lacks(missing: &[MissingFeature], feature: &str) -> bool {
+    missing.iter().any(|missing| missing.feature == feature)
 }
 
 /// One sentence per rule of `policy` (the default first) that a kernel lacking `missing`
 /// cannot carry out: fill, cap and audit without keepalive reads. (A missing lock is one
 /// sentence for the whole agent, said when it loads.)
 pub fn unsupported(policy: &Policy, missing: &[MissingFeature]) -> Vec<String> {
-    let lacks = |feature: &str| missing.iter().any(|missing| missing.feature == feature);
-    let no_reads = lacks(READS);
+    let no_reads = lacks(missing, READS);
     let default = std::iter::once(("default".to_owned(), &policy.default));
     let rules = policy.rules.iter().map(|rule| {
         let name = if rule.line > 0 {

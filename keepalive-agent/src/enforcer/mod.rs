@@ -238,13 +238,15 @@ impl Enforcer {
         features::unsupported(policy, &self.missing)
     }
 
+    /// Whether this kernel refused `feature` ([`features::LOCK`], [`features::READS`]).
+    pub fn lacks(&self, feature: &str) -> bool {
+        features::lacks(&self.missing, feature)
+    }
+
     /// Whether the lock (the cgroup/setsockopt hook holding applications to locked rules)
     /// loaded on this kernel.
     pub fn has_lock(&self) -> bool {
-        !self
-            .missing
-            .iter()
-            .any(|missing| missing.feature == features::LOCK)
+        !self.lacks(features::LOCK)
     }
 
     /// Takes over the links an earlier agent pinned; forgets those of removed cgroups.

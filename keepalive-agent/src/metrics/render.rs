@@ -191,10 +191,7 @@ fn kernel_features(w: &mut String, state: &State) {
          `keepalive-agent status` says what follows).",
     );
     for feature in crate::enforcer::features::OPTIONAL {
-        let missing = state
-            .missing_features
-            .iter()
-            .any(|missing| missing.feature == *feature);
+        let missing = crate::enforcer::features::lacks(&state.missing_features, feature);
         let _ = writeln!(
             w,
             "keepalive_kernel_feature{{feature=\"{feature}\"}} {}",
