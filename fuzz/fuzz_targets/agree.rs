@@ -6,6 +6,7 @@ use std::net::{IpAddr, Ipv6Addr};
 use keepalive_agent::{
     CgroupPath, Policy,
     compile::compile,
+    plan::{Named, attach_points},
     policy::{Connection, Direction},
 };
 
@@ -13,12 +14,11 @@ use keepalive_agent::{
 const PROBES: usize = 256;
 
 pub fn check(policy: &Policy) {
-    let mut points: Vec<CgroupPath> = policy.scopes.clone();
-    points.extend(policy.rules.iter().filter_map(|rule| rule.cgroup.clone()));
-    points.retain(|point| !point.is_pattern() && policy.in_scope(point));
-    points.sort();
-    points.dedup();
-    let Ok(tables) = compile(policy, &points, 1) else {
+    // The agent's plan, as if the cgroups named and probed existed.
+    let mut named = Named::of(policy);
+    named.extend(probe_cgroups(policy));
+    let Ok(plan) = attach_points(policy, &named);
+    let Ok(tables) = compile(policy, &plan.paths(), 1) else {
         return;
     };
     for conn in probes(policy).take(PROBES) {
@@ -30,9 +30,8 @@ pub fn check(policy: &Policy) {
     }
 }
 
-/// Connections at the edges of what the policy names: its cgroups and a child of each, the
-/// first and last address of each CIDR, each port range's ends, both directions.
-fn probes(policy: &Policy) -> impl Iterator<Item = Connection> {
+/// The root, the policy's plain cgroups and a child of each.
+fn probe_cgroups(policy: &Policy) -> Vec<CgroupPath> {
     let mut cgroups: Vec<CgroupPath> = vec![CgroupPath::root()];
     for path in policy
         .scopes
@@ -46,6 +45,13 @@ fn probes(policy: &Policy) -> impl Iterator<Item = Connection> {
             cgroups.push(child);
         }
     }
+    cgroups
+}
+
+/// Connections at the edges of what the policy names: its cgroups and a child of each, the
+/// first and last address of each CIDR, each port range's ends, both directions.
+fn probes(policy: &Policy) -> impl Iterator<Item = Connection> {
+    let cgroups = probe_cgroups(policy);
     let mut addrs: Vec<IpAddr> = vec!["127.0.0.1".parse().ok(), "::1".parse().ok()]
         .into_iter()
         .flatten()

@@ -13,6 +13,7 @@ pub mod instance;
 pub mod logs;
 pub mod metrics;
 pub mod notify;
+pub mod plan;
 pub mod policy;
 pub mod sockopt;
 pub mod state;

@@ -1,9 +1,10 @@
 //! Types, names and decision logic shared by the eBPF programs (`keepalive-ebpf`) and the agent.
 //!
 //! Records are `#[repr(C)]` with explicit padding and integer flags (never `bool`), so the
-//! kernel and user space agree on the layout byte for byte. [`enforce`] holds what each mode
-//! does to a socket, written once and run by the kernel, by the agent (for connections that
-//! existed before it attached) and by host tests.
+//! kernel and user space agree on the layout byte for byte. [`lookup`] finds a connection's
+//! rule in the lookup maps and [`enforce`] holds what each mode does to a socket: each written
+//! once and run by the kernel, by the agent (its compiled tables, connections that existed
+//! before it attached) and by host tests.
 #![no_std]
 
 #[cfg(feature = "host")]
@@ -12,6 +13,7 @@ extern crate std;
 pub mod enforce;
 #[cfg(feature = "host")]
 pub mod host;
+pub mod lookup;
 mod records;
 pub mod toolchain;
 

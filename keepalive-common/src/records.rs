@@ -101,28 +101,29 @@ pub const ATTACH_VALID: u32 = 1 << 0;
 /// program records it in socket storage.
 pub const REMEMBER_DIRECTION: u32 = 1 << 1;
 
-/// A match dimension, and a bit of a [`kind`](AttachRecord::kinds): rules are grouped by the
-/// set of keys they use (tuple space search), each group looked up on its own.
+/// A match dimension. Rules are grouped by the set of dimensions they match on (tuple space
+/// search), each group looked up on its own; a group is the OR of its dimensions' bits.
 pub const DIM_REMOTE: u32 = 1 << 0;
 pub const DIM_REMOTE_PORT: u32 = 1 << 1;
 pub const DIM_LOCAL_PORT: u32 = 1 << 2;
-/// Number of kinds: every subset of the three dimensions; kind 0 is direction-only rules.
-pub const KINDS: u32 = 8;
+/// Number of groups: every subset of the three dimensions; group 0 is direction-only rules.
+pub const GROUPS: u32 = 8;
 
-/// The bit of `AttachRecord::kinds` for rules of `kind` in `direction`.
+/// The bit of [`AttachRecord::groups`] for rules of `group` in `direction`.
 #[inline(always)]
-pub const fn kind_bit(kind: u32, direction: u32) -> u32 {
+pub const fn group_bit(group: u32, direction: u32) -> u32 {
     if direction == INBOUND {
-        1 << (8 + kind)
+        1 << (8 + group)
     } else {
-        1 << kind
+        1 << group
     }
 }
 
-/// The key part that separates groups, dimensions and directions in the shared lookup maps.
+/// The key part that says which group, dimension and direction an entry of the shared lookup
+/// maps belongs to.
 #[inline(always)]
-pub const fn kind_dir(kind: u32, dim: u32, direction: u32) -> u32 {
-    (kind << 16) | (dim << 8) | direction
+pub const fn selector(group: u32, dim: u32, direction: u32) -> u32 {
+    (group << 16) | (dim << 8) | direction
 }
 
 /// The policy of one attachment (one cgroup with rules, or an enforced cgroup).
@@ -138,9 +139,9 @@ pub struct AttachRecord {
     pub flags: u32,
     /// Prefix of this attachment's entries in the lookup maps.
     pub ruleset: u32,
-    /// Bit `k` (outbound) or `8 + k` (inbound) set: the ruleset has rules of kind `k` (see
-    /// [`KINDS`]) for that direction. 0: nothing to look up.
-    pub kinds: u32,
+    /// Bit `g` (outbound) or `8 + g` (inbound) set: the ruleset has rules of group `g` (see
+    /// [`GROUPS`]) for that direction. 0: nothing to look up.
+    pub groups: u32,
     /// The policy generation the record belongs to.
     pub generation: u32,
     /// The decision when no rule matches (or there are none): the default, or the first rule
@@ -160,8 +161,8 @@ impl AttachRecord {
     }
 
     #[inline(always)]
-    pub const fn has_kind(&self, kind: u32, direction: u32) -> bool {
-        self.kinds & kind_bit(kind, direction) != 0
+    pub const fn has_group(&self, group: u32, direction: u32) -> bool {
+        self.groups & group_bit(group, direction) != 0
     }
 }
 
@@ -176,10 +177,10 @@ pub const INBOUND: u32 = 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AddrKey {
-    /// Matched in full, like `kind_dir` (the first 64 bits of every prefix).
+    /// Matched in full, like `selector` (the first 64 bits of every prefix).
     pub ruleset: u32,
-    /// [`kind_dir`]: group, dimension, direction.
-    pub kind_dir: u32,
+    /// [`selector`]: group, dimension, direction.
+    pub selector: u32,
     /// Network byte order.
     pub addr: [u8; 16],
 }
@@ -189,7 +190,7 @@ pub struct AddrKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PortKey {
     pub ruleset: u32,
-    pub kind_dir: u32,
+    pub selector: u32,
     /// Network byte order.
     pub port: [u8; 2],
     pub _pad: [u8; 2],
@@ -201,7 +202,7 @@ pub struct PortKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DecisionKey {
     pub ruleset: u32,
-    pub kind_dir: u32,
+    pub selector: u32,
     pub remote: u32,
     pub remote_port: u32,
     pub local_port: u32,

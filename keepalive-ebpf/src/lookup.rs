@@ -1,23 +1,17 @@
-//! Finding a connection's rule: a few lookups per group of rules, whatever the number of rules
-//! (the agent compiled them; see keepalive-agent's compile.rs).
+//! A connection's peer read from the program's context, and the kernel's lookup maps behind
+//! `keepalive_common::lookup`, which finds the rule (the same code the agent's tests and the
+//! fuzzer run over the compiled tables).
 
 use aya_ebpf::{bindings::bpf_sock, maps::lpm_trie::Key, programs::SockOpsContext};
 use keepalive_common::{
-    AddrKey, AttachRecord, DIM_LOCAL_PORT, DIM_REMOTE, DIM_REMOTE_PORT, DecisionKey, Hit, NO_RULE,
-    PortKey, RuleRecord, kind_dir,
+    AddrKey, AttachRecord, DecisionKey, Hit, PortKey, RuleRecord,
+    lookup::{self, Maps, Peer},
 };
 
 use crate::{KA_ADDR, KA_DECIDE, KA_PORT};
 
+/// `AF_INET` (`<linux/socket.h>`; aya-ebpf-bindings does not carry the address families).
 const AF_INET: u32 = 2;
-
-/// What rules match on, besides the cgroup and the direction.
-pub(crate) struct Peer {
-    /// Remote address, IPv6, IPv4 mapped (`::ffff:a.b.c.d`), network byte order.
-    pub(crate) addr: [u8; 16],
-    pub(crate) remote_port: u16,
-    pub(crate) local_port: u16,
-}
 
 #[inline(always)]
 fn mapped(family: u32, ip4: u32, ip6: [u32; 4]) -> [u8; 16] {
@@ -93,135 +87,31 @@ pub(crate) fn bpf_sock_peer(sk: &bpf_sock) -> Peer {
     }
 }
 
-/// The rule for a connection at the attachment whose record is `record`: one lookup per group
-/// of rules the ruleset has (see keepalive-agent's compile.rs); the lowest index wins.
+/// The kernel's lookup maps, read through `keepalive_common::lookup`.
+struct KernelMaps;
+
+impl Maps for KernelMaps {
+    #[inline(always)]
+    fn addr(&self, key: &AddrKey) -> Option<Hit> {
+        KA_ADDR.get(&Key::new(64 + 128, *key)).copied()
+    }
+
+    #[inline(always)]
+    fn port(&self, key: &PortKey) -> Option<Hit> {
+        KA_PORT.get(&Key::new(64 + 16, *key)).copied()
+    }
+
+    #[inline(always)]
+    fn decision(&self, key: &DecisionKey) -> Option<Hit> {
+        // SAFETY: the element is replaced, not modified, by updates (no-prealloc hash map,
+        // RCU); it is copied out at once.
+        unsafe { KA_DECIDE.get(key) }.copied()
+    }
+}
+
+/// The rule for a connection at the attachment whose record is `record`
+/// (`keepalive_common::lookup::decide` over the kernel's maps).
 #[inline(always)]
 pub(crate) fn decide(record: &AttachRecord, peer: &Peer, direction: u32) -> RuleRecord {
-    let mut best = Best {
-        index: NO_RULE,
-        record: record.fallback,
-    };
-    if record.kinds == 0 {
-        return best.record;
-    }
-    let ruleset = record.ruleset;
-    if record.has_kind(0, direction) {
-        best.take(decision(&DecisionKey {
-            ruleset,
-            kind_dir: kind_dir(0, 0, direction),
-            remote: 0,
-            remote_port: 0,
-            local_port: 0,
-        }));
-    }
-    if record.has_kind(DIM_REMOTE, direction) {
-        best.take(addr(
-            ruleset,
-            kind_dir(DIM_REMOTE, DIM_REMOTE, direction),
-            peer,
-        ));
-    }
-    if record.has_kind(DIM_REMOTE_PORT, direction) {
-        let key_dir = kind_dir(DIM_REMOTE_PORT, DIM_REMOTE_PORT, direction);
-        best.take(port(ruleset, key_dir, peer.remote_port));
-    }
-    if record.has_kind(DIM_LOCAL_PORT, direction) {
-        let key_dir = kind_dir(DIM_LOCAL_PORT, DIM_LOCAL_PORT, direction);
-        best.take(port(ruleset, key_dir, peer.local_port));
-    }
-    for group in [
-        DIM_REMOTE | DIM_REMOTE_PORT,
-        DIM_REMOTE | DIM_LOCAL_PORT,
-        DIM_REMOTE_PORT | DIM_LOCAL_PORT,
-        DIM_REMOTE | DIM_REMOTE_PORT | DIM_LOCAL_PORT,
-    ] {
-        if record.has_kind(group, direction) {
-            best.take(multi(ruleset, group, direction, peer));
-        }
-    }
-    best.record
-}
-
-/// The lowest-index hit so far.
-struct Best {
-    index: u32,
-    record: RuleRecord,
-}
-
-impl Best {
-    #[inline(always)]
-    fn take(&mut self, hit: Option<Hit>) {
-        if let Some(hit) = hit
-            && hit.index < self.index
-        {
-            self.index = hit.index;
-            self.record = hit.record;
-        }
-    }
-}
-
-#[inline(always)]
-fn addr(ruleset: u32, kind_dir: u32, peer: &Peer) -> Option<Hit> {
-    let key = Key::new(
-        64 + 128,
-        AddrKey {
-            ruleset,
-            kind_dir,
-            addr: peer.addr,
-        },
-    );
-    KA_ADDR.get(&key).copied()
-}
-
-#[inline(always)]
-fn port(ruleset: u32, kind_dir: u32, port: u16) -> Option<Hit> {
-    let key = Key::new(
-        64 + 16,
-        PortKey {
-            ruleset,
-            kind_dir,
-            port: port.to_be_bytes(),
-            _pad: [0; 2],
-        },
-    );
-    KA_PORT.get(&key).copied()
-}
-
-#[inline(always)]
-fn decision(key: &DecisionKey) -> Option<Hit> {
-    // SAFETY: the element is replaced, not modified, by updates (no-prealloc hash map, RCU);
-    // it is copied out at once.
-    unsafe { KA_DECIDE.get(key) }.copied()
-}
-
-/// A group of several keys: each key's class, then the combination's entry.
-#[inline(always)]
-fn multi(ruleset: u32, group: u32, direction: u32, peer: &Peer) -> Option<Hit> {
-    let mut key = DecisionKey {
-        ruleset,
-        kind_dir: kind_dir(group, 0, direction),
-        remote: 0,
-        remote_port: 0,
-        local_port: 0,
-    };
-    if group & DIM_REMOTE != 0 {
-        key.remote = addr(ruleset, kind_dir(group, DIM_REMOTE, direction), peer)?.class;
-    }
-    if group & DIM_REMOTE_PORT != 0 {
-        key.remote_port = port(
-            ruleset,
-            kind_dir(group, DIM_REMOTE_PORT, direction),
-            peer.remote_port,
-        )?
-        .class;
-    }
-    if group & DIM_LOCAL_PORT != 0 {
-        key.local_port = port(
-            ruleset,
-            kind_dir(group, DIM_LOCAL_PORT, direction),
-            peer.local_port,
-        )?
-        .class;
-    }
-    decision(&key)
+    lookup::decide(&KernelMaps, record, peer, direction)
 }

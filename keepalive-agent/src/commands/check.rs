@@ -8,6 +8,7 @@ use crate::{
     cli::CheckArgs,
     compile::compile,
     enforcer::features,
+    plan::named_attach_points,
     policy::{CgroupPath, Policy, file},
 };
 
@@ -15,7 +16,7 @@ use crate::{
 pub fn check(args: &CheckArgs) -> anyhow::Result<String> {
     let policy = file::load(&args.config)?;
     // As if every rule cgroup existed: the limits are checked for the largest case.
-    compile(&policy, &attach_points(&policy), 1)?;
+    compile(&policy, &named_attach_points(&policy), 1)?;
     let mut out = String::new();
     let scopes: Vec<&str> = policy.scopes.iter().map(CgroupPath::as_str).collect();
     let _ = writeln!(
@@ -55,16 +56,6 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<String> {
         let _ = writeln!(out, "warning: {lock}");
     }
     Ok(out)
-}
-
-fn attach_points(policy: &Policy) -> Vec<CgroupPath> {
-    let mut points = policy.scopes.clone();
-    for cgroup in policy.rules.iter().filter_map(|rule| rule.cgroup.as_ref()) {
-        if policy.in_scope(cgroup) && !points.contains(cgroup) {
-            points.push(cgroup.clone());
-        }
-    }
-    points
 }
 
 /// Rules that can never decide anything.

@@ -2,15 +2,15 @@ use std::net::IpAddr;
 
 use proptest::prelude::*;
 
+use keepalive_common::{DIM_REMOTE, OUTBOUND};
+
 use super::*;
-use crate::policy::{Action, Mode, Rule, Values};
+use crate::policy::{Action, Cidr, Connection, Direction, Mode, PortRange, Rule, Values};
 
 fn path(text: &str) -> CgroupPath {
     CgroupPath::parse(text).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// The attachments the agent makes for `policy`: enforced cgroups, and rule cgroups inside them
-/// (all assumed to exist).
 /// `rules` over the whole hierarchy, the built-in values as the default.
 fn at_root(rules: Vec<Rule>) -> Policy {
     Policy {
@@ -19,17 +19,10 @@ fn at_root(rules: Vec<Rule>) -> Policy {
     }
 }
 
+/// The attachments the agent makes for `policy`: enforced cgroups, and rule cgroups inside them
+/// (all assumed to exist).
 fn attach_points(policy: &Policy) -> Vec<CgroupPath> {
-    let mut points: Vec<CgroupPath> = policy.scopes.clone();
-    for rule in &policy.rules {
-        if let Some(cgroup) = &rule.cgroup
-            && policy.scopes.iter().any(|scope| scope.contains(cgroup))
-            && !points.contains(cgroup)
-        {
-            points.push(cgroup.clone());
-        }
-    }
-    points
+    crate::plan::named_attach_points(policy)
 }
 
 #[test]
@@ -148,7 +141,7 @@ fn a_policy_without_rules_needs_no_lookups() {
     let policy = Policy::enforce(Values::default(), vec![CgroupPath::root()]);
     let tables = compile(&policy, &attach_points(&policy), 1).unwrap_or_else(|e| panic!("{e}"));
     let record = tables.attachments[&CgroupPath::root()];
-    assert_eq!(record.kinds, 0, "nothing to look up: the fast path");
+    assert_eq!(record.groups, 0, "nothing to look up: the fast path");
     assert_eq!(record.fallback, policy.default.record(0));
     assert!(tables.addr.is_empty() && tables.ports.is_empty() && tables.decisions.is_empty());
 }
@@ -160,10 +153,10 @@ fn a_catch_all_rule_becomes_the_fallback_of_its_cgroup() {
     let policy = at_root(vec![exempt, rule(None, &["10.0.0.0/8"], &[], 2)]);
     let tables = compile(&policy, &attach_points(&policy), 1).unwrap_or_else(|e| panic!("{e}"));
     let legacy = tables.attachments[&path("/legacy")];
-    assert_eq!(legacy.kinds, 0, "nothing to look up below a catch-all");
+    assert_eq!(legacy.groups, 0, "nothing to look up below a catch-all");
     assert_eq!(legacy.fallback.mode(), Some(Mode::Exempt));
     assert_eq!(legacy.fallback.slot, 1);
-    assert!(tables.attachments[&CgroupPath::root()].has_kind(DIM_REMOTE, OUTBOUND));
+    assert!(tables.attachments[&CgroupPath::root()].has_group(DIM_REMOTE, OUTBOUND));
 }
 
 #[test]

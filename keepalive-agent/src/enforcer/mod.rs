@@ -2,15 +2,14 @@
 
 pub mod features;
 mod health;
+mod hierarchy;
 mod links;
 mod maps;
-mod points;
 mod stats;
 
 pub use features::MissingFeature;
 pub use health::Fault;
 pub use maps::PinnedMaps;
-use points::Points;
 pub use stats::{Counters, Outcomes, ProgramStats, enable_run_time_stats};
 
 use std::{
@@ -32,6 +31,7 @@ use crate::{
     cgroup::{Cgroup, CgroupError},
     compile::{CompileError, Tables, compile},
     existing::{Sweep, SweepJob},
+    plan::Plan,
     policy::{CgroupPath, Policy},
 };
 /// The compiled programs, built by build.rs.
@@ -65,9 +65,10 @@ pub enum EnforcerError {
         #[source]
         source: MapError,
     },
-    #[error("enforced cgroup {scope}")]
-    Scope {
-        scope: CgroupPath,
+    /// A cgroup the policy names (enforced, or a rule's) that cannot be read.
+    #[error("cgroup {cgroup}")]
+    Cgroup {
+        cgroup: CgroupPath,
         #[source]
         source: CgroupError,
     },
@@ -326,14 +327,14 @@ impl Enforcer {
         &mut self,
         policy: &Policy,
     ) -> Result<(Applied, Option<SweepJob>), EnforcerError> {
-        let Points {
-            all: points,
-            scopes,
-            missing,
-        } = self.attach_points(policy)?;
+        let plan = self.plan(policy)?;
         let generation = self.generation.wrapping_add(1);
-        let paths: Vec<CgroupPath> = points.keys().cloned().collect();
-        let tables = compile(policy, &paths, generation)?;
+        let tables = compile(policy, &plan.paths(), generation)?;
+        let Plan {
+            attachments: points,
+            enforced: scopes,
+            missing,
+        } = plan;
 
         let mut keep: BTreeSet<u32> = self
             .tables()
@@ -531,7 +532,7 @@ impl Enforcer {
         let Some((policy, _)) = &self.current else {
             return Ok(None);
         };
-        let points = self.attach_points(policy)?;
+        let plan = self.plan(policy)?;
         let same = |ours: &BTreeMap<CgroupPath, Attachment>,
                     wanted: &BTreeMap<CgroupPath, Cgroup>| {
             ours.len() == wanted.len()
@@ -541,8 +542,8 @@ impl Enforcer {
                         .is_some_and(|cgroup| cgroup.id == attachment.cgroup.id)
                 })
         };
-        if same(&self.sock_ops, &points.all)
-            && (!self.has_lock() || same(&self.setsockopt, &points.scopes))
+        if same(&self.sock_ops, &plan.attachments)
+            && (!self.has_lock() || same(&self.setsockopt, &plan.enforced))
         {
             return Ok(None);
         }

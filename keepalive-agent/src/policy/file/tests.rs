@@ -367,10 +367,7 @@ fn thousands_of_broken_variants_are_refused_cleanly_never_a_panic() {
     for text in &variants {
         let outcome = std::panic::catch_unwind(|| {
             parse(Path::new("test.toml"), text).map(|policy| {
-                let mut points = policy.scopes.clone();
-                points.extend(policy.rules.iter().filter_map(|rule| rule.cgroup.clone()));
-                points.retain(|point| !point.is_pattern());
-                points.dedup();
+                let points = crate::plan::named_attach_points(&policy);
                 // The compiler may refuse (limits), but must not panic either.
                 let _tables = crate::compile::compile(&policy, &points, 1);
             })

@@ -1,0 +1,167 @@
+//! Where a policy attaches, decided once: the enforced cgroups (patterns expanded, the outermost
+//! only) and the rule cgroups inside them. The enforcer plans over the cgroups that exist
+//! ([`Hierarchy`] on the mounted hierarchy); `check`, the compiler's tests and the fuzzer plan
+//! over [`Named`], as if every cgroup the policy names existed.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::policy::{CgroupPath, Policy};
+
+/// The cgroups that exist, as the planner sees them.
+pub trait Hierarchy {
+    /// What an existing cgroup resolves to (the enforcer: [`crate::Cgroup`]).
+    type Cgroup: Clone;
+    type Error;
+    /// The existing cgroups `pattern` matches.
+    fn expand(&self, pattern: &CgroupPath) -> Vec<CgroupPath>;
+    /// `path` if it exists, None if it does not.
+    fn resolve(&self, path: &CgroupPath) -> Result<Option<Self::Cgroup>, Self::Error>;
+}
+
+/// Where a policy attaches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan<C> {
+    /// Every attachment of the sock_ops program: enforced cgroups and rule cgroups in them.
+    pub attachments: BTreeMap<CgroupPath, C>,
+    /// The enforced cgroups (outermost only): the setsockopt hook, the existing-connection
+    /// sweep.
+    pub enforced: BTreeMap<CgroupPath, C>,
+    /// (who named it, cgroup) of enforced cgroups and rule cgroups that do not exist (now).
+    pub missing: Vec<(String, CgroupPath)>,
+}
+
+impl<C> Default for Plan<C> {
+    fn default() -> Self {
+        Self {
+            attachments: BTreeMap::new(),
+            enforced: BTreeMap::new(),
+            missing: Vec::new(),
+        }
+    }
+}
+
+impl<C> Plan<C> {
+    /// The attachment paths, in order (what [`crate::compile::compile`] takes).
+    pub fn paths(&self) -> Vec<CgroupPath> {
+        self.attachments.keys().cloned().collect()
+    }
+}
+
+/// The attachments of `policy` over `hierarchy`: enforced cgroups with patterns expanded, those
+/// nested in another dropped (they add nothing), those that do not exist reported missing; then
+/// each rule cgroup inside an enforced one, if it exists. Rules whose cgroup does not exist are
+/// reported, not fatal (containers come and go).
+pub fn attach_points<H: Hierarchy>(
+    policy: &Policy,
+    hierarchy: &H,
+) -> Result<Plan<H::Cgroup>, H::Error> {
+    let mut scopes = Vec::new();
+    for scope in &policy.scopes {
+        if scope.is_pattern() {
+            scopes.extend(hierarchy.expand(scope));
+        } else {
+            scopes.push(scope.clone());
+        }
+    }
+    let mut plan = Plan::default();
+    for scope in outermost(&scopes) {
+        let Some(cgroup) = hierarchy.resolve(&scope)? else {
+            plan.missing.push(("enforced cgroup".into(), scope));
+            continue;
+        };
+        plan.attachments.insert(scope.clone(), cgroup.clone());
+        plan.enforced.insert(scope, cgroup);
+    }
+    for rule in &policy.rules {
+        let Some(cgroup) = &rule.cgroup else {
+            continue;
+        };
+        if plan.attachments.contains_key(cgroup)
+            || !plan.enforced.keys().any(|scope| scope.contains(cgroup))
+        {
+            continue;
+        }
+        match hierarchy.resolve(cgroup)? {
+            Some(resolved) => {
+                plan.attachments.insert(cgroup.clone(), resolved);
+            }
+            None => plan.missing.push((rule.name.clone(), cgroup.clone())),
+        }
+    }
+    Ok(plan)
+}
+
+/// Paths without the ones nested in another.
+fn outermost(scopes: &[CgroupPath]) -> BTreeSet<CgroupPath> {
+    scopes
+        .iter()
+        .filter(|scope| {
+            !scopes
+                .iter()
+                .any(|other| other != *scope && other.contains(scope))
+        })
+        .cloned()
+        .collect()
+}
+
+/// A hierarchy of the cgroups a policy names (and their ancestors), all assumed to exist:
+/// planning without looking at the host (`check`: the limits for the largest case; tests).
+#[derive(Debug, Clone, Default)]
+pub struct Named {
+    cgroups: BTreeSet<CgroupPath>,
+}
+
+impl Named {
+    /// The plain paths `policy` names (enforced cgroups, rule cgroups) and their ancestors.
+    pub fn of(policy: &Policy) -> Self {
+        let mut named = Self::default();
+        let paths = policy
+            .scopes
+            .iter()
+            .chain(policy.rules.iter().filter_map(|rule| rule.cgroup.as_ref()));
+        named.extend(paths.filter(|path| !path.is_pattern()).cloned());
+        named
+    }
+
+    /// Adds `paths` and their ancestors.
+    pub fn extend(&mut self, paths: impl IntoIterator<Item = CgroupPath>) {
+        for path in paths {
+            let mut at = CgroupPath::root();
+            self.cgroups.insert(at.clone());
+            for part in path.as_str().split('/').filter(|part| !part.is_empty()) {
+                let Ok(next) = CgroupPath::parse(&format!("{}/{part}", at.as_str())) else {
+                    break;
+                };
+                at = next;
+                self.cgroups.insert(at.clone());
+            }
+        }
+    }
+}
+
+impl Hierarchy for Named {
+    type Cgroup = ();
+    type Error = std::convert::Infallible;
+
+    fn expand(&self, pattern: &CgroupPath) -> Vec<CgroupPath> {
+        self.cgroups
+            .iter()
+            .filter(|path| pattern.matches(path))
+            .cloned()
+            .collect()
+    }
+
+    fn resolve(&self, _path: &CgroupPath) -> Result<Option<()>, Self::Error> {
+        Ok(Some(()))
+    }
+}
+
+/// [`attach_points`] over [`Named::of`] `policy`: its attachment paths if every cgroup it
+/// names existed.
+pub fn named_attach_points(policy: &Policy) -> Vec<CgroupPath> {
+    let Ok(plan) = attach_points(policy, &Named::of(policy));
+    plan.paths()
+}
+
+#[cfg(test)]
+mod tests;
