@@ -3,17 +3,18 @@
 //! [`Policy::decide`] is the reference: a plain scan, written for reading. The kernel gets the
 //! same answer from lookup tables ([`crate::compile`]); tests hold the two to each other.
 
+mod cgroup_path;
 pub mod file;
+mod keys;
 mod pattern;
 mod values;
 
-use std::{
-    fmt,
-    net::{IpAddr, Ipv6Addr},
-};
+use std::{fmt, net::IpAddr};
 
+pub use cgroup_path::CgroupPath;
 pub use keepalive_common::Mode;
 use keepalive_common::{RULE_LOCK, RULE_USER_TIMEOUT, RuleRecord, limits};
+pub use keys::{Cidr, PortRange, mapped};
 pub use pattern::Pattern;
 pub use values::*;
 
@@ -91,194 +92,6 @@ impl fmt::Display for Action {
         match self.mode {
             Mode::Exempt => f.write_str("exempt"),
             mode => write!(f, "{} {}", mode.name(), self.values),
-        }
-    }
-}
-
-/// A cgroup path inside the hierarchy, normalised: `/` or `/a/b` (as /proc/PID/cgroup shows).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct CgroupPath(String);
-
-impl CgroupPath {
-    /// The root of the hierarchy.
-    pub fn root() -> Self {
-        Self("/".into())
-    }
-
-    /// Normalises `text` (leading slash optional, no `.` or `..`, no empty components).
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let mut parts = Vec::new();
-        for part in text.split('/').filter(|part| !part.is_empty()) {
-            if part == "." || part == ".." {
-                return Err(format!(
-                    "{text:?}: `.` and `..` are not allowed in a cgroup path"
-                ));
-            }
-            parts.push(part);
-        }
-        Ok(Self(format!("/{}", parts.join("/"))))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// Components below the root.
-    pub fn depth(&self) -> usize {
-        self.0.split('/').filter(|part| !part.is_empty()).count()
-    }
-
-    /// Whether `self` is `other` or one of its ancestors.
-    pub fn contains(&self, other: &Self) -> bool {
-        self.0 == "/"
-            || other.0 == self.0
-            || (other.0.starts_with(&self.0) && other.0.as_bytes().get(self.0.len()) == Some(&b'/'))
-    }
-
-    /// The path relative to the root, for joining to the mount point.
-    pub fn relative(&self) -> &str {
-        self.0.trim_start_matches('/')
-    }
-
-    fn components(&self) -> Vec<&str> {
-        self.0.split('/').filter(|part| !part.is_empty()).collect()
-    }
-
-    /// Whether this is a glob pattern (`*`, `?` in a component, `**` for any depth) rather
-    /// than one cgroup.
-    pub fn is_pattern(&self) -> bool {
-        self.0.contains(['*', '?'])
-    }
-
-    /// The longest leading part without wildcards: where a pattern's matches live.
-    pub fn literal_prefix(&self) -> Self {
-        let literal: Vec<&str> = self
-            .components()
-            .into_iter()
-            .take_while(|part| !part.contains(['*', '?']))
-            .collect();
-        Self(format!("/{}", literal.join("/")))
-    }
-
-    /// Whether the pattern (or plain path) matches `path` exactly. To match many paths,
-    /// compile it once with [`Pattern::new`].
-    pub fn matches(&self, path: &Self) -> bool {
-        Pattern::new(self).matches(path)
-    }
-
-    /// Whether connections of `cgroup` are covered: a plain path covers itself and its
-    /// descendants, a pattern every cgroup it matches and their descendants.
-    pub fn covers(&self, cgroup: &Self) -> bool {
-        if !self.is_pattern() {
-            return self.contains(cgroup);
-        }
-        Pattern::new(self).covers(cgroup)
-    }
-}
-
-impl fmt::Display for CgroupPath {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// An address prefix in IPv6 space; IPv4 prefixes are mapped (`::ffff:0:0/96` and below).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Cidr {
-    pub bits: u128,
-    /// 0..=128.
-    pub len: u8,
-}
-
-impl Cidr {
-    /// `10.0.0.0/8`, `fd00::/8`, or a bare address (a single host).
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let (addr, len) = match text.split_once('/') {
-            Some((addr, len)) => (addr, Some(len)),
-            None => (text, None),
-        };
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("{text:?} is not an IPv4 or IPv6 address or CIDR"))?;
-        let (max, offset) = if addr.is_ipv4() { (32, 96) } else { (128, 0) };
-        let len = match len {
-            None => max,
-            Some(len) => len
-                .parse::<u8>()
-                .ok()
-                .filter(|len| *len <= max)
-                .ok_or_else(|| format!("{text:?}: the prefix length must be 0..={max}"))?,
-        };
-        let cidr = Self {
-            bits: mapped(addr),
-            len: len + offset,
-        };
-        if cidr.bits & !cidr.mask() != 0 {
-            return Err(format!(
-                "{text:?} has bits set after the prefix; did you mean {}?",
-                Self {
-                    bits: cidr.bits & cidr.mask(),
-                    ..cidr
-                }
-            ));
-        }
-        Ok(cidr)
-    }
-
-    pub fn mask(&self) -> u128 {
-        match self.len {
-            0 => 0,
-            len => u128::MAX << (128 - u32::from(len)),
-        }
-    }
-
-    pub fn contains_addr(&self, addr: u128) -> bool {
-        addr & self.mask() == self.bits
-    }
-
-    /// Whether `self` covers all of `other`.
-    pub fn contains(&self, other: &Self) -> bool {
-        self.len <= other.len && other.bits & self.mask() == self.bits
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let v6 = Ipv6Addr::from(self.bits);
-        match v6.to_ipv4_mapped() {
-            Some(v4) if self.len >= 96 => write!(f, "{v4}/{}", self.len - 96),
-            _ => write!(f, "{v6}/{}", self.len),
-        }
-    }
-}
-
-/// An address as the rules see it: IPv6, IPv4 mapped.
-pub fn mapped(addr: IpAddr) -> u128 {
-    match addr {
-        IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
-        IpAddr::V6(v6) => u128::from(v6),
-    }
-}
-
-/// An inclusive port range; a single port is `first == last`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PortRange {
-    pub first: u16,
-    pub last: u16,
-}
-
-impl PortRange {
-    pub fn contains(&self, port: u16) -> bool {
-        (self.first..=self.last).contains(&port)
-    }
-}
-
-impl fmt::Display for PortRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.first == self.last {
-            write!(f, "{}", self.first)
-        } else {
-            write!(f, "{}-{}", self.first, self.last)
         }
     }
 }

@@ -1,4 +1,5 @@
 use super::*;
+use crate::policy::{Action, CgroupPath, Cidr, Direction, Mode, PortRange, Values};
 
 const EXAMPLE: &str = include_str!("../../../../examples/policy.toml");
 

@@ -1,0 +1,92 @@
+//! Cgroup paths as policies name them: one cgroup, or a glob pattern of many.
+
+use std::fmt;
+
+use super::Pattern;
+
+/// A cgroup path inside the hierarchy, normalised: `/` or `/a/b` (as /proc/PID/cgroup shows).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CgroupPath(pub(super) String);
+
+impl CgroupPath {
+    /// The root of the hierarchy.
+    pub fn root() -> Self {
+        Self("/".into())
+    }
+
+    /// Normalises `text` (leading slash optional, no `.` or `..`, no empty components).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        for part in text.split('/').filter(|part| !part.is_empty()) {
+            if part == "." || part == ".." {
+                return Err(format!(
+                    "{text:?}: `.` and `..` are not allowed in a cgroup path"
+                ));
+            }
+            parts.push(part);
+        }
+        Ok(Self(format!("/{}", parts.join("/"))))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Components below the root.
+    pub fn depth(&self) -> usize {
+        self.0.split('/').filter(|part| !part.is_empty()).count()
+    }
+
+    /// Whether `self` is `other` or one of its ancestors.
+    pub fn contains(&self, other: &Self) -> bool {
+        self.0 == "/"
+            || other.0 == self.0
+            || (other.0.starts_with(&self.0) && other.0.as_bytes().get(self.0.len()) == Some(&b'/'))
+    }
+
+    /// The path relative to the root, for joining to the mount point.
+    pub fn relative(&self) -> &str {
+        self.0.trim_start_matches('/')
+    }
+
+    pub(super) fn components(&self) -> Vec<&str> {
+        self.0.split('/').filter(|part| !part.is_empty()).collect()
+    }
+
+    /// Whether this is a glob pattern (`*`, `?` in a component, `**` for any depth) rather
+    /// than one cgroup.
+    pub fn is_pattern(&self) -> bool {
+        self.0.contains(['*', '?'])
+    }
+
+    /// The longest leading part without wildcards: where a pattern's matches live.
+    pub fn literal_prefix(&self) -> Self {
+        let literal: Vec<&str> = self
+            .components()
+            .into_iter()
+            .take_while(|part| !part.contains(['*', '?']))
+            .collect();
+        Self(format!("/{}", literal.join("/")))
+    }
+
+    /// Whether the pattern (or plain path) matches `path` exactly. To match many paths,
+    /// compile it once with [`Pattern::new`].
+    pub fn matches(&self, path: &Self) -> bool {
+        Pattern::new(self).matches(path)
+    }
+
+    /// Whether connections of `cgroup` are covered: a plain path covers itself and its
+    /// descendants, a pattern every cgroup it matches and their descendants.
+    pub fn covers(&self, cgroup: &Self) -> bool {
+        if !self.is_pattern() {
+            return self.contains(cgroup);
+        }
+        Pattern::new(self).covers(cgroup)
+    }
+}
+
+impl fmt::Display for CgroupPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
