@@ -14,7 +14,7 @@ use tracing::{error, info, warn};
 use self::reload::{FileVersion, Reload, load_settled, reload, report, report_sweep};
 use crate::{
     cli::RunArgs,
-    enforcer::{Applied, Enforcer, Fault},
+    enforcer::{ApplyReport, Enforcer, Fault},
     existing::SweepJob,
     metrics, notify,
     policy::{CgroupPath, Policy},
@@ -219,7 +219,7 @@ impl Agent {
         }
     }
 
-    fn applied_again(&mut self, applied: &Applied, sweep: Option<SweepJob>) {
+    fn applied_again(&mut self, applied: &ApplyReport, sweep: Option<SweepJob>) {
         if let Some(policy) = self.enforcer.policy() {
             report(applied, policy);
         }

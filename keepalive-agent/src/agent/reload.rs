@@ -6,7 +6,7 @@ use tracing::{info, warn};
 
 use crate::{
     cli::RunArgs,
-    enforcer::{Applied, Enforcer},
+    enforcer::{ApplyReport, Enforcer},
     existing::{Sweep, SweepJob},
     policy::Policy,
 };
@@ -19,7 +19,7 @@ const SETTLE: Duration = Duration::from_millis(100);
 /// What a reload did.
 #[derive(Debug)]
 pub(super) enum Reload {
-    Applied(Box<(Policy, Applied, Option<SweepJob>)>),
+    Applied(Box<(Policy, ApplyReport, Option<SweepJob>)>),
     Unchanged,
     /// `what` happened (`policy refused`, `policy not applied`) and why; logged by the
     /// caller once the state is published.
@@ -118,7 +118,7 @@ pub(super) fn reload(loaded: anyhow::Result<Policy>, enforcer: &mut Enforcer) ->
 }
 
 /// Logs the attachments an apply made and removed, and the rules whose cgroup is missing.
-pub(super) fn report(applied: &Applied, policy: &Policy) {
+pub(super) fn report(applied: &ApplyReport, policy: &Policy) {
     for cgroup in &applied.attached {
         info!(cgroup = %cgroup.name, id = cgroup.id, default = %policy.default, rules = policy.rules.len(), "attached");
     }

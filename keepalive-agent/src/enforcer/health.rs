@@ -2,10 +2,10 @@
 //! else removed (`bpftool link detach`, a removed pin, a link given another program).
 
 use super::{
-    Applied, Enforcer, EnforcerError, SweepJob,
+    ApplyReport, Enforcer, EnforcerError,
     links::{Kind, SETSOCKOPT, SOCK_OPS},
 };
-use crate::policy::CgroupPath;
+use crate::{existing::SweepJob, policy::CgroupPath};
 
 /// One attachment the kernel does not have as the enforcer left it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -51,7 +51,7 @@ impl Enforcer {
     pub fn heal(
         &mut self,
         faults: &[Fault],
-    ) -> Result<Option<(Applied, Option<SweepJob>)>, EnforcerError> {
+    ) -> Result<Option<(ApplyReport, Option<SweepJob>)>, EnforcerError> {
         for fault in faults {
             let kind = if fault.program == SOCK_OPS.pin_name {
                 SOCK_OPS

@@ -57,11 +57,7 @@ pub fn parse_duration(text: &str) -> Result<u64, String> {
     Ok(total)
 }
 
-fn duration_ms(
-    value: &Spanned<Value>,
-    owner: &str,
-    field: &str,
-) -> Result<u64, Located> {
+fn duration_ms(value: &Spanned<Value>, owner: &str, field: &str) -> Result<u64, Located> {
     match value.get_ref() {
         Value::String(text) => parse_duration(text)
             .map_err(|e| (value.span(), format!("{owner}: field `{field}`: {e}"))),

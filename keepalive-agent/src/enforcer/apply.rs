@@ -1,0 +1,222 @@
+//! Making a policy the one in force: planning, compiling, attaching, writing the records, and
+//! taking away what is no longer wanted.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::{
+    ApplyReport, Enforcer, EnforcerError,
+    links::{Attachment, Kind, SETSOCKOPT, SOCK_OPS},
+    maps,
+};
+use crate::{
+    bpffs::BpffsError,
+    cgroup::Cgroup,
+    compile::{Tables, compile},
+    existing::SweepJob,
+    plan::Plan,
+    policy::{CgroupPath, Policy},
+};
+
+impl Enforcer {
+    /// The policy in force applied again (cgroups came or went, an attachment was put back):
+    /// what it cannot do on this kernel was said when it was first applied.
+    pub(crate) fn reapply(
+        &mut self,
+        policy: &Policy,
+    ) -> Result<(ApplyReport, Option<SweepJob>), EnforcerError> {
+        let (applied, sweep) = self.apply_later(policy)?;
+        Ok((
+            ApplyReport {
+                unsupported: Vec::new(),
+                ..applied
+            },
+            sweep,
+        ))
+    }
+
+    /// Makes `policy` the one in force.
+    ///
+    /// Nothing changes unless it compiles and fits. The new generation's lookup entries go in
+    /// beside the old ones, then each attachment's record is replaced (one atomic update each:
+    /// a connection is decided from one record, so it sees the old or the new policy whole),
+    /// then attachments no longer needed go, then every entry of other generations.
+    pub fn apply(&mut self, policy: &Policy) -> Result<ApplyReport, EnforcerError> {
+        let (mut report, sweep) = self.apply_later(policy)?;
+        report.existing = sweep.map(|job| job.run());
+        Ok(report)
+    }
+
+    /// [`Self::apply`], leaving the sweep of existing connections (when the policy asks for
+    /// it) to the caller: `existing` is None and the job is returned.
+    pub fn apply_later(
+        &mut self,
+        policy: &Policy,
+    ) -> Result<(ApplyReport, Option<SweepJob>), EnforcerError> {
+        let plan = self.plan(policy)?;
+        let generation = self.generation.wrapping_add(1);
+        let tables = compile(policy, &plan.paths(), generation)?;
+        let Plan {
+            attachments: points,
+            enforced: scopes,
+            missing,
+        } = plan;
+
+        let mut keep: BTreeSet<u32> = self
+            .tables()
+            .map(|old| {
+                old.attachments
+                    .values()
+                    .map(|record| record.ruleset)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Err(error) = maps::insert_entries(&mut self.ebpf, &tables) {
+            // What went in is unreachable (no record points at it); take it out again.
+            let _ignored = maps::prune_entries(&mut self.ebpf, &keep);
+            return Err(error);
+        }
+        let report = ApplyReport {
+            generation,
+            missing,
+            unsupported: self.unsupported(policy),
+            attached: self.attach_and_write(&points, &tables)?,
+            ..ApplyReport::default()
+        };
+        if self.has_lock() {
+            self.sync(SETSOCKOPT, &scopes)?;
+        }
+        let report = ApplyReport {
+            detached: self.sync(SOCK_OPS, &points)?,
+            ..report
+        };
+        keep = tables
+            .attachments
+            .values()
+            .map(|record| record.ruleset)
+            .collect();
+        maps::prune_entries(&mut self.ebpf, &keep)?;
+        maps::prune_cgroups(
+            &mut self.ebpf,
+            &points.values().map(|cgroup| cgroup.id).collect(),
+        )?;
+        self.current = Some((policy.clone(), tables));
+        self.generation = generation;
+        let sweep = policy.existing.then(|| SweepJob {
+            policy: policy.clone(),
+            mount: self.mount.clone(),
+            scopes: scopes.into_values().collect(),
+        });
+        Ok((report, sweep))
+    }
+
+    /// Attaches the sock_ops program where it is not yet and writes every attachment's record;
+    /// returns the cgroups newly attached to.
+    fn attach_and_write(
+        &mut self,
+        points: &BTreeMap<CgroupPath, Cgroup>,
+        tables: &Tables,
+    ) -> Result<Vec<Cgroup>, EnforcerError> {
+        let mut attached = Vec::new();
+        // Deepest first: a new nested attachment starts zeroed and defers to its ancestors,
+        // which still hold a whole (old) policy until their own record is replaced.
+        let mut ordered: Vec<(&CgroupPath, &Cgroup)> = points.iter().collect();
+        ordered.sort_by_key(|(path, _)| std::cmp::Reverse(path.depth()));
+        for (path, cgroup) in ordered {
+            if !self.sock_ops.contains_key(path) {
+                let attachment = Attachment::create(
+                    SOCK_OPS,
+                    self.program_fd(SOCK_OPS)?,
+                    cgroup,
+                    self.pins.as_ref(),
+                )?;
+                self.sock_ops.insert(path.clone(), attachment);
+                attached.push(cgroup.clone());
+            }
+            maps::write_record(&mut self.ebpf, cgroup.id, &tables.attachments[path])?;
+        }
+        Ok(attached)
+    }
+
+    /// Detaches everything and, when pinned, removes the pins; new connections are no longer
+    /// touched.
+    pub fn detach_all(&mut self) -> Result<Vec<Cgroup>, EnforcerError> {
+        self.sync(SETSOCKOPT, &BTreeMap::new())?;
+        let detached = self.sync(SOCK_OPS, &BTreeMap::new())?;
+        maps::prune_entries(&mut self.ebpf, &BTreeSet::new())?;
+        maps::prune_cgroups(&mut self.ebpf, &BTreeSet::new())?;
+        if let Some(pins) = &self.pins {
+            pins.remove().map_err(|error| {
+                EnforcerError::Bpffs(BpffsError::Io {
+                    path: pins.root.clone(),
+                    error,
+                })
+            })?;
+        }
+        self.current = None;
+        Ok(detached)
+    }
+
+    /// Attaches `kind` to exactly `wanted`: new cgroups get a link, others lose theirs.
+    fn sync(
+        &mut self,
+        kind: Kind,
+        wanted: &BTreeMap<CgroupPath, Cgroup>,
+    ) -> Result<Vec<Cgroup>, EnforcerError> {
+        let stale: Vec<CgroupPath> = self
+            .attachments_mut(kind)
+            .keys()
+            .filter(|path| !wanted.contains_key(*path))
+            .cloned()
+            .collect();
+        let mut detached = Vec::with_capacity(stale.len());
+        for path in stale {
+            if let Some(attachment) = self.attachments_mut(kind).remove(&path) {
+                detached.push(attachment.detach(kind)?);
+            }
+        }
+        for (path, cgroup) in wanted {
+            if !self.attachments_mut(kind).contains_key(path) {
+                let attachment =
+                    Attachment::create(kind, self.program_fd(kind)?, cgroup, self.pins.as_ref())?;
+                self.attachments_mut(kind).insert(path.clone(), attachment);
+            }
+        }
+        Ok(detached)
+    }
+
+    /// Applies the policy in force again if the cgroups it covers changed (a cgroup matching a
+    /// pattern or named by a rule appeared, or one went). `None`: nothing to do.
+    pub fn refresh(&mut self) -> Result<Option<ApplyReport>, EnforcerError> {
+        let refreshed = self.refresh_later()?;
+        Ok(refreshed.map(|(mut report, sweep)| {
+            report.existing = sweep.map(|job| job.run());
+            report
+        }))
+    }
+
+    /// [`Self::refresh`], leaving the sweep to the caller as [`Self::apply_later`] does.
+    pub fn refresh_later(
+        &mut self,
+    ) -> Result<Option<(ApplyReport, Option<SweepJob>)>, EnforcerError> {
+        let Some((policy, _)) = &self.current else {
+            return Ok(None);
+        };
+        let plan = self.plan(policy)?;
+        let same = |ours: &BTreeMap<CgroupPath, Attachment>,
+                    wanted: &BTreeMap<CgroupPath, Cgroup>| {
+            ours.len() == wanted.len()
+                && ours.iter().all(|(path, attachment)| {
+                    wanted
+                        .get(path)
+                        .is_some_and(|cgroup| cgroup.id == attachment.cgroup.id)
+                })
+        };
+        if same(&self.sock_ops, &plan.attachments)
+            && (!self.has_lock() || same(&self.setsockopt, &plan.enforced))
+        {
+            return Ok(None);
+        }
+        let policy = policy.clone();
+        self.reapply(&policy).map(Some)
+    }
+}

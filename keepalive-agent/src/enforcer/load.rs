@@ -1,0 +1,146 @@
+//! Loading the programs into the kernel, and taking over what an earlier agent pinned.
+
+use std::{collections::BTreeMap, path::Path};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{CgroupSockopt, SockOps},
+};
+use keepalive_common::{PROGRAM_NAME, SETSOCKOPT_PROGRAM, STAGE, Stage};
+
+use super::{
+    Enforcer, EnforcerError, MissingFeature, features,
+    links::{Attachment, SETSOCKOPT, SOCK_OPS},
+    maps, program_error,
+};
+use crate::{bpffs::PinDir, cgroup::Cgroup, policy::CgroupPath};
+
+/// The compiled programs, built by build.rs.
+static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keepalive"));
+
+impl Enforcer {
+    /// Loads the programs, unpinned; nothing is attached until [`Self::apply`].
+    pub fn new(cgroup2_mount: &Path) -> Result<Self, EnforcerError> {
+        Self::with_stage(cgroup2_mount, Stage::Full)
+    }
+
+    /// Loads programs that stop after `stage`, for benchmarks that measure what each step
+    /// costs. Only [`Stage::Full`] enforces anything.
+    pub fn with_stage(cgroup2_mount: &Path, stage: Stage) -> Result<Self, EnforcerError> {
+        Self::load(cgroup2_mount, stage, None)
+    }
+
+    /// Loads the programs with their maps and links pinned under `<bpffs>/keepalive-agent`
+    /// (mounting bpffs there if needed), and takes over what an earlier agent pinned: its links
+    /// get these programs (an atomic swap; enforcement never stops) and its policy stays in
+    /// force until [`Self::apply`].
+    pub fn pinned(cgroup2_mount: &Path, bpffs: &Path) -> Result<Self, EnforcerError> {
+        let pins = PinDir::prepare(bpffs)?;
+        let mut enforcer = Self::load(cgroup2_mount, Stage::Full, Some(pins))?;
+        enforcer.adopt()?;
+        Ok(enforcer)
+    }
+
+    fn load(
+        cgroup2_mount: &Path,
+        stage: Stage,
+        pins: Option<PinDir>,
+    ) -> Result<Self, EnforcerError> {
+        let stage = stage as u32;
+        // The kernel side's log level is a load-time constant: statements above it are removed
+        // by the verifier. Debug (per-connection events) only when our log shows debug.
+        let kernel_log: u8 = if log::max_level() >= log::LevelFilter::Debug {
+            4
+        } else {
+            2
+        };
+        let mut loader = EbpfLoader::new();
+        loader.override_global(STAGE, &stage, true);
+        loader.override_global(aya_log::LEVEL, &kernel_log, false);
+        if let Some(pins) = &pins {
+            for name in maps::PINNED {
+                loader.map_pin_path(name, pins.map(name));
+            }
+        }
+        // Kernels before 5.11 charge maps to RLIMIT_MEMLOCK; newer ones ignore it, so a refusal
+        // (no CAP_SYS_RESOURCE) only matters if the maps then fail to load.
+        let memlock = features::raise_memlock_limit();
+        let mut ebpf = loader
+            .load(PROGRAM_OBJECT)
+            .map_err(|error| match &memlock {
+                Ok(()) => EnforcerError::Load(error),
+                Err(memlock) => EnforcerError::Memlock {
+                    memlock: memlock.to_string(),
+                    source: Box::new(error),
+                },
+            })?;
+        sock_ops(&mut ebpf)?
+            .load()
+            .map_err(program_error(PROGRAM_NAME))?;
+        let mut missing = Vec::new();
+        if let Err(error) = setsockopt(&mut ebpf)?.load() {
+            missing.push(MissingFeature::lock(&error));
+        }
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        missing.extend(MissingFeature::reads(release.trim()));
+        maps::set_agent_pid(&mut ebpf)?;
+        Ok(Self {
+            ebpf,
+            mount: cgroup2_mount.to_path_buf(),
+            pins,
+            sock_ops: BTreeMap::new(),
+            setsockopt: BTreeMap::new(),
+            current: None,
+            generation: 0,
+            missing,
+        })
+    }
+
+    /// Takes over the links an earlier agent pinned; forgets those of removed cgroups.
+    fn adopt(&mut self) -> Result<(), EnforcerError> {
+        let Some(pins) = self.pins.clone() else {
+            return Ok(());
+        };
+        let by_id = crate::cgroup::by_id(&self.mount);
+        for (pin_name, id, pin) in pins.pinned_links() {
+            let kind = match pin_name.as_str() {
+                "sockops" => SOCK_OPS,
+                "setsockopt" if self.has_lock() => SETSOCKOPT,
+                _ => continue,
+            };
+            let cgroup = by_id
+                .get(&id)
+                .and_then(|path| Cgroup::resolve(&self.mount, path).ok());
+            let Some(cgroup) = cgroup else {
+                // The cgroup is gone, and with it the attachment: drop the pin.
+                let _ignored = std::fs::remove_file(&pin);
+                continue;
+            };
+            let Ok(path) = CgroupPath::parse(&cgroup.name) else {
+                continue;
+            };
+            let attachment = Attachment::adopt(kind, self.program_fd(kind)?, cgroup, pin)?;
+            self.attachments_mut(kind).insert(path, attachment);
+        }
+        self.generation = maps::cgroup_records(&self.ebpf)?
+            .iter()
+            .map(|(_, record)| record.generation)
+            .max()
+            .unwrap_or(0);
+        Ok(())
+    }
+}
+
+fn sock_ops(ebpf: &mut Ebpf) -> Result<&mut SockOps, EnforcerError> {
+    ebpf.program_mut(PROGRAM_NAME)
+        .ok_or(EnforcerError::Missing(PROGRAM_NAME))?
+        .try_into()
+        .map_err(program_error(PROGRAM_NAME))
+}
+
+fn setsockopt(ebpf: &mut Ebpf) -> Result<&mut CgroupSockopt, EnforcerError> {
+    ebpf.program_mut(SETSOCKOPT_PROGRAM)
+        .ok_or(EnforcerError::Missing(SETSOCKOPT_PROGRAM))?
+        .try_into()
+        .map_err(program_error(SETSOCKOPT_PROGRAM))
+}
