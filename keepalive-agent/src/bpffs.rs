@@ -24,11 +24,6 @@ const BPF_LINK_UPDATE: libc::c_long = 29;
 /// `BPF_FS_MAGIC` from include/uapi/linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-/// `BPF_CGROUP_SOCK_OPS`.
-pub const SOCK_OPS: u32 = 3;
-/// `BPF_CGROUP_SETSOCKOPT`.
-pub const SETSOCKOPT: u32 = 22;
-
 fn bpf(cmd: libc::c_long, attr: &mut [u64]) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a zero-padded `union bpf_attr` prefix of the given size.
     let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), size_of_val(attr)) };

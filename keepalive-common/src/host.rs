@@ -158,11 +158,6 @@ pub fn pick_cgroup2_mount(mountinfo: &str, usable: impl Fn(&Path) -> bool) -> Op
         .cloned()
 }
 
-/// The first cgroup2 mount of the hierarchy's root, as listed.
-pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
-    pick_cgroup2_mount(mountinfo, |_| false)
-}
-
 /// cgroup2 mounts: (of the hierarchy's root, of sub-trees), in mountinfo order.
 fn cgroup2_mounts(mountinfo: &str) -> (std::vec::Vec<PathBuf>, std::vec::Vec<PathBuf>) {
     let (mut roots, mut subtrees) = (std::vec::Vec::new(), std::vec::Vec::new());
@@ -215,6 +210,11 @@ fn unescape_mountinfo(field: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The first cgroup2 mount of the hierarchy's root, as listed.
+    fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+        pick_cgroup2_mount(mountinfo, |_| false)
+    }
 
     const HYBRID: &str = "\
 31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755

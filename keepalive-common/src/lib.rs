@@ -92,8 +92,11 @@ pub enum Stat {
     ErrCount = 5,
     /// `bpf_setsockopt(TCP_USER_TIMEOUT)` failures.
     ErrUserTimeout = 6,
-    /// `bpf_getsockopt` failures (fill, cap and audit read the application's settings).
-    ErrRead = 7,
+    /// Failures to read or keep a socket's state: `bpf_getsockopt` (fill, cap and audit read
+    /// the application's settings) and socket storage (remembering a socket's direction for
+    /// the lock). One counter: its index and the map's size are fixed by pinned maps an earlier
+    /// agent left (a take-over reuses them), and its name `err_getsockopt` by dashboards.
+    ErrReadState = 7,
     /// Applications' setsockopt calls on keepalive options the hook looked at.
     AppSetsockopt = 8,
 }
@@ -110,7 +113,7 @@ impl Stat {
         Self::ErrInterval,
         Self::ErrCount,
         Self::ErrUserTimeout,
-        Self::ErrRead,
+        Self::ErrReadState,
         Self::AppSetsockopt,
     ];
 
@@ -124,7 +127,7 @@ impl Stat {
             Self::ErrInterval => "err_tcp_keepintvl",
             Self::ErrCount => "err_tcp_keepcnt",
             Self::ErrUserTimeout => "err_tcp_user_timeout",
-            Self::ErrRead => "err_getsockopt",
+            Self::ErrReadState => "err_getsockopt",
             Self::AppSetsockopt => "app_setsockopt",
         }
     }
@@ -210,14 +213,6 @@ pub mod sockopt {
     pub const TCP_KEEPINTVL: i32 = 5;
     pub const TCP_KEEPCNT: i32 = 6;
     pub const TCP_USER_TIMEOUT: i32 = 18;
-}
-
-/// `bpf_sock_ops.op` values and attach types from the Linux UAPI (`<linux/bpf.h>`).
-pub mod sock_ops {
-    /// `BPF_CGROUP_SOCK_OPS`, the attach type that keys our cgroup storage entries.
-    pub const ATTACH_TYPE: u32 = 3;
-    pub const ACTIVE_ESTABLISHED_CB: u32 = 4;
-    pub const PASSIVE_ESTABLISHED_CB: u32 = 5;
 }
 
 #[cfg(test)]

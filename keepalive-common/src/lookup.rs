@@ -1,6 +1,6 @@
 //! Finding a connection's rule in the lookup maps, written once: the kernel runs it over its
-//! BPF maps, the agent and its tests over the compiled tables (keepalive-agent's compile.rs
-//! explains how they are built). A few lookups per group of rules the ruleset has, whatever the
+//! BPF maps, the agent's tests and the fuzzer over the compiled tables (keepalive-agent's
+//! `compile` module explains how they are built). A few lookups per group of rules the ruleset has, whatever the
 //! number of rules; the lowest rule index wins.
 //!
 //! Everything here is `inline(always)` with bounded loops, so the verifier sees straight-line

@@ -44,7 +44,7 @@ pub(crate) fn count_failures(failed: u32) {
         (FAILED_INTERVAL, Stat::ErrInterval),
         (FAILED_COUNT, Stat::ErrCount),
         (FAILED_USER_TIMEOUT, Stat::ErrUserTimeout),
-        (FAILED_READ, Stat::ErrRead),
+        (FAILED_READ, Stat::ErrReadState),
     ] {
         if failed & bit != 0 {
             bump(stat);

@@ -28,6 +28,9 @@ mod socket;
 
 use aya_ebpf::{
     Global,
+    bindings::{
+        BPF_F_NO_PREALLOC, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+    },
     btf_maps::SkStorage,
     macros::{btf_map, map, sock_ops},
     maps::{Array, CgroupStorage, HashMap, LpmTrie, PerCpuArray},
@@ -38,7 +41,6 @@ use keepalive_common::{
     REMEMBER_DIRECTION, RuleRecord, Stage, Stat,
     enforce::{self, Applied},
     limits,
-    sock_ops::{ACTIVE_ESTABLISHED_CB, PASSIVE_ESTABLISHED_CB},
 };
 
 use crate::{
@@ -46,9 +48,9 @@ use crate::{
     socket::SockOpsSocket,
 };
 
-/// `BPF_F_NO_PREALLOC`: LPM tries require it; for hash maps it also makes an update replace
-/// the element under RCU, so a reader sees the old or the new value whole.
-const NO_PREALLOC: u32 = 1;
+/// LPM tries require it; for hash maps it also makes an update replace the element under RCU,
+/// so a reader sees the old or the new value whole.
+const NO_PREALLOC: u32 = BPF_F_NO_PREALLOC;
 
 /// The record of each attachment; see [`AttachRecord`].
 #[map]
@@ -100,8 +102,8 @@ fn ka_sockops(ctx: SockOpsContext) -> u32 {
         return 1;
     }
     let direction = match ctx.op() {
-        ACTIVE_ESTABLISHED_CB => OUTBOUND,
-        PASSIVE_ESTABLISHED_CB => INBOUND,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => OUTBOUND,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => INBOUND,
         _ => return 1,
     };
     // SAFETY: `ops` is the context the kernel passed in; `reply` is readable for every op.

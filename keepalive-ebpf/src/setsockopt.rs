@@ -9,7 +9,7 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
+    bindings::{BPF_SK_STORAGE_GET_F_CREATE, BPF_TCP_ESTABLISHED, bpf_sock},
     helpers::generated::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_pid_tgid, bpf_sk_storage_get,
     },
@@ -32,8 +32,8 @@ use crate::{
     lookup,
 };
 
+/// `IPPROTO_TCP` (`<linux/in.h>`; aya-ebpf-bindings does not carry the protocol numbers).
 const IPPROTO_TCP: u32 = 6;
-const TCP_ESTABLISHED: u32 = 1;
 
 #[inline(always)]
 fn direction_map() -> *mut c_void {
@@ -60,7 +60,7 @@ pub(crate) fn remember_direction(ctx: &SockOpsContext, direction: u32) {
         )
     };
     if slot.is_null() {
-        bump(Stat::ErrRead);
+        bump(Stat::ErrReadState);
     }
 }
 
@@ -97,7 +97,7 @@ fn hold_to_rule(ctx: &SockoptContext) {
     // SAFETY: non-null full socket of the context.
     let socket: &bpf_sock = unsafe { &*sk };
     // Before the connection is established the sock_ops program will decide anyway.
-    if socket.protocol != IPPROTO_TCP || socket.state != TCP_ESTABLISHED {
+    if socket.protocol != IPPROTO_TCP || socket.state != BPF_TCP_ESTABLISHED {
         return;
     }
     // SAFETY: a helper without arguments.

@@ -16,9 +16,11 @@
 //! (a cross product only inside a multi-key group).
 //!
 //! Modules: [`prefixes`] turns CIDRs and port ranges into LPM prefixes and the rules covering
-//! each; [`ruleset`] emits one ruleset's entries; [`lookup`] reads the tables back through the
-//! kernel's own lookup algorithm (`keepalive_common::lookup`), for tests and the fuzzer.
+//! each; [`ruleset`] emits one ruleset's entries; `lookup` reads the tables back through the
+//! kernel's own lookup algorithm (`keepalive_common::lookup`), for tests and the fuzzer (feature
+//! `test-support`).
 
+#[cfg(any(test, feature = "test-support"))]
 mod lookup;
 mod prefixes;
 mod ruleset;
@@ -99,51 +101,7 @@ pub fn compile(
     };
     let mut rulesets: HashMap<Vec<usize>, u32> = HashMap::new();
     for point in attach_points {
-        let candidates = policy.candidates(point);
-        let catch_all = candidates
-            .iter()
-            .position(|&i| !policy.rules[i].has_match_keys());
-        let (list, fallback) = match catch_all {
-            Some(at) => {
-                let rule = candidates[at];
-                let slot = Policy::slot(Decision::Rule(rule));
-                (
-                    candidates[..at].to_vec(),
-                    policy.rules[rule].action.record(slot),
-                )
-            }
-            None => (candidates, policy.default.record(0)),
-        };
-        let mut record = AttachRecord {
-            flags: ATTACH_VALID,
-            ruleset: 0,
-            groups: 0,
-            generation,
-            fallback,
-        };
-        if !list.is_empty() {
-            let next = rulesets.len();
-            record.ruleset = *rulesets
-                .entry(list.clone())
-                .or_insert_with(|| ruleset_id(generation, next));
-            let rules = Ruleset {
-                policy,
-                list: &list,
-            };
-            record.groups = rules.rules().fold(0, |kinds, rule| {
-                [OUTBOUND, INBOUND]
-                    .into_iter()
-                    .filter(|&direction| allows(rule, direction))
-                    .fold(kinds, |kinds, direction| {
-                        kinds | group_bit(group_of(rule), direction)
-                    })
-            });
-            let directional = rules.rules().any(|rule| rule.direction.is_some());
-            let locked = rules.rules().any(|rule| rule.action.lock) || fallback.locked();
-            if directional && locked {
-                record.flags |= REMEMBER_DIRECTION;
-            }
-        }
+        let record = attach_record(policy, point, generation, &mut rulesets);
         tables.attachments.insert(point.clone(), record);
     }
     let mut ordered: Vec<(Vec<usize>, u32)> = rulesets.into_iter().collect();
@@ -157,6 +115,63 @@ pub fn compile(
     }
     check_limits(&tables)?;
     Ok(tables)
+}
+
+/// The record of the attachment at `point`: its rules (the candidates before the first catch-all,
+/// which becomes the fallback) get a ruleset id, shared with attachments of the same list.
+fn attach_record(
+    policy: &Policy,
+    point: &CgroupPath,
+    generation: u32,
+    rulesets: &mut HashMap<Vec<usize>, u32>,
+) -> AttachRecord {
+    let candidates = policy.candidates(point);
+    let catch_all = candidates
+        .iter()
+        .position(|&i| !policy.rules[i].has_match_keys());
+    let (list, fallback) = match catch_all {
+        Some(at) => {
+            let rule = candidates[at];
+            let slot = Policy::slot(Decision::Rule(rule));
+            (
+                candidates[..at].to_vec(),
+                policy.rules[rule].action.record(slot),
+            )
+        }
+        None => (candidates, policy.default.record(0)),
+    };
+    let mut record = AttachRecord {
+        flags: ATTACH_VALID,
+        ruleset: 0,
+        groups: 0,
+        generation,
+        fallback,
+    };
+    if list.is_empty() {
+        return record;
+    }
+    let next = rulesets.len();
+    record.ruleset = *rulesets
+        .entry(list.clone())
+        .or_insert_with(|| ruleset_id(generation, next));
+    let rules = Ruleset {
+        policy,
+        list: &list,
+    };
+    record.groups = rules.rules().fold(0, |groups, rule| {
+        [OUTBOUND, INBOUND]
+            .into_iter()
+            .filter(|&direction| allows(rule, direction))
+            .fold(groups, |groups, direction| {
+                groups | group_bit(group_of(rule), direction)
+            })
+    });
+    let directional = rules.rules().any(|rule| rule.direction.is_some());
+    let locked = rules.rules().any(|rule| rule.action.lock) || fallback.locked();
+    if directional && locked {
+        record.flags |= REMEMBER_DIRECTION;
+    }
+    record
 }
 
 /// The group of a rule: the bits of the keys it uses (`DIM_*`); 0 for direction only.

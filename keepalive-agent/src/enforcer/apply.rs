@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
     ApplyReport, Enforcer, EnforcerError,
-    links::{Attachment, Kind, SETSOCKOPT, SOCK_OPS},
+    links::{Attachment, Hook, SETSOCKOPT, SOCK_OPS},
     maps,
 };
 use crate::{
@@ -156,29 +156,29 @@ impl Enforcer {
         Ok(detached)
     }
 
-    /// Attaches `kind` to exactly `wanted`: new cgroups get a link, others lose theirs.
+    /// Attaches `hook` to exactly `wanted`: new cgroups get a link, others lose theirs.
     fn sync(
         &mut self,
-        kind: Kind,
+        hook: Hook,
         wanted: &BTreeMap<CgroupPath, Cgroup>,
     ) -> Result<Vec<Cgroup>, EnforcerError> {
         let stale: Vec<CgroupPath> = self
-            .attachments_mut(kind)
+            .attachments_mut(hook)
             .keys()
             .filter(|path| !wanted.contains_key(*path))
             .cloned()
             .collect();
         let mut detached = Vec::with_capacity(stale.len());
         for path in stale {
-            if let Some(attachment) = self.attachments_mut(kind).remove(&path) {
-                detached.push(attachment.detach(kind)?);
+            if let Some(attachment) = self.attachments_mut(hook).remove(&path) {
+                detached.push(attachment.detach(hook)?);
             }
         }
         for (path, cgroup) in wanted {
-            if !self.attachments_mut(kind).contains_key(path) {
+            if !self.attachments_mut(hook).contains_key(path) {
                 let attachment =
-                    Attachment::create(kind, self.program_fd(kind)?, cgroup, self.pins.as_ref())?;
-                self.attachments_mut(kind).insert(path.clone(), attachment);
+                    Attachment::create(hook, self.program_fd(hook)?, cgroup, self.pins.as_ref())?;
+                self.attachments_mut(hook).insert(path.clone(), attachment);
             }
         }
         Ok(detached)

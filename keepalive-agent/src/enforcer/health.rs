@@ -3,7 +3,7 @@
 
 use super::{
     ApplyReport, Enforcer, EnforcerError,
-    links::{Kind, SETSOCKOPT, SOCK_OPS},
+    links::{Hook, SETSOCKOPT, SOCK_OPS},
 };
 use crate::{existing::SweepJob, policy::CgroupPath};
 
@@ -28,14 +28,14 @@ impl Enforcer {
     /// Asks the kernel about every attachment (one pin open and one link info each).
     pub fn faults(&self) -> Vec<Fault> {
         let mut faults = Vec::new();
-        for kind in [SOCK_OPS, SETSOCKOPT] {
-            let Ok(program_id) = self.program_id(kind) else {
+        for hook in [SOCK_OPS, SETSOCKOPT] {
+            let Ok(program_id) = self.program_id(hook) else {
                 continue;
             };
-            for attachment in self.attachments_of(kind).values() {
+            for attachment in self.attachments_of(hook).values() {
                 if let Some(what) = attachment.fault(program_id) {
                     faults.push(Fault {
-                        program: kind.pin_name,
+                        program: hook.pin_name,
                         cgroup: attachment.cgroup.name.clone(),
                         what,
                     });
@@ -53,7 +53,7 @@ impl Enforcer {
         faults: &[Fault],
     ) -> Result<Option<(ApplyReport, Option<SweepJob>)>, EnforcerError> {
         for fault in faults {
-            let kind = if fault.program == SOCK_OPS.pin_name {
+            let hook = if fault.program == SOCK_OPS.pin_name {
                 SOCK_OPS
             } else {
                 SETSOCKOPT
@@ -61,8 +61,8 @@ impl Enforcer {
             let Ok(path) = CgroupPath::parse(&fault.cgroup) else {
                 continue;
             };
-            if let Some(attachment) = self.attachments_mut(kind).remove(&path) {
-                attachment.detach(kind)?;
+            if let Some(attachment) = self.attachments_mut(hook).remove(&path) {
+                attachment.detach(hook)?;
             }
         }
         let Some(policy) = self.policy().cloned() else {
@@ -71,12 +71,12 @@ impl Enforcer {
         self.reapply(&policy).map(Some)
     }
 
-    fn program_id(&self, kind: Kind) -> Result<u32, EnforcerError> {
+    fn program_id(&self, hook: Hook) -> Result<u32, EnforcerError> {
         let program = self
             .ebpf
-            .program(kind.program)
-            .ok_or(EnforcerError::Missing(kind.program))?;
-        let info = program.info().map_err(super::program_error(kind.program))?;
+            .program(hook.program)
+            .ok_or(EnforcerError::Missing(hook.program))?;
+        let info = program.info().map_err(super::program_error(hook.program))?;
         Ok(info.id())
     }
 }

@@ -7,6 +7,8 @@ use std::{
     path::PathBuf,
 };
 
+use aya_obj::generated::bpf_attach_type::{BPF_CGROUP_SETSOCKOPT, BPF_CGROUP_SOCK_OPS};
+
 use super::EnforcerError;
 use crate::{
     bpffs::{self, PinDir},
@@ -23,30 +25,30 @@ pub(super) struct Attachment {
     pin: Option<PathBuf>,
 }
 
-/// Which program: the pin name and the attach type.
+/// A program and where it hooks in: its attach type, and the name its links' pins start with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Kind {
+pub(super) struct Hook {
     pub(super) pin_name: &'static str,
     pub(super) attach_type: u32,
     pub(super) program: &'static str,
 }
 
-pub(super) const SOCK_OPS: Kind = Kind {
+pub(super) const SOCK_OPS: Hook = Hook {
     pin_name: "sockops",
-    attach_type: bpffs::SOCK_OPS,
+    attach_type: BPF_CGROUP_SOCK_OPS as u32,
     program: keepalive_common::PROGRAM_NAME,
 };
 
-pub(super) const SETSOCKOPT: Kind = Kind {
+pub(super) const SETSOCKOPT: Hook = Hook {
     pin_name: "setsockopt",
-    attach_type: bpffs::SETSOCKOPT,
+    attach_type: BPF_CGROUP_SETSOCKOPT as u32,
     program: keepalive_common::SETSOCKOPT_PROGRAM,
 };
 
 impl Attachment {
     /// Attaches `program` to `cgroup`, pinning the link when there is a pin directory.
     pub(super) fn create(
-        kind: Kind,
+        hook: Hook,
         program: std::os::fd::BorrowedFd<'_>,
         cgroup: &Cgroup,
         pins: Option<&PinDir>,
@@ -56,12 +58,12 @@ impl Attachment {
             source,
         })?;
         let attach_error = |source| EnforcerError::Attach {
-            program: kind.program,
+            program: hook.program,
             cgroup: cgroup.to_string(),
             source,
         };
         let fd =
-            bpffs::link_cgroup(program, dir.as_fd(), kind.attach_type).map_err(attach_error)?;
+            bpffs::link_cgroup(program, dir.as_fd(), hook.attach_type).map_err(attach_error)?;
         match pins {
             None => Ok(Self {
                 cgroup: cgroup.clone(),
@@ -69,7 +71,7 @@ impl Attachment {
                 pin: None,
             }),
             Some(pins) => {
-                let path = pins.link(kind.pin_name, cgroup.id);
+                let path = pins.link(hook.pin_name, cgroup.id);
                 // A stale pin of a removed cgroup's id would be in the way.
                 let _ignored = fs::remove_file(&path);
                 bpffs::pin(fd.as_fd(), &path).map_err(attach_error)?;
@@ -84,13 +86,13 @@ impl Attachment {
 
     /// Takes over a pinned link: its program becomes `program` (an atomic swap).
     pub(super) fn adopt(
-        kind: Kind,
+        hook: Hook,
         program: std::os::fd::BorrowedFd<'_>,
         cgroup: Cgroup,
         pin: PathBuf,
     ) -> Result<Self, EnforcerError> {
         let attach_error = |source| EnforcerError::Attach {
-            program: kind.program,
+            program: hook.program,
             cgroup: cgroup.to_string(),
             source,
         };
@@ -136,14 +138,14 @@ impl Attachment {
     }
 
     /// Detaches (the descriptor closes, or the pin goes).
-    pub(super) fn detach(self, kind: Kind) -> Result<Cgroup, EnforcerError> {
+    pub(super) fn detach(self, hook: Hook) -> Result<Cgroup, EnforcerError> {
         if let Some(pin) = &self.pin {
             match fs::remove_file(pin) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(source) => {
                     return Err(EnforcerError::Detach {
-                        program: kind.program,
+                        program: hook.program,
                         cgroup: self.cgroup.to_string(),
                         source,
                     });

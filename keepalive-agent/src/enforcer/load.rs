@@ -19,13 +19,10 @@ use crate::{bpffs::PinDir, cgroup::Cgroup, policy::CgroupPath};
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keepalive"));
 
 impl Enforcer {
-    /// Loads the programs, unpinned; nothing is attached until [`Self::apply`].
-    pub fn new(cgroup2_mount: &Path) -> Result<Self, EnforcerError> {
-        Self::with_stage(cgroup2_mount, Stage::Full)
-    }
-
-    /// Loads programs that stop after `stage`, for benchmarks that measure what each step
-    /// costs. Only [`Stage::Full`] enforces anything.
+    /// Loads the programs, unpinned; nothing is attached until [`Self::apply`]. The programs
+    /// stop after `stage`, for benchmarks that measure what each step costs; only
+    /// [`Stage::Full`] enforces anything. For tests and benchmarks: the agent runs
+    /// [`Self::pinned`].
     pub fn with_stage(cgroup2_mount: &Path, stage: Stage) -> Result<Self, EnforcerError> {
         Self::load(cgroup2_mount, stage, None)
     }
@@ -103,7 +100,7 @@ impl Enforcer {
         };
         let by_id = crate::cgroup::by_id(&self.mount);
         for (pin_name, id, pin) in pins.pinned_links() {
-            let kind = match pin_name.as_str() {
+            let hook = match pin_name.as_str() {
                 "sockops" => SOCK_OPS,
                 "setsockopt" if self.has_lock() => SETSOCKOPT,
                 _ => continue,
@@ -119,8 +116,8 @@ impl Enforcer {
             let Ok(path) = CgroupPath::parse(&cgroup.name) else {
                 continue;
             };
-            let attachment = Attachment::adopt(kind, self.program_fd(kind)?, cgroup, pin)?;
-            self.attachments_mut(kind).insert(path, attachment);
+            let attachment = Attachment::adopt(hook, self.program_fd(hook)?, cgroup, pin)?;
+            self.attachments_mut(hook).insert(path, attachment);
         }
         self.generation = maps::cgroup_records(&self.ebpf)?
             .iter()

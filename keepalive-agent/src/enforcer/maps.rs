@@ -13,10 +13,10 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
     },
 };
+use aya_obj::generated::bpf_attach_type::BPF_CGROUP_SOCK_OPS;
 use keepalive_common::{
     ADDR_MAP, AGENT_MAP, ATTACH_MAP, AddrKey, AttachRecord, CGROUPS_MAP, DECISIONS_MAP,
     DecisionKey, Hit, Outcome, PORT_MAP, PortKey, RULE_STATS_MAP, STATS_MAP, Stat, rule_stat_index,
-    sock_ops::ATTACH_TYPE,
 };
 
 use super::{Counters, EnforcerError, Outcomes};
@@ -198,7 +198,11 @@ pub(super) fn write_record(
         CgroupStorage::<&mut MapData, AttachRecord>::try_from(map_mut(ebpf, ATTACH_MAP)?)
             .map_err(map_error(ATTACH_MAP))?;
     storage
-        .insert(CgroupStorageKey::new(cgroup_id, ATTACH_TYPE), record, 0)
+        .insert(
+            CgroupStorageKey::new(cgroup_id, BPF_CGROUP_SOCK_OPS as u32),
+            record,
+            0,
+        )
         .map_err(map_error(ATTACH_MAP))?;
     let mut by_id =
         HashMap::<&mut MapData, u64, AttachRecord>::try_from(map_mut(ebpf, CGROUPS_MAP)?)
@@ -235,7 +239,10 @@ pub(crate) fn record(ebpf: &impl Maps, cgroup_id: u64) -> Result<AttachRecord, E
     let storage = CgroupStorage::<&MapData, AttachRecord>::try_from(map(ebpf, ATTACH_MAP)?)
         .map_err(map_error(ATTACH_MAP))?;
     storage
-        .get(CgroupStorageKey::new(cgroup_id, ATTACH_TYPE), 0)
+        .get(
+            CgroupStorageKey::new(cgroup_id, BPF_CGROUP_SOCK_OPS as u32),
+            0,
+        )
         .map_err(map_error(ATTACH_MAP))
 }
 

@@ -32,7 +32,7 @@ use aya::{
 };
 use keepalive_common::{AttachRecord, PROGRAM_NAME, SETSOCKOPT_PROGRAM};
 
-use self::links::{Attachment, Kind, SOCK_OPS};
+use self::links::{Attachment, Hook, SOCK_OPS};
 use crate::{
     bpffs::{BpffsError, PinDir},
     cgroup::{Cgroup, CgroupError},
@@ -122,7 +122,7 @@ pub struct ApplyReport {
 
 /// The programs loaded into the kernel and the policy they enforce.
 ///
-/// Unpinned (`new`), dropping it detaches everything: the links are descriptors it owns.
+/// Unpinned (`with_stage`), dropping it detaches everything: the links are descriptors it owns.
 /// Pinned (`pinned`), links and maps live in bpffs and outlive it; [`Self::detach_all`] removes
 /// them.
 #[derive(Debug)]
@@ -232,27 +232,27 @@ impl Enforcer {
             .collect()
     }
 
-    fn program_fd(&self, kind: Kind) -> Result<BorrowedFd<'_>, EnforcerError> {
+    fn program_fd(&self, hook: Hook) -> Result<BorrowedFd<'_>, EnforcerError> {
         let program = self
             .ebpf
-            .program(kind.program)
-            .ok_or(EnforcerError::Missing(kind.program))?;
+            .program(hook.program)
+            .ok_or(EnforcerError::Missing(hook.program))?;
         program
             .fd()
             .map(|fd| fd.as_fd())
-            .map_err(program_error(kind.program))
+            .map_err(program_error(hook.program))
     }
 
-    fn attachments_of(&self, kind: Kind) -> &BTreeMap<CgroupPath, Attachment> {
-        if kind == SOCK_OPS {
+    fn attachments_of(&self, hook: Hook) -> &BTreeMap<CgroupPath, Attachment> {
+        if hook == SOCK_OPS {
             &self.sock_ops
         } else {
             &self.setsockopt
         }
     }
 
-    fn attachments_mut(&mut self, kind: Kind) -> &mut BTreeMap<CgroupPath, Attachment> {
-        if kind == SOCK_OPS {
+    fn attachments_mut(&mut self, hook: Hook) -> &mut BTreeMap<CgroupPath, Attachment> {
+        if hook == SOCK_OPS {
             &mut self.sock_ops
         } else {
             &mut self.setsockopt

@@ -151,7 +151,7 @@ fn program_counters(w: &mut String, maps: &PinnedMaps) -> anyhow::Result<()> {
         w,
         "keepalive_setsockopt_errors_total",
         "counter",
-        "Failed bpf_setsockopt or bpf_getsockopt calls, by option.",
+        "Failed bpf_setsockopt or bpf_getsockopt calls, by option; option=\"getsockopt\" also counts failures to allocate socket storage.",
     );
     for stat in Stat::ALL
         .into_iter()
