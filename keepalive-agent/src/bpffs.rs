@@ -211,12 +211,13 @@ impl PinDir {
         self.maps().join(name)
     }
 
-    /// The pin of the link of `kind` (`sockops`, `setsockopt`) to the cgroup with `id`.
-    pub fn link(&self, kind: &str, cgroup_id: u64) -> PathBuf {
-        self.links().join(format!("{kind}-{cgroup_id}"))
+    /// The pin of the link of the hook named `pin_name` (`sockops`, `setsockopt`) to the
+    /// cgroup with `id`.
+    pub fn link(&self, pin_name: &str, cgroup_id: u64) -> PathBuf {
+        self.links().join(format!("{pin_name}-{cgroup_id}"))
     }
 
-    /// The pinned links: (kind, cgroup id, path).
+    /// The pinned links: (pin name of the hook, cgroup id, path).
     pub fn pinned_links(&self) -> Vec<(String, u64, PathBuf)> {
         let Ok(entries) = fs::read_dir(self.links()) else {
             return Vec::new();
@@ -225,8 +226,8 @@ impl PinDir {
             .flatten()
             .filter_map(|entry| {
                 let name = entry.file_name().into_string().ok()?;
-                let (kind, id) = name.rsplit_once('-')?;
-                Some((kind.to_string(), id.parse().ok()?, entry.path()))
+                let (pin_name, id) = name.rsplit_once('-')?;
+                Some((pin_name.to_string(), id.parse().ok()?, entry.path()))
             })
             .collect();
         links.sort();
