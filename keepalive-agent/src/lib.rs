@@ -14,6 +14,7 @@ pub mod logs;
 pub mod metrics;
 pub mod notify;
 pub mod policy;
+pub mod snapshot;
 pub mod sockopt;
 pub mod state;
 pub mod watch;
