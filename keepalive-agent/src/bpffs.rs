@@ -131,14 +131,7 @@ pub fn cgroup_link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> {
 }
 
 fn is_bpffs(path: &Path) -> io::Result<bool> {
-    let c = c_path(path)?;
-    let mut stat = std::mem::MaybeUninit::<libc::statfs>::uninit();
-    // SAFETY: a NUL-terminated path and a buffer the size of `struct statfs`.
-    if unsafe { libc::statfs(c.as_ptr(), stat.as_mut_ptr()) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: statfs succeeded and filled the buffer.
-    Ok(unsafe { stat.assume_init() }.f_type == BPF_FS_MAGIC)
+    Ok(rustix::fs::statfs(path)?.f_type == BPF_FS_MAGIC)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,23 +160,17 @@ impl PinDir {
         };
         fs::create_dir_all(bpffs).map_err(io_error(bpffs))?;
         if !is_bpffs(bpffs).map_err(io_error(bpffs))? {
-            let target = c_path(bpffs).map_err(io_error(bpffs))?;
-            // SAFETY: NUL-terminated strings for source, target, type and options.
-            let ret = unsafe {
-                libc::mount(
-                    c"bpf".as_ptr(),
-                    target.as_ptr(),
-                    c"bpf".as_ptr(),
-                    0,
-                    c"mode=0700".as_ptr().cast(),
-                )
-            };
-            if ret != 0 {
-                return Err(BpffsError::Mount {
-                    path: bpffs.to_path_buf(),
-                    error: io::Error::last_os_error(),
-                });
-            }
+            rustix::mount::mount(
+                "bpf",
+                bpffs,
+                "bpf",
+                rustix::mount::MountFlags::empty(),
+                c"mode=0700",
+            )
+            .map_err(|error| BpffsError::Mount {
+                path: bpffs.to_path_buf(),
+                error: error.into(),
+            })?;
         }
         let dir = Self::at(bpffs);
         for sub in [dir.maps(), dir.links()] {
