@@ -99,3 +99,83 @@ fn rules_table(out: &mut String, status: &Snapshot) {
         out.push('\n');
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
+
+    use super::*;
+    use crate::{
+        enforcer::Outcomes,
+        snapshot::{Attachment, PolicyInForce, RuleCounters},
+    };
+
+    fn snapshot() -> Snapshot {
+        let mut outcomes = Outcomes::default();
+        outcomes.0[keepalive_common::Outcome::Set as usize] = 2;
+        Snapshot {
+            pins: "/sys/fs/bpf/keepalive-agent".into(),
+            agent_running: true,
+            agent_pid: Some(42),
+            missing: Vec::new(),
+            policy: Some(PolicyInForce {
+                source: "/etc/keepalive-agent/policy.toml".into(),
+                generation: 3,
+                applied_at: 1,
+                scopes: vec!["/system.slice".into()],
+                reloads_succeeded: 2,
+                reloads_failed: 1,
+            }),
+            missing_features: Vec::new(),
+            attached: vec![Attachment {
+                cgroup: Some("/system.slice".into()),
+                id: 7,
+                programs: vec!["setsockopt".into(), "sockops".into()],
+            }],
+            records: 1,
+            counters: Some(crate::enforcer::Counters::default()),
+            rules: vec![RuleCounters {
+                slot: 0,
+                name: "default".into(),
+                line: 0,
+                action: "enforce".into(),
+                counters: outcomes,
+            }],
+            agent: None,
+        }
+    }
+
+    #[test]
+    fn json_has_the_keys_scripts_read() {
+        let json: serde_json::Value = serde_json::from_str(&json(&snapshot()).unwrap()).unwrap();
+        assert_eq!(json["agent_running"], true);
+        assert_eq!(json["agent_pid"], 42);
+        assert_eq!(json["attached"][0]["cgroup"], "/system.slice");
+        assert_eq!(
+            json["attached"][0]["programs"].as_array().map(Vec::len),
+            Some(2)
+        );
+        assert_eq!(json["records"], 1);
+        assert_eq!(json["policy"]["reloads_failed"], 1);
+        assert_eq!(json["rules"][0]["name"], "default");
+        assert_eq!(json["rules"][0]["counters"]["set"], 2);
+        assert_eq!(json["rules"][0]["counters"]["seen"], 2);
+        assert_eq!(json["counters"]["err_getsockopt"], 0);
+    }
+
+    #[test]
+    fn the_table_names_the_cgroup_the_policy_and_the_rule() {
+        let table = table(&snapshot());
+        assert!(table.contains("agent pid 42 running"), "{table}");
+        assert!(
+            table.contains("generation 3, enforced in /system.slice"),
+            "{table}"
+        );
+        assert!(table.contains("/system.slice") && table.contains("setsockopt, sockops"));
+        let rule = table.lines().find(|line| line.starts_with("0 ")).unwrap();
+        assert_eq!(
+            rule.split_whitespace().collect::<Vec<_>>()[..4],
+            ["0", "default", "2", "2"]
+        );
+    }
+}
