@@ -1,6 +1,13 @@
 //! bpf_links to cgroups, pinned in bpffs, and the few `bpf(2)` commands aya does not expose for
 //! them (create a cgroup link for any program type, pin it, open a pin, swap its program).
 //!
+//! Why not aya's link API (aya 0.16): a `SockOpsLink` converts to an `FdLink` that
+//! `FdLink::pin` pins and `PinnedLink::from_pin` opens, but neither gives its descriptor back
+//! (no `AsFd`), and the agent needs it for what aya has no call for: swapping a pinned link's
+//! program (BPF_LINK_UPDATE) and asking which cgroup a link is attached to (aya's `LinkInfo`
+//! has no cgroup id). A `CgroupSockoptLink` does not convert to an `FdLink` at all, so aya
+//! cannot pin it. One raw path for both programs, rather than aya for half of one.
+//!
 //! Pinned, a link outlives the agent (even SIGKILL): enforcement stays, and the next agent
 //! opens the pins and swaps its own programs in (BPF_LINK_UPDATE, atomic), without a second
 //! attachment and without a moment where connections go unenforced.
@@ -55,7 +62,7 @@ fn pair(first: u64, second: u64) -> u64 {
 }
 
 /// A bpf_link attaching `program` to the cgroup open as `cgroup` (multi-program, like every
-/// cgroup link).
+/// cgroup link). aya lacks: a link it pins for cgroup/setsockopt (`CgroupSockoptLink`).
 pub fn link_cgroup(
     program: BorrowedFd<'_>,
     cgroup: BorrowedFd<'_>,
@@ -76,7 +83,8 @@ fn c_path(path: &Path) -> io::Result<CString> {
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
 }
 
-/// Pins a BPF object (here: a link) at `path` in bpffs.
+/// Pins a BPF object (here: a link) at `path` in bpffs. aya lacks: pinning a cgroup/setsockopt
+/// link.
 pub fn pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     let path = c_path(path)?;
     // obj: pathname (u64), bpf_fd, file_flags.
@@ -84,14 +92,14 @@ pub fn pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     bpf(BPF_OBJ_PIN, &mut attr).map(drop)
 }
 
-/// Opens a pinned BPF object.
+/// Opens a pinned BPF object. aya lacks: the descriptor of a `PinnedLink`.
 pub fn open_pinned(path: &Path) -> io::Result<OwnedFd> {
     let c = c_path(path)?;
     let mut attr = [c.as_ptr() as u64, 0, 0];
     owned(bpf(BPF_OBJ_GET, &mut attr)?)
 }
 
-/// Swaps the program of a link, atomically.
+/// Swaps the program of a link, atomically. aya lacks: BPF_LINK_UPDATE.
 pub fn update_link(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<()> {
     // link_update: link_fd, new_prog_fd, flags, old_prog_fd.
     let mut attr = [pair(fd_u32(link), fd_u32(program)), 0];
@@ -126,14 +134,7 @@ pub fn cgroup_link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> {
 }
 
 fn is_bpffs(path: &Path) -> io::Result<bool> {
-    let c = c_path(path)?;
-    let mut stat = std::mem::MaybeUninit::<libc::statfs>::uninit();
-    // SAFETY: a NUL-terminated path and a buffer the size of `struct statfs`.
-    if unsafe { libc::statfs(c.as_ptr(), stat.as_mut_ptr()) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: statfs succeeded and filled the buffer.
-    Ok(unsafe { stat.assume_init() }.f_type == BPF_FS_MAGIC)
+    Ok(rustix::fs::statfs(path)?.f_type == BPF_FS_MAGIC)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -162,23 +163,17 @@ impl PinDir {
         };
         fs::create_dir_all(bpffs).map_err(io_error(bpffs))?;
         if !is_bpffs(bpffs).map_err(io_error(bpffs))? {
-            let target = c_path(bpffs).map_err(io_error(bpffs))?;
-            // SAFETY: NUL-terminated strings for source, target, type and options.
-            let ret = unsafe {
-                libc::mount(
-                    c"bpf".as_ptr(),
-                    target.as_ptr(),
-                    c"bpf".as_ptr(),
-                    0,
-                    c"mode=0700".as_ptr().cast(),
-                )
-            };
-            if ret != 0 {
-                return Err(BpffsError::Mount {
-                    path: bpffs.to_path_buf(),
-                    error: io::Error::last_os_error(),
-                });
-            }
+            rustix::mount::mount(
+                "bpf",
+                bpffs,
+                "bpf",
+                rustix::mount::MountFlags::empty(),
+                c"mode=0700",
+            )
+            .map_err(|error| BpffsError::Mount {
+                path: bpffs.to_path_buf(),
+                error: error.into(),
+            })?;
         }
         let dir = Self::at(bpffs);
         for sub in [dir.maps(), dir.links()] {

@@ -100,21 +100,10 @@ impl Cgroup {
 }
 
 fn is_cgroup2(path: &Path) -> Result<bool, CgroupError> {
-    use std::os::unix::ffi::OsStrExt as _;
-
-    let io_error = |error| CgroupError::Io {
+    let stat = rustix::fs::statfs(path).map_err(|error| CgroupError::Io {
         path: path.to_path_buf(),
-        error,
-    };
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| io_error(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-    let mut stat = std::mem::MaybeUninit::<libc::statfs>::uninit();
-    // SAFETY: a NUL-terminated path and a buffer the size of `struct statfs`.
-    if unsafe { libc::statfs(c_path.as_ptr(), stat.as_mut_ptr()) } != 0 {
-        return Err(io_error(io::Error::last_os_error()));
-    }
-    // SAFETY: statfs returned 0, so it filled the buffer.
-    let stat = unsafe { stat.assume_init() };
+        error: error.into(),
+    })?;
     Ok(stat.f_type == CGROUP2_SUPER_MAGIC)
 }
 

@@ -10,7 +10,7 @@
 use std::{
     fs::File,
     io,
-    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -73,9 +73,13 @@ impl InstanceLock {
             return Ok((Some(lock), None));
         }
         let pid = holder(dir);
-        if let Some(pid) = pid.and_then(|pid| libc::pid_t::try_from(pid).ok()) {
-            // SAFETY: plain system call; a failure (it exited meanwhile) shows in the wait.
-            unsafe { libc::kill(pid, signal) };
+        if let Some(pid) = pid
+            .and_then(|pid| i32::try_from(pid).ok())
+            .and_then(rustix::process::Pid::from_raw)
+            && let Some(signal) = rustix::process::Signal::from_named_raw(signal)
+        {
+            // A failure (it exited meanwhile) shows in the wait.
+            let _ignored = rustix::process::kill_process(pid, signal);
         }
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
@@ -101,15 +105,11 @@ fn try_lock(dir: &Path) -> Result<Option<InstanceLock>, InstanceError> {
         error,
     };
     let file = File::open(dir).map_err(io_error)?;
-    // SAFETY: plain system call on a descriptor we own.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        return Ok(Some(InstanceLock { _dir: file }));
-    }
-    let error = io::Error::last_os_error();
-    if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Ok(None)
-    } else {
-        Err(io_error(error))
+    // flock(2), LOCK_EX | LOCK_NB.
+    match file.try_lock() {
+        Ok(()) => Ok(Some(InstanceLock { _dir: file })),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(error)) => Err(io_error(error)),
     }
 }
 

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod notify;
 pub mod plan;
 pub mod policy;
+pub mod snapshot;
 pub mod sockopt;
 pub mod state;
 pub mod watch;

@@ -26,12 +26,13 @@ fn main() -> ExitCode {
         Command::Status(args) => keepalive_common::host::check()
             .map_err(anyhow::Error::from)
             .and_then(|host| commands::status::collect(&args, &host.cgroup2_mount))
-            .map(|status| {
+            .and_then(|status| {
                 if args.json {
-                    print(&format!("{status:#}\n"));
+                    print(&commands::status::json(&status)?);
                 } else {
                     print(&commands::status::table(&status));
                 }
+                Ok(())
             }),
         Command::Detach(args) => keepalive_common::host::check()
             .map_err(anyhow::Error::from)

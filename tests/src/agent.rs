@@ -1,11 +1,7 @@
 //! Private places for an agent binary under test: its own bpffs mount and state directory, so
 //! it never touches the host's /sys/fs/bpf, and nothing stays mounted or pinned afterwards.
 
-use std::{
-    ffi::CString,
-    os::unix::ffi::OsStrExt as _,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use keepalive_agent::bpffs::PinDir;
 
@@ -103,9 +99,7 @@ impl Drop for AgentPlaces {
 pub(crate) fn remove(root: &Path) -> std::io::Result<()> {
     let bpffs = root.join("bpffs");
     let _ignored = PinDir::at(&bpffs).remove();
-    if let Ok(path) = CString::new(bpffs.as_os_str().as_bytes()) {
-        // SAFETY: a NUL-terminated path; failure (not mounted) is fine.
-        unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
-    }
+    // Failure (not mounted) is fine.
+    let _ignored = rustix::mount::unmount(&bpffs, rustix::mount::UnmountFlags::DETACH);
     std::fs::remove_dir_all(root)
 }

@@ -6,7 +6,7 @@ use std::{
     fs::OpenOptions,
     io::{BufRead as _, BufReader},
     os::{
-        fd::{AsFd, AsRawFd, FromRawFd as _, OwnedFd},
+        fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
         unix::process::CommandExt as _,
     },
     process::{Child, ChildStdin, Command, Stdio},
@@ -129,10 +129,11 @@ impl Workload {
         // on file descriptors opened before the fork.
         unsafe {
             command.pre_exec(move || {
-                if let Some(fd) = netns_fd
-                    && libc::setns(fd, libc::CLONE_NEWNET) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
+                if let Some(fd) = netns_fd {
+                    rustix::thread::move_into_link_name_space(
+                        BorrowedFd::borrow_raw(fd),
+                        Some(rustix::thread::LinkNameSpaceType::Network),
+                    )?;
                 }
                 if let Some(cpu) = cpu {
                     let mut set: libc::cpu_set_t = std::mem::zeroed();
@@ -294,24 +295,8 @@ impl Workload {
     /// A duplicate of the workload's file descriptor `fd` (pidfd_getfd(2)): the same socket,
     /// so getsockopt on it reads what the kernel holds for the workload.
     pub fn steal_fd(&self, fd: i32) -> OwnedFd {
-        let pid = i32::try_from(self.pid()).unwrap_or(i32::MAX);
-        // SAFETY: plain system calls; the returned descriptors are checked before use.
-        unsafe {
-            let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
-            assert!(
-                pidfd >= 0,
-                "pidfd_open({pid}): {}",
-                std::io::Error::last_os_error()
-            );
-            let pidfd = OwnedFd::from_raw_fd(i32::try_from(pidfd).expect("fds fit in i32"));
-            let stolen = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
-            assert!(
-                stolen >= 0,
-                "pidfd_getfd({pid}, {fd}): {}",
-                std::io::Error::last_os_error()
-            );
-            OwnedFd::from_raw_fd(i32::try_from(stolen).expect("fds fit in i32"))
-        }
+        keepalive_agent::existing::steal_fd(self.pid(), fd)
+            .unwrap_or_else(|e| panic!("pidfd_getfd({}, {fd}): {e}", self.pid()))
     }
 
     /// Closes the workload's standard input (probes exit on that) and waits for it to exit.

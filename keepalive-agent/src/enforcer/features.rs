@@ -156,16 +156,15 @@ fn verifier_reason(error: &ProgramError) -> String {
 /// BPF maps to it, and its default (64 KiB there) is too small for the agent's maps. Returns
 /// why it could not, if it could not (no CAP_SYS_RESOURCE); newer kernels do not need it.
 pub fn raise_memlock_limit() -> Result<(), std::io::Error> {
-    let unlimited = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
+    // None: unlimited (RLIM_INFINITY).
+    let unlimited = rustix::process::Rlimit {
+        current: None,
+        maximum: None,
     };
-    // SAFETY: a valid rlimit struct on the stack; the call only reads it.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const unlimited) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    Ok(rustix::process::setrlimit(
+        rustix::process::Resource::Memlock,
+        unlimited,
+    )?)
 }
 
 #[cfg(test)]

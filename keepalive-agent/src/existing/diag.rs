@@ -4,8 +4,10 @@
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::OwnedFd,
 };
+
+use rustix::net;
 
 /// `AF_INET`, `AF_INET6` and `IPPROTO_TCP` as the one-byte fields of inet_diag carry them.
 const AF_INET: u8 = 2;
@@ -41,19 +43,12 @@ pub(super) struct DiagSocket {
 /// Established and listening TCP sockets, IPv4 and IPv6, of the calling thread's network
 /// namespace.
 pub(super) fn tcp_sockets() -> io::Result<Vec<DiagSocket>> {
-    // SAFETY: plain system call; the result is checked.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            libc::NETLINK_SOCK_DIAG,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor we own.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let socket = net::socket_with(
+        net::AddressFamily::NETLINK,
+        net::SocketType::DGRAM,
+        net::SocketFlags::CLOEXEC,
+        Some(net::netlink::SOCK_DIAG),
+    )?;
     let mut sockets = Vec::new();
     for family in [AF_INET, AF_INET6] {
         dump(&socket, family, &mut sockets)?;
@@ -73,30 +68,10 @@ fn dump(socket: &OwnedFd, family: u8, out: &mut Vec<DiagSocket>) -> io::Result<(
     request[16] = family;
     request[17] = IPPROTO_TCP;
     request[20..24].copy_from_slice(&states.to_ne_bytes());
-    // SAFETY: sending our buffer on our socket.
-    let sent = unsafe {
-        libc::send(
-            socket.as_raw_fd(),
-            request.as_ptr().cast(),
-            request.len(),
-            0,
-        )
-    };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    net::send(socket, &request, net::SendFlags::empty())?;
     let mut buffer = vec![0u8; 64 * 1024];
     loop {
-        // SAFETY: receiving into our buffer from our socket.
-        let received = unsafe {
-            libc::recv(
-                socket.as_raw_fd(),
-                buffer.as_mut_ptr().cast(),
-                buffer.len(),
-                0,
-            )
-        };
-        let received = usize::try_from(received).map_err(|_| io::Error::last_os_error())?;
+        let (received, _) = net::recv(socket, &mut buffer[..], net::RecvFlags::empty())?;
         let mut at = 0;
         while at + NLMSG_HDRLEN <= received {
             let message_len = u32_at(&buffer, at) as usize;

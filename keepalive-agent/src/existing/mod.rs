@@ -17,7 +17,7 @@ use std::{
     fs, io,
     net::IpAddr,
     os::{
-        fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
+        fd::{AsFd as _, OwnedFd, RawFd},
         unix::fs::MetadataExt as _,
     },
     path::Path,
@@ -27,6 +27,8 @@ use keepalive_common::{
     Outcome,
     enforce::{Socket, apply},
 };
+
+use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags, pidfd_getfd, pidfd_open};
 
 use crate::{
     cgroup::Cgroup,
@@ -189,10 +191,11 @@ fn in_namespace_of<T: Send>(
     std::thread::scope(|scope| {
         scope
             .spawn(move || {
-                // SAFETY: setns on this helper thread only; the descriptor is open.
-                if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(io::Error::last_os_error());
-                }
+                // setns on this helper thread only.
+                rustix::thread::move_into_link_name_space(
+                    netns.as_fd(),
+                    Some(rustix::thread::LinkNameSpaceType::Network),
+                )?;
                 work()
             })
             .join()
@@ -200,24 +203,15 @@ fn in_namespace_of<T: Send>(
     })
 }
 
-/// A duplicate of descriptor `fd` of process `pid` (pidfd_getfd(2)).
-fn steal_fd(pid: u32, fd: i32) -> io::Result<OwnedFd> {
-    let pid = i32::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
-    // SAFETY: plain system calls; results are checked before use.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
-        let pidfd = i32::try_from(pidfd).map_err(|_| io::Error::last_os_error())?;
-        if pidfd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let pidfd = OwnedFd::from_raw_fd(pidfd);
-        let stolen = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
-        let stolen = i32::try_from(stolen).map_err(|_| io::Error::last_os_error())?;
-        if stolen < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(OwnedFd::from_raw_fd(stolen))
-    }
+/// A duplicate of descriptor `fd` of process `pid` (pidfd_getfd(2)): the same open file. The
+/// test harness reads workloads' sockets with it too.
+pub fn steal_fd(pid: u32, fd: RawFd) -> io::Result<OwnedFd> {
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(Pid::from_raw)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
+    let pidfd = pidfd_open(pid, PidfdFlags::empty())?;
+    Ok(pidfd_getfd(pidfd, fd, PidfdGetfdFlags::empty())?)
 }
 
 /// `enforce::Socket` over getsockopt(2)/setsockopt(2).

@@ -39,7 +39,7 @@ const MIN_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// What the engine shares with the endpoint.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Telemetry {
     /// The state of the policy in force (None until the first apply: not ready).
     pub state: Option<State>,
@@ -201,7 +201,7 @@ async fn read_request(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
 
 fn scrape(shared: &Shared, maps_dir: &std::path::Path) -> (&'static str, &'static str, String) {
     match render(shared, maps_dir) {
-        Ok(body) => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", body),
+        Ok(body) => ("200 OK", render::CONTENT_TYPE, body),
         Err(error) => (
             "500 Internal Server Error",
             "text/plain",

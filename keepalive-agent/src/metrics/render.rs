@@ -1,319 +1,295 @@
-//! The exposition text, read fresh from the pinned maps at each scrape.
+//! The exposition text (Prometheus text format 0.0.4, through prometheus-client), rendered
+//! from a [`Snapshot`] the endpoint takes at each scrape.
+//!
+//! Counters are named without `_total` here: the encoder appends it, to the samples and to
+//! their `# HELP`/`# TYPE` lines. A new metric is a field of the snapshot and one call below.
 
-use std::{collections::BTreeMap, fmt::Write as _};
+use std::{collections::BTreeMap, fmt};
 
 use keepalive_common::{Outcome, Stat};
-
-use super::Shared;
-use crate::{
-    enforcer::{Outcomes, PinnedMaps},
-    state::State,
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _, prometheus_text},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
 };
 
-/// Prometheus label values escape `\`, `"` and newlines.
-fn label(value: &str) -> String {
-    value
-        .replace('\\', r"\\")
-        .replace('"', "\\\"")
-        .replace('\n', r"\n")
-}
+use super::Shared;
+use crate::snapshot::{PolicyInForce, RuleCounters, Snapshot};
 
-/// `# HELP` and `# TYPE` of a family.
-fn family(w: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(w, "# HELP {name} {help}");
-    let _ = writeln!(w, "# TYPE {name} {kind}");
-}
+/// The `Content-Type` of the exposition text.
+pub(super) const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
-/// The exposition text.
+/// The exposition text, from the agent's telemetry and the pinned maps.
 pub fn render(shared: &Shared, maps_dir: &std::path::Path) -> anyhow::Result<String> {
-    let telemetry = {
-        let telemetry = shared
-            .lock()
-            .map_err(|_| anyhow::anyhow!("telemetry lock poisoned"))?;
-        Snapshot {
-            state: telemetry.state.clone(),
-            attached: telemetry.attached,
-            programs: telemetry.programs.clone(),
-            faults: telemetry.faults.len(),
-            healed: telemetry.healed,
-            overflows: telemetry.watch_overflows,
-            last_reload_ok: telemetry.last_reload_ok,
-        }
-    };
+    // The lock is not held while the maps are read.
+    let telemetry = shared
+        .lock()
+        .map_err(|_| anyhow::anyhow!("telemetry lock poisoned"))?
+        .clone();
+    exposition(Snapshot::from_agent(&telemetry, maps_dir)?)
+}
+
+/// The exposition text of a snapshot.
+fn exposition(snapshot: Snapshot) -> anyhow::Result<String> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Exposition(snapshot)));
     let mut out = String::new();
-    let w = &mut out;
-    family(
-        w,
-        "keepalive_build_info",
-        "gauge",
-        "The agent's version (always 1).",
-    );
-    let _ = writeln!(
-        w,
-        "keepalive_build_info{{version=\"{}\"}} 1",
-        env!("CARGO_PKG_VERSION")
-    );
-    family(
-        w,
-        "keepalive_up",
-        "gauge",
-        "Whether the agent has a policy in force.",
-    );
-    let _ = writeln!(w, "keepalive_up {}", u8::from(telemetry.state.is_some()));
-    let Some(state) = &telemetry.state else {
-        return Ok(out);
-    };
-    kernel_features(w, state);
-    let maps = PinnedMaps::open(maps_dir)?;
-    rules(w, state, &maps)?;
-    program_counters(w, &maps)?;
-    agent(w, &telemetry, state);
-    programs(w, &telemetry.programs);
+    prometheus_text::encode(&mut out, &registry)?;
     Ok(out)
 }
 
-/// What the endpoint copies out of the shared telemetry (the lock is not held while maps are
-/// read).
-struct Snapshot {
-    state: Option<State>,
-    attached: usize,
-    programs: Vec<u32>,
-    faults: usize,
-    healed: u64,
-    overflows: u64,
-    last_reload_ok: bool,
+/// The snapshot as metric families, in a fixed order.
+#[derive(Debug)]
+struct Exposition(Snapshot);
+
+impl Collector for Exposition {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let snapshot = &self.0;
+        let w = &mut encoder;
+        let version = [("version", env!("CARGO_PKG_VERSION"))];
+        gauges(
+            w,
+            "keepalive_build_info",
+            "The agent's version (always 1).",
+            [(version, 1)],
+        )?;
+        gauge(
+            w,
+            "keepalive_up",
+            "Whether the agent has a policy in force.",
+            u64::from(snapshot.policy.is_some()),
+        )?;
+        let Some(policy) = &snapshot.policy else {
+            return Ok(());
+        };
+        kernel_features(w, snapshot)?;
+        rules(w, &snapshot.rules)?;
+        program_counters(w, snapshot)?;
+        agent(w, snapshot, policy)
+    }
+}
+
+/// The policy's history and the agent's own figures.
+fn agent(
+    w: &mut DescriptorEncoder<'_>,
+    snapshot: &Snapshot,
+    policy: &PolicyInForce,
+) -> fmt::Result {
+    counters(
+        w,
+        "keepalive_reloads",
+        "Policy reloads, by result.",
+        [
+            ([("result", "success")], policy.reloads_succeeded),
+            ([("result", "failure")], policy.reloads_failed),
+        ],
+    )?;
+    let agent = snapshot.agent.clone().unwrap_or_default();
+    gauge(
+        w,
+        "keepalive_last_reload_success",
+        "Whether the last reload applied (1) or was refused (0); 1 before any.",
+        u64::from(agent.last_reload_ok),
+    )?;
+    gauge(
+        w,
+        "keepalive_last_reload_success_timestamp_seconds",
+        "When the policy in force was applied (seconds since the epoch).",
+        policy.applied_at,
+    )?;
+    gauge(
+        w,
+        "keepalive_policy_generation",
+        "Generation of the policy in force.",
+        u64::from(policy.generation),
+    )?;
+    gauge(
+        w,
+        "keepalive_policy_rules",
+        "Rules of the policy in force.",
+        count(snapshot.rules.len().saturating_sub(1)),
+    )?;
+    gauge(
+        w,
+        "keepalive_attached_cgroups",
+        "Cgroups the sock_ops program is attached to.",
+        count(agent.attached_cgroups),
+    )?;
+    gauge(
+        w,
+        "keepalive_enforcement_missing",
+        "Attachments the agent believes in that the kernel lacks (not ready while above 0).",
+        count(snapshot.missing.len()),
+    )?;
+    counter(
+        w,
+        "keepalive_reattached",
+        "Attachments removed by someone else (link detached, pin removed, program replaced) and put back.",
+        agent.healed,
+    )?;
+    counter(
+        w,
+        "keepalive_cgroup_watch_overflows",
+        "Times the cgroup watch lost events (inotify queue overflow) and the tree was scanned again.",
+        agent.watch_overflows,
+    )?;
+    // By program name: the id changes with every start, so it is no label.
+    let program = |program: &crate::snapshot::ProgramRuns| [("program", program.name.clone())];
+    counters(
+        w,
+        "keepalive_program_runs",
+        "Runs of the agent's programs (kernel accounting; needs --program-stats).",
+        agent.programs.iter().map(|p| (program(p), p.runs)),
+    )?;
+    counters(
+        w,
+        "keepalive_program_run_seconds",
+        "Time in the agent's programs (kernel accounting; needs --program-stats).",
+        agent.programs.iter().map(|p| (program(p), p.seconds)),
+    )
+}
+
+fn count(n: usize) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+/// `keepalive_kernel_feature{feature}`: 0 for an optional part this kernel lacks.
+fn kernel_features(w: &mut DescriptorEncoder<'_>, snapshot: &Snapshot) -> fmt::Result {
+    let features = crate::enforcer::features::OPTIONAL.iter().map(|&feature| {
+        let missing = crate::enforcer::features::lacks(&snapshot.missing_features, feature);
+        ([("feature", feature)], u64::from(!missing))
+    });
+    gauges(
+        w,
+        "keepalive_kernel_feature",
+        "Whether an optional part of the agent works on this kernel (0: it lacks it; \
+         `keepalive-agent status` says what follows).",
+        features,
+    )
 }
 
 /// Per rule: each counter slot once. Rules past the last slot share it; their counts are one
 /// series with `rule="shared"`, not one copy per rule.
-fn rules(w: &mut String, state: &State, maps: &PinnedMaps) -> anyhow::Result<()> {
-    let named: Vec<(String, Outcomes)> = series(state)
-        .into_iter()
-        .map(|(slot, name)| Ok((name, maps.outcomes(slot)?)))
-        .collect::<anyhow::Result<_>>()?;
-    family(
-        w,
-        "keepalive_connections_total",
-        "counter",
-        "Connections decided, by rule and outcome (rules past the counted limit share rule=\"shared\").",
-    );
-    for (name, outcomes) in &named {
-        for outcome in Outcome::ALL
+fn rules(w: &mut DescriptorEncoder<'_>, rules: &[RuleCounters]) -> fmt::Result {
+    let named = series(rules);
+    let decided = named.iter().flat_map(|(name, rule)| {
+        Outcome::ALL
             .into_iter()
             .filter(|outcome| *outcome != Outcome::Overridden)
-        {
-            let _ = writeln!(
-                w,
-                "keepalive_connections_total{{rule=\"{name}\",outcome=\"{}\"}} {}",
-                outcome.name(),
-                outcomes.get(outcome)
-            );
-        }
-    }
-    family(
+            .map(move |outcome| {
+                (
+                    [("rule", name.as_str()), ("outcome", outcome.name())],
+                    rule.counters.get(outcome),
+                )
+            })
+    });
+    counters(
         w,
-        "keepalive_app_setsockopt_overridden_total",
-        "counter",
+        "keepalive_connections",
+        "Connections decided, by rule and outcome (rules past the counted limit share rule=\"shared\").",
+        decided,
+    )?;
+    counters(
+        w,
+        "keepalive_app_setsockopt_overridden",
         "Application setsockopt calls the lock overrode (audit: would have), by rule.",
-    );
-    for (name, outcomes) in &named {
-        let _ = writeln!(
-            w,
-            "keepalive_app_setsockopt_overridden_total{{rule=\"{name}\"}} {}",
-            outcomes.get(Outcome::Overridden)
-        );
-    }
-    Ok(())
+        named.iter().map(|(name, rule)| {
+            (
+                [("rule", name.as_str())],
+                rule.counters.get(Outcome::Overridden),
+            )
+        }),
+    )
 }
 
-/// The `rule` label of each counter slot: the rule's name, or `shared` for the slot rules
-/// past the counted limit share.
-fn series(state: &State) -> BTreeMap<u32, String> {
-    let mut slots: BTreeMap<u32, Vec<&str>> = BTreeMap::new();
-    for rule in &state.rules {
-        slots.entry(rule.slot).or_default().push(&rule.name);
+/// The `rule` label of each counter slot, in slot order: the rule's name, or `shared` for the
+/// slot rules past the counted limit share.
+fn series(rules: &[RuleCounters]) -> Vec<(String, &RuleCounters)> {
+    let mut slots: BTreeMap<u32, Vec<&RuleCounters>> = BTreeMap::new();
+    for rule in rules {
+        slots.entry(rule.slot).or_default().push(rule);
     }
     slots
-        .into_iter()
-        .map(|(slot, names)| {
-            let name = match names.as_slice() {
-                [one] => label(one),
-                _ => "shared".to_string(),
-            };
-            (slot, name)
+        .into_values()
+        .filter_map(|sharing| match sharing.as_slice() {
+            [one] => Some((one.name.clone(), *one)),
+            [first, ..] => Some(("shared".to_string(), *first)),
+            [] => None,
         })
         .collect()
 }
 
-fn program_counters(w: &mut String, maps: &PinnedMaps) -> anyhow::Result<()> {
-    let counters = maps.counters()?;
-    family(
+fn program_counters(w: &mut DescriptorEncoder<'_>, snapshot: &Snapshot) -> fmt::Result {
+    let counters_of = snapshot.counters.unwrap_or_default();
+    counters(
         w,
-        "keepalive_setsockopt_errors_total",
-        "counter",
+        "keepalive_setsockopt_errors",
         "Failed bpf_setsockopt or bpf_getsockopt calls, by option; option=\"getsockopt\" also counts failures to allocate socket storage.",
-    );
-    for stat in Stat::ALL
-        .into_iter()
-        .filter(|stat| stat.name().starts_with("err_"))
-    {
-        let option = stat.name().trim_start_matches("err_");
-        let _ = writeln!(
-            w,
-            "keepalive_setsockopt_errors_total{{option=\"{option}\"}} {}",
-            counters.get(stat)
-        );
-    }
-    family(
+        Stat::ALL.into_iter().filter_map(|stat| {
+            let option = stat.name().strip_prefix("err_")?;
+            Some(([("option", option)], counters_of.get(stat)))
+        }),
+    )?;
+    counters(
         w,
-        "keepalive_program_events_total",
-        "counter",
+        "keepalive_program_events",
         "Program events: callbacks left to a more specific cgroup, sockets of unconfigured attachments, application setsockopt calls seen.",
-    );
-    for stat in [Stat::Deferred, Stat::Unconfigured, Stat::AppSetsockopt] {
-        let _ = writeln!(
-            w,
-            "keepalive_program_events_total{{event=\"{}\"}} {}",
-            stat.name(),
-            counters.get(stat)
-        );
+        [Stat::Deferred, Stat::Unconfigured, Stat::AppSetsockopt]
+            .into_iter()
+            .map(|stat| ([("event", stat.name())], counters_of.get(stat))),
+    )
+}
+
+/// A counter family (`name` without `_total`, which the encoder appends) with one sample per
+/// label set.
+fn counters<L: EncodeLabelSet, V: prometheus_client::encoding::EncodeCounterValue>(
+    w: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (L, V)>,
+) -> fmt::Result {
+    let mut family = w.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, value) in samples {
+        ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
     }
     Ok(())
 }
 
-/// `keepalive_kernel_feature{feature}`: 0 for an optional part this kernel lacks.
-fn kernel_features(w: &mut String, state: &State) {
-    family(
-        w,
-        "keepalive_kernel_feature",
-        "gauge",
-        "Whether an optional part of the agent works on this kernel (0: it lacks it; \
-         `keepalive-agent status` says what follows).",
-    );
-    for feature in crate::enforcer::features::OPTIONAL {
-        let missing = crate::enforcer::features::lacks(&state.missing_features, feature);
-        let _ = writeln!(
-            w,
-            "keepalive_kernel_feature{{feature=\"{feature}\"}} {}",
-            u8::from(!missing)
-        );
-    }
+/// A counter without labels.
+fn counter(w: &mut DescriptorEncoder<'_>, name: &str, help: &str, value: u64) -> fmt::Result {
+    let family = w.encode_descriptor(name, help, None, MetricType::Counter)?;
+    ConstCounter::new(value).encode(family)
 }
 
-fn agent(w: &mut String, telemetry: &Snapshot, state: &State) {
-    family(
-        w,
-        "keepalive_reloads_total",
-        "counter",
-        "Policy reloads, by result.",
-    );
-    let _ = writeln!(
-        w,
-        "keepalive_reloads_total{{result=\"success\"}} {}",
-        state.reloads_succeeded
-    );
-    let _ = writeln!(
-        w,
-        "keepalive_reloads_total{{result=\"failure\"}} {}",
-        state.reloads_failed
-    );
-    let gauges: [(&str, &str, String); 6] = [
-        (
-            "keepalive_last_reload_success",
-            "Whether the last reload applied (1) or was refused (0); 1 before any.",
-            u8::from(telemetry.last_reload_ok).to_string(),
-        ),
-        (
-            "keepalive_last_reload_success_timestamp_seconds",
-            "When the policy in force was applied (seconds since the epoch).",
-            state.applied_at.to_string(),
-        ),
-        (
-            "keepalive_policy_generation",
-            "Generation of the policy in force.",
-            state.generation.to_string(),
-        ),
-        (
-            "keepalive_policy_rules",
-            "Rules of the policy in force.",
-            state.rules.len().saturating_sub(1).to_string(),
-        ),
-        (
-            "keepalive_attached_cgroups",
-            "Cgroups the sock_ops program is attached to.",
-            telemetry.attached.to_string(),
-        ),
-        (
-            "keepalive_enforcement_missing",
-            "Attachments the agent believes in that the kernel lacks (not ready while above 0).",
-            telemetry.faults.to_string(),
-        ),
-    ];
-    for (name, help, value) in gauges {
-        family(w, name, "gauge", help);
-        let _ = writeln!(w, "{name} {value}");
+/// A gauge family with one sample per label set.
+fn gauges<L: EncodeLabelSet>(
+    w: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (L, u64)>,
+) -> fmt::Result {
+    let mut family = w.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, value) in samples {
+        ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
     }
-    family(
-        w,
-        "keepalive_reattached_total",
-        "counter",
-        "Attachments removed by someone else (link detached, pin removed, program replaced) and put back.",
-    );
-    let _ = writeln!(w, "keepalive_reattached_total {}", telemetry.healed);
-    family(
-        w,
-        "keepalive_cgroup_watch_overflows_total",
-        "counter",
-        "Times the cgroup watch lost events (inotify queue overflow) and the tree was scanned again.",
-    );
-    let _ = writeln!(
-        w,
-        "keepalive_cgroup_watch_overflows_total {}",
-        telemetry.overflows
-    );
+    Ok(())
 }
 
-/// The kernel's accounting of the agent's programs, by program name (the id changes with
-/// every start, so it is no label).
-fn programs(w: &mut String, ids: &[u32]) {
-    let ours: Vec<(String, u64, f64)> = aya::programs::loaded_programs()
-        .flatten()
-        .filter(|program| ids.contains(&program.id()))
-        .filter_map(|program| {
-            let name = program.name_as_str()?.to_string();
-            Some((name, program.run_count(), program.run_time().as_secs_f64()))
-        })
-        .collect();
-    family(
-        w,
-        "keepalive_program_runs_total",
-        "counter",
-        "Runs of the agent's programs (kernel accounting; needs --program-stats).",
-    );
-    for (name, runs, _) in &ours {
-        let _ = writeln!(
-            w,
-            "keepalive_program_runs_total{{program=\"{name}\"}} {runs}"
-        );
-    }
-    family(
-        w,
-        "keepalive_program_run_seconds_total",
-        "counter",
-        "Time in the agent's programs (kernel accounting; needs --program-stats).",
-    );
-    for (name, _, seconds) in &ours {
-        let _ = writeln!(
-            w,
-            "keepalive_program_run_seconds_total{{program=\"{name}\"}} {seconds}"
-        );
-    }
+/// A gauge without labels.
+fn gauge(w: &mut DescriptorEncoder<'_>, name: &str, help: &str, value: u64) -> fmt::Result {
+    let family = w.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    ConstGauge::new(value).encode(family)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{Action, Policy, Rule, Values};
+    use crate::{
+        enforcer::Outcomes,
+        policy::{Action, Policy, Rule, Values},
+        state::State,
+    };
 
     #[test]
     fn rules_sharing_the_last_slot_are_one_series() {
@@ -331,11 +307,70 @@ mod tests {
                 action: Action::enforce(Values::default()),
             })
             .collect();
-        let series = series(&State::new(&policy, "test", 1));
+        let rules: Vec<RuleCounters> = State::new(&policy, "test", 1)
+            .rules
+            .into_iter()
+            .map(|rule| RuleCounters {
+                slot: rule.slot,
+                name: rule.name,
+                line: rule.line,
+                action: rule.action,
+                counters: Outcomes::default(),
+            })
+            .collect();
+        let series: Vec<String> = series(&rules).into_iter().map(|(name, _)| name).collect();
         assert_eq!(series.len(), limit, "one series per slot");
-        assert_eq!(series.get(&0).map(String::as_str), Some("default"));
-        assert_eq!(series.get(&1).map(String::as_str), Some("r0"));
-        let last = u32::try_from(limit - 1).unwrap_or(0);
-        assert_eq!(series.get(&last).map(String::as_str), Some("shared"));
+        assert_eq!(series.first().map(String::as_str), Some("default"));
+        assert_eq!(series.get(1).map(String::as_str), Some("r0"));
+        assert_eq!(series.last().map(String::as_str), Some("shared"));
+    }
+
+    #[test]
+    fn exposition_names_counters_with_total_in_help_type_and_samples() {
+        let mut outcomes = Outcomes::default();
+        outcomes.0[Outcome::Set as usize] = 3;
+        let snapshot = Snapshot {
+            pins: "/sys/fs/bpf/keepalive-agent".into(),
+            agent_running: true,
+            agent_pid: Some(1),
+            missing: Vec::new(),
+            policy: Some(PolicyInForce {
+                source: "command line".into(),
+                generation: 2,
+                applied_at: 7,
+                scopes: vec!["/".into()],
+                reloads_succeeded: 1,
+                reloads_failed: 0,
+            }),
+            missing_features: Vec::new(),
+            attached: Vec::new(),
+            records: 1,
+            counters: None,
+            rules: vec![RuleCounters {
+                slot: 0,
+                name: "a \"quoted\" rule".into(),
+                line: 0,
+                action: String::new(),
+                counters: outcomes,
+            }],
+            agent: Some(crate::snapshot::AgentTelemetry::default()),
+        };
+        let text = exposition(snapshot).unwrap_or_default();
+        for line in [
+            "# HELP keepalive_connections_total Connections decided, by rule and outcome",
+            "# TYPE keepalive_connections_total counter",
+            r#"keepalive_connections_total{rule="a \"quoted\" rule",outcome="set"} 3"#,
+            "# TYPE keepalive_up gauge",
+            "keepalive_up 1",
+            "keepalive_policy_generation 2",
+            r#"keepalive_reloads_total{result="success"} 1"#,
+            "# TYPE keepalive_program_run_seconds_total counter",
+        ] {
+            assert!(text.contains(line), "no {line:?} in:\n{text}");
+        }
+        assert!(
+            !text.contains("_total_total") && !text.contains("# EOF"),
+            "{text}"
+        );
     }
 }

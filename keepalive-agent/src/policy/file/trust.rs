@@ -17,8 +17,7 @@ const STICKY: u32 = 0o1000;
 /// Why `path` cannot be trusted, if it cannot; unreadable metadata is left to the read that
 /// follows, which reports it.
 pub(super) fn distrust(path: &Path) -> Option<String> {
-    // SAFETY: geteuid cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let euid = rustix::process::geteuid().as_raw();
     let file = fs::metadata(path).ok()?;
     if let Some(reason) = owner(&file, euid, "it") {
         return Some(reason);

@@ -1,0 +1,332 @@
+//! One picture of what is enforced, taken once and rendered three ways: `status --json` (this
+//! type, serialised), the `status` table (`commands/status.rs`) and the Prometheus endpoint
+//! (`metrics/render.rs`). `status` takes it from the pins and the state file, the running
+//! agent's endpoint from its own telemetry and the pinned maps.
+//!
+//! A new figure is a field here, filled in [`Snapshot::from_pins`] and/or
+//! [`Snapshot::from_agent`], and a line where it is rendered.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+};
+
+use keepalive_common::{Outcome, Stat};
+use serde::{Serialize, Serializer, ser::SerializeMap as _};
+
+use crate::{
+    bpffs::PinDir,
+    enforcer::{Counters, MissingFeature, Outcomes, PinnedMaps},
+    metrics::Telemetry,
+    state::{RuleState, State},
+};
+
+/// What is enforced, where, and what it counted.
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    /// The agent's pin directory.
+    pub pins: PathBuf,
+    pub agent_running: bool,
+    pub agent_pid: Option<u32>,
+    /// Where enforcement is missing though it should be there.
+    pub missing: Vec<String>,
+    /// The policy in force (None: no agent state).
+    pub policy: Option<PolicyInForce>,
+    /// Optional parts this kernel lacks.
+    pub missing_features: Vec<MissingFeature>,
+    /// Cgroups with pinned links (read by `status`; the agent counts them in
+    /// [`AgentTelemetry::attached_cgroups`] instead).
+    pub attached: Vec<Attachment>,
+    /// Policy records in the kernel, one per attachment with rules or enforcement.
+    pub records: usize,
+    /// The programs' global counters (None: the maps are not there).
+    pub counters: Option<Counters>,
+    /// Every rule with its counters, the default first.
+    pub rules: Vec<RuleCounters>,
+    /// What only the running agent knows (the endpoint's snapshot); not in `status`.
+    #[serde(skip)]
+    pub agent: Option<AgentTelemetry>,
+}
+
+/// The policy in force and its history.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyInForce {
+    /// The policy file, or `command line`.
+    pub source: String,
+    pub generation: u32,
+    /// Seconds since the epoch of the last apply.
+    pub applied_at: u64,
+    pub scopes: Vec<String>,
+    pub reloads_succeeded: u64,
+    pub reloads_failed: u64,
+}
+
+/// A cgroup and the agent's programs attached to it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Attachment {
+    /// Its path in the hierarchy (None: removed since).
+    pub cgroup: Option<String>,
+    pub id: u64,
+    /// The pin names of the links (`sock_ops`, `setsockopt`).
+    pub programs: Vec<String>,
+}
+
+/// A rule and what its counter slot counted (rules past the counted limit share one slot).
+#[derive(Debug, Clone, Serialize)]
+pub struct RuleCounters {
+    pub slot: u32,
+    pub name: String,
+    /// Line in the policy file (0: not from a file).
+    pub line: usize,
+    pub action: String,
+    pub counters: Outcomes,
+}
+
+/// The running agent's own figures.
+#[derive(Debug, Clone, Default)]
+pub struct AgentTelemetry {
+    /// Cgroups the sock_ops program is attached to.
+    pub attached_cgroups: usize,
+    /// Attachments removed by someone else and put back.
+    pub healed: u64,
+    /// Times the cgroup watch lost events and the tree was scanned again.
+    pub watch_overflows: u64,
+    /// Whether the last reload applied (or kept) a policy.
+    pub last_reload_ok: bool,
+    /// The kernel's accounting of the agent's programs.
+    pub programs: Vec<ProgramRuns>,
+}
+
+/// The kernel's accounting of one of the agent's programs (with `--program-stats`).
+#[derive(Debug, Clone)]
+pub struct ProgramRuns {
+    pub name: String,
+    pub runs: u64,
+    pub seconds: f64,
+}
+
+impl Snapshot {
+    /// For `status`: from the pins under `bpffs`, the state file in `state_dir` and the cgroup
+    /// tree. With no links pinned, missing maps are no error.
+    pub fn from_pins(bpffs: &Path, state_dir: &Path, mount: &Path) -> anyhow::Result<Self> {
+        let pins = PinDir::at(bpffs);
+        let state = State::read(state_dir);
+        let holder = crate::instance::holder(&pins.root);
+        let running =
+            holder.is_some() || state.as_ref().is_some_and(|s| crate::state::alive(s.pid));
+        let links = pins.pinned_links();
+        let by_id = if links.is_empty() {
+            HashMap::new()
+        } else {
+            crate::cgroup::by_id(mount)
+        };
+        let maps = match PinnedMaps::open(&pins.maps()) {
+            Ok(maps) => Some(maps),
+            Err(_) if links.is_empty() => None,
+            Err(error) => return Err(error.into()),
+        };
+        let (records, counters, rules) = match &maps {
+            Some(maps) if !links.is_empty() => (
+                maps.records()?.len(),
+                Some(maps.counters()?),
+                rule_counters(state.as_ref(), maps)?,
+            ),
+            Some(maps) => (
+                maps.records().map_or(0, |records| records.len()),
+                None,
+                Vec::new(),
+            ),
+            None => (0, None, Vec::new()),
+        };
+        Ok(Self {
+            missing: missing(&links, &by_id, mount, state.as_ref(), running),
+            attached: attachments(&links, &by_id, mount),
+            agent_pid: holder.or(state.as_ref().map(|state| state.pid)),
+            policy: state.as_ref().map(PolicyInForce::from),
+            missing_features: state
+                .map(|state| state.missing_features)
+                .unwrap_or_default(),
+            pins: pins.root,
+            agent_running: running,
+            records,
+            counters,
+            rules,
+            agent: None,
+        })
+    }
+
+    /// For the endpoint: from the running agent's telemetry and the maps in `maps_dir`. Before
+    /// the first apply there is no policy, and the maps are not read.
+    pub fn from_agent(telemetry: &Telemetry, maps_dir: &Path) -> anyhow::Result<Self> {
+        let state = telemetry.state.as_ref();
+        let maps = state.map(|_| PinnedMaps::open(maps_dir)).transpose()?;
+        let (records, counters, rules) = match &maps {
+            Some(maps) => (
+                maps.records()?.len(),
+                Some(maps.counters()?),
+                rule_counters(state, maps)?,
+            ),
+            None => (0, None, Vec::new()),
+        };
+        Ok(Self {
+            pins: maps_dir.parent().unwrap_or(maps_dir).to_path_buf(),
+            agent_running: true,
+            agent_pid: Some(std::process::id()),
+            missing: telemetry.faults.clone(),
+            policy: state.map(PolicyInForce::from),
+            missing_features: state
+                .map(|s| s.missing_features.clone())
+                .unwrap_or_default(),
+            attached: Vec::new(),
+            records,
+            counters,
+            rules,
+            agent: Some(AgentTelemetry {
+                attached_cgroups: telemetry.attached,
+                healed: telemetry.healed,
+                watch_overflows: telemetry.watch_overflows,
+                last_reload_ok: telemetry.last_reload_ok,
+                programs: program_runs(&telemetry.programs),
+            }),
+        })
+    }
+}
+
+impl From<&State> for PolicyInForce {
+    fn from(state: &State) -> Self {
+        Self {
+            source: state.source.clone(),
+            generation: state.generation,
+            applied_at: state.applied_at,
+            scopes: state.scopes.clone(),
+            reloads_succeeded: state.reloads_succeeded,
+            reloads_failed: state.reloads_failed,
+        }
+    }
+}
+
+/// Each rule with its slot's counters (each slot read once: rules past the counted limit share
+/// the last).
+fn rule_counters(state: Option<&State>, maps: &PinnedMaps) -> anyhow::Result<Vec<RuleCounters>> {
+    let mut slots: BTreeMap<u32, Outcomes> = BTreeMap::new();
+    let mut rules = Vec::new();
+    for RuleState {
+        slot,
+        name,
+        line,
+        action,
+    } in state.map_or(&[][..], |state| &state.rules)
+    {
+        let counters = match slots.get(slot) {
+            Some(outcomes) => *outcomes,
+            None => {
+                let outcomes = maps.outcomes(*slot)?;
+                slots.insert(*slot, outcomes);
+                outcomes
+            }
+        };
+        rules.push(RuleCounters {
+            slot: *slot,
+            name: name.clone(),
+            line: *line,
+            action: action.clone(),
+            counters,
+        });
+    }
+    Ok(rules)
+}
+
+/// The cgroups with pinned links, by id.
+fn attachments(
+    links: &[(String, u64, PathBuf)],
+    by_id: &HashMap<u64, PathBuf>,
+    mount: &Path,
+) -> Vec<Attachment> {
+    let mut attached: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    for (name, id, _) in links {
+        attached.entry(*id).or_default().push(name.clone());
+    }
+    attached
+        .into_iter()
+        .map(|(id, programs)| Attachment {
+            cgroup: by_id.get(&id).map(|path| in_hierarchy(path, mount)),
+            id,
+            programs,
+        })
+        .collect()
+}
+
+fn in_hierarchy(path: &Path, mount: &Path) -> String {
+    format!("/{}", path.strip_prefix(mount).unwrap_or(path).display())
+}
+
+/// Where enforcement is missing: pinned links the kernel no longer has attached (checked
+/// here), and what the running agent found missing and has not put back yet.
+fn missing(
+    links: &[(String, u64, PathBuf)],
+    by_id: &HashMap<u64, PathBuf>,
+    mount: &Path,
+    state: Option<&State>,
+    running: bool,
+) -> Vec<String> {
+    let mut missing: Vec<String> = links
+        .iter()
+        .filter_map(|(name, id, pin)| {
+            let attached = crate::bpffs::open_pinned(pin)
+                .and_then(|link| crate::bpffs::cgroup_link_info(std::os::fd::AsFd::as_fd(&link)))
+                .is_ok_and(|info| info.cgroup_id == *id);
+            if attached {
+                return None;
+            }
+            let cgroup = by_id.get(id).map_or_else(
+                || format!("cgroup id {id}"),
+                |path| in_hierarchy(path, mount),
+            );
+            Some(format!("{name} at {cgroup}: link detached"))
+        })
+        .collect();
+    if running && let Some(state) = state {
+        missing.extend(state.faults.iter().cloned());
+    }
+    missing.sort();
+    missing.dedup();
+    missing
+}
+
+/// The kernel's accounting of the programs with these ids, by program name.
+fn program_runs(ids: &[u32]) -> Vec<ProgramRuns> {
+    aya::programs::loaded_programs()
+        .flatten()
+        .filter(|program| ids.contains(&program.id()))
+        .filter_map(|program| {
+            Some(ProgramRuns {
+                name: program.name_as_str()?.to_string(),
+                runs: program.run_count(),
+                seconds: program.run_time().as_secs_f64(),
+            })
+        })
+        .collect()
+}
+
+/// `{"deferred": 3, ...}`, in [`Stat`] order.
+impl Serialize for Counters {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(Stat::ALL.len()))?;
+        for stat in Stat::ALL {
+            map.serialize_entry(stat.name(), &self.get(stat))?;
+        }
+        map.end()
+    }
+}
+
+/// `{"set": 2, ..., "seen": 5}`, in [`Outcome`] order, then the connections decided.
+impl Serialize for Outcomes {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(Outcome::ALL.len() + 1))?;
+        for outcome in Outcome::ALL {
+            map.serialize_entry(outcome.name(), &self.get(outcome))?;
+        }
+        map.serialize_entry("seen", &self.seen())?;
+        map.end()
+    }
+}
