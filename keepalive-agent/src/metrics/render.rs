@@ -38,6 +38,7 @@ pub fn render(shared: &Shared, maps_dir: &std::path::Path) -> anyhow::Result<Str
             healed: telemetry.healed,
             overflows: telemetry.watch_overflows,
             last_reload_ok: telemetry.last_reload_ok,
+            missing: telemetry.missing_keepalive.clone(),
         }
     };
     let mut out = String::new();
@@ -69,6 +70,9 @@ pub fn render(shared: &Shared, maps_dir: &std::path::Path) -> anyhow::Result<Str
     program_counters(w, &maps)?;
     agent(w, &telemetry, state);
     programs(w, &telemetry.programs);
+    if let Some(counts) = &telemetry.missing {
+        missing(w, counts);
+    }
     Ok(out)
 }
 
@@ -82,6 +86,7 @@ struct Snapshot {
     healed: u64,
     overflows: u64,
     last_reload_ok: bool,
+    missing: Option<BTreeMap<String, crate::missing::Count>>,
 }
 
 /// Per rule: each counter slot once. Rules past the last slot share it; their counts are one
@@ -271,6 +276,38 @@ fn agent(w: &mut String, telemetry: &Snapshot, state: &State) {
         "keepalive_cgroup_watch_overflows_total {}",
         telemetry.overflows
     );
+}
+
+/// The last count of [`crate::missing`], per enforced scope.
+fn missing(w: &mut String, counts: &BTreeMap<String, crate::missing::Count>) {
+    family(
+        w,
+        "keepalive_connections_without_keepalive",
+        "gauge",
+        "Established connections with no keepalive timer (and no data in flight), by enforced scope; counted every --missing-interval.",
+    );
+    for (scope, count) in counts {
+        let _ = writeln!(
+            w,
+            "keepalive_connections_without_keepalive{{scope=\"{}\"}} {}",
+            label(scope),
+            count.without_keepalive
+        );
+    }
+    family(
+        w,
+        "keepalive_connections_established",
+        "gauge",
+        "Established connections by enforced scope, at the last count of those without keepalive.",
+    );
+    for (scope, count) in counts {
+        let _ = writeln!(
+            w,
+            "keepalive_connections_established{{scope=\"{}\"}} {}",
+            label(scope),
+            count.established
+        );
+    }
 }
 
 /// The kernel's accounting of the agent's programs, by program name (the id changes with

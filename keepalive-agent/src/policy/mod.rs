@@ -3,6 +3,7 @@
 //! [`Policy::decide`] is the reference: a plain scan, written for reading. The kernel gets the
 //! same answer from lookup tables ([`crate::compile`]); tests hold the two to each other.
 
+mod explain;
 pub mod file;
 mod pattern;
 mod values;
@@ -12,6 +13,7 @@ use std::{
     net::{IpAddr, Ipv6Addr},
 };
 
+pub use explain::{KeyChecks, Step, Trace};
 pub use keepalive_common::Mode;
 use keepalive_common::{RULE_LOCK, RULE_USER_TIMEOUT, RuleRecord, limits};
 pub use pattern::Pattern;
@@ -310,23 +312,8 @@ impl Rule {
 
     /// Whether the keys besides the cgroup match `conn`.
     pub fn matches(&self, conn: &Connection) -> bool {
-        let remote = mapped(conn.remote);
-        (self.remote.is_empty() || self.remote.iter().any(|cidr| cidr.contains_addr(remote)))
-            && (self.remote_ports.is_empty()
-                || self
-                    .remote_ports
-                    .iter()
-                    .any(|range| range.contains(conn.remote_port)))
-            && (self.local_ports.is_empty()
-                || self
-                    .local_ports
-                    .iter()
-                    .any(|range| range.contains(conn.local_port)))
-            && self
-                .direction
-                .is_none_or(|direction| direction == conn.direction)
-    }
-}
+        self.check(conn).matched()
+    }}
 
 /// A connection as the rules see it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -378,13 +365,8 @@ impl Policy {
     /// without a cgroup (file order). The first candidate whose keys all match decides; if
     /// none does, the default applies.
     pub fn decide(&self, conn: &Connection) -> Decision {
-        if !self.in_scope(&conn.cgroup) {
-            return Decision::Outside;
-        }
-        self.candidates(&conn.cgroup)
-            .into_iter()
-            .find(|&i| self.rules[i].matches(conn))
-            .map_or(Decision::Default, Decision::Rule)
+        // One walk for deciding and for explaining (`Policy::trace`).
+        self.walk(conn, |_| {})
     }
 
     /// The record the reference model gives `conn`: the decision's action, counting into its
