@@ -78,7 +78,7 @@ pub fn render(policy: &Policy, conn: &Connection, description: &str) -> String {
         "connection: {} in cgroup {}, remote {}, local port {}",
         conn.direction.name(),
         conn.cgroup,
-        std::net::SocketAddr::new(conn.remote, conn.remote_port),
+        SocketAddr::new(conn.remote, conn.remote_port),
         conn.local_port
     );
     let scopes: Vec<&str> = policy.scopes.iter().map(CgroupPath::as_str).collect();

@@ -59,6 +59,8 @@ pub struct Entry {
     pub direction: Direction,
     /// The process holding the socket (the first found) and its command.
     pub pid: Option<u32>,
+    /// The holder's descriptor of it (`/proc/PID/fd/FD`).
+    pub fd: Option<i32>,
     pub comm: Option<String>,
     /// The socket's cgroup (an accepted socket's is its listener's); None if it is gone.
     pub cgroup: Option<CgroupPath>,
@@ -176,6 +178,7 @@ pub fn scan(
                 netns,
                 direction,
                 pid,
+                fd: holder.map(|(_, fd)| fd),
                 comm,
                 cgroup,
                 container,

@@ -74,7 +74,7 @@ fn timer(timer: u8) -> &'static str {
 }
 
 /// One connection as a JSON object.
-pub fn entry_json(entry: &Entry) -> Value {
+fn entry_json(entry: &Entry) -> Value {
     let options = entry.options.as_ref().ok();
     json!({
         "local": entry.local.to_string(),
@@ -82,6 +82,7 @@ pub fn entry_json(entry: &Entry) -> Value {
         "netns": entry.netns,
         "direction": entry.direction.name(),
         "pid": entry.pid,
+        "fd": entry.fd,
         "comm": entry.comm,
         "cgroup": entry.cgroup.as_ref().map(ToString::to_string),
         "container": entry.container.as_ref().map(|c| c.name.clone()),
@@ -101,7 +102,7 @@ pub fn entry_json(entry: &Entry) -> Value {
 }
 
 /// The summary object.
-pub fn summary_json(report: &Report) -> Value {
+fn summary_json(report: &Report) -> Value {
     let (groups, total) = groups(report);
     let groups: Vec<Value> = groups
         .into_iter()
