@@ -118,7 +118,10 @@ fn man_pages_render_for_the_agent_and_each_subcommand() {
     }
     let explain = render(&man.join("keepalive-agent-explain.1"));
     for expected in ["--remote", "--local-port", "--direction", "inbound"] {
-        assert!(explain.contains(expected), "{expected} missing from:\n{explain}");
+        assert!(
+            explain.contains(expected),
+            "{expected} missing from:\n{explain}"
+        );
     }
 }
 
@@ -288,7 +291,11 @@ fn environment_fallbacks_are_documented_and_checked_like_flags() {
         ("KEEPALIVE_AGENT_PERSIST", "maybe", "--persist"),
         ("KEEPALIVE_AGENT_LOG_FORMAT", "xml", "--log-format"),
         ("KEEPALIVE_AGENT_LOG_LEVEL", "loud", "--log-level"),
-        ("KEEPALIVE_AGENT_MISSING_INTERVAL", "soon", "--missing-interval"),
+        (
+            "KEEPALIVE_AGENT_MISSING_INTERVAL",
+            "soon",
+            "--missing-interval",
+        ),
     ] {
         let out = Command::new(agent_bin())
             .args(["run", "--cgroup", "/nonexistent"])

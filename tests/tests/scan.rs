@@ -7,120 +7,23 @@
 use std::{
     collections::HashMap,
     path::Path,
-    process::{Command, Output},
+    process::Command,
     time::{Duration, Instant},
 };
 
-use keepalive_agent::policy::{CgroupPath, Connection, Decision, Direction, Policy, file};
+use keepalive_agent::policy::file;
 use keepalive_tests::{
-    AgentPlaces, Keepalive, Netns, Placement, TestCgroup, Workload, agent_bin, connect,
+    AgentPlaces, Netns, Placement, TestCgroup, Workload, agent_bin, connect,
     http::{self, sample},
     probe, require_host,
+    scan::{
+        TempFile, app_keepalive, decided, netns_inode, read_back, reported, run, scan, scan_with,
+        text,
+    },
 };
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// A Python client that sets keepalive itself (argv: host, port, idle, intvl, cnt) and holds
-/// the connection until its standard input closes.
-const PYTHON_CLIENT: &str = "
-import socket, sys
-host, port, idle, intvl, cnt = sys.argv[1], *(int(a) for a in sys.argv[2:6])
-c = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET)
-c.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-c.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
-c.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, intvl)
-c.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, cnt)
-c.connect((host, port))
-print('connected', c.fileno(), flush=True)
-sys.stdin.read()
-";
-
-/// A probe server and a Python client with keepalive 1 / 60 / 5 / 3, in `place`.
-fn app_keepalive(host: &str, place: Placement<'_>) -> [Workload; 2] {
-    let listen = if host.contains(':') {
-        "[::]:0"
-    } else {
-        "0.0.0.0:0"
-    };
-    let server = probe(&["listen", listen], place);
-    let port = server.expect("listening").remove(0);
-    let client = Workload::spawn(
-        "python3",
-        &["-c", PYTHON_CLIENT, host, &port, "60", "5", "3"],
-        place,
-    );
-    client.expect("connected");
-    server.expect("accepted");
-    [client, server]
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(agent_bin()).args(args).output().unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// `scan --json ARGS`: the connection objects and the summary.
-fn scan(args: &[&str]) -> (Vec<Value>, Value) {
-    let mut all = vec!["scan", "--json"];
-    all.extend_from_slice(args);
-    let out = run(&all);
-    assert!(out.status.success(), "scan failed: {}", text(&out));
-    let mut lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
-        .collect();
-    let summary = lines.pop().unwrap_or_default();
-    assert!(summary.get("summary").is_some(), "last line: {summary}");
-    (lines, summary["summary"].clone())
-}
-
-/// The rule `Policy::decide` gives the connection an entry of scan describes.
-fn decided(policy: &Policy, entry: &Value) -> Option<String> {
-    let remote: std::net::SocketAddr = entry["remote"].as_str().unwrap().parse().unwrap();
-    let local: std::net::SocketAddr = entry["local"].as_str().unwrap().parse().unwrap();
-    let conn = Connection {
-        cgroup: CgroupPath::parse(entry["cgroup"].as_str().unwrap()).unwrap(),
-        direction: Direction::from_outbound(entry["direction"] == "outbound"),
-        remote: remote.ip(),
-        remote_port: remote.port(),
-        local_port: local.port(),
-    };
-    match policy.decide(&conn) {
-        Decision::Rule(i) => Some(policy.rules[i].name.clone()),
-        Decision::Default => Some("default".into()),
-        Decision::Outside => None,
-    }
-}
-
-/// What getsockopt reads on the socket an entry names, through its holder among `workloads`.
-fn read_back(workloads: &[&Workload], entry: &Value) -> Keepalive {
-    let pid = u32::try_from(entry["pid"].as_u64().unwrap()).unwrap();
-    let fd = i32::try_from(entry["fd"].as_i64().unwrap()).unwrap();
-    let holder = workloads
-        .iter()
-        .find(|workload| workload.pid() == pid)
-        .unwrap_or_else(|| panic!("pid {pid} is none of the test's workloads: {entry}"));
-    Keepalive::of(holder.steal_fd(fd))
-}
-
-fn reported(entry: &Value) -> Keepalive {
-    let number = |key: &str| u32::try_from(entry[key].as_u64().unwrap()).unwrap();
-    Keepalive {
-        enabled: entry["keepalive"].as_bool().unwrap(),
-        idle_secs: number("idle"),
-        interval_secs: number("interval"),
-        count: number("count"),
-        user_timeout_ms: number("user_timeout"),
-    }
-}
 
 /// The policy of these tests: fill by default, audit towards ::1 (idle 20 s, which no socket
 /// here has), connections that exist at start left alone.
@@ -161,14 +64,26 @@ fn scan_reports_what_the_sockets_hold_and_what_the_policy_would_do() {
 
     let cgroup = root.path().to_str().unwrap();
     let (entries, summary) = scan(&["--config", config.to_str().unwrap(), "--cgroup", cgroup]);
-    assert_eq!(entries.len(), 8, "four connections, both ends: {entries:#?}");
+    assert_eq!(
+        entries.len(),
+        8,
+        "four connections, both ends: {entries:#?}"
+    );
     let mut seen_app = 0;
     for entry in &entries {
         assert_eq!(entry["cgroup"], root.scope().as_str(), "{entry}");
         assert_eq!(entry["container"], Value::Null, "no engine here: {entry}");
         assert_eq!(entry["labels"], Value::Null, "{entry}");
         let values = reported(entry);
-        let port = |key: &str| entry[key].as_str().unwrap().rsplit(':').next().unwrap().to_string();
+        let port = |key: &str| {
+            entry[key]
+                .as_str()
+                .unwrap()
+                .rsplit(':')
+                .next()
+                .unwrap()
+                .to_string()
+        };
         let plain = [&plain_v4, &plain_v6]
             .into_iter()
             .find(|conn| port("local") == conn.port || port("remote") == conn.port);
@@ -187,7 +102,11 @@ fn scan_reports_what_the_sockets_hold_and_what_the_policy_would_do() {
             );
         }
         let rule = decided(&policy, entry);
-        assert_eq!(entry["rule"].as_str(), rule.as_deref(), "Policy::decide: {entry}");
+        assert_eq!(
+            entry["rule"].as_str(),
+            rule.as_deref(),
+            "Policy::decide: {entry}"
+        );
         let rule = rule.unwrap();
         assert_eq!(
             entry["action"].as_str(),
@@ -200,18 +119,31 @@ fn scan_reports_what_the_sockets_hold_and_what_the_policy_would_do() {
     assert_eq!(seen_app, 2, "the two Python clients have keepalive on");
     assert_eq!(summary["connections"], 8, "{summary}");
     assert_eq!(summary["without_keepalive"], 6, "{summary}");
-    assert_eq!(summary["would_change"], 3, "fill sets the three v4 ends without keepalive: {summary}");
+    assert_eq!(
+        summary["would_change"], 3,
+        "fill sets the three v4 ends without keepalive: {summary}"
+    );
     assert_eq!(summary["audited"], 4, "{summary}");
     let groups = summary["groups"].as_array().unwrap();
     assert_eq!(groups.len(), 1, "{summary}");
     assert_eq!(groups[0]["cgroup"], root.scope().as_str());
 
-    // The running agent's policy is the one judged by without --config, and the rule explain
-    // names is the one the agent counts for a new connection of that kind.
+    agent_agrees(&places, &config, place, &entries);
+}
+
+/// The running agent's policy is the one judged by without --config, and the rule explain
+/// names is the one the agent counts for a new connection of that kind.
+fn agent_agrees(places: &AgentPlaces, config: &Path, place: Placement<'_>, entries: &[Value]) {
+    let cgroup = place.cgroup.unwrap().path().to_str().unwrap();
     let agent = places.spawn(agent_bin(), &["run", "--config", config.to_str().unwrap()]);
     agent.expect_log("policy applied", WAIT);
     let state_dir = places.state_dir();
-    let (again, _) = scan(&["--cgroup", cgroup, "--state-dir", state_dir.to_str().unwrap()]);
+    let (again, _) = scan(&[
+        "--cgroup",
+        cgroup,
+        "--state-dir",
+        state_dir.to_str().unwrap(),
+    ]);
     let actions = |list: &[Value]| -> Vec<(String, String)> {
         let mut pairs: Vec<(String, String)> = list
             .iter()
@@ -220,41 +152,67 @@ fn scan_reports_what_the_sockets_hold_and_what_the_policy_would_do() {
         pairs.sort();
         pairs
     };
-    assert_eq!(actions(&again), actions(&entries), "existing = false: untouched");
-    for (remote, rule) in [("[::1]:5555", "v6-audit"), ("127.0.0.1:5555", "default")] {
-        let out = run(&[
-            "explain",
-            "--config",
-            config.to_str().unwrap(),
-            "--cgroup",
-            cgroup,
-            "--remote",
-            remote,
-        ]);
-        let said = text(&out);
-        assert!(out.status.success(), "{said}");
-        let line = if rule == "default" {
-            "decided by: the default".to_string()
+    assert_eq!(
+        actions(&again),
+        actions(entries),
+        "existing = false: untouched"
+    );
+    for (listen, host, expected) in [
+        ("[::]:0", "::1", "v6-audit"),
+        ("0.0.0.0:0", "127.0.0.1", "default"),
+    ] {
+        let remote = if host.contains(':') {
+            format!("[{host}]:5555")
         } else {
-            format!("decided by: rule {rule:?}")
+            format!("{host}:5555")
         };
-        assert!(said.contains(&line), "explain {remote}: {said}");
-    }
-    let before = rule_seen(&places, "v6-audit");
-    let _new = connect("[::]:0", "::1", place, place);
-    let deadline = Instant::now() + WAIT;
-    while rule_seen(&places, "v6-audit") < before + 2 {
-        assert!(Instant::now() < deadline, "the agent did not count v6-audit");
-        std::thread::sleep(Duration::from_millis(50));
+        let rule = explained_rule(config, cgroup, &remote);
+        assert_eq!(rule, expected, "explain {remote}");
+        let before = rule_seen(places, &rule);
+        let _new = connect(listen, host, place, place);
+        let deadline = Instant::now() + WAIT;
+        while rule_seen(places, &rule) < before + 2 {
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not count both ends of a connection to {host} under {rule}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
     drop(agent);
+}
+
+/// The rule `explain` names for an outbound connection of `cgroup` to `remote`.
+fn explained_rule(config: &Path, cgroup: &str, remote: &str) -> String {
+    let out = run(&[
+        "explain",
+        "--config",
+        config.to_str().unwrap(),
+        "--cgroup",
+        cgroup,
+        "--remote",
+        remote,
+    ]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    let line = said
+        .lines()
+        .find_map(|line| line.strip_prefix("decided by: "))
+        .unwrap_or_else(|| panic!("no decision in {said}"));
+    if line.starts_with("the default") {
+        return "default".into();
+    }
+    line.strip_prefix("rule \"")
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no rule in {line}"))
+        .to_string()
 }
 
 /// Connections the running agent counted for `rule` (status --json).
 fn rule_seen(places: &AgentPlaces, rule: &str) -> u64 {
     let out = places.command(agent_bin(), &["status", "--json"]);
-    let status: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    let status: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
     status["rules"]
         .as_array()
         .unwrap()
@@ -296,7 +254,13 @@ fn the_gauge_follows_connections_as_they_open_and_close() {
     std::fs::write(&config, text).unwrap();
     let agent = places.spawn(
         agent_bin(),
-        &["run", "--config", config.to_str().unwrap(), "--missing-interval", "1"],
+        &[
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--missing-interval",
+            "1",
+        ],
     );
     let addr = http::metrics_addr(&agent, WAIT);
     agent.expect_log("policy applied", WAIT);
@@ -316,7 +280,10 @@ fn the_gauge_follows_connections_as_they_open_and_close() {
     gauge_reaches(&addr, &scope, 0.0);
     let (_, metrics) = http::get_within(&addr, "/metrics", WAIT);
     assert_eq!(
-        sample(&metrics, &format!("keepalive_connections_established{{scope=\"{scope}\"}}")),
+        sample(
+            &metrics,
+            &format!("keepalive_connections_established{{scope=\"{scope}\"}}")
+        ),
         0.0
     );
 }
@@ -327,35 +294,37 @@ fn without_the_rights_scan_says_what_it_could_not_read() {
     require_host();
     let root = TestCgroup::new();
     let netns = Netns::new();
-    let config = std::env::temp_dir().join(format!("{}.toml", keepalive_tests::unique_name()));
-    std::fs::write(
-        &config,
-        format!("[agent]\ncgroups = [\"{}\"]\n[default]\nmode = \"fill\"\n", root.scope()),
-    )
-    .unwrap();
-    let _remove = Remove(config.clone());
+    let config = TempFile::with(&format!(
+        "[agent]\ncgroups = [\"{}\"]\n[default]\nmode = \"fill\"\n",
+        root.scope()
+    ));
     // In the scan's own namespace (no setns needed), and in another one.
     let host = Placement {
         cgroup: Some(&root),
         ..Placement::default()
     };
     let _here = connect("127.0.0.1:0", "127.0.0.1", host, host);
-    let _there = connect("127.0.0.1:0", "127.0.0.1", Placement::new(&root, &netns), Placement::new(&root, &netns));
+    let _there = connect(
+        "127.0.0.1:0",
+        "127.0.0.1",
+        Placement::new(&root, &netns),
+        Placement::new(&root, &netns),
+    );
     let cgroup = root.path().to_str().unwrap();
+    let config = config.path();
     let limited = |drop: &str| -> (Vec<Value>, Value) {
-        let out = Command::new("setpriv")
-            .args([&format!("--inh-caps=-{drop}"), &format!("--bounding-set=-{drop}"), "--"])
-            .arg(agent_bin())
-            .args(["scan", "--json", "--config", config.to_str().unwrap(), "--cgroup", cgroup])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "scan without {drop}: {}", text(&out));
-        let mut lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|line| serde_json::from_str(line).unwrap())
-            .collect();
-        let summary = lines.pop().unwrap()["summary"].clone();
-        (lines, summary)
+        let mut command = Command::new("setpriv");
+        command
+            .args([
+                &format!("--inh-caps=-{drop}"),
+                &format!("--bounding-set=-{drop}"),
+                "--",
+            ])
+            .arg(agent_bin());
+        scan_with(
+            command,
+            &["--config", config.to_str().unwrap(), "--cgroup", cgroup],
+        )
     };
 
     // Other processes' namespaces are hidden, but the named one is found in /run/netns.
@@ -363,38 +332,35 @@ fn without_the_rights_scan_says_what_it_could_not_read() {
     assert_eq!(entries.len(), 4, "{entries:#?}");
     for entry in &entries {
         assert_eq!(entry["keepalive"], Value::Null, "{entry}");
-        assert_eq!(entry["action"], "unknown", "fill needs the options: {entry}");
+        assert_eq!(
+            entry["action"], "unknown",
+            "fill needs the options: {entry}"
+        );
         assert!(
-            entry["unreadable"].as_str().unwrap().contains("CAP_SYS_PTRACE"),
+            entry["unreadable"]
+                .as_str()
+                .unwrap()
+                .contains("CAP_SYS_PTRACE"),
             "{entry}"
         );
     }
     assert_eq!(summary["unknown"], 4, "{summary}");
-    assert!(summary["hidden_processes"].as_u64().unwrap() > 0, "{summary}");
-
-    let (entries, summary) = limited("sys_admin");
-    assert_eq!(entries.len(), 2, "only the scan's own namespace: {entries:#?}");
-    let skipped = summary["skipped_namespaces"].to_string();
     assert!(
-        skipped.contains(&format!("{}", netns_inode(&netns))) && skipped.contains("CAP_SYS_ADMIN"),
+        summary["hidden_processes"].as_u64().unwrap() > 0,
         "{summary}"
     );
-}
 
-fn netns_inode(netns: &Netns) -> u64 {
-    use std::os::unix::fs::MetadataExt as _;
-    std::fs::metadata(Path::new("/run/netns").join(netns.name()))
-        .unwrap()
-        .ino()
-}
-
-/// Removes a file on drop.
-struct Remove(std::path::PathBuf);
-
-impl Drop for Remove {
-    fn drop(&mut self) {
-        let _ignored = std::fs::remove_file(&self.0);
-    }
+    let (entries, summary) = limited("sys_admin");
+    assert_eq!(
+        entries.len(),
+        2,
+        "only the scan's own namespace: {entries:#?}"
+    );
+    let skipped = summary["skipped_namespaces"].to_string();
+    assert!(
+        skipped.contains(&netns_inode(&netns).to_string()) && skipped.contains("CAP_SYS_ADMIN"),
+        "{summary}"
+    );
 }
 
 /// Scan time for many connections: `KA_SCAN_CONNECTIONS` (default 10,000) loopback
@@ -403,6 +369,10 @@ impl Drop for Remove {
 /// `cargo xtask test -- --test scan -- --ignored --nocapture scan_time`.
 #[test]
 #[ignore = "a measurement, run by hand"]
+#[expect(
+    clippy::print_stdout,
+    reason = "the figures are the measurement's output"
+)]
 fn scan_time_for_many_connections() {
     require_host();
     let connections: usize = std::env::var("KA_SCAN_CONNECTIONS")
@@ -423,14 +393,19 @@ fn scan_time_for_many_connections() {
     for holder in &holders {
         holder.expect_within("holding", Duration::from_secs(300));
     }
-    let config = std::env::temp_dir().join(format!("{}.toml", keepalive_tests::unique_name()));
-    std::fs::write(&config, format!("[agent]\ncgroups = [\"{}\"]\n", root.scope())).unwrap();
-    let _remove = Remove(config.clone());
+    let config = TempFile::with(&format!("[agent]\ncgroups = [\"{}\"]\n", root.scope()));
+    let config = config.path();
     let cgroup = root.path().to_str().unwrap();
     let mut figures = HashMap::new();
     for json in [true, false] {
         let started = Instant::now();
-        let mut args = vec!["scan", "--config", config.to_str().unwrap(), "--cgroup", cgroup];
+        let mut args = vec![
+            "scan",
+            "--config",
+            config.to_str().unwrap(),
+            "--cgroup",
+            cgroup,
+        ];
         if json {
             args.push("--json");
         }

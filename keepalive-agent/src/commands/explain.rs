@@ -118,11 +118,19 @@ pub fn render(policy: &Policy, conn: &Connection, description: &str) -> String {
     for (n, &i) in candidates.iter().enumerate() {
         let rule = &policy.rules[i];
         let verdict = match trace.steps.iter().find(|step| step.rule == i) {
-            Some(step) if step.checks.matched() => format!("matches: {}  <- decides", keys(rule, conn, &step.checks)),
+            Some(step) if step.checks.matched() => {
+                format!("matches: {}  <- decides", keys(rule, conn, &step.checks))
+            }
             Some(step) => format!("no match: {}", keys(rule, conn, &step.checks)),
             None => "not reached (an earlier rule decided)".to_string(),
         };
-        let _ = writeln!(out, "  {}. {} ({}): {verdict}", n + 1, rule.name, place(rule));
+        let _ = writeln!(
+            out,
+            "  {}. {} ({}): {verdict}",
+            n + 1,
+            rule.name,
+            place(rule)
+        );
     }
     let others: Vec<&Rule> = policy
         .rules
@@ -146,10 +154,10 @@ pub fn render(policy: &Policy, conn: &Connection, description: &str) -> String {
 
 /// `line N, cgroup X` or `line N, any cgroup`.
 fn place(rule: &Rule) -> String {
-    let cgroup = rule
-        .cgroup
-        .as_ref()
-        .map_or_else(|| "any cgroup".to_string(), |cgroup| format!("cgroup {cgroup}"));
+    let cgroup = rule.cgroup.as_ref().map_or_else(
+        || "any cgroup".to_string(),
+        |cgroup| format!("cgroup {cgroup}"),
+    );
     if rule.line == 0 {
         cgroup
     } else {
@@ -192,7 +200,11 @@ fn keys(rule: &Rule, conn: &Connection, checks: &KeyChecks) -> String {
     let mut parts = Vec::new();
     if let Some(hit) = checks.remote {
         let cidrs = list(rule.remote.iter().map(ToString::to_string).collect());
-        parts.push(format!("remote {} {} {cidrs}", conn.remote, verb(hit, "in", "not in")));
+        parts.push(format!(
+            "remote {} {} {cidrs}",
+            conn.remote,
+            verb(hit, "in", "not in")
+        ));
     }
     if let Some(hit) = checks.remote_port {
         let ports = list(rule.remote_ports.iter().map(ToString::to_string).collect());

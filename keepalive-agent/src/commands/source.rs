@@ -75,7 +75,10 @@ pub fn load(config: Option<&Path>, state_dir: &Path) -> anyhow::Result<Source> {
             scopes.clone(),
         ),
         None => file::load(Path::new(&state.source)).with_context(|| {
-            format!("cannot read the running agent's policy file {}", state.source)
+            format!(
+                "cannot read the running agent's policy file {}",
+                state.source
+            )
         })?,
     };
     policy.scopes = scopes;

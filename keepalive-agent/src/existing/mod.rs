@@ -100,4 +100,3 @@ pub fn sweep(policy: &Policy, mount: &Path, scopes: &[&Cgroup]) -> io::Result<Sw
     }
     Ok(sweep)
 }
-

@@ -161,22 +161,32 @@ pub(crate) fn sockets_in(netns: &Path) -> io::Result<Vec<DiagSocket>> {
 
 /// A duplicate of descriptor `fd` of process `pid` (pidfd_getfd(2)).
 pub(crate) fn steal_fd(pid: u32, fd: i32) -> io::Result<OwnedFd> {
+    duplicate(&pidfd(pid)?, fd)
+}
+
+/// A pidfd of process `pid` (pidfd_open(2)), to take several descriptors from it.
+pub(crate) fn pidfd(pid: u32) -> io::Result<OwnedFd> {
     let pid = i32::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
-    // SAFETY: plain system calls; results are checked before use.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
-        let pidfd = i32::try_from(pidfd).map_err(|_| io::Error::last_os_error())?;
-        if pidfd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let pidfd = OwnedFd::from_raw_fd(pidfd);
-        let stolen = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
-        let stolen = i32::try_from(stolen).map_err(|_| io::Error::last_os_error())?;
-        if stolen < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(OwnedFd::from_raw_fd(stolen))
+    // SAFETY: plain system call; the result is checked before use.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let pidfd = i32::try_from(pidfd).map_err(|_| io::Error::last_os_error())?;
+    if pidfd < 0 {
+        return Err(io::Error::last_os_error());
     }
+    // SAFETY: a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(pidfd) })
+}
+
+/// A duplicate of descriptor `fd` of the process behind `pidfd` (pidfd_getfd(2)).
+pub(crate) fn duplicate(pidfd: &OwnedFd, fd: i32) -> io::Result<OwnedFd> {
+    // SAFETY: plain system call; the result is checked before use.
+    let stolen = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    let stolen = i32::try_from(stolen).map_err(|_| io::Error::last_os_error())?;
+    if stolen < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(stolen) })
 }
 
 /// `enforce::Socket` over getsockopt(2)/setsockopt(2).

@@ -135,7 +135,12 @@ mod tests {
                 40000,
             ),
             conn("/", Direction::Inbound, "198.51.100.1:50000", 22),
-            conn("/system.slice/batch.service", Direction::Outbound, "[::1]:1", 1),
+            conn(
+                "/system.slice/batch.service",
+                Direction::Outbound,
+                "[::1]:1",
+                1,
+            ),
             conn("/x", Direction::Outbound, "192.0.2.1:80", 1),
         ];
         for case in &cases {

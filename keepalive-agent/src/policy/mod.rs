@@ -313,7 +313,8 @@ impl Rule {
     /// Whether the keys besides the cgroup match `conn`.
     pub fn matches(&self, conn: &Connection) -> bool {
         self.check(conn).matched()
-    }}
+    }
+}
 
 /// A connection as the rules see it.
 #[derive(Clone, Debug, PartialEq, Eq)]

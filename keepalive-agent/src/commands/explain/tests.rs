@@ -27,14 +27,38 @@ const IN: Direction = Direction::Inbound;
 /// examples/policy.toml: connection -> the rule that decides (None: the default).
 const CASES: [(&str, Direction, &str, u16, Option<&str>); 14] = [
     (PAYMENTS, OUT, "10.20.1.2:5432", 40000, Some("payments-db")),
-    (PAYMENTS, OUT, "[fd00:20::5]:5432", 40000, Some("payments-db")),
+    (
+        PAYMENTS,
+        OUT,
+        "[fd00:20::5]:5432",
+        40000,
+        Some("payments-db"),
+    ),
     (PAYMENTS, IN, "10.20.1.2:5432", 8080, Some("payments-db")),
-    ("/system.slice/payments.service/worker", OUT, "10.20.1.2:5432", 1, Some("payments-db")),
+    (
+        "/system.slice/payments.service/worker",
+        OUT,
+        "10.20.1.2:5432",
+        1,
+        Some("payments-db"),
+    ),
     (PAYMENTS, OUT, "10.20.1.2:5433", 40000, None),
-    ("/system.slice/payments.serviceX", OUT, "10.20.1.2:5432", 1, None),
+    (
+        "/system.slice/payments.serviceX",
+        OUT,
+        "10.20.1.2:5432",
+        1,
+        None,
+    ),
     (PAYMENTS, OUT, "203.0.113.9:443", 40000, Some("nat-gateway")),
     ("/", OUT, "203.0.113.9:443", 40000, Some("nat-gateway")),
-    ("/", OUT, "[::ffff:203.0.113.9]:443", 40000, Some("nat-gateway")),
+    (
+        "/",
+        OUT,
+        "[::ffff:203.0.113.9]:443",
+        40000,
+        Some("nat-gateway"),
+    ),
     ("/", IN, "203.0.113.9:443", 40000, None),
     ("/", IN, "198.51.100.1:50000", 22, Some("ssh")),
     ("/", OUT, "198.51.100.1:22", 50000, None),
@@ -57,7 +81,10 @@ fn the_example_policy_decides_as_documented() {
             Some(name) => format!("decided by: rule {name:?}"),
             None => "decided by: the default".to_string(),
         };
-        assert!(text.contains(&line), "{conn:?}: expected {line:?} in\n{text}");
+        assert!(
+            text.contains(&line),
+            "{conn:?}: expected {line:?} in\n{text}"
+        );
     }
 }
 

@@ -26,7 +26,10 @@ use self::{
 };
 use super::source::{self, StateDir};
 use crate::{
-    existing::procs::{FdSocket, Holders, established, sockets_in, steal_fd, walk},
+    existing::{
+        diag::DiagSocket,
+        procs::{FdSocket, Holders, duplicate, established, pidfd, sockets_in, walk},
+    },
     policy::{CgroupPath, Connection, Direction, Policy},
 };
 
@@ -126,8 +129,16 @@ pub fn scan(
         hidden_processes: holders.unlisted,
         ..Report::default()
     };
-    let mut comms: HashMap<u32, Option<String>> = HashMap::new();
-    let mut known: HashMap<CgroupPath, Option<ContainerInfo>> = HashMap::new();
+    let mut scanner = Scanner {
+        policy,
+        filters,
+        engines,
+        cgroups,
+        holders: &holders.sockets,
+        comms: HashMap::new(),
+        pidfds: HashMap::new(),
+        containers: HashMap::new(),
+    };
     for (&netns, path) in &holders.namespaces {
         let sockets = match sockets_in(path) {
             Ok(sockets) => sockets,
@@ -141,57 +152,99 @@ pub fn scan(
             }
         };
         for (socket, direction) in established(&sockets) {
-            let cgroup = cgroups.get(&socket.cgroup_id).cloned();
-            let wanted = filters.is_empty()
-                || cgroup
-                    .as_ref()
-                    .is_some_and(|cgroup| filters.iter().any(|filter| filter.contains(cgroup)));
-            if !wanted {
-                continue;
-            }
-            let holder = holders.sockets.get(&socket.inode).copied();
-            let options = read_options(holder);
-            let verdict = match &cgroup {
-                Some(cgroup) => {
-                    let conn = Connection {
-                        cgroup: cgroup.clone(),
-                        direction,
-                        remote: socket.remote,
-                        remote_port: socket.remote_port,
-                        local_port: socket.local_port,
-                    };
-                    judge(policy, &conn, options.as_ref().ok().copied())
-                }
-                None => unknown_cgroup(),
-            };
-            let pid = holder.map(|(pid, _)| pid);
-            let comm = pid.and_then(|pid| comms.entry(pid).or_insert_with(|| comm(pid)).clone());
-            let container = cgroup.as_ref().and_then(|cgroup| {
-                known
-                    .entry(cgroup.clone())
-                    .or_insert_with(|| engines.container_of(cgroup))
-                    .clone()
-            });
-            report.entries.push(Entry {
-                local: SocketAddr::new(socket.local, socket.local_port),
-                remote: SocketAddr::new(socket.remote, socket.remote_port),
-                netns,
-                direction,
-                pid,
-                fd: holder.map(|(_, fd)| fd),
-                comm,
-                cgroup,
-                container,
-                timer: socket.timer,
-                options,
-                verdict,
-            });
+            report
+                .entries
+                .extend(scanner.entry(netns, socket, direction));
         }
     }
     report.entries.sort_by(|a, b| {
         (&a.cgroup, a.netns, a.local, a.remote).cmp(&(&b.cgroup, b.netns, b.local, b.remote))
     });
     Ok(report)
+}
+
+/// What one scan knows, and caches, while it looks at each socket.
+struct Scanner<'a, C> {
+    policy: &'a Policy,
+    filters: &'a [CgroupPath],
+    engines: &'a C,
+    cgroups: HashMap<u64, CgroupPath>,
+    holders: &'a HashMap<u64, (u32, i32)>,
+    comms: HashMap<u32, Option<String>>,
+    /// One pidfd per holder (or why there is none), for all its sockets.
+    pidfds: HashMap<u32, Result<std::os::fd::OwnedFd, String>>,
+    containers: HashMap<CgroupPath, Option<ContainerInfo>>,
+}
+
+impl<C: Containers> Scanner<'_, C> {
+    /// The options of the socket `holder` (pid, fd) holds, or why they cannot be read.
+    fn read_options(&mut self, holder: Option<(u32, i32)>) -> Result<Options, String> {
+        let (pid, fd) = holder.ok_or_else(|| {
+            "no process found holding it (closing, or its holder's descriptors are not \
+             readable: CAP_SYS_PTRACE)"
+                .to_string()
+        })?;
+        let pidfd = self
+            .pidfds
+            .entry(pid)
+            .or_insert_with(|| pidfd(pid).map_err(|error| format!("pidfd_open: {error}")));
+        let pidfd = pidfd.as_ref().map_err(Clone::clone)?;
+        let duplicate = duplicate(pidfd, fd)
+            .map_err(|error| format!("pidfd_getfd: {error}{}", needs(&error, "CAP_SYS_PTRACE")))?;
+        Options::read(&mut FdSocket(duplicate)).map_err(|errno| {
+            let error = io::Error::from_raw_os_error(i32::try_from(-errno).unwrap_or(0));
+            format!("getsockopt: {error}")
+        })
+    }
+
+    /// The entry of one established socket, unless the filters leave it out.
+    fn entry(&mut self, netns: u64, socket: &DiagSocket, direction: Direction) -> Option<Entry> {
+        let cgroup = self.cgroups.get(&socket.cgroup_id).cloned();
+        let wanted = self.filters.is_empty()
+            || cgroup
+                .as_ref()
+                .is_some_and(|cgroup| self.filters.iter().any(|filter| filter.contains(cgroup)));
+        if !wanted {
+            return None;
+        }
+        let holder = self.holders.get(&socket.inode).copied();
+        let options = self.read_options(holder);
+        let verdict = match &cgroup {
+            Some(cgroup) => {
+                let conn = Connection {
+                    cgroup: cgroup.clone(),
+                    direction,
+                    remote: socket.remote,
+                    remote_port: socket.remote_port,
+                    local_port: socket.local_port,
+                };
+                judge(self.policy, &conn, options.as_ref().ok().copied())
+            }
+            None => unknown_cgroup(),
+        };
+        let pid = holder.map(|(pid, _)| pid);
+        let comm = pid.and_then(|pid| self.comms.entry(pid).or_insert_with(|| comm(pid)).clone());
+        let container = cgroup.as_ref().and_then(|cgroup| {
+            self.containers
+                .entry(cgroup.clone())
+                .or_insert_with(|| self.engines.container_of(cgroup))
+                .clone()
+        });
+        Some(Entry {
+            local: SocketAddr::new(socket.local, socket.local_port),
+            remote: SocketAddr::new(socket.remote, socket.remote_port),
+            netns,
+            direction,
+            pid,
+            fd: holder.map(|(_, fd)| fd),
+            comm,
+            cgroup,
+            container,
+            timer: socket.timer,
+            options,
+            verdict,
+        })
+    }
 }
 
 /// Namespaces no process is in but a name keeps (`ip netns add`).
@@ -207,21 +260,6 @@ fn named_namespaces(holders: &mut Holders) {
                 .or_insert_with(|| entry.path());
         }
     }
-}
-
-/// The options of the socket `holder` (pid, fd) holds, or why they cannot be read.
-fn read_options(holder: Option<(u32, i32)>) -> Result<Options, String> {
-    let (pid, fd) = holder.ok_or_else(|| {
-        "no process found holding it (closing, or its holder's descriptors are not readable: \
-         CAP_SYS_PTRACE)"
-            .to_string()
-    })?;
-    let duplicate = steal_fd(pid, fd)
-        .map_err(|error| format!("pidfd_getfd: {error}{}", needs(&error, "CAP_SYS_PTRACE")))?;
-    Options::read(&mut FdSocket(duplicate)).map_err(|errno| {
-        let error = io::Error::from_raw_os_error(i32::try_from(-errno).unwrap_or(0));
-        format!("getsockopt: {error}")
-    })
 }
 
 /// The verdict for a socket whose cgroup is not in the tree (removed meanwhile).

@@ -95,7 +95,7 @@ fn entry_json(entry: &Entry) -> Value {
         "unreadable": entry.options.as_ref().err(),
         "timer": timer(entry.timer),
         "rule": entry.verdict.rule,
-        "mode": entry.verdict.mode.map(|mode| mode.name()),
+        "mode": entry.verdict.mode.map(crate::policy::Mode::name),
         "action": entry.verdict.action,
         "changes": entry.verdict.changes,
     })
@@ -159,8 +159,8 @@ pub fn table(report: &Report, out: &mut impl io::Write) -> io::Result<()> {
     }
     writeln!(
         out,
-        "{:<10} {:<40} {:<40} {:>7} {:<15} {:<14} {:<20} {:<10} {}",
-        "NETNS", "LOCAL", "REMOTE", "PID", "COMM", "KEEPALIVE", "RULE", "ACTION", "CGROUP"
+        "{:<10} {:<40} {:<40} {:>7} {:<15} {:<14} {:<20} {:<10} CGROUP",
+        "NETNS", "LOCAL", "REMOTE", "PID", "COMM", "KEEPALIVE", "RULE", "ACTION"
     )?;
     for entry in &report.entries {
         writeln!(
