@@ -218,3 +218,94 @@ pub fn table(report: &Report, out: &mut impl io::Write) -> io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        commands::scan::judge::{Options, Verdict},
+        policy::{CgroupPath, Direction, Mode},
+    };
+
+    fn entry(keepalive: Option<bool>, action: &'static str, changes: Option<bool>) -> Entry {
+        Entry {
+            local: "127.0.0.1:40000".parse().unwrap_or_else(|e| panic!("{e}")),
+            remote: "[::1]:5432".parse().unwrap_or_else(|e| panic!("{e}")),
+            netns: 4026531840,
+            direction: Direction::Outbound,
+            pid: Some(42),
+            fd: Some(7),
+            comm: Some("psql".into()),
+            cgroup: Some(CgroupPath::parse("/db").unwrap_or_else(|e| panic!("{e}"))),
+            container: None,
+            timer: TIMER_OFF,
+            options: keepalive
+                .map(|on| Options {
+                    keepalive: on,
+                    idle_secs: 60,
+                    interval_secs: 5,
+                    count: 3,
+                    user_timeout_ms: 0,
+                })
+                .ok_or_else(|| "pidfd_getfd: EPERM".to_string()),
+            verdict: Verdict {
+                rule: Some("default".into()),
+                mode: Some(Mode::Fill),
+                action,
+                changes,
+            },
+        }
+    }
+
+    #[test]
+    fn json_lines_are_the_entries_then_the_summary() {
+        let report = Report {
+            entries: vec![
+                entry(Some(true), "kept", Some(false)),
+                entry(Some(false), "set", Some(true)),
+                entry(None, "unknown", None),
+            ],
+            policy: "p.toml".into(),
+            ..Report::default()
+        };
+        let mut out = Vec::new();
+        json_lines(&report, &mut out).unwrap_or_else(|e| panic!("{e}"));
+        let lines: Vec<Value> = String::from_utf8_lossy(&out)
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+            .collect();
+        assert_eq!(lines.len(), 4);
+        for key in [
+            "local",
+            "remote",
+            "netns",
+            "pid",
+            "comm",
+            "cgroup",
+            "container",
+            "labels",
+            "keepalive",
+            "idle",
+            "interval",
+            "count",
+            "user_timeout",
+            "rule",
+            "action",
+        ] {
+            assert!(lines[0].get(key).is_some(), "no {key} in {}", lines[0]);
+        }
+        assert_eq!(lines[0]["remote"], "[::1]:5432");
+        assert_eq!(lines[2]["keepalive"], Value::Null);
+        let summary = &lines[3]["summary"];
+        assert_eq!(
+            (
+                &summary["connections"],
+                &summary["without_keepalive"],
+                &summary["would_change"],
+                &summary["unknown"]
+            ),
+            (&json!(3), &json!(1), &json!(1), &json!(1))
+        );
+        assert_eq!(summary["groups"][0]["cgroup"], "/db");
+    }
+}
