@@ -97,3 +97,69 @@ pub fn load(config: Option<&Path>, state_dir: &Path) -> anyhow::Result<Source> {
         notes,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "ka-source-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        dir
+    }
+
+    #[test]
+    fn the_running_agents_policy_is_read_back_from_its_state() {
+        let dir = temp_dir();
+        let values = Values {
+            idle_secs: 30,
+            user_timeout_ms: Some(9000),
+            ..Values::default()
+        };
+        let scopes =
+            vec![CgroupPath::parse("/kubepods.slice/**").unwrap_or_else(|e| panic!("{e}"))];
+        let running = Policy::enforce(values, scopes.clone());
+        State::new(&running, state::COMMAND_LINE, 3)
+            .write(&dir)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let source = load(None, &dir).unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(source.policy, running);
+        assert!(
+            source.notes.iter().any(|note| note.contains("not running")),
+            "this test is no agent: {:?}",
+            source.notes
+        );
+
+        let file = dir.join("policy.toml");
+        std::fs::write(&file, "[[rule]]\nname = \"a\"\nremote_port = 1\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let applied = file::load(&file).unwrap_or_else(|e| panic!("{e}"));
+        let mut state = State::new(&applied, &file.display().to_string(), 4);
+        state.scopes = vec!["/a".into()];
+        state.write(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let source = load(None, &dir).unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(source.policy.rules, applied.rules);
+        assert_eq!(
+            source.policy.scopes,
+            [CgroupPath::parse("/a").unwrap_or_else(|e| panic!("{e}"))]
+        );
+        assert!(!source.notes.iter().any(|note| note.contains("differs")));
+        std::fs::write(&file, "[[rule]]\nname = \"b\"\n").unwrap_or_else(|e| panic!("{e}"));
+        let source = load(None, &dir).unwrap_or_else(|e| panic!("{e:#}"));
+        assert!(
+            source.notes.iter().any(|note| note.contains("differs")),
+            "{:?}",
+            source.notes
+        );
+        let _ignored = std::fs::remove_dir_all(&dir);
+        let missing = load(None, &dir)
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(missing.contains("--config"), "{missing}");
+    }
+}
