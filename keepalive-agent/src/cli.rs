@@ -121,6 +121,19 @@ pub enum Command {
     Check(CheckArgs),
     /// Show what is attached where, the policy in force and its source, and counters per rule.
     Status(StatusArgs),
+    /// List every established TCP connection of the host (every network namespace) with its
+    /// process, cgroup and keepalive, and what a policy would do to it; changes nothing.
+    ///
+    /// The policy is --config FILE, else the running agent's (read from its state directory).
+    /// Each connection's keepalive options are read from the socket itself, through a
+    /// duplicate of its owner's descriptor; the action is what `run` would do (the same
+    /// precedence and mode code). Below the list, a summary per cgroup. Rights: reading other
+    /// network namespaces needs CAP_SYS_ADMIN (setns), listing and duplicating other processes'
+    /// descriptors CAP_SYS_PTRACE; without them, what cannot be read is reported as unknown.
+    Scan(crate::commands::scan::ScanArgs),
+    /// Show which rule decides for one connection, the values its socket would get, and why
+    /// each candidate rule, in precedence order, did or did not match.
+    Explain(crate::commands::explain::ExplainArgs),
     /// Remove everything the agent pinned or attached; new connections are no longer touched.
     /// A running agent is stopped first (SIGTERM), since it would put back what is removed.
     Detach(DetachArgs),
@@ -283,6 +296,12 @@ pub struct RunArgs {
     /// refused and the running one named.
     #[arg(long, env = "KEEPALIVE_AGENT_TAKE_OVER", value_parser = BoolishValueParser::new())]
     pub take_over: bool,
+
+    /// Seconds between counts of established connections without keepalive in the enforced
+    /// cgroups (the gauge keepalive_connections_without_keepalive); 0: never count.
+    #[arg(long, value_name = "SECS", default_value_t = crate::missing::DEFAULT_INTERVAL.as_secs(),
+          env = "KEEPALIVE_AGENT_MISSING_INTERVAL")]
+    pub missing_interval: u64,
 
     #[command(flatten)]
     pub places: Places,

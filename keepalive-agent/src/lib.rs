@@ -12,6 +12,7 @@ pub mod existing;
 pub mod instance;
 pub mod logs;
 pub mod metrics;
+pub mod missing;
 pub mod notify;
 pub mod plan;
 pub mod policy;

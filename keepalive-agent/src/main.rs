@@ -23,6 +23,12 @@ fn main() -> ExitCode {
     logs::init(cli.log_format, cli.log_level);
     let result = match cli.command {
         Command::Check(args) => commands::check::check(&args).map(|summary| print(&summary)),
+        Command::Scan(args) => {
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            commands::scan::run(&args, &mut out)
+                .and_then(|()| std::io::Write::flush(&mut out).map_err(anyhow::Error::from))
+        }
+        Command::Explain(args) => commands::explain::explain(&args).map(|text| print(&text)),
         Command::Status(args) => keepalive_common::host::check()
             .map_err(anyhow::Error::from)
             .and_then(|host| commands::status::collect(&args, &host.cgroup2_mount))

@@ -95,6 +95,9 @@ pub struct AgentTelemetry {
     pub last_reload_ok: bool,
     /// The kernel's accounting of the agent's programs.
     pub programs: Vec<ProgramRuns>,
+    /// The last count of connections without keepalive, per enforced scope (None: not
+    /// counted yet, or never: `--missing-interval 0`).
+    pub missing_keepalive: Option<BTreeMap<String, crate::missing::Count>>,
 }
 
 /// The kernel's accounting of one of the agent's programs (with `--program-stats`).
@@ -187,6 +190,7 @@ impl Snapshot {
                 watch_overflows: telemetry.watch_overflows,
                 last_reload_ok: telemetry.last_reload_ok,
                 programs: program_runs(&telemetry.programs),
+                missing_keepalive: telemetry.missing_keepalive.clone(),
             }),
         })
     }

@@ -47,7 +47,23 @@ pub struct State {
     /// Optional parts this kernel refused (e.g. the lock on 5.10).
     #[serde(default)]
     pub missing_features: Vec<MissingFeature>,
+    /// The values of a policy given on the command line (there is no file to read it back
+    /// from), for `scan` and `explain`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_line: Option<CommandLine>,
 }
+
+/// `run --idle --interval --count --user-timeout`, enforced on every connection of the scopes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandLine {
+    pub idle_secs: u32,
+    pub interval_secs: u32,
+    pub count: u32,
+    pub user_timeout_ms: Option<u32>,
+}
+
+/// [`State::source`] of a policy given on the command line.
+pub const COMMAND_LINE: &str = "command line";
 
 impl State {
     pub fn new(policy: &Policy, source: &str, generation: u32) -> Self {
@@ -76,6 +92,12 @@ impl State {
             reloads_failed: 0,
             faults: Vec::new(),
             missing_features: Vec::new(),
+            command_line: (source == COMMAND_LINE).then_some(CommandLine {
+                idle_secs: policy.default.values.idle_secs,
+                interval_secs: policy.default.values.interval_secs,
+                count: policy.default.values.count,
+                user_timeout_ms: policy.default.values.user_timeout_ms,
+            }),
         }
     }
 

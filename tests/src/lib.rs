@@ -16,6 +16,7 @@ pub mod http;
 pub mod links;
 pub mod netns;
 pub mod process;
+pub mod scan;
 pub mod sockopt;
 pub mod sysctl;
 

@@ -85,7 +85,9 @@ fn man_pages_render_for_the_agent_and_each_subcommand() {
         [
             "keepalive-agent-check.1",
             "keepalive-agent-detach.1",
+            "keepalive-agent-explain.1",
             "keepalive-agent-run.1",
+            "keepalive-agent-scan.1",
             "keepalive-agent-status.1",
             "keepalive-agent.1",
         ],
@@ -109,6 +111,17 @@ fn man_pages_render_for_the_agent_and_each_subcommand() {
         "TCP_KEEPIDLE",
     ] {
         assert!(run.contains(expected), "{expected} missing from:\n{run}");
+    }
+    let scan = render(&man.join("keepalive-agent-scan.1"));
+    for expected in ["--json", "--cgroup", "CAP_SYS_PTRACE", "CAP_SYS_ADMIN"] {
+        assert!(scan.contains(expected), "{expected} missing from:\n{scan}");
+    }
+    let explain = render(&man.join("keepalive-agent-explain.1"));
+    for expected in ["--remote", "--local-port", "--direction", "inbound"] {
+        assert!(
+            explain.contains(expected),
+            "{expected} missing from:\n{explain}"
+        );
     }
 }
 
@@ -149,7 +162,7 @@ fn bash_completion_offers_the_subcommands_options_and_values() {
     let script = dir.0.join("completions/keepalive-agent.bash");
 
     let subcommands = bash_complete(&script, "keepalive-agent ");
-    for expected in ["run", "check", "status", "detach"] {
+    for expected in ["run", "check", "status", "detach", "scan", "explain"] {
         assert!(
             subcommands.iter().any(|word| word == expected),
             "{expected} not offered: {subcommands:?}"
@@ -178,7 +191,15 @@ fn zsh_and_fish_completions_know_the_subcommands() {
     let dir = generated();
     for file in ["_keepalive-agent", "keepalive-agent.fish"] {
         let script = fs::read_to_string(dir.0.join("completions").join(file)).unwrap();
-        for expected in ["run", "check", "status", "detach", "metrics-addr"] {
+        for expected in [
+            "run",
+            "check",
+            "status",
+            "detach",
+            "scan",
+            "explain",
+            "metrics-addr",
+        ] {
             assert!(script.contains(expected), "{file}: no {expected}");
         }
         assert!(
@@ -249,6 +270,7 @@ fn environment_fallbacks_are_documented_and_checked_like_flags() {
         "KEEPALIVE_AGENT_BPFFS",
         "KEEPALIVE_AGENT_LOG_FORMAT",
         "KEEPALIVE_AGENT_LOG_LEVEL",
+        "KEEPALIVE_AGENT_MISSING_INTERVAL",
     ] {
         assert!(help.contains(variable), "--help does not name {variable}");
     }
@@ -269,6 +291,11 @@ fn environment_fallbacks_are_documented_and_checked_like_flags() {
         ("KEEPALIVE_AGENT_PERSIST", "maybe", "--persist"),
         ("KEEPALIVE_AGENT_LOG_FORMAT", "xml", "--log-format"),
         ("KEEPALIVE_AGENT_LOG_LEVEL", "loud", "--log-level"),
+        (
+            "KEEPALIVE_AGENT_MISSING_INTERVAL",
+            "soon",
+            "--missing-interval",
+        ),
     ] {
         let out = Command::new(agent_bin())
             .args(["run", "--cgroup", "/nonexistent"])

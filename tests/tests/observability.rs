@@ -44,6 +44,8 @@ fn metrics_count_connections_and_reloads_and_pass_promtool() {
             "--config",
             config.to_str().unwrap(),
             "--program-stats",
+            "--missing-interval",
+            "1",
         ],
     );
     let addr = metrics_addr(&agent);
@@ -60,8 +62,30 @@ fn metrics_count_connections_and_reloads_and_pass_promtool() {
     std::fs::rename(&staging, &config).unwrap();
     agent.expect_log("policy refused", LOG_WAIT);
 
-    let (code, metrics) = get(&addr, "/metrics");
-    assert_eq!(code, 200);
+    // The missing-keepalive count (every second here) sees both ends of both connections, each
+    // with keepalive from the agent.
+    let scope = cgroup.scope();
+    let established = format!("keepalive_connections_established{{scope=\"{scope}\"}}");
+    let deadline = std::time::Instant::now() + LOG_WAIT;
+    let metrics = loop {
+        let (code, metrics) = get(&addr, "/metrics");
+        assert_eq!(code, 200);
+        if metrics.contains(&established) && sample(&metrics, &established) == 4.0 {
+            break metrics;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{established} is not 4:\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        sample(
+            &metrics,
+            &format!("keepalive_connections_without_keepalive{{scope=\"{scope}\"}}")
+        ),
+        0.0
+    );
     assert_eq!(
         sample(
             &metrics,

@@ -107,7 +107,7 @@ impl Agent {
         roots: watch::Sender<Vec<PathBuf>>,
     ) -> Self {
         let source = args.config.as_ref().map_or_else(
-            || "command line".to_string(),
+            || crate::state::COMMAND_LINE.to_string(),
             |path| path.display().to_string(),
         );
         Self {

@@ -2,6 +2,9 @@
 
 pub mod check;
 pub mod detach;
+pub mod explain;
 pub mod generate;
 pub mod run;
+pub mod scan;
+pub mod source;
 pub mod status;

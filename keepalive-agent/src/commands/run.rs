@@ -88,6 +88,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     if let (Some(listener), Some(pins)) = (listener, enforcer.pins()) {
         tokio::spawn(metrics::serve(listener, telemetry.clone(), pins.maps()));
+        if args.missing_interval > 0 {
+            let period = std::time::Duration::from_secs(args.missing_interval);
+            tokio::spawn(crate::missing::watch(
+                telemetry.clone(),
+                mount.clone(),
+                period,
+            ));
+        }
     }
     // Enforcement in these never stopped: an earlier agent's links now run our programs.
     for cgroup in enforcer.attachments() {

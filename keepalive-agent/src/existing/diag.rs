@@ -23,26 +23,37 @@ const NLMSG_HDRLEN: usize = 16;
 const INET_DIAG_MSG_LEN: usize = 72;
 
 /// `TCP_ESTABLISHED` and `TCP_LISTEN` in `enum tcp_state` (include/net/tcp_states.h).
-pub(super) const ESTABLISHED: u8 = 1;
-pub(super) const LISTEN: u8 = 10;
+pub(crate) const ESTABLISHED: u8 = 1;
+pub(crate) const LISTEN: u8 = 10;
+
+/// `idiag_timer`: which timer of the socket is pending (net/ipv4/inet_diag.c). The kernel
+/// reports one: the retransmit (or loss probe) timer and the zero-window probe timer take
+/// precedence over the keepalive timer, so a socket with data in flight shows those even when
+/// keepalive is on. Off means neither: no data in flight and no keepalive.
+pub(crate) const TIMER_OFF: u8 = 0;
+pub(crate) const TIMER_RETRANSMIT: u8 = 1;
+pub(crate) const TIMER_KEEPALIVE: u8 = 2;
+pub(crate) const TIMER_PROBE0: u8 = 4;
 
 /// One TCP socket as inet_diag reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct DiagSocket {
-    pub(super) state: u8,
-    pub(super) local: IpAddr,
-    pub(super) local_port: u16,
-    pub(super) remote: IpAddr,
-    pub(super) remote_port: u16,
+pub(crate) struct DiagSocket {
+    pub(crate) state: u8,
+    /// `TIMER_*`.
+    pub(crate) timer: u8,
+    pub(crate) local: IpAddr,
+    pub(crate) local_port: u16,
+    pub(crate) remote: IpAddr,
+    pub(crate) remote_port: u16,
     /// The inode of the socket, as /proc/PID/fd links show it (`socket:[inode]`).
-    pub(super) inode: u64,
+    pub(crate) inode: u64,
     /// The cgroup the socket belongs to (0 if the kernel did not say).
-    pub(super) cgroup_id: u64,
+    pub(crate) cgroup_id: u64,
 }
 
 /// Established and listening TCP sockets, IPv4 and IPv6, of the calling thread's network
 /// namespace.
-pub(super) fn tcp_sockets() -> io::Result<Vec<DiagSocket>> {
+pub(crate) fn tcp_sockets() -> io::Result<Vec<DiagSocket>> {
     let socket = net::socket_with(
         net::AddressFamily::NETLINK,
         net::SocketType::DGRAM,
@@ -125,6 +136,7 @@ fn parse(message: &[u8]) -> Option<DiagSocket> {
     // inet_diag_sockid at 4: sport, dport (big-endian), src[16], dst[16], if, cookie[2].
     let mut socket = DiagSocket {
         state: message[1],
+        timer: message[2],
         local_port: u16::from_be_bytes([message[4], message[5]]),
         remote_port: u16::from_be_bytes([message[6], message[7]]),
         local: address(8),
@@ -157,6 +169,7 @@ mod tests {
         let mut message = vec![0u8; INET_DIAG_MSG_LEN];
         message[0] = AF_INET;
         message[1] = ESTABLISHED;
+        message[2] = TIMER_KEEPALIVE;
         message[4..6].copy_from_slice(&40000u16.to_be_bytes());
         message[6..8].copy_from_slice(&5432u16.to_be_bytes());
         message[8..12].copy_from_slice(&[127, 0, 0, 1]);
@@ -170,6 +183,7 @@ mod tests {
             socket,
             Some(DiagSocket {
                 state: ESTABLISHED,
+                timer: TIMER_KEEPALIVE,
                 local: IpAddr::V4(Ipv4Addr::LOCALHOST),
                 local_port: 40000,
                 remote: IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)),

@@ -10,30 +10,18 @@
 //! Direction is not recorded for existing sockets: one whose local port a listener of its
 //! namespace holds counts as inbound, any other as outbound.
 
-mod diag;
+pub(crate) mod diag;
+pub(crate) mod procs;
 
-use std::{
-    collections::{BTreeMap, HashMap, HashSet},
-    fs, io,
-    net::IpAddr,
-    os::{
-        fd::{AsFd as _, OwnedFd, RawFd},
-        unix::fs::MetadataExt as _,
-    },
-    path::Path,
-};
+use std::{collections::HashMap, io, path::Path};
 
-use keepalive_common::{
-    Outcome,
-    enforce::{Socket, apply},
-};
+use keepalive_common::{Outcome, enforce::apply};
 
-use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags, pidfd_getfd, pidfd_open};
-
+pub use self::procs::steal_fd;
+use self::procs::{FdSocket, Holders, established, sockets_in, walk};
 use crate::{
     cgroup::Cgroup,
-    policy::{CgroupPath, Connection, Direction, Policy},
-    sockopt,
+    policy::{CgroupPath, Connection, Policy},
 };
 
 /// What a sweep found and did.
@@ -73,62 +61,20 @@ pub fn sweep(policy: &Policy, mount: &Path, scopes: &[&Cgroup]) -> io::Result<Sw
     for scope in scopes {
         walk(mount, &scope.path, &mut cgroups, &mut pids)?;
     }
-    // Socket inode -> (pid, fd), and one pid per network namespace.
-    let mut holders: HashMap<u64, (u32, i32)> = HashMap::new();
-    let mut namespaces: BTreeMap<u64, u32> = BTreeMap::new();
-    for &pid in &pids {
-        let Ok(netns) = fs::metadata(format!("/proc/{pid}/ns/net")) else {
-            continue; // exited
-        };
-        namespaces.entry(netns.ino()).or_insert(pid);
-        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
-            continue;
-        };
-        for entry in fds.flatten() {
-            let (Some(fd), Ok(target)) = (
-                entry
-                    .file_name()
-                    .to_str()
-                    .and_then(|name| name.parse::<i32>().ok()),
-                fs::read_link(entry.path()),
-            ) else {
-                continue;
-            };
-            let inode = target
-                .to_str()
-                .and_then(|text| text.strip_prefix("socket:["))
-                .and_then(|rest| rest.strip_suffix(']'))
-                .and_then(|inode| inode.parse::<u64>().ok());
-            if let Some(inode) = inode {
-                holders.entry(inode).or_insert((pid, fd));
-            }
-        }
-    }
-
+    let holders = Holders::of(&pids, true);
     let mut sweep = Sweep {
-        namespaces: namespaces.len(),
+        namespaces: holders.namespaces.len(),
         ..Sweep::default()
     };
-    for pid in namespaces.values() {
-        let sockets = in_namespace_of(*pid, diag::tcp_sockets)?;
-        let listening: HashSet<(IpAddr, u16)> = sockets
-            .iter()
-            .filter(|socket| socket.state == diag::LISTEN)
-            .map(|socket| (socket.local, socket.local_port))
-            .collect();
-        for socket in sockets
-            .iter()
-            .filter(|socket| socket.state == diag::ESTABLISHED)
-        {
+    for netns in holders.namespaces.values() {
+        let sockets = sockets_in(netns)?;
+        for (socket, direction) in established(&sockets) {
             let Some(cgroup) = cgroups.get(&socket.cgroup_id) else {
                 continue;
             };
-            let inbound = listening.iter().any(|(addr, port)| {
-                *port == socket.local_port && (addr.is_unspecified() || *addr == socket.local)
-            });
             let conn = Connection {
                 cgroup: cgroup.clone(),
-                direction: Direction::from_outbound(!inbound),
+                direction,
                 remote: socket.remote,
                 remote_port: socket.remote_port,
                 local_port: socket.local_port,
@@ -138,7 +84,7 @@ pub fn sweep(policy: &Policy, mount: &Path, scopes: &[&Cgroup]) -> io::Result<Sw
                 continue;
             };
             sweep.connections += 1;
-            let Some(&(holder, fd)) = holders.get(&socket.inode) else {
+            let Some(&(holder, fd)) = holders.sockets.get(&socket.inode) else {
                 sweep.unreachable += 1;
                 continue;
             };
@@ -154,80 +100,4 @@ pub fn sweep(policy: &Policy, mount: &Path, scopes: &[&Cgroup]) -> io::Result<Sw
         }
     }
     Ok(sweep)
-}
-
-/// Every cgroup below `dir` (id -> path) and the processes in them.
-fn walk(
-    mount: &Path,
-    dir: &Path,
-    cgroups: &mut HashMap<u64, CgroupPath>,
-    pids: &mut Vec<u32>,
-) -> io::Result<()> {
-    let metadata = fs::metadata(dir)?;
-    let relative = dir.strip_prefix(mount).unwrap_or(dir);
-    if let Ok(path) = CgroupPath::parse(&relative.to_string_lossy()) {
-        cgroups.insert(metadata.ino(), path);
-    }
-    // A cgroup removed while we walk is simply gone.
-    if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
-        pids.extend(
-            procs
-                .lines()
-                .filter_map(|line| line.trim().parse::<u32>().ok()),
-        );
-    }
-    for child in crate::cgroup::child_dirs(dir) {
-        walk(mount, &child, cgroups, pids)?;
-    }
-    Ok(())
-}
-
-/// Runs `work` on a helper thread that has entered the network namespace of `pid`.
-fn in_namespace_of<T: Send>(
-    pid: u32,
-    work: impl FnOnce() -> io::Result<T> + Send,
-) -> io::Result<T> {
-    let netns = fs::File::open(format!("/proc/{pid}/ns/net"))?;
-    std::thread::scope(|scope| {
-        scope
-            .spawn(move || {
-                // setns on this helper thread only.
-                rustix::thread::move_into_link_name_space(
-                    netns.as_fd(),
-                    Some(rustix::thread::LinkNameSpaceType::Network),
-                )?;
-                work()
-            })
-            .join()
-            .unwrap_or_else(|_| Err(io::Error::other("the namespace helper thread panicked")))
-    })
-}
-
-/// A duplicate of descriptor `fd` of process `pid` (pidfd_getfd(2)): the same open file. The
-/// test harness reads workloads' sockets with it too.
-pub fn steal_fd(pid: u32, fd: RawFd) -> io::Result<OwnedFd> {
-    let pid = i32::try_from(pid)
-        .ok()
-        .and_then(Pid::from_raw)
-        .ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
-    let pidfd = pidfd_open(pid, PidfdFlags::empty())?;
-    Ok(pidfd_getfd(pidfd, fd, PidfdGetfdFlags::empty())?)
-}
-
-/// `enforce::Socket` over getsockopt(2)/setsockopt(2).
-struct FdSocket(OwnedFd);
-
-impl Socket for FdSocket {
-    fn get(&mut self, level: i32, name: i32) -> Result<i32, i64> {
-        sockopt::get_int(self.0.as_fd(), level, name).map_err(negative_errno)
-    }
-
-    fn set(&mut self, level: i32, name: i32, value: i32) -> Result<(), i64> {
-        sockopt::set_int(self.0.as_fd(), level, name, value).map_err(negative_errno)
-    }
-}
-
-/// The kernel's convention, which `enforce::Socket` follows.
-fn negative_errno(error: io::Error) -> i64 {
-    -i64::from(error.raw_os_error().unwrap_or(0))
 }

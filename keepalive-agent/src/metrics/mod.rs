@@ -55,6 +55,8 @@ pub struct Telemetry {
     pub watch_overflows: u64,
     /// Whether the last reload applied (or kept) a policy; false after a refused one.
     pub last_reload_ok: bool,
+    /// The last count of connections without keepalive per scope ([`crate::missing`]).
+    pub missing_keepalive: Option<std::collections::BTreeMap<String, crate::missing::Count>>,
 }
 
 pub type Shared = Arc<Mutex<Telemetry>>;

@@ -66,7 +66,8 @@ impl Collector for Exposition {
         kernel_features(w, snapshot)?;
         rules(w, &snapshot.rules)?;
         program_counters(w, snapshot)?;
-        agent(w, snapshot, policy)
+        agent(w, snapshot, policy)?;
+        missing_keepalive(w, snapshot)
     }
 }
 
@@ -147,6 +148,34 @@ fn agent(
         "keepalive_program_run_seconds",
         "Time in the agent's programs (kernel accounting; needs --program-stats).",
         agent.programs.iter().map(|p| (program(p), p.seconds)),
+    )
+}
+
+/// The last count of [`crate::missing`], per enforced scope.
+fn missing_keepalive(w: &mut DescriptorEncoder<'_>, snapshot: &Snapshot) -> fmt::Result {
+    let Some(counts) = snapshot
+        .agent
+        .as_ref()
+        .and_then(|agent| agent.missing_keepalive.as_ref())
+    else {
+        return Ok(());
+    };
+    let scope = |scope: &String| [("scope", scope.clone())];
+    gauges(
+        w,
+        "keepalive_connections_without_keepalive",
+        "Established connections with no keepalive timer (and no data in flight), by enforced scope; counted every --missing-interval.",
+        counts
+            .iter()
+            .map(|(name, count)| (scope(name), count.without_keepalive)),
+    )?;
+    gauges(
+        w,
+        "keepalive_connections_established",
+        "Established connections by enforced scope, at the last count of those without keepalive.",
+        counts
+            .iter()
+            .map(|(name, count)| (scope(name), count.established)),
     )
 }
 

@@ -4,6 +4,7 @@
 //! same answer from lookup tables ([`crate::compile`]); tests hold the two to each other.
 
 mod cgroup_path;
+mod explain;
 pub mod file;
 mod keys;
 mod pattern;
@@ -12,6 +13,7 @@ mod values;
 use std::{fmt, net::IpAddr};
 
 pub use cgroup_path::CgroupPath;
+pub use explain::{KeyChecks, Step, Trace};
 pub use keepalive_common::Mode;
 use keepalive_common::{RULE_LOCK, RULE_USER_TIMEOUT, RuleRecord, limits};
 pub use keys::{Cidr, PortRange, mapped};
@@ -123,21 +125,7 @@ impl Rule {
 
     /// Whether the keys besides the cgroup match `conn`.
     pub fn matches(&self, conn: &Connection) -> bool {
-        let remote = mapped(conn.remote);
-        (self.remote.is_empty() || self.remote.iter().any(|cidr| cidr.contains_addr(remote)))
-            && (self.remote_ports.is_empty()
-                || self
-                    .remote_ports
-                    .iter()
-                    .any(|range| range.contains(conn.remote_port)))
-            && (self.local_ports.is_empty()
-                || self
-                    .local_ports
-                    .iter()
-                    .any(|range| range.contains(conn.local_port)))
-            && self
-                .direction
-                .is_none_or(|direction| direction == conn.direction)
+        self.check(conn).matched()
     }
 }
 
@@ -191,13 +179,8 @@ impl Policy {
     /// without a cgroup (file order). The first candidate whose keys all match decides; if
     /// none does, the default applies.
     pub fn decide(&self, conn: &Connection) -> Decision {
-        if !self.in_scope(&conn.cgroup) {
-            return Decision::Outside;
-        }
-        self.candidates(&conn.cgroup)
-            .into_iter()
-            .find(|&i| self.rules[i].matches(conn))
-            .map_or(Decision::Default, Decision::Rule)
+        // One walk for deciding and for explaining (`Policy::trace`).
+        self.walk(conn, |_| {})
     }
 
     /// The record the reference model gives `conn`: the decision's action, counting into its

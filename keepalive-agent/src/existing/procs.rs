@@ -1,0 +1,200 @@
+//! What the sweep, `scan` and the missing-keepalive count share: the cgroup tree with its
+//! processes, who holds which socket, the network namespaces, and a socket's options read or
+//! set through a duplicate of its owner's descriptor.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fs, io,
+    net::IpAddr,
+    os::{
+        fd::{AsFd as _, OwnedFd, RawFd},
+        unix::fs::MetadataExt as _,
+    },
+    path::{Path, PathBuf},
+};
+
+use keepalive_common::enforce::Socket;
+use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags, pidfd_getfd, pidfd_open};
+
+use super::diag::{self, DiagSocket};
+use crate::{
+    policy::{CgroupPath, Direction},
+    sockopt,
+};
+
+/// Every cgroup below `dir` (id -> path) and the processes in them.
+pub(crate) fn walk(
+    mount: &Path,
+    dir: &Path,
+    cgroups: &mut HashMap<u64, CgroupPath>,
+    pids: &mut Vec<u32>,
+) -> io::Result<()> {
+    let metadata = fs::metadata(dir)?;
+    let relative = dir.strip_prefix(mount).unwrap_or(dir);
+    if let Ok(path) = CgroupPath::parse(&relative.to_string_lossy()) {
+        cgroups.insert(metadata.ino(), path);
+    }
+    // A cgroup removed while we walk is simply gone.
+    if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
+        pids.extend(
+            procs
+                .lines()
+                .filter_map(|line| line.trim().parse::<u32>().ok()),
+        );
+    }
+    for child in crate::cgroup::child_dirs(dir) {
+        walk(mount, &child, cgroups, pids)?;
+    }
+    Ok(())
+}
+
+/// Who holds which socket, and where each network namespace can be entered.
+#[derive(Debug, Default)]
+pub(crate) struct Holders {
+    /// Socket inode -> (pid, fd): the first holder found.
+    pub(crate) sockets: HashMap<u64, (u32, i32)>,
+    /// Network namespace inode -> a file that enters it (`/proc/PID/ns/net`).
+    pub(crate) namespaces: BTreeMap<u64, PathBuf>,
+    /// Processes whose descriptors could not be listed (not ours to read without
+    /// CAP_SYS_PTRACE, or gone).
+    pub(crate) unlisted: u64,
+}
+
+impl Holders {
+    /// The namespaces of `pids`; with `sockets`, their socket descriptors too.
+    pub(crate) fn of(pids: &[u32], sockets: bool) -> Self {
+        let mut holders = Self::default();
+        for &pid in pids {
+            let netns = match fs::metadata(format!("/proc/{pid}/ns/net")) {
+                Ok(netns) => netns,
+                Err(error) => {
+                    if error.kind() == io::ErrorKind::PermissionDenied {
+                        holders.unlisted += 1;
+                    }
+                    continue; // exited, or not ours to look at
+                }
+            };
+            holders
+                .namespaces
+                .entry(netns.ino())
+                .or_insert_with(|| PathBuf::from(format!("/proc/{pid}/ns/net")));
+            if sockets {
+                holders.add_sockets(pid);
+            }
+        }
+        holders
+    }
+
+    fn add_sockets(&mut self, pid: u32) {
+        let fds = match fs::read_dir(format!("/proc/{pid}/fd")) {
+            Ok(fds) => fds,
+            Err(error) => {
+                if error.kind() == io::ErrorKind::PermissionDenied {
+                    self.unlisted += 1;
+                }
+                return;
+            }
+        };
+        for entry in fds.flatten() {
+            let (Some(fd), Ok(target)) = (
+                entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|name| name.parse::<i32>().ok()),
+                fs::read_link(entry.path()),
+            ) else {
+                continue;
+            };
+            let inode = target
+                .to_str()
+                .and_then(|text| text.strip_prefix("socket:["))
+                .and_then(|rest| rest.strip_suffix(']'))
+                .and_then(|inode| inode.parse::<u64>().ok());
+            if let Some(inode) = inode {
+                self.sockets.entry(inode).or_insert((pid, fd));
+            }
+        }
+    }
+}
+
+/// The established sockets of one namespace's list, each with its direction: one whose local
+/// port a listener of the namespace holds counts as inbound, any other as outbound.
+pub(crate) fn established(sockets: &[DiagSocket]) -> Vec<(&DiagSocket, Direction)> {
+    let listening: HashSet<(IpAddr, u16)> = sockets
+        .iter()
+        .filter(|socket| socket.state == diag::LISTEN)
+        .map(|socket| (socket.local, socket.local_port))
+        .collect();
+    sockets
+        .iter()
+        .filter(|socket| socket.state == diag::ESTABLISHED)
+        .map(|socket| {
+            let inbound = listening.iter().any(|(addr, port)| {
+                *port == socket.local_port && (addr.is_unspecified() || *addr == socket.local)
+            });
+            (socket, Direction::from_outbound(!inbound))
+        })
+        .collect()
+}
+
+/// The TCP sockets of the namespace `netns` (a `/proc/PID/ns/net` or `/run/netns` file), read
+/// from a helper thread that entered it. The caller's own namespace is read without entering
+/// it, so that works without CAP_SYS_ADMIN.
+pub(crate) fn sockets_in(netns: &Path) -> io::Result<Vec<DiagSocket>> {
+    let target = fs::File::open(netns)?;
+    let own = fs::metadata("/proc/thread-self/ns/net")?.ino();
+    if target.metadata()?.ino() == own {
+        return diag::tcp_sockets();
+    }
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                // setns on this helper thread only.
+                rustix::thread::move_into_link_name_space(
+                    target.as_fd(),
+                    Some(rustix::thread::LinkNameSpaceType::Network),
+                )?;
+                diag::tcp_sockets()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the namespace helper thread panicked")))
+    })
+}
+
+/// A duplicate of descriptor `fd` of process `pid` (pidfd_getfd(2)): the same open file. The
+/// test harness reads workloads' sockets with it too.
+pub fn steal_fd(pid: u32, fd: RawFd) -> io::Result<OwnedFd> {
+    duplicate(&pidfd(pid)?, fd)
+}
+
+/// A pidfd of process `pid` (pidfd_open(2)), to take several descriptors from it.
+pub(crate) fn pidfd(pid: u32) -> io::Result<OwnedFd> {
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(Pid::from_raw)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
+    Ok(pidfd_open(pid, PidfdFlags::empty())?)
+}
+
+/// A duplicate of descriptor `fd` of the process behind `pidfd` (pidfd_getfd(2)).
+pub(crate) fn duplicate(pidfd: &OwnedFd, fd: RawFd) -> io::Result<OwnedFd> {
+    Ok(pidfd_getfd(pidfd, fd, PidfdGetfdFlags::empty())?)
+}
+
+/// `enforce::Socket` over getsockopt(2)/setsockopt(2).
+pub(crate) struct FdSocket(pub(crate) OwnedFd);
+
+impl Socket for FdSocket {
+    fn get(&mut self, level: i32, name: i32) -> Result<i32, i64> {
+        sockopt::get_int(self.0.as_fd(), level, name).map_err(negative_errno)
+    }
+
+    fn set(&mut self, level: i32, name: i32, value: i32) -> Result<(), i64> {
+        sockopt::set_int(self.0.as_fd(), level, name, value).map_err(negative_errno)
+    }
+}
+
+/// The kernel's convention, which `enforce::Socket` follows.
+fn negative_errno(error: io::Error) -> i64 {
+    -i64::from(error.raw_os_error().unwrap_or(0))
+}
