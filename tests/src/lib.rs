@@ -13,6 +13,7 @@ pub mod agent;
 pub mod cgroup;
 pub mod connection;
 pub mod http;
+pub mod image;
 pub mod links;
 pub mod netns;
 pub mod process;

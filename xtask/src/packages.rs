@@ -31,6 +31,10 @@ pub(crate) const TEST: &[Need] = &[
     ("/usr/lib/libkeepalive.so", "libkeepalive0"),
 ];
 
+/// What `cargo xtask image` needs: buildah builds the image daemonless; musl-gcc is the C
+/// compiler for the static (musl) agent, should a dependency compile C.
+pub(crate) const IMAGE: &[Need] = &[("buildah", "buildah"), ("musl-gcc", "musl-tools")];
+
 fn present(what: &str) -> bool {
     if what.starts_with('/') {
         Path::new(what).exists()
