@@ -40,7 +40,7 @@ impl Unpacked {
     pub fn open(archive: &Path) -> Self {
         let dir = std::env::temp_dir().join(crate::unique_name());
         fs::create_dir(&dir).expect("create a temporary directory");
-        let unpacked = Self {
+        let mut unpacked = Self {
             dir,
             manifest: serde_json::Value::Null,
             config: serde_json::Value::Null,
@@ -49,13 +49,13 @@ impl Unpacked {
         let manifest = unpacked.json("manifest.json");
         let entries = manifest.as_array().expect("manifest.json is an array");
         assert_eq!(entries.len(), 1, "one image in the archive: {manifest}");
-        let manifest = entries[0].clone();
-        let config = unpacked.json(manifest["Config"].as_str().expect("manifest Config"));
-        Self {
-            manifest,
-            config,
-            ..unpacked
-        }
+        unpacked.manifest = entries[0].clone();
+        unpacked.config = unpacked.json(
+            unpacked.manifest["Config"]
+                .as_str()
+                .expect("manifest Config"),
+        );
+        unpacked
     }
 
     fn json(&self, name: &str) -> serde_json::Value {

@@ -1,8 +1,6 @@
 //! The deployment files: the Kubernetes manifests validate offline against the API's schemas,
 //! the policy they carry checks, and every command line they give the agent parses; the
-//! systemd unit passes systemd-analyze verify and holds its security exposure to a threshold;
-//! the container image `cargo xtask image` built (env `KA_AGENT_IMAGE`) holds the static agent
-//! and the policy, its labels and entrypoint, and nothing else.
+//! systemd unit passes systemd-analyze verify and holds its security exposure to a threshold.
 #![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 
 use std::{
@@ -11,7 +9,7 @@ use std::{
     process::Command,
 };
 
-use keepalive_tests::{agent_bin, image, unique_name};
+use keepalive_tests::{agent_bin, unique_name};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -248,143 +246,5 @@ fn the_systemd_unit_is_hardened_to_the_threshold() {
     assert!(
         exposure <= SECURITY_THRESHOLD,
         "exposure {exposure} is above {SECURITY_THRESHOLD}:\n{stdout}"
-    );
-}
-
-#[test]
-fn the_container_image_command_parses() {
-    assert_agent_accepts(&dockerfile_cmd(), "Dockerfile CMD");
-}
-
-/// The CMD of deploy/Dockerfile, as the exec form's words.
-fn dockerfile_cmd() -> Vec<String> {
-    let dockerfile = read("deploy/Dockerfile");
-    let cmd = dockerfile
-        .lines()
-        .find(|line| line.starts_with("CMD "))
-        .unwrap();
-    cmd.trim_start_matches("CMD ")
-        .trim_matches(['[', ']'])
-        .split(',')
-        .map(|arg| arg.trim().trim_matches('"').to_string())
-        .collect()
-}
-
-/// The largest the image archive may be. Measured: the archive of 0.1.0 is 7.6 MiB (the
-/// static agent, the policy and the archive's metadata).
-const IMAGE_MAX_BYTES: u64 = 16 * 1024 * 1024;
-
-#[test]
-fn the_image_is_the_agent_and_its_policy_with_labels_and_nothing_else() {
-    let archive = image::archive();
-    let unpacked = image::Unpacked::open(&archive);
-    assert_eq!(
-        unpacked.manifest["RepoTags"],
-        serde_json::json!([image::reference()]),
-        "the archive's tag"
-    );
-    let config = &unpacked.config["config"];
-    assert_eq!(
-        config["Entrypoint"],
-        serde_json::json!(["/usr/local/bin/keepalive-agent"])
-    );
-    assert_eq!(config["Cmd"], serde_json::json!(dockerfile_cmd()));
-    let labels = &config["Labels"];
-    for (label, value) in [
-        ("title", "keepalive-agent"),
-        ("version", env!("CARGO_PKG_VERSION")),
-        ("licenses", "MIT OR Apache-2.0"),
-    ] {
-        assert_eq!(
-            labels[format!("org.opencontainers.image.{label}")].as_str(),
-            Some(value),
-            "label {label} in {labels}"
-        );
-    }
-    for label in ["description", "revision"] {
-        let value = labels[format!("org.opencontainers.image.{label}")]
-            .as_str()
-            .unwrap_or_default();
-        assert!(
-            !value.is_empty() && value != "unknown",
-            "label {label} in {labels}"
-        );
-    }
-    if let Some(source) = labels["org.opencontainers.image.source"].as_str() {
-        assert!(
-            source.starts_with("https://") && !source.contains('@'),
-            "the source label is a URL without credentials: {source}"
-        );
-    }
-
-    // Exactly these files: no shell, no package manager, no libc.
-    let mut files = unpacked.files();
-    files.sort();
-    files.dedup();
-    let expected = [
-        "etc/",
-        "etc/keepalive-agent/",
-        "etc/keepalive-agent/policy.toml",
-        "usr/",
-        "usr/local/",
-        "usr/local/bin/",
-        "usr/local/bin/keepalive-agent",
-    ];
-    assert_eq!(files, expected, "the image's files");
-    assert!(!files.iter().any(|file| file.ends_with("bin/sh")));
-
-    let size = fs::metadata(&archive).unwrap().len();
-    assert!(
-        size <= IMAGE_MAX_BYTES,
-        "{} is {size} bytes, over {IMAGE_MAX_BYTES}",
-        archive.display()
-    );
-}
-
-#[test]
-fn the_agent_in_the_image_is_static_and_runs_from_its_policy() {
-    let unpacked = image::Unpacked::open(&image::archive());
-    let agent = unpacked.extract("usr/local/bin/keepalive-agent");
-    assert!(
-        !image::is_dynamically_linked(&agent),
-        "the image has no loader or libc: the agent must be static"
-    );
-    let version = Command::new(&agent).arg("--version").output().unwrap();
-    assert!(version.status.success(), "{version:?}");
-    let version = String::from_utf8_lossy(&version.stdout).into_owned();
-    assert!(
-        version.starts_with(&format!("keepalive-agent {} ", env!("CARGO_PKG_VERSION"))),
-        "{version}"
-    );
-    // The binary's commit (12 digits) is the revision label's prefix.
-    let revision = unpacked.config["config"]["Labels"]["org.opencontainers.image.revision"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let commit = version
-        .split_once("(commit ")
-        .and_then(|(_, rest)| rest.split_once(')'))
-        .map(|(commit, _)| commit)
-        .unwrap_or_else(|| panic!("no commit in {version}"));
-    assert!(
-        revision.starts_with(commit),
-        "revision label {revision}, binary {commit}"
-    );
-
-    let policy = unpacked.extract("etc/keepalive-agent/policy.toml");
-    assert_eq!(
-        fs::read_to_string(&policy).unwrap(),
-        read("deploy/kubernetes/policy.toml"),
-        "the image carries the DaemonSet's default policy"
-    );
-    let check = Command::new(&agent)
-        .args(["check", "--config"])
-        .arg(&policy)
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
     );
 }
