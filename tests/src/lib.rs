@@ -15,6 +15,7 @@ pub mod connection;
 pub mod http;
 pub mod image;
 pub mod links;
+pub mod manifests;
 pub mod netns;
 pub mod process;
 pub mod sockopt;

@@ -141,7 +141,7 @@ fn run(task: Task) -> anyhow::Result<()> {
             let toolchain = Toolchain::ensure()?;
             let agent = build(&workspace, &toolchain, Profile::Debug)?;
             if targets.host {
-                let validate = packages::ensure_python_tools(&toolchain::cache_dir()?)?;
+                let python = packages::ensure_python_tools(&toolchain::cache_dir()?)?;
                 // The tests check the image and run the agent as a container from it.
                 let image = image::build(&workspace, &toolchain, None)?;
                 run_status(
@@ -149,7 +149,8 @@ fn run(task: Task) -> anyhow::Result<()> {
                         .args(["test", "--locked", "--no-fail-fast"])
                         .args(&test_args)
                         .env("KEEPALIVE_AGENT_BIN", &agent)
-                        .env("KUBERNETES_VALIDATE", validate)
+                        .env("KUBERNETES_VALIDATE", python.kubernetes_validate)
+                        .env("KUBECTL", python.kubectl)
                         .env("KA_AGENT_IMAGE", image),
                 )?;
             }
