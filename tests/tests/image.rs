@@ -1,15 +1,20 @@
 //! The agent's container image that `cargo xtask image` built (env `KA_AGENT_IMAGE`): the
 //! static agent and the DaemonSet's policy, its labels, entrypoint and command, and nothing
-//! else; the agent in it runs. (Running it as a container is the engines' tests' part.)
+//! else; the agent in it runs, and enforces on new and existing connections. (Running it as a
+//! container is the engines' tests' part.)
 #![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 
 use std::{
     fs,
     path::{Path, PathBuf},
     process::Command,
+    time::Duration,
 };
 
-use keepalive_tests::{agent_bin, image};
+use keepalive_tests::{
+    AgentPlaces, Netns, Placement, TestCgroup, agent_bin, connect, image, kernel_links,
+    require_host,
+};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -50,6 +55,33 @@ fn dockerfile_cmd() -> Vec<String> {
         .split(',')
         .map(|arg| arg.trim().trim_matches('"').to_string())
         .collect()
+}
+
+/// The build context is the repository root, gigabytes with target/: .dockerignore must let
+/// in exactly what the Dockerfile copies.
+#[test]
+fn the_dockerignore_lets_in_exactly_what_the_dockerfile_copies() {
+    let dockerfile = read("deploy/Dockerfile");
+    let mut copied: Vec<&str> = dockerfile
+        .lines()
+        .filter_map(|line| line.strip_prefix("COPY "))
+        .map(|args| args.split_whitespace().next().unwrap())
+        .collect();
+    copied.sort_unstable();
+    let dockerignore = read(".dockerignore");
+    let rules: Vec<&str> = dockerignore
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .collect();
+    assert_eq!(rules.first(), Some(&"*"), "everything is left out first");
+    let mut let_in: Vec<&str> = rules
+        .iter()
+        .filter_map(|rule| rule.strip_prefix('!'))
+        .collect();
+    let_in.sort_unstable();
+    assert_eq!(let_in, copied);
+    assert_eq!(rules.len(), copied.len() + 1, "{rules:?}");
 }
 
 /// The largest the image archive may be. Measured: the archive of 0.1.0 is 7.8 MiB
@@ -170,4 +202,46 @@ fn the_agent_in_the_image_is_static_and_runs_from_its_policy() {
         "{}",
         String::from_utf8_lossy(&check.stderr)
     );
+}
+
+/// The static (musl) agent loads the program, attaches, updates a connection that existed
+/// before it started (pidfd_getfd, setns) and new ones, both ends, and detaches on SIGTERM.
+#[test]
+fn the_static_agent_from_the_image_enforces_and_detaches() {
+    require_host();
+    let unpacked = image::Unpacked::open(&image::archive());
+    let agent = unpacked.extract("usr/local/bin/keepalive-agent");
+    let cgroup = TestCgroup::new();
+    let netns = Netns::new();
+    let place = Placement::new(&cgroup, &netns);
+    let before = connect("127.0.0.1:0", "127.0.0.1", place, place);
+    assert!(!before.client().enabled, "no keepalive before the agent");
+
+    let places = AgentPlaces::new();
+    let name = cgroup.cgroup().name.clone();
+    let mut run = places.spawn(&agent, &["run", "--cgroup", &name, "--idle", "17"]);
+    run.expect_log("attached", Duration::from_secs(10));
+    run.expect_log("existing connections", Duration::from_secs(10));
+    for (which, keepalive) in [("client", before.client()), ("server", before.server())] {
+        assert!(keepalive.enabled, "existing {which}: {keepalive:?}");
+        assert_eq!(keepalive.idle_secs, 17, "existing {which}");
+    }
+    let after = connect("127.0.0.1:0", "127.0.0.1", place, place);
+    for (which, keepalive) in [("client", after.client()), ("server", after.server())] {
+        assert_eq!(
+            (
+                keepalive.enabled,
+                keepalive.idle_secs,
+                keepalive.interval_secs,
+                keepalive.count
+            ),
+            (true, 17, 5, 3),
+            "new {which}"
+        );
+    }
+    assert_eq!(
+        run.signal_and_wait(libc::SIGTERM, Duration::from_secs(10)),
+        Some(0)
+    );
+    assert!(kernel_links(&cgroup).is_empty(), "detached on SIGTERM");
 }
