@@ -56,7 +56,8 @@ enum Task {
         #[arg(last = true, value_name = "AGENT ARGS")]
         agent_args: Vec<String>,
     },
-    /// Install what the tests need, then run every test: unit and privileged (as root).
+    /// Install what the tests need, then run every test: unit and privileged (as root). On
+    /// the host it also builds the image (as `image` does) for the tests that check it.
     /// Arguments after `--` go to `cargo test` on the host (e.g. a test name filter) and to
     /// each test binary in the guests.
     Test {
