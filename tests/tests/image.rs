@@ -58,9 +58,9 @@ fn dockerfile_cmd() -> Vec<String> {
 }
 
 /// The build context is the repository root, gigabytes with target/: .dockerignore must let
-/// in exactly what the Dockerfile copies.
+/// in exactly what the Dockerfile copies. And the Dockerfile has one stage, from scratch.
 #[test]
-fn the_dockerignore_lets_in_exactly_what_the_dockerfile_copies() {
+fn the_dockerfile_is_one_stage_from_scratch_and_dockerignore_lets_in_what_it_copies() {
     let dockerfile = read("deploy/Dockerfile");
     let mut copied: Vec<&str> = dockerfile
         .lines()
@@ -82,6 +82,11 @@ fn the_dockerignore_lets_in_exactly_what_the_dockerfile_copies() {
     let_in.sort_unstable();
     assert_eq!(let_in, copied);
     assert_eq!(rules.len(), copied.len() + 1, "{rules:?}");
+    let stages: Vec<&str> = dockerfile
+        .lines()
+        .filter(|line| line.starts_with("FROM"))
+        .collect();
+    assert_eq!(stages, ["FROM scratch"], "one stage, nothing pulled");
 }
 
 /// The largest the image archive may be. Measured: the archive of 0.1.0 is 7.8 MiB
