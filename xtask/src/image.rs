@@ -185,16 +185,24 @@ fn revision(workspace: &Path) -> String {
 
 /// The `origin` remote as an https URL without credentials, if there is one.
 fn origin(workspace: &Path) -> Option<String> {
-    let url = git(workspace, &["remote", "get-url", "origin"])?;
+    public_url(&git(workspace, &["remote", "get-url", "origin"])?)
+}
+
+/// `url` (https, http or scp-like `git@host:owner/repo`) as `https://host/path`, without
+/// user or token and without `.git`; None for anything else (a local path, file://).
+fn public_url(url: &str) -> Option<String> {
     let url = match url.strip_prefix("git@") {
-        // git@host:owner/repo.git
         Some(rest) => format!("https://{}", rest.replacen(':', "/", 1)),
-        None => url,
+        None => url.to_string(),
     };
     let (scheme, rest) = url.split_once("://")?;
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
-    let rest = rest.strip_suffix(".git").unwrap_or(rest);
-    (scheme == "https" || scheme == "http").then(|| format!("https://{rest}"))
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    let path = path.strip_suffix(".git").unwrap_or(path);
+    (matches!(scheme, "https" | "http") && !host.is_empty())
+        .then(|| format!("https://{host}/{path}"))
 }
 
 fn git(workspace: &Path, args: &[&str]) -> Option<String> {
@@ -234,4 +242,35 @@ fn has_interpreter(path: &Path) -> anyhow::Result<bool> {
         }
     }
     Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::public_url;
+
+    #[test]
+    fn source_urls_lose_credentials() {
+        for (remote, public) in [
+            (
+                "https://github.com/acme/keepalive-agent.git",
+                Some("https://github.com/acme/keepalive-agent"),
+            ),
+            (
+                "https://user:ghp_secret@github.com/acme/keepalive-agent",
+                Some("https://github.com/acme/keepalive-agent"),
+            ),
+            (
+                "git@github.com:acme/keepalive-agent.git",
+                Some("https://github.com/acme/keepalive-agent"),
+            ),
+            (
+                "http://token@git.example.com/a/b@c",
+                Some("https://git.example.com/a/b@c"),
+            ),
+            ("/srv/git/keepalive-agent.git", None),
+            ("file:///srv/git/keepalive-agent.git", None),
+        ] {
+            assert_eq!(public_url(remote).as_deref(), public, "{remote}");
+        }
+    }
 }
