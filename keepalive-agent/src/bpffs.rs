@@ -29,7 +29,7 @@ const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 /// `BPF_FS_MAGIC` from include/uapi/linux/magic.h.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
 
 fn bpf(cmd: libc::c_long, attr: &mut [u64]) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a zero-padded `union bpf_attr` prefix of the given size.
@@ -134,7 +134,9 @@ pub fn cgroup_link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> {
 }
 
 fn is_bpffs(path: &Path) -> io::Result<bool> {
-    Ok(rustix::fs::statfs(path)?.f_type == BPF_FS_MAGIC)
+    let f_type = rustix::fs::statfs(path)?.f_type;
+    // `f_type`'s signedness differs between C libraries; compare it as unsigned.
+    Ok(u64::try_from(f_type).is_ok_and(|f_type| f_type == BPF_FS_MAGIC))
 }
 
 #[derive(Debug, thiserror::Error)]
