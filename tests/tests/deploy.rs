@@ -9,7 +9,7 @@ use std::{
     process::Command,
 };
 
-use keepalive_tests::{agent_bin, unique_name};
+use keepalive_tests::{TempDir, agent_bin};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -143,8 +143,7 @@ fn systemd_version() -> u32 {
 /// under test: the lines about our unit it printed.
 fn verify_unit(dropins: &[&str]) -> Vec<String> {
     let unit = read("deploy/systemd/keepalive-agent.service");
-    let dir = std::env::temp_dir().join(unique_name());
-    fs::create_dir(&dir).unwrap();
+    let dir = TempDir::new();
     let copy = dir.join("keepalive-agent.service");
     fs::write(
         &copy,
@@ -167,7 +166,7 @@ fn verify_unit(dropins: &[&str]) -> Vec<String> {
         .arg(&copy)
         .output()
         .unwrap_or_else(|e| panic!("cannot run systemd-analyze (Debian package systemd): {e}"));
-    let _ignored = fs::remove_dir_all(&dir);
+    drop(dir);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "systemd-analyze verify: {stderr}");
     stderr

@@ -180,8 +180,6 @@ fn run(task: Task) -> anyhow::Result<()> {
             let bins = target_dir(&workspace).join("release");
             let mut bench = Command::new(bins.join("ka-bench"));
             bench
-                .arg("--probe")
-                .arg(bins.join("ka-probe"))
                 .arg("--agent")
                 .arg(agent)
                 .arg("--out")

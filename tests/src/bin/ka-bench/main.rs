@@ -2,7 +2,7 @@
 //! peer libkeepalive, measured in one run with the variants interleaved.
 //!
 //! ```text
-//! ka-bench --probe PATH --agent PATH --out DIR [--quick]
+//! ka-bench --agent PATH --out DIR [--quick]
 //! ```
 //! Prints a table and writes `DIR/bench.md`, `DIR/bench.json` and `DIR/bench.svg`.
 #![expect(clippy::print_stdout, reason = "the table is the benchmark's output")]
@@ -62,20 +62,19 @@ pub(crate) struct Paths {
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let (mut probe, mut agent, mut out, mut settings) = (None, None, None, Settings::FULL);
+    let (mut agent, mut out, mut settings) = (None, None, Settings::FULL);
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--probe" => probe = args.next().map(PathBuf::from),
             "--agent" => agent = args.next().map(PathBuf::from),
             "--out" => out = args.next().map(PathBuf::from),
             "--quick" => settings = Settings::QUICK,
             other => panic!(
-                "unknown argument {other:?}; usage: ka-bench --probe PATH --agent PATH --out DIR [--quick]"
+                "unknown argument {other:?}; usage: ka-bench --agent PATH --out DIR [--quick]"
             ),
         }
     }
     let paths = Paths {
-        probe: probe.expect("--probe PATH (target/release/ka-probe)"),
+        probe: keepalive_tests::probe_bin(),
         agent: agent.expect("--agent PATH (target/release/keepalive-agent)"),
         out: out.expect("--out DIR"),
     };

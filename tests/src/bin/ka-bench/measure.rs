@@ -282,9 +282,10 @@ fn update_latency(paths: &Paths, settings: Settings) -> Samples {
 fn agent_startups(paths: &Paths, settings: Settings, rules: Option<usize>) -> (Samples, Samples) {
     let cgroup = TestCgroup::new();
     let config = rules.map(|rules| {
-        let path = std::env::temp_dir().join(format!("{}.toml", keepalive_tests::unique_name()));
-        std::fs::write(&path, policies::realistic_toml(rules, &cgroup.scope())).unwrap();
-        RemoveOnDrop(path)
+        let dir = keepalive_tests::TempDir::new();
+        let text = policies::realistic_toml(rules, &cgroup.scope());
+        let path = dir.write("policy.toml", &text, 0o644);
+        (dir, path)
     });
     let mut args = vec![
         "run".to_string(),
@@ -293,7 +294,7 @@ fn agent_startups(paths: &Paths, settings: Settings, rules: Option<usize>) -> (S
         "--no-existing".into(),
     ];
     if let Some(config) = &config {
-        args.extend(["--config".into(), config.0.display().to_string()]);
+        args.extend(["--config".into(), config.1.display().to_string()]);
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (mut startup, mut rss) = (Samples::default(), Samples::default());
@@ -310,15 +311,6 @@ fn agent_startups(paths: &Paths, settings: Settings, rules: Option<usize>) -> (S
         );
     }
     (startup, rss)
-}
-
-/// A file removed on drop.
-struct RemoveOnDrop(std::path::PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ignored = std::fs::remove_file(&self.0);
-    }
 }
 
 pub(crate) fn vm_rss_kib(pid: u32) -> f64 {
