@@ -45,11 +45,22 @@ fn quick_benchmark_writes_table_json_and_plot() {
         "{variants:?}"
     );
     assert!(
+        variants.contains(&"floor") && variants.contains(&"app-sets"),
+        "the floor program and the application setting the options: {variants:?}"
+    );
+    assert_eq!(
+        json["targets"].as_array().map(Vec::len),
+        Some(4),
+        "four targets checked: {}",
+        json["targets"]
+    );
+    assert!(
         json["program_runs_per_conn"].as_f64().unwrap() >= 2.0,
         "both established callbacks ran"
     );
     let md = fs::read_to_string(out.join("bench.md")).unwrap();
     assert!(md.contains("| agent |"), "{md}");
+    assert!(md.contains("## Targets") && md.contains("Wall time"), "{md}");
     assert!(
         fs::read_to_string(out.join("bench.svg"))
             .unwrap()
