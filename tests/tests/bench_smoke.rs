@@ -60,7 +60,10 @@ fn quick_benchmark_writes_table_json_and_plot() {
     );
     let md = fs::read_to_string(out.join("bench.md")).unwrap();
     assert!(md.contains("| agent |"), "{md}");
-    assert!(md.contains("## Targets") && md.contains("Wall time"), "{md}");
+    assert!(
+        md.contains("## Targets") && md.contains("Wall time"),
+        "{md}"
+    );
     assert!(
         fs::read_to_string(out.join("bench.svg"))
             .unwrap()

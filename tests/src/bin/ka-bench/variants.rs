@@ -27,7 +27,7 @@ const APP_SETS_ENV: &[(&str, &str)] = &[("KA_PROBE_KEEPALIVE", "60,5,3")];
 /// A sock_ops program whose run time the kernel counts.
 #[derive(Debug)]
 pub(crate) enum Program {
-    Agent(Enforcer),
+    Agent(Box<Enforcer>),
     Floor(FloorProgram),
 }
 
@@ -103,7 +103,7 @@ impl Variant {
         enforcer
             .apply(&make(variant.cgroup.scope()))
             .expect("apply the policy");
-        variant.program = Some(Program::Agent(enforcer));
+        variant.program = Some(Program::Agent(Box::new(enforcer)));
         variant
     }
 
