@@ -16,6 +16,7 @@
 )]
 
 mod agent;
+mod existing;
 mod floor;
 mod policies;
 mod program_cost;
@@ -45,6 +46,8 @@ pub(crate) struct Settings {
     pub(crate) starts: usize,
     /// Numbers of followed cgroups for the scale table.
     pub(crate) cgroup_steps: &'static [usize],
+    /// Established connections elsewhere, and the processes holding them (informational).
+    pub(crate) existing_steps: &'static [(usize, usize)],
     /// Whether this is the plumbing check, whose figures mean nothing.
     pub(crate) quick: bool,
 }
@@ -56,6 +59,7 @@ impl Settings {
         updates: 21,
         starts: 7,
         cgroup_steps: &[1, 100, 1000],
+        existing_steps: &[(0, 0), (10_000, 1000), (16_000, 1000), (100_000, 1000)],
         quick: false,
     };
     /// Checks that every step works, in well under a minute; its figures mean nothing.
@@ -65,6 +69,7 @@ impl Settings {
         updates: 3,
         starts: 2,
         cgroup_steps: &[1, 3],
+        existing_steps: &[(0, 0), (200, 10)],
         quick: true,
     };
 }

@@ -1,7 +1,7 @@
 //! Every figure of one run, measured in order.
 
 use crate::{
-    Bench, Settings, agent, program_cost, rates,
+    Bench, Settings, agent, existing, program_cost, rates,
     samples::{Row, Samples},
     scale, variants,
 };
@@ -32,6 +32,8 @@ pub(crate) struct Results {
     pub(crate) rss_10k_kib: Samples,
     /// Cost, coverage and memory as the followed cgroups grow.
     pub(crate) scale: Vec<scale::ScaleRow>,
+    /// Start-up sweep and new-cgroup coverage with established connections elsewhere.
+    pub(crate) existing: Vec<existing::ExistingRow>,
 }
 
 pub(crate) fn run(bench: &Bench) -> Results {
@@ -59,5 +61,6 @@ pub(crate) fn run(bench: &Bench) -> Results {
         rss_kib,
         rss_10k_kib,
         scale: scale::cgroup_scale(bench),
+        existing: existing::existing_scale(bench),
     }
 }

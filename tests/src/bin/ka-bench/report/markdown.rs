@@ -16,6 +16,7 @@ pub(crate) fn markdown(results: &Results, took: Duration, note: Option<&str>) ->
     program_time(&mut md, results);
     agent(&mut md, results);
     scale(&mut md, results);
+    existing(&mut md, results);
     md
 }
 
@@ -156,6 +157,38 @@ fn scale(w: &mut String, results: &Results) {
             spread(&row.program_ns, 0),
             spread(&row.coverage_ms, 1),
             row.rss_kib / 1024.0
+        );
+    }
+}
+
+fn existing(w: &mut String, results: &Results) {
+    let _ = writeln!(
+        w,
+        "\n## Existing connections (informational)\n\nToday's path, not a target this round: \
+         the agent reads each namespace's socket list and updates every socket through \
+         pidfd_getfd. Established loopback connections (both ends local) spread over \
+         processes in one cgroup the agent follows (`root/c-*`). Start-up sweep: from the \
+         `policy applied` line to the `existing connections` line. Then the time from creating \
+         one more matching cgroup to its `attached` line, with those connections elsewhere.\n"
+    );
+    let _ = writeln!(
+        w,
+        "| connections elsewhere | processes | sockets swept | start-up sweep (s) | sweep (connections/s) | new cgroup covered after (ms) |\n|---:|---:|---:|---:|---:|---:|"
+    );
+    for row in &results.existing {
+        let rate = if row.connections == 0 {
+            "-".to_string()
+        } else {
+            format!("{:.0}", row.sweep_rate())
+        };
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {:.2} | {rate} | {} |",
+            row.connections,
+            row.processes,
+            row.swept_sockets,
+            row.sweep_s,
+            spread(&row.coverage_ms, 1)
         );
     }
 }
