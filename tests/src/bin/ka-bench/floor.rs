@@ -9,6 +9,10 @@ use std::{
     time::Duration,
 };
 
+use keepalive_tests::{Netns, Placement, TestCgroup, Workload};
+
+use crate::Bench;
+
 /// `bpf(2)` commands and constants from `linux/bpf.h` (stable UAPI).
 const BPF_PROG_LOAD: i64 = 5;
 const BPF_OBJ_GET_INFO_BY_FD: i64 = 15;
@@ -216,4 +220,22 @@ fn program_id(program: &OwnedFd) -> u32 {
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut get)
         .unwrap_or_else(|e| panic!("read the floor program's id: {e}"));
     head[1]
+}
+
+/// Panics unless both ends of a connection in `cgroup` (where the floor program is attached)
+/// carry its values: a floor that set nothing would make every ratio to it meaningless.
+pub(crate) fn check(bench: &Bench, cgroup: &TestCgroup) {
+    let netns = Netns::new();
+    let tally = Workload::spawn(
+        &bench.probe,
+        &["tally", "127.0.0.1:0", "1"],
+        Placement::new(cgroup, &netns),
+    );
+    let seen = tally.expect("tally");
+    // `tally KEEPALIVE IDLE INTERVAL COUNT ENDS`: one line, both ends alike.
+    assert_eq!(
+        seen,
+        ["1", "60", "5", "3", "2"],
+        "the floor program did not set SO_KEEPALIVE 1, idle 60, interval 5, count 3 on both ends"
+    );
 }

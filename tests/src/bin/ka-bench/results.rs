@@ -39,6 +39,9 @@ pub(crate) struct Results {
 pub(crate) fn run(bench: &Bench) -> Results {
     bench.progress.step("loading the variants");
     let variants = variants::all();
+    if let Some(floor) = variants.iter().find(|variant| variant.name == "floor") {
+        crate::floor::check(bench, &floor.cgroup);
+    }
     let (loopback, veth) = rates::connection_rates(bench, &variants);
     let (program_ns, runs_per_conn) = program_cost::program_cost(bench, &variants);
     drop(variants);
