@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod cgroup;
 pub mod connection;
+pub mod fixture;
 pub mod http;
 pub mod image;
 pub mod links;
@@ -19,6 +20,7 @@ pub mod manifests;
 pub mod netns;
 pub mod process;
 pub mod scan;
+pub mod scratch;
 pub mod sockopt;
 pub mod sysctl;
 
@@ -33,9 +35,11 @@ use std::{
 pub use agent::AgentPlaces;
 pub use cgroup::TestCgroup;
 pub use connection::{Connection, connect, probe, probe_bin};
+pub use fixture::Fixture;
 pub use links::{kernel_links, links_per_cgroup};
 pub use netns::{Netns, Routed, Veth};
 pub use process::{Placement, Workload};
+pub use scratch::{AgentCopy, TempDir};
 pub use sockopt::Keepalive;
 
 /// Prefix of everything the tests create.
@@ -155,18 +159,17 @@ pub fn agent_bin() -> std::path::PathBuf {
     }
 }
 
-/// A binary of the workspace beside the running test binary (target/<profile>/deps/<test>).
+/// A binary of the workspace in the running binary's target directory: beside it (a benchmark
+/// in target/<profile>/) or one level up (a test in target/<profile>/deps/).
 pub(crate) fn target_bin(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let candidate = exe
-        .parent()
-        .and_then(std::path::Path::parent)
-        .map(|dir| dir.join(name))
-        .expect("test binary has no target directory");
-    assert!(
-        candidate.exists(),
-        "{} does not exist: build it first (`cargo xtask test` does)",
-        candidate.display()
-    );
-    candidate
+    let dirs = exe.ancestors().skip(1).take(2);
+    let candidates: Vec<std::path::PathBuf> = dirs.map(|dir| dir.join(name)).collect();
+    candidates
+        .iter()
+        .find(|candidate| candidate.is_file())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!("{name} is not in {candidates:?}: build it first (`cargo xtask test` does)")
+        })
 }

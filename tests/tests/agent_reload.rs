@@ -4,34 +4,16 @@
 
 use std::{
     fs,
-    path::PathBuf,
     process::Command,
     time::{Duration, Instant},
 };
 
 use keepalive_tests::{
-    AgentPlaces, Keepalive, Netns, Placement, TestCgroup, Workload, agent_bin, connect,
-    require_host, unique_name,
+    AgentPlaces, Keepalive, Netns, Placement, TempDir, TestCgroup, Workload, agent_bin, connect,
+    require_host,
 };
 
 const LOG_WAIT: Duration = Duration::from_secs(10);
-
-/// A directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        let dir = std::env::temp_dir().join(unique_name());
-        fs::create_dir(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ignored = fs::remove_dir_all(&self.0);
-    }
-}
 
 fn policy_text(cgroup: &TestCgroup, idle: &str) -> String {
     format!(
@@ -78,7 +60,7 @@ fn file_changes_reload_live_and_bad_files_leave_the_running_policy() {
     let netns = Netns::new();
     let dir = TempDir::new();
     let places = AgentPlaces::new();
-    let config = dir.0.join("policy.toml");
+    let config = dir.join("policy.toml");
     fs::write(&config, policy_text(&cgroup, "91s")).unwrap();
     let place = Placement::new(&cgroup, &netns);
     let mut agent = places.spawn(agent_bin(), &["run", "--config", config.to_str().unwrap()]);
@@ -99,8 +81,8 @@ fn file_changes_reload_live_and_bad_files_leave_the_running_policy() {
     // Files coming and going beside it (an editor's swap file) do not read, log and count the
     // refused version again; SIGHUP does.
     for name in [".policy.toml.swp", "policy.toml~"] {
-        fs::write(dir.0.join(name), "scratch").unwrap();
-        fs::remove_file(dir.0.join(name)).unwrap();
+        fs::write(dir.join(name), "scratch").unwrap();
+        fs::remove_file(dir.join(name)).unwrap();
     }
     agent.signal(libc::SIGHUP);
     let again = agent.expect_log("policy refused", LOG_WAIT);
@@ -138,7 +120,7 @@ fn file_changes_reload_live_and_bad_files_leave_the_running_policy() {
 #[test]
 fn check_validates_without_loading_and_names_file_line_field_and_range() {
     let dir = TempDir::new();
-    let good = dir.0.join("good.toml");
+    let good = dir.join("good.toml");
     fs::write(&good, include_str!("../../examples/policy.toml")).unwrap();
     let out = Command::new(agent_bin())
         .args(["check", "--config"])
@@ -166,7 +148,7 @@ fn check_validates_without_loading_and_names_file_line_field_and_range() {
         ),
     ];
     for (text, line, message) in cases {
-        let bad = dir.0.join("bad.toml");
+        let bad = dir.join("bad.toml");
         fs::write(&bad, text).unwrap();
         let out = Command::new(agent_bin())
             .args(["check", "--config"])
@@ -181,8 +163,8 @@ fn check_validates_without_loading_and_names_file_line_field_and_range() {
         );
     }
     for (path, message) in [
-        (dir.0.join("missing.toml"), "cannot read policy file"),
-        (dir.0.clone(), "is a directory"),
+        (dir.join("missing.toml"), "cannot read policy file"),
+        (dir.path().to_path_buf(), "is a directory"),
     ] {
         let out = Command::new(agent_bin())
             .args(["check", "--config"])

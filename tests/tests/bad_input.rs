@@ -13,7 +13,8 @@ use std::{
 };
 
 use keepalive_tests::{
-    AgentPlaces, Netns, Placement, TestCgroup, Workload, agent_bin, connect, require_host, wait_for,
+    AgentCopy, AgentPlaces, Netns, Placement, TempDir, TestCgroup, Workload, agent_bin, connect,
+    require_host, wait_for,
 };
 
 const LOG_WAIT: Duration = Duration::from_secs(10);
@@ -42,14 +43,24 @@ fn corpus() -> Vec<(PathBuf, String)> {
     files
 }
 
-/// `keepalive-agent check --config PATH`, as `uid` when given.
+/// `keepalive-agent check --config PATH`, as `uid` when given (then from a copy of the agent
+/// that user may run).
 fn check(path: &Path, uid: Option<u32>) -> Output {
-    let mut command = Command::new(agent_bin());
-    command.args(["check", "--config"]).arg(path);
-    if let Some(uid) = uid {
-        command.uid(uid).gid(uid);
-    }
-    command.output().unwrap()
+    let Some(uid) = uid else {
+        return Command::new(agent_bin())
+            .args(["check", "--config"])
+            .arg(path)
+            .output()
+            .unwrap();
+    };
+    let agent = AgentCopy::new();
+    Command::new(agent.path())
+        .args(["check", "--config"])
+        .arg(path)
+        .uid(uid)
+        .gid(uid)
+        .output()
+        .unwrap()
 }
 
 /// A refusal: exit status 1 (not a panic's 101, not a signal), one line on stderr naming
@@ -74,30 +85,6 @@ fn assert_one_clear_error(out: &Output, name: &str, expect: &str) -> String {
     stderr
 }
 
-/// A scratch directory for policy files, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Self {
-        let dir = std::env::temp_dir().join(keepalive_tests::unique_name());
-        fs::create_dir(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn write(&self, name: &str, text: &str, mode: u32) -> PathBuf {
-        let path = self.0.join(name);
-        fs::write(&path, text).unwrap();
-        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
-        path
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ignored = fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 fn check_gives_every_malformed_policy_one_clear_error() {
     require_host();
@@ -110,13 +97,13 @@ fn check_gives_every_malformed_policy_one_clear_error() {
 #[test]
 fn check_refuses_missing_unreadable_directory_foreign_and_writable_by_anyone() {
     require_host();
-    let scratch = Scratch::new();
+    let scratch = TempDir::new();
     let good = "[default]\nidle = \"30s\"\n";
-    let missing = scratch.0.join("missing.toml");
+    let missing = scratch.join("missing.toml");
     assert_one_clear_error(&check(&missing, None), "missing.toml", "No such file");
-    assert_one_clear_error(&check(&scratch.0, None), "ka-test", "is a directory");
+    assert_one_clear_error(&check(scratch.path(), None), "ka-test", "is a directory");
     let private = scratch.write("private.toml", good, 0o600);
-    fs::set_permissions(&scratch.0, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(scratch.path(), fs::Permissions::from_mode(0o755)).unwrap();
     assert_one_clear_error(
         &check(&private, Some(NOBODY)),
         "private.toml",
@@ -129,7 +116,7 @@ fn check_refuses_missing_unreadable_directory_foreign_and_writable_by_anyone() {
     assert_one_clear_error(&check(&foreign, None), "foreign.toml", "not root");
     let fine = scratch.write("fine.toml", good, 0o644);
     assert!(check(&fine, None).status.success());
-    fs::set_permissions(&scratch.0, fs::Permissions::from_mode(0o777)).unwrap();
+    fs::set_permissions(scratch.path(), fs::Permissions::from_mode(0o777)).unwrap();
     assert_one_clear_error(&check(&fine, None), "fine.toml", "its directory");
 }
 

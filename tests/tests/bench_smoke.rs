@@ -2,37 +2,26 @@
 //! are written. The figures of a quick run mean nothing and are not asserted.
 #![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 
-use std::{fs, path::PathBuf};
+use std::fs;
 
-use keepalive_tests::{agent_bin, require_host, unique_name};
-
-/// A directory removed on drop.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ignored = fs::remove_dir_all(&self.0);
-    }
-}
+use keepalive_tests::{TempDir, agent_bin, require_host};
 
 #[test]
 fn quick_benchmark_writes_table_json_and_plot() {
     require_host();
-    let out = TempDir(std::env::temp_dir().join(unique_name()));
+    let out = TempDir::new();
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_ka-bench"))
-        .arg("--probe")
-        .arg(env!("CARGO_BIN_EXE_ka-probe"))
         .arg("--agent")
         .arg(agent_bin())
         .arg("--out")
-        .arg(&out.0)
+        .arg(out.path())
         .arg("--quick")
         .status()
         .unwrap();
     assert!(status.success(), "ka-bench --quick: {status}");
 
     let json: serde_json::Value =
-        serde_json::from_str(&fs::read_to_string(out.0.join("bench.json")).unwrap()).unwrap();
+        serde_json::from_str(&fs::read_to_string(out.join("bench.json")).unwrap()).unwrap();
     for key in [
         "loopback_conn_per_s",
         "veth_conn_per_s",
@@ -56,13 +45,27 @@ fn quick_benchmark_writes_table_json_and_plot() {
         "{variants:?}"
     );
     assert!(
+        variants.contains(&"floor") && variants.contains(&"app-sets"),
+        "the floor program and the application setting the options: {variants:?}"
+    );
+    assert_eq!(
+        json["targets"].as_array().map(Vec::len),
+        Some(4),
+        "four targets checked: {}",
+        json["targets"]
+    );
+    assert!(
         json["program_runs_per_conn"].as_f64().unwrap() >= 2.0,
         "both established callbacks ran"
     );
-    let md = fs::read_to_string(out.0.join("bench.md")).unwrap();
+    let md = fs::read_to_string(out.join("bench.md")).unwrap();
     assert!(md.contains("| agent |"), "{md}");
     assert!(
-        fs::read_to_string(out.0.join("bench.svg"))
+        md.contains("## Targets") && md.contains("Wall time"),
+        "{md}"
+    );
+    assert!(
+        fs::read_to_string(out.join("bench.svg"))
             .unwrap()
             .starts_with("<svg")
     );

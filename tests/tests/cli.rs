@@ -5,35 +5,18 @@
 
 use std::{
     fs,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Output},
 };
 
-use keepalive_tests::{agent_bin, unique_name};
-
-/// A directory under the temporary directory, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        let dir = std::env::temp_dir().join(unique_name());
-        fs::create_dir(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ignored = fs::remove_dir_all(&self.0);
-    }
-}
+use keepalive_tests::{TempDir, agent_bin};
 
 /// `keepalive-agent generate --out-dir <temporary>`.
 fn generated() -> TempDir {
     let dir = TempDir::new();
     let out = Command::new(agent_bin())
         .args(["generate", "--out-dir"])
-        .arg(&dir.0)
+        .arg(dir.path())
         .output()
         .unwrap();
     assert!(
@@ -74,7 +57,7 @@ fn render(page: &Path) -> String {
 #[test]
 fn man_pages_render_for_the_agent_and_each_subcommand() {
     let dir = generated();
-    let man = dir.0.join("man");
+    let man = dir.join("man");
     let mut pages: Vec<String> = fs::read_dir(&man)
         .unwrap()
         .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
@@ -159,7 +142,7 @@ fn bash_complete(script: &Path, command_line: &str) -> Vec<String> {
 #[test]
 fn bash_completion_offers_the_subcommands_options_and_values() {
     let dir = generated();
-    let script = dir.0.join("completions/keepalive-agent.bash");
+    let script = dir.join("completions/keepalive-agent.bash");
 
     let subcommands = bash_complete(&script, "keepalive-agent ");
     for expected in ["run", "check", "status", "detach", "scan", "explain"] {
@@ -190,7 +173,7 @@ fn bash_completion_offers_the_subcommands_options_and_values() {
 fn zsh_and_fish_completions_know_the_subcommands() {
     let dir = generated();
     for file in ["_keepalive-agent", "keepalive-agent.fish"] {
-        let script = fs::read_to_string(dir.0.join("completions").join(file)).unwrap();
+        let script = fs::read_to_string(dir.join("completions").join(file)).unwrap();
         for expected in [
             "run",
             "check",

@@ -99,8 +99,7 @@ fn a_rule_for_a_cgroup_that_appears_later_applies_once_it_exists() {
     let root = TestCgroup::new();
     let netns = Netns::new();
     let places = AgentPlaces::new();
-    let dir = std::env::temp_dir().join(keepalive_tests::unique_name());
-    std::fs::create_dir(&dir).unwrap();
+    let dir = keepalive_tests::TempDir::new();
     let config = dir.join("policy.toml");
     let late = format!("{}/late", root.scope());
     std::fs::write(
@@ -124,7 +123,6 @@ fn a_rule_for_a_cgroup_that_appears_later_applies_once_it_exists() {
         112
     );
     drop(agent);
-    let _ignored = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

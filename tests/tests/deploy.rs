@@ -11,7 +11,7 @@ use std::{
     process::Command,
 };
 
-use keepalive_tests::{agent_bin, image, manifests, unique_name};
+use keepalive_tests::{TempDir, agent_bin, image, manifests};
 use serde_json::Value;
 
 fn repo() -> PathBuf {
@@ -215,27 +215,10 @@ fn the_daemonset_runs_the_built_image_without_a_token_unconfined() {
     assert_eq!(containerd["readOnly"], true);
 }
 
-/// A directory of its own under the temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        let dir = std::env::temp_dir().join(unique_name());
-        fs::create_dir(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ignored = fs::remove_dir_all(&self.0);
-    }
-}
-
 /// An overlay in a temporary directory that uses the base and `components`, rendered.
 fn overlay(components: &[&str]) -> (String, Vec<Value>) {
     let temp = TempDir::new();
-    let dir = temp.0.as_path();
+    let dir = temp.path();
     // kustomize takes relative paths only: up to `/`, then down to the base.
     let up = "../".repeat(dir.components().count() - 1);
     let base = Path::new(&up).join(repo().join("deploy/kubernetes").strip_prefix("/").unwrap());
@@ -316,8 +299,7 @@ fn systemd_version() -> u32 {
 /// under test: the lines about our unit it printed.
 fn verify_unit(dropins: &[&str]) -> Vec<String> {
     let unit = read("deploy/systemd/keepalive-agent.service");
-    let dir = std::env::temp_dir().join(unique_name());
-    fs::create_dir(&dir).unwrap();
+    let dir = TempDir::new();
     let copy = dir.join("keepalive-agent.service");
     fs::write(
         &copy,
@@ -340,7 +322,7 @@ fn verify_unit(dropins: &[&str]) -> Vec<String> {
         .arg(&copy)
         .output()
         .unwrap_or_else(|e| panic!("cannot run systemd-analyze (Debian package systemd): {e}"));
-    let _ignored = fs::remove_dir_all(&dir);
+    drop(dir);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "systemd-analyze verify: {stderr}");
     stderr

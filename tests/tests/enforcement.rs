@@ -1,19 +1,15 @@
 //! The real program in the running kernel, attached to a throwaway cgroup; workloads are child
 //! processes in that cgroup, inside a fresh network namespace; results are read back from the
 //! kernel (getsockopt through pidfd_getfd, `ss -tno`).
-#![expect(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "tests panic with the reason"
-)]
+#![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 
 use std::time::Duration;
 
-use keepalive_agent::{Action, Enforcer, Values};
-use keepalive_common::{Outcome, Stage};
+use keepalive_agent::{Action, Values};
+use keepalive_common::Outcome;
 use keepalive_tests::{
-    AgentPlaces, Keepalive, Netns, Placement, TestCgroup, Workload, agent_bin, connect, enforce,
-    load_enforcer, netns::SsEntry, require_host,
+    AgentPlaces, Fixture, Keepalive, Netns, Placement, TestCgroup, Workload, agent_bin, connect,
+    enforce, netns::SsEntry, require_host,
 };
 
 /// Distinct from the kernel defaults and from each other, so a match cannot be a coincidence.
@@ -30,37 +26,6 @@ const OTHER_POLICY: Values = Values {
     count: 6,
     user_timeout_ms: Some(4_321),
 };
-
-/// The program attached to a fresh cgroup, in a fresh network namespace.
-struct Fixture {
-    enforcer: Enforcer,
-    cgroup: TestCgroup,
-    netns: Netns,
-}
-
-impl Fixture {
-    fn new(values: &Values) -> Self {
-        let cgroup = TestCgroup::new();
-        let netns = Netns::new();
-        let mut enforcer = load_enforcer(Stage::Full);
-        enforcer
-            .apply(&enforce(*values, &[&cgroup]))
-            .expect("enforce in the test cgroup");
-        Self {
-            enforcer,
-            cgroup,
-            netns,
-        }
-    }
-
-    fn inside(&self) -> Placement<'_> {
-        Placement::new(&self.cgroup, &self.netns)
-    }
-
-    fn outside(&self) -> Placement<'_> {
-        Placement::netns_only(&self.netns)
-    }
-}
 
 fn assert_both_enforced(fixture: &Fixture, listen: &str, connect_ip: &str, policy: &Values) {
     let before = fixture.enforcer.outcomes(0).unwrap().get(Outcome::Set);
@@ -92,19 +57,19 @@ fn assert_both_enforced(fixture: &Fixture, listen: &str, connect_ip: &str, polic
 
 #[test]
 fn ipv4_client_and_server_get_the_policy() {
-    let fixture = Fixture::new(&POLICY);
+    let fixture = Fixture::enforcing(&POLICY);
     assert_both_enforced(&fixture, "127.0.0.1:0", "127.0.0.1", &POLICY);
 }
 
 #[test]
 fn ipv6_client_and_server_get_the_policy() {
-    let fixture = Fixture::new(&POLICY);
+    let fixture = Fixture::enforcing(&POLICY);
     assert_both_enforced(&fixture, "[::1]:0", "::1", &POLICY);
 }
 
 #[test]
 fn ipv4_mapped_ipv6_client_and_server_get_the_policy() {
-    let fixture = Fixture::new(&POLICY);
+    let fixture = Fixture::enforcing(&POLICY);
     // A dual-stack listener accepts an IPv4 client as ::ffff:127.0.0.1, and an IPv6 client
     // socket reaches the IPv4 loopback through the mapped address.
     assert_both_enforced(&fixture, "[::]:0", "::ffff:127.0.0.1", &POLICY);
@@ -117,7 +82,7 @@ fn user_timeout_is_left_alone_when_the_policy_has_none() {
         user_timeout_ms: None,
         ..POLICY
     };
-    let fixture = Fixture::new(&policy);
+    let fixture = Fixture::enforcing(&policy);
     let conn = connect(
         "127.0.0.1:0",
         "127.0.0.1",
@@ -130,7 +95,7 @@ fn user_timeout_is_left_alone_when_the_policy_has_none() {
 
 #[test]
 fn ss_shows_a_keepalive_timer_on_enforced_connections_only() {
-    let fixture = Fixture::new(&POLICY);
+    let fixture = Fixture::enforcing(&POLICY);
     let enforced = connect(
         "127.0.0.1:0",
         "127.0.0.1",
@@ -184,7 +149,7 @@ fn ss_shows_a_keepalive_timer_on_enforced_connections_only() {
 
 #[test]
 fn policy_change_applies_to_the_next_connection_without_reload() {
-    let mut fixture = Fixture::new(&POLICY);
+    let mut fixture = Fixture::enforcing(&POLICY);
     let program = fixture.enforcer.program_stats().unwrap().id;
     let first = connect(
         "127.0.0.1:0",
@@ -229,7 +194,7 @@ fn policy_change_applies_to_the_next_connection_without_reload() {
 
 #[test]
 fn out_of_range_policy_change_is_refused_and_the_old_policy_stays() {
-    let mut fixture = Fixture::new(&POLICY);
+    let mut fixture = Fixture::enforcing(&POLICY);
     let bad = Values {
         count: 128,
         ..OTHER_POLICY
@@ -254,7 +219,7 @@ fn out_of_range_policy_change_is_refused_and_the_old_policy_stays() {
 
 #[test]
 fn processes_outside_the_cgroup_are_untouched() {
-    let fixture = Fixture::new(&POLICY);
+    let fixture = Fixture::enforcing(&POLICY);
     let conn = connect(
         "127.0.0.1:0",
         "127.0.0.1",
@@ -268,7 +233,7 @@ fn processes_outside_the_cgroup_are_untouched() {
 
 #[test]
 fn server_socket_follows_the_listeners_cgroup_not_the_running_task() {
-    let fixture = Fixture::new(&POLICY);
+    let fixture = Fixture::enforcing(&POLICY);
     let untouched = Keepalive::untouched(&fixture.netns);
     // On loopback the server's PASSIVE_ESTABLISHED runs in the client's task: attribution
     // must come from the listener, not from whoever is on the CPU.
@@ -293,7 +258,7 @@ fn server_socket_follows_the_listeners_cgroup_not_the_running_task() {
 
 #[test]
 fn descendant_cgroups_are_covered() {
-    let fixture = Fixture::new(&POLICY);
+    let fixture = Fixture::enforcing(&POLICY);
     let child = fixture.cgroup.child("workload");
     let place = Placement::new(&child, &fixture.netns);
     let conn = connect("[::1]:0", "::1", place, place);
@@ -303,7 +268,7 @@ fn descendant_cgroups_are_covered() {
 
 #[test]
 fn after_detach_new_connections_are_untouched() {
-    let mut fixture = Fixture::new(&POLICY);
+    let mut fixture = Fixture::enforcing(&POLICY);
     let before = connect(
         "127.0.0.1:0",
         "127.0.0.1",
@@ -348,7 +313,7 @@ sys.stdin.read()
 
 #[test]
 fn a_program_that_never_calls_setsockopt_is_covered() {
-    let fixture = Fixture::new(&POLICY);
+    let fixture = Fixture::enforcing(&POLICY);
     let server = Workload::spawn("python3", &["-c", PYTHON_SERVER], fixture.inside());
     let port = server.expect("listening").remove(0);
     let client = Workload::spawn("python3", &["-c", PYTHON_CLIENT, &port], fixture.inside());

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use keepalive_agent::Values;
 use keepalive_common::Stage;
 use keepalive_tests::{
-    Netns, Placement, TestCgroup, Veth, Workload, enforce, load_enforcer, require_host, wait_for,
+    Netns, Placement, TestCgroup, Veth, Workload, enforce, load_enforcer, probe_bin, require_host,
+    wait_for,
 };
 
 const POLICY: Values = Values {
@@ -53,7 +54,7 @@ impl Pair {
     /// A probe in the server namespace (`[::]:0` listens on both families).
     fn server(&self, mode: &str) -> (Workload, String) {
         let server = Workload::spawn(
-            env!("CARGO_BIN_EXE_ka-probe"),
+            probe_bin(),
             &[mode, "[::]:0"],
             Placement::netns_only(&self.server_ns),
         );
@@ -68,11 +69,7 @@ impl Pair {
         } else {
             &self.plain
         };
-        Workload::spawn(
-            env!("CARGO_BIN_EXE_ka-probe"),
-            args,
-            Placement::new(cgroup, &self.client_ns),
-        )
+        Workload::spawn(probe_bin(), args, Placement::new(cgroup, &self.client_ns))
     }
 
     /// Whether `ss` in the client namespace still shows an established connection from `local`.

@@ -4,10 +4,10 @@
 
 use std::path::Path;
 
-use keepalive_agent::{Enforcer, Policy, enforcer::features, policy::file};
+use keepalive_agent::{Policy, enforcer::features, policy::file};
 use keepalive_common::{Outcome, Stage};
 use keepalive_tests::{
-    Keepalive, Netns, Placement, TestCgroup, Workload, connect, load_enforcer, probe,
+    Fixture, Keepalive, Netns, Placement, TestCgroup, Workload, connect, load_enforcer, probe,
 };
 
 /// The built-in default of policy files, which tests leave in place.
@@ -33,40 +33,15 @@ fn parse(text: &str) -> Policy {
 
 /// A test cgroup enforced with a policy file's text, in a fresh network namespace. The text
 /// is a template: `{root}` is the test cgroup.
-struct Fixture {
-    enforcer: Enforcer,
-    root: TestCgroup,
-    netns: Netns,
-}
-
-impl Fixture {
-    fn new(template: &str) -> Self {
-        let root = TestCgroup::new();
-        let netns = Netns::new();
-        let mut enforcer = load_enforcer(Stage::Full);
-        let fixture_policy = parse(&template.replace("{root}", root.scope().as_str()));
-        enforcer.apply(&fixture_policy).unwrap();
-        Self {
-            enforcer,
-            root,
-            netns,
-        }
-    }
-
-    fn at<'a>(&'a self, cgroup: &'a TestCgroup) -> Placement<'a> {
-        Placement::new(cgroup, &self.netns)
-    }
-
-    fn inside(&self) -> Placement<'_> {
-        self.at(&self.root)
-    }
+fn policy_fixture(template: &str) -> Fixture {
+    Fixture::with_policy(|root| parse(&template.replace("{root}", root.scope().as_str())))
 }
 
 const SCOPE: &str = "[agent]\ncgroups = [\"{root}\"]\n";
 
 #[test]
 fn remote_cidr_matches_ipv4_ipv6_and_mapped_peers() {
-    let fixture = Fixture::new(&format!(
+    let fixture = policy_fixture(&format!(
         "{SCOPE}[[rule]]\nremote = \"127.0.0.2/32\"\nidle = \"11s\"\n\
          [[rule]]\nremote = \"::1/128\"\nidle = \"12s\"\n"
     ));
@@ -91,7 +66,7 @@ fn remote_cidr_matches_ipv4_ipv6_and_mapped_peers() {
 
 #[test]
 fn remote_and_local_ports_match_single_ports_and_ranges() {
-    let fixture = Fixture::new(&format!(
+    let fixture = policy_fixture(&format!(
         "{SCOPE}[[rule]]\nremote_port = 5432\nidle = \"21s\"\n\
          [[rule]]\nlocal_port = \"6000-6009\"\nidle = \"22s\"\n"
     ));
@@ -116,7 +91,7 @@ fn remote_and_local_ports_match_single_ports_and_ranges() {
 
 #[test]
 fn direction_tells_connections_opened_from_connections_accepted() {
-    let fixture = Fixture::new(&format!(
+    let fixture = policy_fixture(&format!(
         "{SCOPE}[[rule]]\ndirection = \"inbound\"\nidle = \"31s\"\n\
          [[rule]]\ndirection = \"outbound\"\nidle = \"32s\"\n"
     ));
@@ -273,7 +248,7 @@ fn assert_all_failed(fixture: &Fixture, at_least: u64) {
 
 #[test]
 fn fill_only_fills_sockets_without_keepalive() {
-    let fixture = Fixture::new(&format!(
+    let fixture = policy_fixture(&format!(
         "{SCOPE}[default]\nmode = \"fill\"\nidle = \"61s\"\n"
     ));
     let filled = Keepalive {
@@ -302,7 +277,7 @@ fn fill_only_fills_sockets_without_keepalive() {
 
 #[test]
 fn cap_lowers_what_exceeds_and_keeps_what_complies() {
-    let fixture = Fixture::new(&format!(
+    let fixture = policy_fixture(&format!(
         "{SCOPE}[default]\nmode = \"cap\"\nidle = \"30s\"\n"
     ));
     let (lax, _l) = python_client(fixture.inside(), [900, 30, 7], false);
@@ -338,7 +313,7 @@ fn cap_lowers_what_exceeds_and_keeps_what_complies() {
 
 #[test]
 fn exempt_and_audit_change_nothing_and_audit_counts() {
-    let fixture = Fixture::new(&format!(
+    let fixture = policy_fixture(&format!(
         "{SCOPE}[[rule]]\nname = \"ssh\"\nlocal_port = 2222\nmode = \"exempt\"\n\
          [default]\nmode = \"audit\"\n"
     ));
@@ -404,7 +379,7 @@ fn assert_overridden(fixture: &Fixture, slot: u32, at_least: u64) {
 
 #[test]
 fn an_application_cannot_undo_enforced_keepalive() {
-    let fixture = Fixture::new(&format!("{SCOPE}[default]\nidle = \"70s\"\n"));
+    let fixture = policy_fixture(&format!("{SCOPE}[default]\nidle = \"70s\"\n"));
     let (values, _w) = python_client(fixture.inside(), [0, 0, 0], true);
     assert_eq!(
         values,
@@ -416,7 +391,7 @@ fn an_application_cannot_undo_enforced_keepalive() {
 
 #[test]
 fn an_unlocked_rule_lets_the_application_change_its_mind() {
-    let fixture = Fixture::new(&format!("{SCOPE}[default]\nidle = \"70s\"\nlock = false\n"));
+    let fixture = policy_fixture(&format!("{SCOPE}[default]\nidle = \"70s\"\nlock = false\n"));
     let (values, _w) = python_client(fixture.inside(), [0, 0, 0], true);
     assert_eq!((values.enabled, values.idle_secs), (false, 999));
 }
@@ -424,7 +399,7 @@ fn an_unlocked_rule_lets_the_application_change_its_mind() {
 #[test]
 fn the_lock_follows_direction_rules() {
     // Direction rules make the hook need each socket's direction (kept in socket storage).
-    let fixture = Fixture::new(&format!(
+    let fixture = policy_fixture(&format!(
         "{SCOPE}[[rule]]\ndirection = \"outbound\"\nidle = \"71s\"\n\
          [[rule]]\ndirection = \"inbound\"\nmode = \"exempt\"\n"
     ));
@@ -433,7 +408,7 @@ fn the_lock_follows_direction_rules() {
 
     // A direction rule that this connection matches in neither direction: both directions
     // lead to the default, so nothing is stored for the socket and the hook still holds it.
-    let fixture = Fixture::new(&format!(
+    let fixture = policy_fixture(&format!(
         "{SCOPE}[default]\nidle = \"72s\"\n[[rule]]\ndirection = \"outbound\"\nremote_port = 1\n\
          mode = \"exempt\"\n"
     ));
@@ -443,7 +418,7 @@ fn the_lock_follows_direction_rules() {
 
 #[test]
 fn audit_counts_an_application_undoing_keepalive_without_stopping_it() {
-    let fixture = Fixture::new(&format!("{SCOPE}[default]\nmode = \"audit\"\n"));
+    let fixture = policy_fixture(&format!("{SCOPE}[default]\nmode = \"audit\"\n"));
     let (values, _w) = python_client(fixture.inside(), [0, 0, 0], true);
     assert_eq!((values.enabled, values.idle_secs), (false, 999));
     assert_overridden(&fixture, 0, 1);
@@ -494,8 +469,8 @@ const B: [i32; 4] = [1, 22, 4, 6];
 
 #[test]
 fn reloads_under_load_give_every_connection_one_whole_policy() {
-    let mut fixture = Fixture::new(SCOPE);
-    let root = fixture.root.scope();
+    let mut fixture = policy_fixture(SCOPE);
+    let root = fixture.cgroup.scope();
     let policy = |values: [i32; 4]| {
         parse(
             &format!(
@@ -511,7 +486,7 @@ fn reloads_under_load_give_every_connection_one_whole_policy() {
     enforcer.apply(&policy(A)).unwrap();
     let load = probe(
         &["tally", "127.0.0.1:0", "6000"],
-        Placement::new(&fixture.root, &fixture.netns),
+        Placement::new(&fixture.cgroup, &fixture.netns),
     );
     load.expect("listening");
     let mut reloads = 0;

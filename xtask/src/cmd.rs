@@ -1,19 +1,8 @@
-//! Running commands and finding programs.
+//! Running commands.
 
-use std::{
-    path::PathBuf,
-    process::{Command, ExitStatus},
-};
+use std::process::{Command, ExitStatus};
 
 use anyhow::{Context as _, bail};
-
-/// The first `name` on PATH.
-pub(crate) fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
-}
 
 /// Runs `command`, echoing it, and fails unless it exits 0.
 pub(crate) fn run_status(command: &mut Command) -> anyhow::Result<()> {

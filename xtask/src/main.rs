@@ -84,9 +84,11 @@ enum Task {
     },
     /// rustfmt and clippy (host crates and the eBPF crate), warnings as errors.
     Lint,
-    /// Measure what enforcement costs (as root): connection rate against no program and
-    /// libkeepalive, program ns per connection, update latency, agent start-up and memory.
-    /// Prints a table and writes bench/results/bench.{md,json,svg}.
+    /// Measure what enforcement costs (as root): connection rate against no program, a
+    /// policy-free floor program, libkeepalive and the application setting the options itself;
+    /// program ns per connection; update latency, agent start-up and memory; scale. Progress on
+    /// stderr; prints a table (targets marked pass/fail) and writes
+    /// bench/results/bench.{md,json,svg}.
     Bench {
         /// Exercise every step in seconds; the figures mean nothing.
         #[arg(long)]
@@ -198,8 +200,6 @@ fn run(task: Task) -> anyhow::Result<()> {
             let bins = target_dir(&workspace).join("release");
             let mut bench = Command::new(bins.join("ka-bench"));
             bench
-                .arg("--probe")
-                .arg(bins.join("ka-probe"))
                 .arg("--agent")
                 .arg(agent)
                 .arg("--out")

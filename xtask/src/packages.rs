@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::bail;
 
-use crate::cmd::{run_status, which};
+use crate::cmd::run_status;
 
 /// What is needed and the Debian package that provides it: a command looked up on PATH, or an
 /// absolute path that must exist.
@@ -42,7 +42,7 @@ fn present(what: &str) -> bool {
     if what.starts_with('/') {
         Path::new(what).exists()
     } else {
-        which(what).is_some()
+        which::which(what).is_ok()
     }
 }
 
@@ -58,7 +58,7 @@ pub(crate) fn ensure(needs: &[Need]) -> anyhow::Result<()> {
     }
     let mut packages: Vec<&str> = missing.iter().map(|(_, package)| *package).collect();
     packages.dedup();
-    if which("apt-get").is_none() {
+    if which::which("apt-get").is_err() {
         let what: Vec<&str> = missing.iter().map(|(what, _)| *what).collect();
         bail!(
             "missing {}: install the packages that provide them (Debian names: {})",

@@ -19,7 +19,7 @@ use anyhow::{Context as _, bail, ensure};
 pub(crate) use keepalive_common::toolchain::{EBPF_NIGHTLY as NIGHTLY, HOST};
 use keepalive_common::toolchain::{EBPF_NIGHTLY_COMPONENTS, HOST_COMPONENTS};
 
-use crate::{cmd::run_status, cmd::which};
+use crate::cmd::run_status;
 
 const NIGHTLY_LLVM_MAJOR: &str = "23";
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -33,7 +33,7 @@ pub(crate) struct Toolchain {
 impl Toolchain {
     /// Installs whatever is missing; a second call finds everything in place.
     pub(crate) fn ensure() -> anyhow::Result<Self> {
-        if which("rustup").is_none() {
+        if which::which("rustup").is_err() {
             bail!(
                 "rustup is not installed: the workspace is built with pinned toolchains \
                  ({HOST} and {NIGHTLY}) that rustup installs; get it from https://rustup.rs"

@@ -1,10 +1,13 @@
-//! `cargo xtask bench`: what enforcement costs, against no program and against the LD_PRELOAD
-//! peer libkeepalive, measured in one run with the variants interleaved.
+//! `cargo xtask bench`: what enforcement costs, against no program, against a policy-free
+//! program that only sets the four options (the floor for this job), against the LD_PRELOAD
+//! peer libkeepalive and against the application setting the options itself, measured in one
+//! run with the variants interleaved.
 //!
 //! ```text
-//! ka-bench --probe PATH --agent PATH --out DIR [--quick]
+//! ka-bench --agent PATH --out DIR [--quick]
 //! ```
-//! Prints a table and writes `DIR/bench.md`, `DIR/bench.json` and `DIR/bench.svg`.
+//! Progress lines go to stderr; the table to stdout and `DIR/bench.md`, with `DIR/bench.json`
+//! and `DIR/bench.svg`.
 #![expect(clippy::print_stdout, reason = "the table is the benchmark's output")]
 #![expect(
     clippy::expect_used,
@@ -12,13 +15,23 @@
     reason = "a benchmark that cannot run panics with the reason"
 )]
 
-mod measure;
+mod agent;
+mod existing;
+mod floor;
 mod policies;
+mod program_cost;
+mod progress;
+mod rates;
 mod report;
+mod results;
+mod samples;
 mod scale;
+mod stats_sysctl;
 mod variants;
 
 use std::path::PathBuf;
+
+use crate::{progress::Progress, stats_sysctl::StatsSysctl};
 
 /// How much to measure.
 #[derive(Debug, Clone, Copy)]
@@ -33,6 +46,10 @@ pub(crate) struct Settings {
     pub(crate) starts: usize,
     /// Numbers of followed cgroups for the scale table.
     pub(crate) cgroup_steps: &'static [usize],
+    /// Established connections elsewhere, and the processes holding them (informational).
+    pub(crate) existing_steps: &'static [(usize, usize)],
+    /// Whether this is the plumbing check, whose figures mean nothing.
+    pub(crate) quick: bool,
 }
 
 impl Settings {
@@ -42,83 +59,63 @@ impl Settings {
         updates: 21,
         starts: 7,
         cgroup_steps: &[1, 100, 1000],
+        existing_steps: &[(0, 0), (10_000, 1000), (16_000, 1000), (100_000, 1000)],
+        quick: false,
     };
-    /// Checks that every step works, in seconds; its figures mean nothing.
+    /// Checks that every step works, in well under a minute; its figures mean nothing.
     const QUICK: Self = Self {
         conns: 300,
         rounds: 2,
         updates: 3,
         starts: 2,
         cgroup_steps: &[1, 3],
+        existing_steps: &[(0, 0), (200, 10)],
+        quick: true,
     };
 }
 
+/// Everything a measurement needs: the binaries, the settings, the progress reporter.
 #[derive(Debug)]
-pub(crate) struct Paths {
+pub(crate) struct Bench {
+    /// The `ka-probe` workload.
     pub(crate) probe: PathBuf,
+    /// The agent binary.
     pub(crate) agent: PathBuf,
-    pub(crate) out: PathBuf,
+    pub(crate) settings: Settings,
+    pub(crate) progress: Progress,
 }
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let (mut probe, mut agent, mut out, mut settings) = (None, None, None, Settings::FULL);
+    let (mut agent, mut out, mut settings) = (None, None, Settings::FULL);
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--probe" => probe = args.next().map(PathBuf::from),
             "--agent" => agent = args.next().map(PathBuf::from),
             "--out" => out = args.next().map(PathBuf::from),
             "--quick" => settings = Settings::QUICK,
             other => panic!(
-                "unknown argument {other:?}; usage: ka-bench --probe PATH --agent PATH --out DIR [--quick]"
+                "unknown argument {other:?}; usage: ka-bench --agent PATH --out DIR [--quick]"
             ),
         }
     }
-    let paths = Paths {
-        probe: probe.expect("--probe PATH (target/release/ka-probe)"),
+    let out = out.expect("--out DIR");
+    let bench = Bench {
+        probe: keepalive_tests::probe_bin(),
         agent: agent.expect("--agent PATH (target/release/keepalive-agent)"),
-        out: out.expect("--out DIR"),
+        settings,
+        progress: Progress::start(),
     };
     keepalive_tests::require_host();
     let stats = StatsSysctl::off();
-    let started = std::time::Instant::now();
-    let results = measure::run(&paths, settings);
-    let table = report::markdown(&results, started.elapsed(), stats.note());
+    let results = results::run(&bench);
+    let took = bench.progress.elapsed();
+    let table = report::markdown(&results, took, stats.note());
     drop(stats);
     println!("{table}");
-    report::write(&results, &table, &paths.out);
-    println!("written to {}", paths.out.display());
-}
-
-/// `kernel.bpf_stats_enabled`: left on, every program run of every variant pays for two clock
-/// reads, which skews the connection rates. Off for the run (the ns figures use
-/// BPF_ENABLE_STATS, scoped to their measurement), then restored.
-struct StatsSysctl {
-    was_on: bool,
-}
-
-impl StatsSysctl {
-    const PATH: &str = "/proc/sys/kernel/bpf_stats_enabled";
-
-    fn off() -> Self {
-        let was_on = std::fs::read_to_string(Self::PATH).is_ok_and(|value| value.trim() == "1");
-        if was_on {
-            std::fs::write(Self::PATH, "0").expect("turn kernel.bpf_stats_enabled off");
-        }
-        Self { was_on }
-    }
-
-    fn note(&self) -> Option<&'static str> {
-        self.was_on.then_some(
-            "kernel.bpf_stats_enabled was 1: set to 0 for the run and restored afterwards.",
-        )
-    }
-}
-
-impl Drop for StatsSysctl {
-    fn drop(&mut self) {
-        if self.was_on {
-            let _ignored = std::fs::write(Self::PATH, "1");
-        }
-    }
+    report::write(&results, took, &table, &out);
+    println!("written to {}", out.display());
+    bench.progress.step(&format!(
+        "done: total wall time {:.0} s",
+        took.as_secs_f64()
+    ));
 }

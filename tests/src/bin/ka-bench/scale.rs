@@ -7,10 +7,7 @@ use keepalive_agent::{Policy, Values, enforcer::enable_run_time_stats};
 use keepalive_common::Stage;
 use keepalive_tests::{AgentPlaces, Netns, Placement, TestCgroup, Workload, load_enforcer};
 
-use crate::{
-    Paths, Settings,
-    measure::{Samples, vm_rss_kib},
-};
+use crate::{Bench, agent::vm_rss_kib, rates::WORKLOAD_CPU, samples::Samples};
 
 /// One number of followed cgroups.
 #[derive(Debug, Clone)]
@@ -24,52 +21,61 @@ pub(crate) struct ScaleRow {
     pub(crate) rss_kib: f64,
 }
 
-pub(crate) fn cgroup_scale(paths: &Paths, settings: Settings) -> Vec<ScaleRow> {
-    settings
+pub(crate) fn cgroup_scale(bench: &Bench) -> Vec<ScaleRow> {
+    bench
+        .settings
         .cgroup_steps
         .iter()
-        .map(|&n| step(paths, settings, n))
+        .map(|&n| {
+            bench.progress.step(&format!("scale: {n} followed cgroups"));
+            let root = TestCgroup::new();
+            let children: Vec<TestCgroup> = (0..n).map(|i| root.child(&format!("c-{i}"))).collect();
+            let pattern = format!("{}/c-*", root.scope());
+            let program_ns = program_ns(bench, &pattern, &children);
+            let (coverage_ms, rss_kib) = coverage(bench, &root, &pattern, n);
+            ScaleRow {
+                cgroups: n,
+                program_ns,
+                coverage_ms,
+                rss_kib,
+            }
+        })
         .collect()
 }
 
-fn step(paths: &Paths, settings: Settings, n: usize) -> ScaleRow {
-    let root = TestCgroup::new();
-    let children: Vec<TestCgroup> = (0..n).map(|i| root.child(&format!("c-{i}"))).collect();
-    let pattern = format!("{}/c-*", root.scope());
-
-    // Program cost, with the library: n attachments, connections in one of them.
+/// Program cost, with the library: one attachment per child, connections in the first.
+fn program_ns(bench: &Bench, pattern: &str, children: &[TestCgroup]) -> Samples {
+    let settings = bench.settings;
     let netns = Netns::new();
-    let mut program_ns = Samples::default();
-    {
-        let mut enforcer = load_enforcer(Stage::Full);
-        let scope = keepalive_agent::CgroupPath::parse(&pattern).unwrap_or_else(|e| panic!("{e}"));
-        enforcer
-            .apply(&Policy::enforce(Values::default(), vec![scope]))
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(enforcer.attachments().count(), n);
-        let _stats = enable_run_time_stats().unwrap_or_else(|e| panic!("{e}"));
-        let count = settings.conns.to_string();
-        for _ in 0..settings.rounds {
-            let before = enforcer.program_stats().unwrap_or_else(|e| panic!("{e}"));
-            let place = Placement {
-                cpu: Some(1),
-                ..Placement::new(&children[0], &netns)
-            };
-            Workload::spawn(&paths.probe, &["loop", "127.0.0.1:0", &count], place)
-                .expect_within("looped", Duration::from_secs(120));
-            let after = enforcer.program_stats().unwrap_or_else(|e| panic!("{e}"));
-            program_ns
-                .0
-                .push((after.run_time - before.run_time).as_nanos() as f64 / settings.conns as f64);
-        }
+    let mut enforcer = load_enforcer(Stage::Full);
+    let scope = keepalive_agent::CgroupPath::parse(pattern).unwrap_or_else(|e| panic!("{e}"));
+    enforcer
+        .apply(&Policy::enforce(Values::default(), vec![scope]))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(enforcer.attachments().count(), children.len());
+    let _stats = enable_run_time_stats().unwrap_or_else(|e| panic!("{e}"));
+    let count = settings.conns.to_string();
+    let mut samples = Samples::default();
+    for _ in 0..settings.rounds {
+        let before = enforcer.program_stats().unwrap_or_else(|e| panic!("{e}"));
+        let place = Placement {
+            cpu: Some(WORKLOAD_CPU),
+            ..Placement::new(&children[0], &netns)
+        };
+        Workload::spawn(&bench.probe, &["loop", "127.0.0.1:0", &count], place)
+            .expect_within("looped", Duration::from_secs(120));
+        let after = enforcer.program_stats().unwrap_or_else(|e| panic!("{e}"));
+        let nanos = (after.run_time - before.run_time).as_nanos() as f64;
+        samples.0.push(nanos / settings.conns as f64);
     }
+    samples
+}
 
-    // Coverage and memory, with the agent binary following the pattern.
+/// With the agent binary following `pattern` (`n` cgroups): the time from creating one more
+/// matching cgroup to its `attached` line (ms), and the agent's memory (KiB).
+fn coverage(bench: &Bench, root: &TestCgroup, pattern: &str, n: usize) -> (Samples, f64) {
     let places = AgentPlaces::new();
-    let agent = places.spawn(
-        &paths.agent,
-        &["run", "--cgroup", &pattern, "--no-existing"],
-    );
+    let agent = places.spawn(&bench.agent, &["run", "--cgroup", pattern, "--no-existing"]);
     for _ in 0..n {
         agent.expect_log("attached", Duration::from_secs(60));
     }
@@ -77,19 +83,14 @@ fn step(paths: &Paths, settings: Settings, n: usize) -> ScaleRow {
     let rss_kib = vm_rss_kib(agent.pid());
     let mut coverage_ms = Samples::default();
     let mut extra = Vec::new();
-    for k in 0..settings.starts {
+    for k in 0..bench.settings.starts {
         let start = Instant::now();
         extra.push(root.child(&format!("c-new-{k}")));
         agent.expect_log("attached", Duration::from_secs(10));
         coverage_ms.0.push(start.elapsed().as_secs_f64() * 1e3);
     }
+    // The agent goes before the cgroups it follows.
     drop(agent);
     drop(extra);
-    drop(children);
-    ScaleRow {
-        cgroups: n,
-        program_ns,
-        coverage_ms,
-        rss_kib,
-    }
+    (coverage_ms, rss_kib)
 }

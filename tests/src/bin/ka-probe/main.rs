@@ -27,6 +27,8 @@
 //!                                  "close" -> "closed"
 //! ```
 //! Sockets stay open until standard input reaches end of file; then the probe exits.
+//! With `KA_PROBE_KEEPALIVE=IDLE,INTERVAL,COUNT`, `loop`, `sink` and `dial` set keepalive on
+//! each connection end themselves, as an application changed to do it would.
 #![expect(
     clippy::print_stdout,
     reason = "stdout is the probe's report to the test"
@@ -147,7 +149,9 @@ fn connect_loop(addr: SocketAddr, count: u64) -> io::Result<()> {
     let start = std::time::Instant::now();
     for _ in 0..count {
         let client = TcpStream::connect(target)?;
+        app_keepalive(&client)?;
         let (server, _) = listener.accept()?;
+        app_keepalive(&server)?;
         // The server closes first, so TIME_WAIT lands on the server's side and the client's
         // ephemeral ports do not run out over a long run.
         drop(server);
@@ -163,7 +167,9 @@ fn sink(addr: SocketAddr) -> io::Result<()> {
     exit_on_stdin_eof();
     report(&format!("listening {}", listener.local_addr()?.port()));
     loop {
-        drop(listener.accept()?);
+        let (server, _) = listener.accept()?;
+        app_keepalive(&server)?;
+        drop(server);
     }
 }
 
@@ -173,6 +179,7 @@ fn dial(addr: SocketAddr, count: u64) -> io::Result<()> {
     let mut eof = [0u8; 1];
     for _ in 0..count {
         let mut stream = TcpStream::connect(addr)?;
+        app_keepalive(&stream)?;
         // Wait for the sink's close (EOF, 0 bytes), so TIME_WAIT lands on its side (see
         // `connect_loop`). The sink never writes.
         let _eof: usize = stream.read(&mut eof)?;
@@ -197,6 +204,29 @@ fn watch(addr: SocketAddr, idle: i32) -> io::Result<()> {
             return Ok(());
         }
     }
+}
+
+/// The four options set by the application, if `KA_PROBE_KEEPALIVE` asks for it: the TCP
+/// values first and `SO_KEEPALIVE` last, as the agent's program does.
+fn app_keepalive(stream: &TcpStream) -> io::Result<()> {
+    static VALUES: std::sync::OnceLock<Option<[i32; 3]>> = std::sync::OnceLock::new();
+    let values = VALUES.get_or_init(|| {
+        let text = std::env::var("KA_PROBE_KEEPALIVE").ok()?;
+        let numbers: Vec<i32> = text
+            .split(',')
+            .map(|n| n.trim().parse().ok())
+            .collect::<Option<_>>()?;
+        numbers.try_into().ok()
+    });
+    let Some([idle, interval, count]) = *values else {
+        return Ok(());
+    };
+    let set =
+        |level, name, value| keepalive_agent::sockopt::set_int(stream.as_fd(), level, name, value);
+    set(libc::SOL_TCP, libc::TCP_KEEPIDLE, idle)?;
+    set(libc::SOL_TCP, libc::TCP_KEEPINTVL, interval)?;
+    set(libc::SOL_TCP, libc::TCP_KEEPCNT, count)?;
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)
 }
 
 fn keepidle(stream: &TcpStream) -> io::Result<i32> {

@@ -1,0 +1,194 @@
+//! The table: one section per kind of figure.
+
+use std::{fmt::Write as _, time::Duration};
+
+use super::{spread, targets::targets};
+use crate::{
+    results::Results,
+    samples::{Samples, paired_ratio},
+};
+
+pub(crate) fn markdown(results: &Results, took: Duration, note: Option<&str>) -> String {
+    let mut md = String::new();
+    header(&mut md, results, took, note);
+    target_table(&mut md, results);
+    rates(&mut md, results);
+    program_time(&mut md, results);
+    agent(&mut md, results);
+    scale(&mut md, results);
+    existing(&mut md, results);
+    md
+}
+
+fn header(w: &mut String, results: &Results, took: Duration, note: Option<&str>) {
+    let s = results.settings;
+    let _ = writeln!(w, "# keepalive-agent benchmark\n");
+    if s.quick {
+        let _ = writeln!(
+            w,
+            "**Quick run: checks that every step works; its figures mean nothing.**\n"
+        );
+    }
+    let _ = writeln!(
+        w,
+        "Linux {}, {} CPUs; {} rounds of {} connections per variant, interleaved; medians \
+         (min..max). A ratio is the median over rounds of (variant / base) within the same \
+         round, so drift of the machine between rounds cancels out. Wall time: {:.0} s \
+         ({:.1} min).\n",
+        results.kernel,
+        results.cpus,
+        s.rounds,
+        s.conns,
+        took.as_secs_f64(),
+        took.as_secs_f64() / 60.0
+    );
+    if let Some(note) = note {
+        let _ = writeln!(w, "{note}\n");
+    }
+}
+
+fn target_table(w: &mut String, results: &Results) {
+    let _ = writeln!(
+        w,
+        "## Targets\n\n| target | ratio, median (min..max) | bound | result |\n|---|---:|---:|---|"
+    );
+    for target in targets(results) {
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {} |",
+            target.what,
+            spread(&target.ratio, 3),
+            target.bound,
+            if target.pass { "pass" } else { "**fail**" }
+        );
+    }
+    let _ = writeln!(w);
+}
+
+fn rates(w: &mut String, results: &Results) {
+    let _ = writeln!(w, "## Connection rate\n");
+    let _ = writeln!(
+        w,
+        "| variant | what | loopback conn/s | ratio | veth conn/s | ratio |\n|---|---|---:|---:|---:|---:|"
+    );
+    for (lo, veth) in results.loopback.iter().zip(&results.veth) {
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {} | {} | {} |",
+            lo.name,
+            lo.what,
+            spread(&lo.samples, 0),
+            spread(&paired_ratio(&results.loopback, lo.name, "none"), 3),
+            spread(&veth.samples, 0),
+            spread(&paired_ratio(&results.veth, veth.name, "none"), 3),
+        );
+    }
+}
+
+fn program_time(w: &mut String, results: &Results) {
+    let _ = writeln!(
+        w,
+        "\n## Program time per connection\n\nbpf_stats `run_time_ns` / connections: both ends of a \
+         loopback connection, all {:.0} program runs of each. `floor` is a hand-assembled \
+         program with no policy that only sets the four options.\n",
+        results.runs_per_conn
+    );
+    let _ = writeln!(
+        w,
+        "| variant | ns per connection | ratio to floor |\n|---|---:|---:|"
+    );
+    for row in &results.program_ns {
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} |",
+            row.name,
+            spread(&row.samples, 0),
+            spread(&paired_ratio(&results.program_ns, row.name, "floor"), 3)
+        );
+    }
+}
+
+fn agent(w: &mut String, results: &Results) {
+    let mib = |kib: &Samples| Samples(kib.0.iter().map(|kib| kib / 1024.0).collect());
+    let lines = [
+        (
+            "policy update: `Enforcer::apply` to the first connection carrying it (µs)",
+            results.update_latency_us.clone(),
+        ),
+        (
+            "start-up: exec to the `attached` log line (ms)",
+            results.startup_ms.clone(),
+        ),
+        (
+            "start-up with a 10,000-rule policy file (ms)",
+            results.startup_10k_ms.clone(),
+        ),
+        ("resident memory once attached (MiB)", mib(&results.rss_kib)),
+        (
+            "resident memory with 10,000 rules (MiB)",
+            mib(&results.rss_10k_kib),
+        ),
+    ];
+    let _ = writeln!(
+        w,
+        "\n## Agent\n\n| measure | median (min..max) |\n|---|---:|"
+    );
+    for (what, samples) in lines {
+        let _ = writeln!(w, "| {what} | {} |", spread(&samples, 1));
+    }
+}
+
+fn scale(w: &mut String, results: &Results) {
+    let _ = writeln!(
+        w,
+        "\n## Scale with followed cgroups\n\nThe agent follows a pattern matching N cgroups. \
+         Program time per loopback connection in one of them; time from creating one more \
+         matching cgroup to the agent's `attached` line; agent memory.\n"
+    );
+    let _ = writeln!(
+        w,
+        "| cgroups | ns per connection | new cgroup covered after (ms) | agent RSS (MiB) |\n|---:|---:|---:|---:|"
+    );
+    for row in &results.scale {
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {:.1} |",
+            row.cgroups,
+            spread(&row.program_ns, 0),
+            spread(&row.coverage_ms, 1),
+            row.rss_kib / 1024.0
+        );
+    }
+}
+
+fn existing(w: &mut String, results: &Results) {
+    let _ = writeln!(
+        w,
+        "\n## Existing connections (informational)\n\nToday's path, not a target this round: \
+         the agent reads each namespace's socket list and updates every socket through \
+         pidfd_getfd. Established loopback connections (both ends local) spread over \
+         processes in one cgroup the agent follows (`root/c-*`). Start-up sweep: from the \
+         `policy applied` line to the `existing connections` line. Then the time from creating \
+         one more matching cgroup to its `attached` line, with those connections elsewhere.\n"
+    );
+    let _ = writeln!(
+        w,
+        "| connections elsewhere | processes | sockets swept | start-up sweep (s) | sweep (connections/s) | new cgroup covered after (ms) |\n|---:|---:|---:|---:|---:|---:|"
+    );
+    for row in &results.existing {
+        let rate = if row.connections == 0 {
+            "-".to_string()
+        } else {
+            format!("{:.0}", row.sweep_rate())
+        };
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {:.2} | {rate} | {} |",
+            row.connections,
+            row.processes,
+            row.swept_sockets,
+            row.sweep_s,
+            spread(&row.coverage_ms, 1)
+        );
+    }
+}

@@ -1,0 +1,64 @@
+//! The targets the figures are held to (issue 12), each a ratio within this run, checked here
+//! and marked pass or fail in the report, not in timed tests.
+
+use crate::{
+    results::Results,
+    samples::{Samples, paired_ratio},
+};
+
+/// One target and what this run measured.
+#[derive(Debug)]
+pub(super) struct Target {
+    pub(super) what: &'static str,
+    /// `≤ 1.15`, `≥ 0.98`, ...
+    pub(super) bound: String,
+    /// Per round ratios.
+    pub(super) ratio: Samples,
+    pub(super) pass: bool,
+}
+
+fn at_most(what: &'static str, ratio: Samples, limit: f64) -> Target {
+    let pass = ratio.median() <= limit;
+    Target {
+        what,
+        bound: format!("≤ {limit:.2}"),
+        ratio,
+        pass,
+    }
+}
+
+fn at_least(what: &'static str, ratio: Samples, limit: f64) -> Target {
+    let pass = ratio.median() >= limit;
+    Target {
+        what,
+        bound: format!("≥ {limit:.2}"),
+        ratio,
+        pass,
+    }
+}
+
+pub(super) fn targets(results: &Results) -> Vec<Target> {
+    let loopback = |base| paired_ratio(&results.loopback, "agent", base);
+    vec![
+        at_most(
+            "agent's program time / the policy-free floor program's",
+            paired_ratio(&results.program_ns, "agent", "floor"),
+            1.15,
+        ),
+        at_least(
+            "loopback connection rate, agent / no program",
+            loopback("none"),
+            0.98,
+        ),
+        at_least(
+            "loopback connection rate, agent / libkeepalive",
+            loopback("libkeepalive"),
+            1.0,
+        ),
+        at_least(
+            "loopback connection rate, agent / application setting the options",
+            loopback("app-sets"),
+            1.0,
+        ),
+    ]
+}
