@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 
 use crate::{
-    cmd::{run_status, which},
+    cmd::run_status,
     packages, target_dir,
     toolchain::{self, Toolchain},
 };
@@ -206,7 +206,7 @@ fn public_url(url: &str) -> Option<String> {
 }
 
 fn git(workspace: &Path, args: &[&str]) -> Option<String> {
-    which("git")?;
+    which::which("git").ok()?;
     let out = Command::new("git")
         .args(args)
         .current_dir(workspace)
