@@ -60,6 +60,20 @@ pub struct SweepJob {
 }
 
 impl SweepJob {
+    /// This job and a `newer` one as one: the newer policy's, over both jobs' cgroups when
+    /// they share it (several cgroups followed in a row), over the newer's alone when not (a
+    /// reload sweeps every enforced cgroup).
+    #[must_use]
+    pub fn then(mut self, mut newer: Self) -> Self {
+        if self.policy == newer.policy {
+            newer.scopes.append(&mut self.scopes);
+            // Outermost first; one inside another (or the same) goes: the walk covers it.
+            newer.scopes.sort_by_key(|scope| scope.path.clone());
+            newer.scopes.dedup_by(|inner, outer| inner.path.starts_with(&outer.path));
+        }
+        newer
+    }
+
     pub fn run(&self) -> Result<Sweep, String> {
         let scopes: Vec<&Cgroup> = self.scopes.iter().collect();
         sweep(&self.policy, &self.mount, &scopes).map_err(|e| e.to_string())
@@ -230,4 +244,50 @@ impl Socket for FdSocket {
 /// The kernel's convention, which `enforce::Socket` follows.
 fn negative_errno(error: io::Error) -> i64 {
     -i64::from(error.raw_os_error().unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Values;
+
+    fn job(idle_secs: u32, scopes: &[(&str, u64)]) -> SweepJob {
+        SweepJob {
+            policy: Policy::enforce(
+                Values {
+                    idle_secs,
+                    ..Values::default()
+                },
+                Vec::new(),
+            ),
+            mount: "/sys/fs/cgroup".into(),
+            scopes: scopes
+                .iter()
+                .map(|&(name, id)| Cgroup {
+                    path: Path::new("/sys/fs/cgroup").join(name.trim_start_matches('/')),
+                    name: name.into(),
+                    id,
+                })
+                .collect(),
+        }
+    }
+
+    fn names(job: &SweepJob) -> Vec<&str> {
+        job.scopes.iter().map(|scope| scope.name.as_str()).collect()
+    }
+
+    #[test]
+    fn pending_jobs_of_one_policy_sweep_every_cgroup_they_name_once() {
+        let merged = job(60, &[("/x/a", 1), ("/x/b", 2)])
+            .then(job(60, &[("/x/c", 3)]))
+            .then(job(60, &[("/x/a/inner", 4), ("/x/b", 2)]));
+        assert_eq!(names(&merged), ["/x/a", "/x/b", "/x/c"]);
+    }
+
+    #[test]
+    fn a_newer_policy_sweeps_its_own_cgroups_only() {
+        let merged = job(60, &[("/x/a", 1)]).then(job(61, &[("/x/b", 2)]));
+        assert_eq!(names(&merged), ["/x/b"]);
+        assert_eq!(merged.policy.default.values.idle_secs, 61);
+    }
 }
