@@ -5,7 +5,10 @@
 use std::path::Path;
 
 use keepalive_agent::{Enforcer, Policy, enforcer::features, policy::file};
-use keepalive_common::{Outcome, Stage};
+use keepalive_common::{
+    Outcome, Stage,
+    sockopt::{SOL_TCP, TCP_KEEPIDLE},
+};
 use keepalive_tests::{
     Keepalive, Netns, Placement, TestCgroup, Workload, connect, load_enforcer, probe,
 };
@@ -486,6 +489,71 @@ fn connections_that_already_existed_get_the_policy_and_its_changes() {
         rule_values(82),
         "existing = false leaves them alone"
     );
+}
+
+#[test]
+fn a_new_cgroup_gets_its_own_connections_swept_and_nothing_else_is_touched() {
+    let root = TestCgroup::new();
+    let netns = Netns::new();
+    let old = root.child("c-old");
+    let at_old = Placement::new(&old, &netns);
+    let sibling = connect("127.0.0.1:0", "127.0.0.1", at_old, at_old);
+    let mut enforcer = load_enforcer(Stage::Full);
+    let policy = parse(&format!(
+        "[agent]\ncgroups = [\"{}/c-*\"]\nexisting = true\n[default]\nidle = \"81s\"\n",
+        root.scope()
+    ));
+    let applied = enforcer.apply(&policy).unwrap();
+    assert_eq!(applied.existing.unwrap().unwrap().connections, 2);
+    assert_eq!(sibling.client(), rule_values(81));
+    // The application sets its own value after the sweep; the policy does not lock it.
+    keepalive_agent::sockopt::set_int(sibling.client_socket(), SOL_TCP, TCP_KEEPIDLE, 999)
+        .unwrap();
+
+    // A container's cgroup, its connections opened before the agent follows it.
+    let new = root.child("c-new");
+    let at_new = Placement::new(&new, &netns);
+    let inside = connect("127.0.0.1:0", "127.0.0.1", at_new, at_new);
+    assert_eq!(inside.client(), Keepalive::untouched(&netns));
+    let followed = enforcer.refresh().unwrap().expect("c-new matches c-*");
+    let ids = |cgroups: &[keepalive_agent::Cgroup]| -> Vec<u64> {
+        cgroups.iter().map(|cgroup| cgroup.id).collect()
+    };
+    assert_eq!(ids(&followed.attached), [new.cgroup().id]);
+    assert!(followed.detached.is_empty(), "{followed:?}");
+    let sweep = followed.existing.unwrap().unwrap();
+    assert_eq!(
+        sweep.connections, 2,
+        "only the new cgroup's two ends are swept: {sweep:?}"
+    );
+    assert_eq!(
+        (inside.client(), inside.server()),
+        (rule_values(81), rule_values(81))
+    );
+    assert_eq!(
+        sibling.client().idle_secs,
+        999,
+        "the sibling's connection is not touched again"
+    );
+    assert_eq!(
+        followed.generation, applied.generation,
+        "the lookup entries in force serve the new cgroup: not rewritten"
+    );
+    assert_eq!(
+        enforcer.record(new.cgroup().id).unwrap(),
+        enforcer.record(old.cgroup().id).unwrap()
+    );
+
+    // A cgroup that goes takes its link and nothing else; nothing is swept.
+    let gone = new.cgroup().id;
+    drop(inside);
+    drop(new);
+    let forgotten = enforcer.refresh().unwrap().expect("c-new went");
+    assert_eq!(ids(&forgotten.detached), [gone]);
+    assert!(forgotten.attached.is_empty() && forgotten.existing.is_none());
+    assert_eq!(sibling.client().idle_secs, 999);
+    let attached: Vec<u64> = enforcer.attachments().map(|cgroup| cgroup.id).collect();
+    assert_eq!(attached, [old.cgroup().id]);
 }
 
 /// Values of the two policies alternated under load: every field differs.
