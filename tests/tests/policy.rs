@@ -507,15 +507,16 @@ fn a_new_cgroup_gets_its_own_connections_swept_and_nothing_else_is_touched() {
     assert_eq!(applied.existing.unwrap().unwrap().connections, 2);
     assert_eq!(sibling.client(), rule_values(81));
     // The application sets its own value after the sweep; the policy does not lock it.
-    keepalive_agent::sockopt::set_int(sibling.client_socket(), SOL_TCP, TCP_KEEPIDLE, 999)
-        .unwrap();
+    keepalive_agent::sockopt::set_int(sibling.client_socket(), SOL_TCP, TCP_KEEPIDLE, 999).unwrap();
 
     // A container's cgroup, its connections opened before the agent follows it.
     let new = root.child("c-new");
     let at_new = Placement::new(&new, &netns);
     let inside = connect("127.0.0.1:0", "127.0.0.1", at_new, at_new);
     assert_eq!(inside.client(), Keepalive::untouched(&netns));
-    let followed = enforcer.refresh().unwrap().expect("c-new matches c-*");
+    let Some(followed) = enforcer.refresh().unwrap() else {
+        panic!("c-new matches c-* but nothing changed");
+    };
     let ids = |cgroups: &[keepalive_agent::Cgroup]| -> Vec<u64> {
         cgroups.iter().map(|cgroup| cgroup.id).collect()
     };
@@ -548,7 +549,9 @@ fn a_new_cgroup_gets_its_own_connections_swept_and_nothing_else_is_touched() {
     let gone = new.cgroup().id;
     drop(inside);
     drop(new);
-    let forgotten = enforcer.refresh().unwrap().expect("c-new went");
+    let Some(forgotten) = enforcer.refresh().unwrap() else {
+        panic!("c-new went but nothing changed");
+    };
     assert_eq!(ids(&forgotten.detached), [gone]);
     assert!(forgotten.attached.is_empty() && forgotten.existing.is_none());
     assert_eq!(sibling.client().idle_secs, 999);

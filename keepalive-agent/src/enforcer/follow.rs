@@ -32,9 +32,7 @@ impl Enforcer {
     ) -> Result<(ApplyReport, Option<SweepJob>), EnforcerError> {
         let plan = self.plan(policy)?;
         let tables = compile(policy, &plan.paths(), self.generation)?;
-        let unchanged_entries = self
-            .tables()
-            .is_some_and(|old| same_entries(old, &tables));
+        let unchanged_entries = self.tables().is_some_and(|old| same_entries(old, &tables));
         let (applied, sweep) = if unchanged_entries && self.policy() == Some(policy) {
             self.apply_changes(policy, plan, tables)?
         } else {

@@ -7,8 +7,8 @@
 //! puts back what someone else removed; [`features`] what this kernel lacks.
 
 mod apply;
-mod follow;
 pub mod features;
+mod follow;
 mod health;
 mod hierarchy;
 mod links;

@@ -69,7 +69,9 @@ impl SweepJob {
             newer.scopes.append(&mut self.scopes);
             // Outermost first; one inside another (or the same) goes: the walk covers it.
             newer.scopes.sort_by_key(|scope| scope.path.clone());
-            newer.scopes.dedup_by(|inner, outer| inner.path.starts_with(&outer.path));
+            newer
+                .scopes
+                .dedup_by(|inner, outer| inner.path.starts_with(&outer.path));
         }
         newer
     }
