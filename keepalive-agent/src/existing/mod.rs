@@ -1,7 +1,8 @@
 //! Connections that already exist when a policy takes effect get it too.
 //!
 //! The kernel's socket list (inet_diag, one network namespace at a time, entered from a helper
-//! thread) gives each TCP socket's cgroup, addresses and inode; the policy decides as for a new
+//! thread, filtered in the kernel to the swept cgroups) gives each TCP socket's cgroup,
+//! addresses and inode; the policy decides as for a new
 //! connection; the agent takes a duplicate of the owner's descriptor (pidfd_getfd) and applies
 //! the rule with the same code the kernel runs (`keepalive_common::enforce`). A BPF iterator
 //! could set options in the kernel, but it walks one namespace too and, without CO-RE, cannot
@@ -125,8 +126,9 @@ pub fn sweep(policy: &Policy, mount: &Path, scopes: &[&Cgroup]) -> io::Result<Sw
         namespaces: namespaces.len(),
         ..Sweep::default()
     };
+    let ids: Vec<u64> = cgroups.keys().copied().collect();
     for pid in namespaces.values() {
-        let sockets = in_namespace_of(*pid, diag::tcp_sockets)?;
+        let sockets = in_namespace_of(*pid, || diag::tcp_sockets(Some(&ids)))?;
         let listening: HashSet<(IpAddr, u16)> = sockets
             .iter()
             .filter(|socket| socket.state == diag::LISTEN)
