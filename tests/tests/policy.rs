@@ -557,6 +557,29 @@ fn a_new_cgroup_gets_its_own_connections_swept_and_nothing_else_is_touched() {
     assert_eq!(sibling.client().idle_secs, 999);
     let attached: Vec<u64> = enforcer.attachments().map(|cgroup| cgroup.id).collect();
     assert_eq!(attached, [old.cgroup().id]);
+
+    // A reload that only enforces in one more place sweeps that place alone; one that changes
+    // the rules sweeps everywhere.
+    let other = root.child("d-other");
+    let at_other = Placement::new(&other, &netns);
+    let elsewhere = connect("127.0.0.1:0", "127.0.0.1", at_other, at_other);
+    let wider = |idle: &str| {
+        parse(&format!(
+            "[agent]\ncgroups = [\"{root}/c-*\", \"{root}/d-*\"]\nexisting = true\n\
+             [default]\nidle = \"{idle}\"\n",
+            root = root.scope()
+        ))
+    };
+    let reloaded = enforcer.apply(&wider("81s")).unwrap();
+    assert_eq!(reloaded.existing.unwrap().unwrap().connections, 2);
+    assert_eq!(elsewhere.client(), rule_values(81));
+    assert_eq!(sibling.client().idle_secs, 999);
+    let changed = enforcer.apply(&wider("82s")).unwrap();
+    assert_eq!(changed.existing.unwrap().unwrap().connections, 4);
+    assert_eq!(
+        (sibling.client(), elsewhere.client()),
+        (rule_values(82), rule_values(82))
+    );
 }
 
 /// Values of the two policies alternated under load: every field differs.

@@ -37,6 +37,16 @@ impl Enforcer {
         policy: &Policy,
     ) -> Result<(ApplyReport, Option<SweepJob>), EnforcerError> {
         let plan = self.plan(policy)?;
+        // Where the connections already have these rules (a reload that only changed where the
+        // policy is enforced, a put-back attachment): no need to sweep there again.
+        let covered: Vec<(CgroupPath, u64)> = match self.policy() {
+            Some(old) if same_rules(old, policy) => self
+                .sock_ops
+                .iter()
+                .map(|(path, attachment)| (path.clone(), attachment.cgroup.id))
+                .collect(),
+            _ => Vec::new(),
+        };
         let generation = self.generation.wrapping_add(1);
         let tables = compile(policy, &plan.paths(), generation)?;
         let Plan {
@@ -92,10 +102,20 @@ impl Enforcer {
         )?;
         self.current = Some((policy.clone(), tables));
         self.generation = generation;
-        let sweep = policy.existing.then(|| SweepJob {
+        let scopes: Vec<Cgroup> = scopes
+            .into_iter()
+            .filter(|(path, cgroup)| {
+                // The same path with another id is a cgroup made again: not swept yet.
+                !covered
+                    .iter()
+                    .any(|(done, id)| done.contains(path) && (done != path || *id == cgroup.id))
+            })
+            .map(|(_, cgroup)| cgroup)
+            .collect();
+        let sweep = (policy.existing && !scopes.is_empty()).then(|| SweepJob {
             policy: policy.clone(),
             mount: self.mount.clone(),
-            scopes: scopes.into_values().collect(),
+            scopes,
         });
         Ok((report, sweep))
     }
@@ -186,4 +206,10 @@ impl Enforcer {
         }
         Ok(detached)
     }
+}
+
+/// Whether `new` decides every connection of a cgroup both enforce as `old` did, and `old`
+/// swept existing connections too: they differ at most in where they are enforced.
+fn same_rules(old: &Policy, new: &Policy) -> bool {
+    old.existing && old.default == new.default && old.rules == new.rules
 }
