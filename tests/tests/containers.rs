@@ -220,8 +220,23 @@ fn measure_new_cgroup_coverage_with_connections_elsewhere() {
                 agent_process.expect_log("existing connections", Duration::from_secs(300));
                 swept.push(start.elapsed().as_secs_f64() * 1e3);
             }
+            // A burst: each new cgroup right after the last one's link, sweeps left running.
+            let mut burst = Vec::new();
+            for k in 0..5 {
+                let name = format!("c-burst-{label}-{k}");
+                let start = Instant::now();
+                extra.push(root.child(&name));
+                agent_process.expect_log(&name, Duration::from_secs(60));
+                burst.push(start.elapsed().as_secs_f64() * 1e3);
+            }
             drop(agent_process);
             drop(extra);
+            burst.sort_by(f64::total_cmp);
+            eprintln!(
+                "figure: {label}: in a burst of 5, each attached after {:.1} ms (median; max \
+                 {:.1}) with {connections} established connections in a followed sibling",
+                burst[2], burst[4]
+            );
             samples.sort_by(f64::total_cmp);
             swept.sort_by(f64::total_cmp);
             eprintln!(

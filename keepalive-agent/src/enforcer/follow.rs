@@ -31,6 +31,15 @@ impl Enforcer {
         policy: &Policy,
     ) -> Result<(ApplyReport, Option<SweepJob>), EnforcerError> {
         let plan = self.plan(policy)?;
+        self.reapply_planned(policy, plan)
+    }
+
+    /// [`Self::reapply`] over a plan already made.
+    fn reapply_planned(
+        &mut self,
+        policy: &Policy,
+        plan: Plan<Cgroup>,
+    ) -> Result<(ApplyReport, Option<SweepJob>), EnforcerError> {
         let tables = compile(policy, &plan.paths(), self.generation)?;
         let unchanged_entries = self.tables().is_some_and(|old| same_entries(old, &tables));
         let (applied, sweep) = if unchanged_entries && self.policy() == Some(policy) {
@@ -138,7 +147,7 @@ impl Enforcer {
             return Ok(None);
         }
         let policy = policy.clone();
-        self.reapply(&policy).map(Some)
+        self.reapply_planned(&policy, plan).map(Some)
     }
 }
 
