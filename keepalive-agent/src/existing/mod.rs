@@ -62,11 +62,12 @@ pub struct SweepJob {
 
 impl SweepJob {
     /// This job and a `newer` one as one: the newer policy's, over both jobs' cgroups when
-    /// they share it (several cgroups followed in a row), over the newer's alone when not (a
-    /// reload sweeps every enforced cgroup).
+    /// their rules are the same (several cgroups followed in a row, a reload that only changed
+    /// where the policy is enforced), over the newer's alone when not (a reload of other rules
+    /// sweeps every enforced cgroup). A cgroup no longer enforced is left alone by the sweep.
     #[must_use]
     pub fn then(mut self, mut newer: Self) -> Self {
-        if self.policy == newer.policy {
+        if self.policy.default == newer.policy.default && self.policy.rules == newer.policy.rules {
             newer.scopes.append(&mut self.scopes);
             // Outermost first; one inside another (or the same) goes: the walk covers it.
             newer.scopes.sort_by_key(|scope| scope.path.clone());
@@ -286,6 +287,14 @@ mod tests {
             .then(job(60, &[("/x/c", 3)]))
             .then(job(60, &[("/x/a/inner", 4), ("/x/b", 2)]));
         assert_eq!(names(&merged), ["/x/a", "/x/b", "/x/c"]);
+    }
+
+    #[test]
+    fn a_newer_policy_of_the_same_rules_sweeps_both_jobs_cgroups() {
+        let mut wider = job(60, &[("/y", 2)]);
+        wider.policy.scopes = vec![CgroupPath::parse("/y").unwrap_or_else(|e| panic!("{e}"))];
+        let merged = job(60, &[("/x/a", 1)]).then(wider);
+        assert_eq!(names(&merged), ["/x/a", "/y"]);
     }
 
     #[test]
