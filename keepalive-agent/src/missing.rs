@@ -64,7 +64,7 @@ pub fn count(mount: &Path, scopes: &[CgroupPath]) -> io::Result<BTreeMap<String,
         })
         .collect();
     for netns in Holders::of(&pids, false).namespaces.values() {
-        let sockets = match sockets_in(netns) {
+        let sockets = match sockets_in(netns, None) {
             Ok(sockets) => sockets,
             // The namespace went away with its last process.
             Err(error) if error.kind() == io::ErrorKind::NotFound => continue,

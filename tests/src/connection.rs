@@ -1,6 +1,6 @@
 //! One TCP connection between two probe processes, both ends readable from the test.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd as _, BorrowedFd, OwnedFd};
 
 use crate::{Keepalive, Placement, Workload, netns::SsEntry};
 
@@ -35,6 +35,12 @@ impl Connection {
     /// The client socket's settings, read now.
     pub fn client(&self) -> Keepalive {
         Keepalive::of(&self.client_fd)
+    }
+
+    /// The client's socket (the same open file as the client process's descriptor): what
+    /// the application itself would set through.
+    pub fn client_socket(&self) -> BorrowedFd<'_> {
+        self.client_fd.as_fd()
     }
 
     /// The accepted socket's settings, read now.

@@ -2,6 +2,7 @@
 //! cgroup v2 layout (this machine is hybrid; the agent gets a mount namespace where cgroup2 is
 //! at /sys/fs/cgroup).
 #![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
+#![expect(clippy::print_stderr, reason = "the measurement's figures")]
 
 use std::time::{Duration, Instant};
 
@@ -163,4 +164,91 @@ fn the_unified_layout_at_sys_fs_cgroup_works_too() {
         113
     );
     assert_eq!(agent.signal_and_wait(libc::SIGTERM, LOG_WAIT), Some(0));
+}
+
+/// A measurement, run by hand (issue 12): how soon a new matching cgroup is attached with 0 and
+/// 16,000 established connections in a sibling cgroup the agent already follows. Agents to
+/// compare, measured in one run: `KA_FOLLOW_AGENTS="before=PATH,after=PATH"` (default: the
+/// agent under test).
+#[test]
+#[ignore = "a measurement, run by hand with --ignored --nocapture"]
+fn measure_new_cgroup_coverage_with_connections_elsewhere() {
+    require_host();
+    let agents: Vec<(String, String)> = std::env::var("KA_FOLLOW_AGENTS")
+        .map(|list| {
+            list.split(',')
+                .filter_map(|pair| pair.split_once('='))
+                .map(|(label, path)| (label.to_string(), path.to_string()))
+                .collect()
+        })
+        .unwrap_or_else(|_| vec![("agent".into(), agent_bin().display().to_string())]);
+    for (connections, processes) in [(0, 0), (16_000, 250)] {
+        let root = TestCgroup::new();
+        let busy = root.child("c-busy");
+        let netns = Netns::new();
+        netns.set_sysctl("net/ipv4/ip_local_port_range", "1024 65000");
+        let holders: Vec<keepalive_tests::Workload> = (0..processes)
+            .map(|_| {
+                let each = (connections / processes).to_string();
+                keepalive_tests::probe(
+                    &["hold", "127.0.0.1:0", &each],
+                    Placement::new(&busy, &netns),
+                )
+            })
+            .collect();
+        for holder in &holders {
+            holder.expect_within("holding", Duration::from_secs(300));
+        }
+        for (label, agent) in &agents {
+            let places = AgentPlaces::new();
+            let pattern = format!("{}/c-*", root.scope());
+            let agent_process = places.spawn(agent, &["run", "--cgroup", &pattern]);
+            agent_process.expect_log("existing connections", Duration::from_secs(300));
+            let (mut samples, mut swept) = (Vec::new(), Vec::new());
+            let mut extra = Vec::new();
+            for k in 0..5 {
+                let name = format!("c-new-{label}-{k}");
+                let start = Instant::now();
+                extra.push(root.child(&name));
+                let line = agent_process.expect_log("attached", Duration::from_secs(60));
+                samples.push(start.elapsed().as_secs_f64() * 1e3);
+                assert!(line.contains(&name), "{line}");
+                // The sweep it set off (of its own connections, or of every one followed) ends
+                // before the next sample.
+                agent_process.expect_log("existing connections", Duration::from_secs(300));
+                swept.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+            // A burst: each new cgroup right after the last one's link, sweeps left running.
+            let mut burst = Vec::new();
+            for k in 0..5 {
+                let name = format!("c-burst-{label}-{k}");
+                let start = Instant::now();
+                extra.push(root.child(&name));
+                agent_process.expect_log(&name, Duration::from_secs(60));
+                burst.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+            drop(agent_process);
+            drop(extra);
+            burst.sort_by(f64::total_cmp);
+            eprintln!(
+                "figure: {label}: in a burst of 5, each attached after {:.1} ms (median; max \
+                 {:.1}) with {connections} established connections in a followed sibling",
+                burst[2], burst[4]
+            );
+            samples.sort_by(f64::total_cmp);
+            swept.sort_by(f64::total_cmp);
+            eprintln!(
+                "figure: {label}: new cgroup attached after {:.1} ms (median of 5; min {:.1}, \
+                 max {:.1}), its sweep logged after {:.1} ms (median), with {connections} \
+                 established connections ({} sockets) over {processes} processes in a \
+                 followed sibling",
+                samples[2],
+                samples[0],
+                samples[4],
+                swept[2],
+                connections * 2
+            );
+        }
+        drop(holders);
+    }
 }

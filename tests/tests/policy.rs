@@ -4,8 +4,11 @@
 
 use std::path::Path;
 
-use keepalive_agent::{Policy, enforcer::features, policy::file};
-use keepalive_common::{Outcome, Stage};
+use keepalive_agent::{Enforcer, Policy, enforcer::features, policy::file};
+use keepalive_common::{
+    Outcome, Stage,
+    sockopt::{SOL_TCP, TCP_KEEPIDLE},
+};
 use keepalive_tests::{
     Fixture, Keepalive, Netns, Placement, TestCgroup, Workload, connect, load_enforcer, probe,
 };
@@ -460,6 +463,97 @@ fn connections_that_already_existed_get_the_policy_and_its_changes() {
         before.client(),
         rule_values(82),
         "existing = false leaves them alone"
+    );
+}
+
+#[test]
+fn a_new_cgroup_gets_its_own_connections_swept_and_nothing_else_is_touched() {
+    let root = TestCgroup::new();
+    let netns = Netns::new();
+    let old = root.child("c-old");
+    let at_old = Placement::new(&old, &netns);
+    let sibling = connect("127.0.0.1:0", "127.0.0.1", at_old, at_old);
+    let mut enforcer = load_enforcer(Stage::Full);
+    let policy = parse(&format!(
+        "[agent]\ncgroups = [\"{}/c-*\"]\nexisting = true\n[default]\nidle = \"81s\"\n",
+        root.scope()
+    ));
+    let applied = enforcer.apply(&policy).unwrap();
+    assert_eq!(applied.existing.unwrap().unwrap().connections, 2);
+    assert_eq!(sibling.client(), rule_values(81));
+    // The application sets its own value after the sweep; the policy does not lock it.
+    keepalive_agent::sockopt::set_int(sibling.client_socket(), SOL_TCP, TCP_KEEPIDLE, 999).unwrap();
+
+    // A container's cgroup, its connections opened before the agent follows it.
+    let new = root.child("c-new");
+    let at_new = Placement::new(&new, &netns);
+    let inside = connect("127.0.0.1:0", "127.0.0.1", at_new, at_new);
+    assert_eq!(inside.client(), Keepalive::untouched(&netns));
+    let Some(followed) = enforcer.refresh().unwrap() else {
+        panic!("c-new matches c-* but nothing changed");
+    };
+    let ids = |cgroups: &[keepalive_agent::Cgroup]| -> Vec<u64> {
+        cgroups.iter().map(|cgroup| cgroup.id).collect()
+    };
+    assert_eq!(ids(&followed.attached), [new.cgroup().id]);
+    assert!(followed.detached.is_empty(), "{followed:?}");
+    let sweep = followed.existing.unwrap().unwrap();
+    assert_eq!(
+        sweep.connections, 2,
+        "only the new cgroup's two ends are swept: {sweep:?}"
+    );
+    assert_eq!(
+        (inside.client(), inside.server()),
+        (rule_values(81), rule_values(81))
+    );
+    assert_eq!(
+        sibling.client().idle_secs,
+        999,
+        "the sibling's connection is not touched again"
+    );
+    assert_eq!(
+        followed.generation, applied.generation,
+        "the lookup entries in force serve the new cgroup: not rewritten"
+    );
+    assert_eq!(
+        enforcer.record(new.cgroup().id).unwrap(),
+        enforcer.record(old.cgroup().id).unwrap()
+    );
+
+    // A cgroup that goes takes its link and nothing else; nothing is swept.
+    let gone = new.cgroup().id;
+    drop(inside);
+    drop(new);
+    let Some(forgotten) = enforcer.refresh().unwrap() else {
+        panic!("c-new went but nothing changed");
+    };
+    assert_eq!(ids(&forgotten.detached), [gone]);
+    assert!(forgotten.attached.is_empty() && forgotten.existing.is_none());
+    assert_eq!(sibling.client().idle_secs, 999);
+    let attached: Vec<u64> = enforcer.attachments().map(|cgroup| cgroup.id).collect();
+    assert_eq!(attached, [old.cgroup().id]);
+
+    // A reload that only enforces in one more place sweeps that place alone; one that changes
+    // the rules sweeps everywhere.
+    let other = root.child("d-other");
+    let at_other = Placement::new(&other, &netns);
+    let elsewhere = connect("127.0.0.1:0", "127.0.0.1", at_other, at_other);
+    let wider = |idle: &str| {
+        parse(&format!(
+            "[agent]\ncgroups = [\"{root}/c-*\", \"{root}/d-*\"]\nexisting = true\n\
+             [default]\nidle = \"{idle}\"\n",
+            root = root.scope()
+        ))
+    };
+    let reloaded = enforcer.apply(&wider("81s")).unwrap();
+    assert_eq!(reloaded.existing.unwrap().unwrap().connections, 2);
+    assert_eq!(elsewhere.client(), rule_values(81));
+    assert_eq!(sibling.client().idle_secs, 999);
+    let changed = enforcer.apply(&wider("82s")).unwrap();
+    assert_eq!(changed.existing.unwrap().unwrap().connections, 4);
+    assert_eq!(
+        (sibling.client(), elsewhere.client()),
+        (rule_values(82), rule_values(82))
     );
 }
 

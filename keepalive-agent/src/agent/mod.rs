@@ -377,8 +377,8 @@ impl Agent {
     }
 }
 
-/// The thread that applies policies to existing connections, in order, the latest pending
-/// one only.
+/// The thread that applies policies to existing connections, in order; the jobs pending
+/// are run as one ([`SweepJob::then`]).
 fn spawn_sweeper() -> mpsc::Sender<SweepJob> {
     let (jobs, queue) = mpsc::channel::<SweepJob>();
     let spawned = std::thread::Builder::new()
@@ -386,7 +386,7 @@ fn spawn_sweeper() -> mpsc::Sender<SweepJob> {
         .spawn(move || {
             while let Ok(mut job) = queue.recv() {
                 while let Ok(newer) = queue.try_recv() {
-                    job = newer;
+                    job = job.then(newer);
                 }
                 report_sweep(&job.run());
             }

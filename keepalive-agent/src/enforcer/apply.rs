@@ -18,22 +18,6 @@ use crate::{
 };
 
 impl Enforcer {
-    /// The policy in force applied again (cgroups came or went, an attachment was put back):
-    /// what it cannot do on this kernel was said when it was first applied.
-    pub(crate) fn reapply(
-        &mut self,
-        policy: &Policy,
-    ) -> Result<(ApplyReport, Option<SweepJob>), EnforcerError> {
-        let (applied, sweep) = self.apply_later(policy)?;
-        Ok((
-            ApplyReport {
-                unsupported: Vec::new(),
-                ..applied
-            },
-            sweep,
-        ))
-    }
-
     /// Makes `policy` the one in force.
     ///
     /// Nothing changes unless it compiles and fits. The new generation's lookup entries go in
@@ -53,6 +37,16 @@ impl Enforcer {
         policy: &Policy,
     ) -> Result<(ApplyReport, Option<SweepJob>), EnforcerError> {
         let plan = self.plan(policy)?;
+        // Where the connections already have these rules (a reload that only changed where the
+        // policy is enforced, a put-back attachment): no need to sweep there again.
+        let covered: Vec<(CgroupPath, u64)> = match self.policy() {
+            Some(old) if same_rules(old, policy) => self
+                .sock_ops
+                .iter()
+                .map(|(path, attachment)| (path.clone(), attachment.cgroup.id))
+                .collect(),
+            _ => Vec::new(),
+        };
         let generation = self.generation.wrapping_add(1);
         let tables = compile(policy, &plan.paths(), generation)?;
         let Plan {
@@ -75,6 +69,10 @@ impl Enforcer {
             let _ignored = maps::prune_entries(&mut self.ebpf, &keep);
             return Err(error);
         }
+        // A cgroup removed and made again under the same name is a new one to attach to.
+        let mut replaced = self.detach_where(SOCK_OPS, |path, id| {
+            points.get(path).is_some_and(|cgroup| cgroup.id != id)
+        })?;
         let report = ApplyReport {
             generation,
             missing,
@@ -86,7 +84,10 @@ impl Enforcer {
             self.sync(SETSOCKOPT, &scopes)?;
         }
         let report = ApplyReport {
-            detached: self.sync(SOCK_OPS, &points)?,
+            detached: {
+                replaced.extend(self.sync(SOCK_OPS, &points)?);
+                replaced
+            },
             ..report
         };
         keep = tables
@@ -101,17 +102,27 @@ impl Enforcer {
         )?;
         self.current = Some((policy.clone(), tables));
         self.generation = generation;
-        let sweep = policy.existing.then(|| SweepJob {
+        let scopes: Vec<Cgroup> = scopes
+            .into_iter()
+            .filter(|(path, cgroup)| {
+                // The same path with another id is a cgroup made again: not swept yet.
+                !covered
+                    .iter()
+                    .any(|(done, id)| done.contains(path) && (done != path || *id == cgroup.id))
+            })
+            .map(|(_, cgroup)| cgroup)
+            .collect();
+        let sweep = (policy.existing && !scopes.is_empty()).then(|| SweepJob {
             policy: policy.clone(),
             mount: self.mount.clone(),
-            scopes: scopes.into_values().collect(),
+            scopes,
         });
         Ok((report, sweep))
     }
 
     /// Attaches the sock_ops program where it is not yet and writes every attachment's record;
     /// returns the cgroups newly attached to.
-    fn attach_and_write(
+    pub(super) fn attach_and_write(
         &mut self,
         points: &BTreeMap<CgroupPath, Cgroup>,
         tables: &Tables,
@@ -157,25 +168,16 @@ impl Enforcer {
     }
 
     /// Attaches `hook` to exactly `wanted`: new cgroups get a link, others lose theirs.
-    fn sync(
+    pub(super) fn sync(
         &mut self,
         hook: Hook,
         wanted: &BTreeMap<CgroupPath, Cgroup>,
     ) -> Result<Vec<Cgroup>, EnforcerError> {
-        let stale: Vec<CgroupPath> = self
-            .attachments_mut(hook)
-            .keys()
-            .filter(|path| !wanted.contains_key(*path))
-            .cloned()
-            .collect();
-        let mut detached = Vec::with_capacity(stale.len());
-        for path in stale {
-            if let Some(attachment) = self.attachments_mut(hook).remove(&path) {
-                detached.push(attachment.detach(hook)?);
-            }
-        }
+        let detached = self.detach_where(hook, |path, id| {
+            wanted.get(path).is_none_or(|cgroup| cgroup.id != id)
+        })?;
         for (path, cgroup) in wanted {
-            if !self.attachments_mut(hook).contains_key(path) {
+            if !self.attachments_of(hook).contains_key(path) {
                 let attachment =
                     Attachment::create(hook, self.program_fd(hook)?, cgroup, self.pins.as_ref())?;
                 self.attachments_mut(hook).insert(path.clone(), attachment);
@@ -184,39 +186,30 @@ impl Enforcer {
         Ok(detached)
     }
 
-    /// Applies the policy in force again if the cgroups it covers changed (a cgroup matching a
-    /// pattern or named by a rule appeared, or one went). `None`: nothing to do.
-    pub fn refresh(&mut self) -> Result<Option<ApplyReport>, EnforcerError> {
-        let refreshed = self.refresh_later()?;
-        Ok(refreshed.map(|(mut report, sweep)| {
-            report.existing = sweep.map(|job| job.run());
-            report
-        }))
-    }
-
-    /// [`Self::refresh`], leaving the sweep to the caller as [`Self::apply_later`] does.
-    pub fn refresh_later(
+    /// Detaches `hook` from the cgroups for which `stale(path, id)` holds.
+    pub(super) fn detach_where(
         &mut self,
-    ) -> Result<Option<(ApplyReport, Option<SweepJob>)>, EnforcerError> {
-        let Some((policy, _)) = &self.current else {
-            return Ok(None);
-        };
-        let plan = self.plan(policy)?;
-        let same = |ours: &BTreeMap<CgroupPath, Attachment>,
-                    wanted: &BTreeMap<CgroupPath, Cgroup>| {
-            ours.len() == wanted.len()
-                && ours.iter().all(|(path, attachment)| {
-                    wanted
-                        .get(path)
-                        .is_some_and(|cgroup| cgroup.id == attachment.cgroup.id)
-                })
-        };
-        if same(&self.sock_ops, &plan.attachments)
-            && (!self.has_lock() || same(&self.setsockopt, &plan.enforced))
-        {
-            return Ok(None);
+        hook: Hook,
+        stale: impl Fn(&CgroupPath, u64) -> bool,
+    ) -> Result<Vec<Cgroup>, EnforcerError> {
+        let paths: Vec<CgroupPath> = self
+            .attachments_of(hook)
+            .iter()
+            .filter(|(path, attachment)| stale(path, attachment.cgroup.id))
+            .map(|(path, _)| path.clone())
+            .collect();
+        let mut detached = Vec::with_capacity(paths.len());
+        for path in paths {
+            if let Some(attachment) = self.attachments_mut(hook).remove(&path) {
+                detached.push(attachment.detach(hook)?);
+            }
         }
-        let policy = policy.clone();
-        self.reapply(&policy).map(Some)
+        Ok(detached)
     }
+}
+
+/// Whether `new` decides every connection of a cgroup both enforce as `old` did, and `old`
+/// swept existing connections too: they differ at most in where they are enforced.
+fn same_rules(old: &Policy, new: &Policy) -> bool {
+    old.existing && old.default == new.default && old.rules == new.rules
 }

@@ -1,12 +1,14 @@
 //! The loaded programs, their attachments and their maps; applying a policy atomically.
 //!
 //! Modules: [`load`] loads the programs and takes over an earlier agent's pins; [`apply`] makes
-//! a policy the one in force; [`hierarchy`] is the mounted cgroup hierarchy the attach-point
+//! a policy the one in force; [`follow`] brings it to cgroups that came or went, touching only
+//! them; [`hierarchy`] is the mounted cgroup hierarchy the attach-point
 //! planner ([`crate::plan`]) works on; [`links`] the attachments; [`maps`] the maps; [`health`]
 //! puts back what someone else removed; [`features`] what this kernel lacks.
 
 mod apply;
 pub mod features;
+mod follow;
 mod health;
 mod hierarchy;
 mod links;

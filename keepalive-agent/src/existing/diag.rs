@@ -1,5 +1,8 @@
-//! The kernel's socket list (NETLINK_SOCK_DIAG, inet_diag): every TCP socket of one network
-//! namespace with its state, addresses, inode and cgroup id.
+//! The kernel's socket list (NETLINK_SOCK_DIAG, inet_diag): the TCP sockets of one network
+//! namespace with their state, addresses, inode and cgroup id. Established ones can be asked
+//! for by cgroup (a bytecode filter the kernel runs, `INET_DIAG_BC_CGROUP_COND`, from the same
+//! kernels as the cgroup id attribute): a sweep of one new cgroup then reads its own sockets,
+//! not every socket of a busy namespace.
 
 use std::{
     io,
@@ -19,6 +22,12 @@ const NLM_F_DUMP: u16 = 0x300;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const INET_DIAG_CGROUP_ID: u16 = 21;
+const INET_DIAG_REQ_BYTECODE: u16 = 1;
+const INET_DIAG_BC_JMP: u8 = 1;
+const INET_DIAG_BC_CGROUP_COND: u8 = 13;
+/// More cgroups than this are not filtered in the kernel (the filter is one netlink attribute,
+/// at most 64 KiB; 16 bytes a cgroup).
+const MAX_FILTERED: usize = 2048;
 const NLMSG_HDRLEN: usize = 16;
 const INET_DIAG_MSG_LEN: usize = 72;
 
@@ -51,25 +60,78 @@ pub(crate) struct DiagSocket {
     pub(crate) cgroup_id: u64,
 }
 
-/// Established and listening TCP sockets, IPv4 and IPv6, of the calling thread's network
-/// namespace.
-pub(crate) fn tcp_sockets() -> io::Result<Vec<DiagSocket>> {
+/// Listening TCP sockets, and established ones (of the cgroups `only` when given), IPv4 and
+/// IPv6, of the calling thread's network namespace.
+pub(crate) fn tcp_sockets(only: Option<&[u64]>) -> io::Result<Vec<DiagSocket>> {
     let socket = net::socket_with(
         net::AddressFamily::NETLINK,
         net::SocketType::DGRAM,
         net::SocketFlags::CLOEXEC,
         Some(net::netlink::SOCK_DIAG),
     )?;
+    let filter = only
+        .filter(|ids| ids.len() <= MAX_FILTERED)
+        .map(cgroup_filter);
     let mut sockets = Vec::new();
     for family in [AF_INET, AF_INET6] {
-        dump(&socket, family, &mut sockets)?;
+        dump(&socket, family, 1 << LISTEN, &[], &mut sockets)?;
+        let start = sockets.len();
+        let filtered = match &filter {
+            Some(bytecode) => dump(&socket, family, 1 << ESTABLISHED, bytecode, &mut sockets),
+            None => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+        };
+        if filtered.is_err() {
+            // A kernel without the cgroup filter: every established socket, sorted out later.
+            sockets.truncate(start);
+            dump(&socket, family, 1 << ESTABLISHED, &[], &mut sockets)?;
+        }
     }
     Ok(sockets)
 }
 
-fn dump(socket: &OwnedFd, family: u8, out: &mut Vec<DiagSocket>) -> io::Result<()> {
-    let states: u32 = (1 << ESTABLISHED) | (1 << LISTEN);
-    let mut request = [0u8; NLMSG_HDRLEN + 56];
+/// inet_diag bytecode accepting a socket of any of `ids`: for each, a cgroup test that on a
+/// match falls into a jump to the end (accept) and otherwise skips it to the next test; the
+/// last test's no-match jumps past the end (reject). The kernel's audit follows the match
+/// branches, so every test lies on that path.
+fn cgroup_filter(ids: &[u64]) -> Vec<u8> {
+    const TEST: usize = 12;
+    const JUMP: usize = 4;
+    let op = |code: u8, yes: usize, no: usize| -> [u8; 4] {
+        let no = u16::try_from(no).unwrap_or(u16::MAX).to_ne_bytes();
+        [code, u8::try_from(yes).unwrap_or(u8::MAX), no[0], no[1]]
+    };
+    let len = ids.len() * (TEST + JUMP) - JUMP;
+    let mut bytecode = Vec::with_capacity(len);
+    for (i, id) in ids.iter().enumerate() {
+        let last = i + 1 == ids.len();
+        let left = len - bytecode.len();
+        let no = if last { left + 4 } else { TEST + JUMP };
+        bytecode.extend_from_slice(&op(INET_DIAG_BC_CGROUP_COND, TEST, no));
+        bytecode.extend_from_slice(&id.to_ne_bytes());
+        if !last {
+            let left = len - bytecode.len();
+            bytecode.extend_from_slice(&op(INET_DIAG_BC_JMP, JUMP, left));
+        }
+    }
+    bytecode
+}
+
+/// One dump request: sockets of `family` in `states`, through `bytecode` if not empty.
+fn dump(
+    socket: &OwnedFd,
+    family: u8,
+    states: u32,
+    bytecode: &[u8],
+    out: &mut Vec<DiagSocket>,
+) -> io::Result<()> {
+    let mut request = vec![0u8; NLMSG_HDRLEN + 56];
+    if !bytecode.is_empty() {
+        let attr_len = u16::try_from(4 + bytecode.len())
+            .map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?;
+        request.extend_from_slice(&attr_len.to_ne_bytes());
+        request.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
+        request.extend_from_slice(bytecode);
+    }
     let len = u32::try_from(request.len()).unwrap_or(u32::MAX);
     request[0..4].copy_from_slice(&len.to_ne_bytes());
     request[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
@@ -193,5 +255,28 @@ mod tests {
             })
         );
         assert_eq!(parse(&message[..10]), None);
+    }
+
+    /// Runs `bytecode` as the kernel does (inet_diag_bc_run) for a socket of cgroup `id`.
+    fn accepts(bytecode: &[u8], id: u64) -> bool {
+        let mut at = 0usize;
+        while at < bytecode.len() {
+            let (code, yes) = (bytecode[at], usize::from(bytecode[at + 1]));
+            let no = usize::from(u16::from_ne_bytes([bytecode[at + 2], bytecode[at + 3]]));
+            let matched = code == INET_DIAG_BC_CGROUP_COND
+                && u64::from_ne_bytes(bytecode[at + 4..at + 12].try_into().unwrap_or([0; 8])) == id;
+            at += if matched { yes } else { no };
+        }
+        at == bytecode.len()
+    }
+
+    #[test]
+    fn the_cgroup_filter_accepts_exactly_its_cgroups() {
+        for ids in [vec![7], vec![7, 9], vec![3, 7, 9, 11]] {
+            let bytecode = cgroup_filter(&ids);
+            for id in 0..13 {
+                assert_eq!(accepts(&bytecode, id), ids.contains(&id), "{ids:?} {id}");
+            }
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! Connections that already exist when a policy takes effect get it too.
 //!
 //! The kernel's socket list (inet_diag, one network namespace at a time, entered from a helper
-//! thread) gives each TCP socket's cgroup, addresses and inode; the policy decides as for a new
+//! thread, filtered in the kernel to the swept cgroups) gives each TCP socket's cgroup,
+//! addresses and inode; the policy decides as for a new
 //! connection; the agent takes a duplicate of the owner's descriptor (pidfd_getfd) and applies
 //! the rule with the same code the kernel runs (`keepalive_common::enforce`). A BPF iterator
 //! could set options in the kernel, but it walks one namespace too and, without CO-RE, cannot
@@ -48,6 +49,23 @@ pub struct SweepJob {
 }
 
 impl SweepJob {
+    /// This job and a `newer` one as one: the newer policy's, over both jobs' cgroups when
+    /// their rules are the same (several cgroups followed in a row, a reload that only changed
+    /// where the policy is enforced), over the newer's alone when not (a reload of other rules
+    /// sweeps every enforced cgroup). A cgroup no longer enforced is left alone by the sweep.
+    #[must_use]
+    pub fn then(mut self, mut newer: Self) -> Self {
+        if self.policy.default == newer.policy.default && self.policy.rules == newer.policy.rules {
+            newer.scopes.append(&mut self.scopes);
+            // Outermost first; one inside another (or the same) goes: the walk covers it.
+            newer.scopes.sort_by_key(|scope| scope.path.clone());
+            newer
+                .scopes
+                .dedup_by(|inner, outer| inner.path.starts_with(&outer.path));
+        }
+        newer
+    }
+
     pub fn run(&self) -> Result<Sweep, String> {
         let scopes: Vec<&Cgroup> = self.scopes.iter().collect();
         sweep(&self.policy, &self.mount, &scopes).map_err(|e| e.to_string())
@@ -66,8 +84,9 @@ pub fn sweep(policy: &Policy, mount: &Path, scopes: &[&Cgroup]) -> io::Result<Sw
         namespaces: holders.namespaces.len(),
         ..Sweep::default()
     };
+    let ids: Vec<u64> = cgroups.keys().copied().collect();
     for netns in holders.namespaces.values() {
-        let sockets = sockets_in(netns)?;
+        let sockets = sockets_in(netns, Some(&ids))?;
         for (socket, direction) in established(&sockets) {
             let Some(cgroup) = cgroups.get(&socket.cgroup_id) else {
                 continue;

@@ -140,11 +140,11 @@ pub(crate) fn established(sockets: &[DiagSocket]) -> Vec<(&DiagSocket, Direction
 /// The TCP sockets of the namespace `netns` (a `/proc/PID/ns/net` or `/run/netns` file), read
 /// from a helper thread that entered it. The caller's own namespace is read without entering
 /// it, so that works without CAP_SYS_ADMIN.
-pub(crate) fn sockets_in(netns: &Path) -> io::Result<Vec<DiagSocket>> {
+pub(crate) fn sockets_in(netns: &Path, only: Option<&[u64]>) -> io::Result<Vec<DiagSocket>> {
     let target = fs::File::open(netns)?;
     let own = fs::metadata("/proc/thread-self/ns/net")?.ino();
     if target.metadata()?.ino() == own {
-        return diag::tcp_sockets();
+        return diag::tcp_sockets(only);
     }
     std::thread::scope(|scope| {
         scope
@@ -154,7 +154,7 @@ pub(crate) fn sockets_in(netns: &Path) -> io::Result<Vec<DiagSocket>> {
                     target.as_fd(),
                     Some(rustix::thread::LinkNameSpaceType::Network),
                 )?;
-                diag::tcp_sockets()
+                diag::tcp_sockets(only)
             })
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("the namespace helper thread panicked")))

@@ -140,7 +140,7 @@ pub fn scan(
         containers: HashMap::new(),
     };
     for (&netns, path) in &holders.namespaces {
-        let sockets = match sockets_in(path) {
+        let sockets = match sockets_in(path, None) {
             Ok(sockets) => sockets,
             Err(error) => {
                 report.skipped.push(format!(

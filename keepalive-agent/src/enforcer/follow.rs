@@ -1,0 +1,171 @@
+//! Following the cgroup tree under the policy in force: a cgroup that came, went or was given
+//! other rules touches only itself, its attachment, its record and its own existing connections,
+//! so covering a new container does not grow with what else the host runs.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::{
+    ApplyReport, Enforcer, EnforcerError,
+    links::{Attachment, SETSOCKOPT, SOCK_OPS},
+    maps,
+};
+use crate::{
+    cgroup::Cgroup,
+    compile::{Tables, compile},
+    existing::SweepJob,
+    plan::Plan,
+    policy::{CgroupPath, Policy},
+};
+
+impl Enforcer {
+    /// The policy in force applied again (cgroups came or went, an attachment was put back):
+    /// what it cannot do on this kernel was said when it was first applied.
+    ///
+    /// When the policy over the cgroups that exist now compiles to the lookup entries in force
+    /// (the usual case: a new container matching a pattern gets a ruleset its siblings have),
+    /// only the attachments that came, went or whose record differs are touched, the
+    /// generation stays, and the sweep covers only the cgroups newly attached or given another
+    /// record. Otherwise, the whole policy is applied as a new generation.
+    pub(crate) fn reapply(
+        &mut self,
+        policy: &Policy,
+    ) -> Result<(ApplyReport, Option<SweepJob>), EnforcerError> {
+        let plan = self.plan(policy)?;
+        self.reapply_planned(policy, plan)
+    }
+
+    /// [`Self::reapply`] over a plan already made.
+    fn reapply_planned(
+        &mut self,
+        policy: &Policy,
+        plan: Plan<Cgroup>,
+    ) -> Result<(ApplyReport, Option<SweepJob>), EnforcerError> {
+        let tables = compile(policy, &plan.paths(), self.generation)?;
+        let unchanged_entries = self.tables().is_some_and(|old| same_entries(old, &tables));
+        let (applied, sweep) = if unchanged_entries && self.policy() == Some(policy) {
+            self.apply_changes(policy, plan, tables)?
+        } else {
+            self.apply_later(policy)?
+        };
+        Ok((
+            ApplyReport {
+                unsupported: Vec::new(),
+                ..applied
+            },
+            sweep,
+        ))
+    }
+
+    /// Brings the attachments to `plan`, whose `tables` have the entries in force: detaches
+    /// what went (or was made again under the same name), attaches what came, rewrites the
+    /// records that differ. Nothing else is written.
+    fn apply_changes(
+        &mut self,
+        policy: &Policy,
+        plan: Plan<Cgroup>,
+        tables: Tables,
+    ) -> Result<(ApplyReport, Option<SweepJob>), EnforcerError> {
+        let Plan {
+            attachments: points,
+            enforced: scopes,
+            missing,
+        } = plan;
+        let detached = self.detach_where(SOCK_OPS, |path, id| {
+            points.get(path).is_none_or(|cgroup| cgroup.id != id)
+        })?;
+        let old = self.tables().map(|old| old.attachments.clone());
+        let mut changed: BTreeMap<CgroupPath, Cgroup> = points
+            .iter()
+            .filter(|(path, _)| {
+                !self.sock_ops.contains_key(*path)
+                    || old.as_ref().and_then(|old| old.get(*path)) != tables.attachments.get(*path)
+            })
+            .map(|(path, cgroup)| (path.clone(), cgroup.clone()))
+            .collect();
+        let attached = self.attach_and_write(&changed, &tables)?;
+        if self.has_lock() {
+            // A lock put back: what applications set meanwhile is swept back to the policy.
+            for (path, cgroup) in &scopes {
+                if !self.setsockopt.contains_key(path) {
+                    changed.insert(path.clone(), cgroup.clone());
+                }
+            }
+            self.sync(SETSOCKOPT, &scopes)?;
+        }
+        if !detached.is_empty() {
+            maps::prune_cgroups(
+                &mut self.ebpf,
+                &points.values().map(|cgroup| cgroup.id).collect(),
+            )?;
+        }
+        let sweep = (policy.existing && !changed.is_empty()).then(|| SweepJob {
+            policy: policy.clone(),
+            mount: self.mount.clone(),
+            scopes: outermost(&changed),
+        });
+        self.current = Some((policy.clone(), tables));
+        let report = ApplyReport {
+            generation: self.generation,
+            attached,
+            detached,
+            missing,
+            ..ApplyReport::default()
+        };
+        Ok((report, sweep))
+    }
+
+    /// Applies the policy in force again if the cgroups it covers changed (a cgroup matching a
+    /// pattern or named by a rule appeared, or one went). `None`: nothing to do.
+    pub fn refresh(&mut self) -> Result<Option<ApplyReport>, EnforcerError> {
+        let refreshed = self.refresh_later()?;
+        Ok(refreshed.map(|(mut report, sweep)| {
+            report.existing = sweep.map(|job| job.run());
+            report
+        }))
+    }
+
+    /// [`Self::refresh`], leaving the sweep to the caller as [`Self::apply_later`] does.
+    pub fn refresh_later(
+        &mut self,
+    ) -> Result<Option<(ApplyReport, Option<SweepJob>)>, EnforcerError> {
+        let Some((policy, _)) = &self.current else {
+            return Ok(None);
+        };
+        let plan = self.plan(policy)?;
+        let same = |ours: &BTreeMap<CgroupPath, Attachment>,
+                    wanted: &BTreeMap<CgroupPath, Cgroup>| {
+            ours.len() == wanted.len()
+                && ours.iter().all(|(path, attachment)| {
+                    wanted
+                        .get(path)
+                        .is_some_and(|cgroup| cgroup.id == attachment.cgroup.id)
+                })
+        };
+        if same(&self.sock_ops, &plan.attachments)
+            && (!self.has_lock() || same(&self.setsockopt, &plan.enforced))
+        {
+            return Ok(None);
+        }
+        let policy = policy.clone();
+        self.reapply_planned(&policy, plan).map(Some)
+    }
+}
+
+/// Whether two compilations hold the same lookup entries (records aside).
+fn same_entries(old: &Tables, new: &Tables) -> bool {
+    old.addr == new.addr && old.ports == new.ports && old.decisions == new.decisions
+}
+
+/// The cgroups of `changed` not inside another of them: a sweep of each covers its subtree.
+fn outermost(changed: &BTreeMap<CgroupPath, Cgroup>) -> Vec<Cgroup> {
+    let paths: BTreeSet<&CgroupPath> = changed.keys().collect();
+    changed
+        .iter()
+        .filter(|(path, _)| {
+            !paths
+                .iter()
+                .any(|other| other != path && other.contains(path))
+        })
+        .map(|(_, cgroup)| cgroup.clone())
+        .collect()
+}
