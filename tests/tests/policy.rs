@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use keepalive_agent::{Enforcer, Policy, enforcer::features, policy::file};
+use keepalive_agent::{Policy, enforcer::features, policy::file};
 use keepalive_common::{
     Outcome, Stage,
     sockopt::{SOL_TCP, TCP_KEEPIDLE},
