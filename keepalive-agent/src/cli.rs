@@ -286,6 +286,9 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub places: Places,
+
+    #[command(flatten)]
+    pub engines: crate::containers::EngineArgs,
 }
 
 #[derive(Debug, Args)]

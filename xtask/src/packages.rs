@@ -29,7 +29,19 @@ pub(crate) const TEST: &[Need] = &[
     ("bash", "bash"),
     // The LD_PRELOAD peer the benchmark compares against.
     ("/usr/lib/libkeepalive.so", "libkeepalive0"),
+    // Real container engines for tests/tests/engines.rs (started by the tests, state in
+    // temporary directories); images are imported from a busybox-static rootfs.
+    ("dockerd", "docker.io"),
+    ("containerd", "containerd"),
+    ("ctr", "containerd"),
+    ("runc", "runc"),
+    ("podman", "podman"),
+    ("/bin/busybox", "busybox-static"),
 ];
+
+/// What building the agent needs besides Rust: containerd-client generates its gRPC code
+/// with protoc at build time.
+pub(crate) const BUILD: &[Need] = &[("protoc", "protobuf-compiler")];
 
 fn present(what: &str) -> bool {
     if what.starts_with('/') {

@@ -8,7 +8,7 @@ use crate::{
     cli::CheckArgs,
     compile::compile,
     enforcer::features,
-    policy::{CgroupPath, Policy, file},
+    policy::{CgroupPath, Policy, Rule, file},
 };
 
 /// Checks the file; `Ok` holds a summary (and warnings) for the user.
@@ -31,6 +31,16 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<String> {
             "left alone"
         },
     );
+    for rule in &policy.rules {
+        if let Some(selection) = &rule.containers {
+            let _ = writeln!(
+                out,
+                "note: rule {:?} (line {}) selects containers ({}); the running agent resolves \
+                 it to their cgroups through the container engines",
+                rule.name, rule.line, selection.selector
+            );
+        }
+    }
     for warning in warnings(&policy) {
         let _ = writeln!(out, "warning: {warning}");
     }
@@ -59,7 +69,7 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<String> {
 
 fn attach_points(policy: &Policy) -> Vec<CgroupPath> {
     let mut points = policy.scopes.clone();
-    for cgroup in policy.rules.iter().filter_map(|rule| rule.cgroup.as_ref()) {
+    for cgroup in policy.rules.iter().flat_map(Rule::rule_cgroups) {
         if policy.in_scope(cgroup) && !points.contains(cgroup) {
             points.push(cgroup.clone());
         }
@@ -84,6 +94,7 @@ fn warnings(policy: &Policy) -> Vec<String> {
         }
         let shadow = policy.rules[..i].iter().find(|earlier| {
             !earlier.has_match_keys()
+                && earlier.containers == rule.containers
                 && match (&earlier.cgroup, &rule.cgroup) {
                     (None, None) => true,
                     (Some(a), Some(b)) => a == b,

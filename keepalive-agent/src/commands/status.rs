@@ -101,6 +101,7 @@ fn rule_json(rule: &crate::state::RuleState, maps: &PinnedMaps) -> anyhow::Resul
         "name": rule.name,
         "line": rule.line,
         "action": rule.action,
+        "containers": rule.containers,
         "counters": counts,
     }))
 }
@@ -257,5 +258,14 @@ fn rules_table(out: &mut String, status: &Value) {
             let _ = write!(out, " {:>10}", rule["counters"][column].to_string());
         }
         out.push('\n');
+    }
+    for rule in status["rules"].as_array().into_iter().flatten() {
+        if let Some(containers) = rule["containers"].as_str() {
+            let _ = writeln!(
+                out,
+                "rule {:?} selects containers: {containers}",
+                rule["name"].as_str().unwrap_or("?")
+            );
+        }
     }
 }

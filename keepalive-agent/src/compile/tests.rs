@@ -88,6 +88,7 @@ fn rule(cgroup: Option<&str>, remote: &[&str], remote_ports: &[(u16, u16)], idle
             .collect(),
         local_ports: Vec::new(),
         direction: None,
+        containers: None,
         action: Action::enforce(Values {
             idle_secs: idle,
             ..Values::default()
@@ -343,6 +344,7 @@ fn any_rule() -> impl Strategy<Value = Rule> {
                 remote_ports,
                 local_ports,
                 direction: outbound.map(Direction::from_outbound),
+                containers: None,
                 action: Action {
                     mode,
                     values: Values {

@@ -328,6 +328,7 @@ mod tests {
                 remote_ports: Vec::new(),
                 local_ports: Vec::new(),
                 direction: None,
+                containers: None,
                 action: Action::enforce(Values::default()),
             })
             .collect();

@@ -163,6 +163,8 @@ struct RawRule {
     remote_port: Option<Spanned<Value>>,
     local_port: Option<Spanned<Value>>,
     direction: Option<Spanned<String>>,
+    labels: Option<Spanned<Value>>,
+    container: Option<Spanned<String>>,
     mode: Option<Spanned<String>>,
     idle: Option<Spanned<Value>>,
     interval: Option<Spanned<Value>>,
@@ -319,6 +321,15 @@ impl RawRule {
                 )),
             })
             .transpose()?;
+        let containers = super::containers::selector(
+            self.labels.as_ref(),
+            self.container.as_ref(),
+            &owner,
+        )?
+        .map(|selector| super::Selection {
+            selector,
+            cgroups: Vec::new(),
+        });
         let values = RawValues {
             mode: self.mode,
             idle: self.idle,
@@ -336,6 +347,7 @@ impl RawRule {
             remote_ports,
             local_ports,
             direction,
+            containers,
         })
     }
 }

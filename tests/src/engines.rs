@@ -1,0 +1,541 @@
+//! Real container engines for the tests: dockerd, containerd and podman's API service, each
+//! started by the test with its state, sockets and images in a temporary directory, and
+//! stopped on drop with every container it ran. No registry is reachable: the image is a
+//! rootfs of busybox-static (`sh`, `nc`, `sleep`), imported (Docker, podman) or used as a
+//! rootfs directory (containerd's `ctr run --rootfs`).
+//!
+//! Platform notes (docs/operations.md, ../shared/notes/platform-facts.md): dockerd runs with
+//! `--iptables=false --bridge=none` and the vfs storage driver, containers with
+//! `--network none` (loopback only); podman with runc, the cgroupfs manager and lowered
+//! ulimits.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use keepalive_agent::CgroupPath;
+
+use crate::{Keepalive, cleanup_failed, poll, require_host, unique_name, wait_for};
+
+/// How long a daemon may take to answer after it starts.
+const START: Duration = Duration::from_secs(60);
+
+/// The image every engine runs.
+pub const IMAGE: &str = "localhost/ka-busybox:test";
+
+/// What a container runs: a listener and a client connected to it over loopback, both
+/// holding their sockets open (`sleep |` keeps their standard input open).
+pub const SERVE_AND_CONNECT: &str =
+    "sleep 100000 | nc -l -p 8000 & sleep 0.3; sleep 100000 | nc 127.0.0.1 8000 & wait";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Docker,
+    Podman,
+    Containerd,
+}
+
+/// One engine daemon and its state directory.
+#[derive(Debug)]
+pub struct Engine {
+    kind: Kind,
+    root: PathBuf,
+    daemon: Child,
+    containers: Vec<String>,
+}
+
+/// A container an engine runs.
+#[derive(Debug, Clone)]
+pub struct TestContainer {
+    pub id: String,
+    pub pid: u32,
+    /// Its cgroup, as /proc/PID/cgroup shows it.
+    pub cgroup: CgroupPath,
+}
+
+impl Engine {
+    /// dockerd (it runs a containerd of its own under its exec root).
+    pub fn docker() -> Self {
+        let root = make_root();
+        let arg = |name: &str| root.join(name).display().to_string();
+        let daemon = spawn(
+            Command::new("dockerd").args([
+                "--data-root",
+                &arg("data"),
+                "--exec-root",
+                &arg("exec"),
+                "--pidfile",
+                &arg("docker.pid"),
+                "--host",
+                &format!("unix://{}", arg("docker.sock")),
+                "--iptables=false",
+                "--ip-masq=false",
+                "--bridge=none",
+                "--storage-driver=vfs",
+                "--exec-opt",
+                "native.cgroupdriver=cgroupfs",
+            ]),
+            &root,
+        );
+        let engine = Self::started(Kind::Docker, root, daemon);
+        engine.import();
+        engine
+    }
+
+    /// podman's Docker-compatible API service, with runc and the cgroupfs manager.
+    pub fn podman() -> Self {
+        let root = make_root();
+        let conf = root.join("containers.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "[containers]\ndefault_ulimits = [\"nofile=20000:20000\", \"nproc=4096:4096\"]\n\
+                 [engine]\nruntime = \"runc\"\ncgroup_manager = \"cgroupfs\"\n\
+                 events_logger = \"file\"\ntmp_dir = \"{}\"\n",
+                root.join("tmp").display()
+            ),
+        )
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", conf.display()));
+        let arg = |name: &str| root.join(name).display().to_string();
+        let daemon = spawn(
+            Command::new("podman")
+                .env("CONTAINERS_CONF", &conf)
+                .args([
+                    "--root",
+                    &arg("storage"),
+                    "--runroot",
+                    &arg("run"),
+                    "--storage-driver",
+                    "vfs",
+                    "system",
+                    "service",
+                    "--time",
+                    "0",
+                    &format!("unix://{}", arg("podman.sock")),
+                ]),
+            &root,
+        );
+        let engine = Self::started(Kind::Podman, root, daemon);
+        engine.import();
+        engine
+    }
+
+    /// A containerd of its own (CRI plugin off: the tests use namespace `k8s.io` directly,
+    /// with the labels kubelet would give).
+    pub fn containerd() -> Self {
+        let root = make_root();
+        let config = root.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\naddress = \"{0}/containerd.sock\"\n\
+                 [ttrpc]\naddress = \"{0}/containerd.sock.ttrpc\"\n",
+                root.display()
+            ),
+        )
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", config.display()));
+        let daemon = spawn(
+            Command::new("containerd").arg("--config").arg(&config),
+            &root,
+        );
+        let engine = Self::started(Kind::Containerd, root, daemon);
+        busybox_rootfs(&engine.root.join("rootfs"));
+        engine
+    }
+
+    fn started(kind: Kind, root: PathBuf, daemon: Child) -> Self {
+        let mut engine = Self {
+            kind,
+            root,
+            daemon,
+            containers: Vec::new(),
+        };
+        let probe = match kind {
+            Kind::Docker | Kind::Podman => vec!["version"],
+            Kind::Containerd => vec!["version"],
+        };
+        wait_for(&format!("{kind:?} to answer"), START, || {
+            if let Ok(Some(status)) = engine.daemon.try_wait() {
+                panic!("{kind:?} exited at start ({status}); its log: {}", engine.log());
+            }
+            engine
+                .cli(&probe)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .ok()
+                .filter(std::process::ExitStatus::success)
+        });
+        engine
+    }
+
+    /// The socket the agent follows it on.
+    pub fn socket(&self) -> PathBuf {
+        self.root.join(match self.kind {
+            Kind::Docker => "docker.sock",
+            Kind::Podman => "podman.sock",
+            Kind::Containerd => "containerd.sock",
+        })
+    }
+
+    /// The agent's option naming this engine's socket.
+    pub fn socket_option(&self) -> [String; 2] {
+        let option = match self.kind {
+            Kind::Docker => "--docker-socket",
+            Kind::Podman => "--podman-socket",
+            Kind::Containerd => "--containerd-socket",
+        };
+        [option.to_string(), self.socket().display().to_string()]
+    }
+
+    /// The engine's command-line client, talking to this daemon.
+    pub fn cli(&self, args: &[&str]) -> Command {
+        let socket = self.socket().display().to_string();
+        let mut command = match self.kind {
+            Kind::Docker => {
+                let mut command = Command::new("docker");
+                command.args(["--host", &format!("unix://{socket}")]);
+                command
+            }
+            Kind::Podman => {
+                let mut command = Command::new("podman");
+                command.args(["--remote", "--url", &format!("unix://{socket}")]);
+                command
+            }
+            Kind::Containerd => {
+                let mut command = Command::new("ctr");
+                command.args(["--address", &socket, "--namespace", "k8s.io"]);
+                command
+            }
+        };
+        command.args(args);
+        command
+    }
+
+    /// Runs the client to success; its standard output.
+    pub fn run_cli(&self, args: &[&str]) -> String {
+        let out = self
+            .cli(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run the {:?} client: {e}", self.kind));
+        assert!(
+            out.status.success(),
+            "{:?} {args:?}: {}\n{}",
+            self.kind,
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    fn import(&self) {
+        let rootfs = self.root.join("rootfs");
+        busybox_rootfs(&rootfs);
+        let tar = self.root.join("rootfs.tar");
+        let status = Command::new("tar")
+            .arg("-C")
+            .arg(&rootfs)
+            .arg("-cf")
+            .arg(&tar)
+            .arg(".")
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run tar: {e}"));
+        assert!(status.success(), "tar of the busybox rootfs failed");
+        self.run_cli(&["import", &tar.display().to_string(), IMAGE]);
+    }
+
+    /// Starts a container `name` with `labels` running `script` (sh -c), in the engine's
+    /// usual cgroup (or under `cgroup_parent`); returns once its init process runs.
+    pub fn run(
+        &mut self,
+        name: &str,
+        labels: &[(&str, &str)],
+        cgroup_parent: Option<&str>,
+        script: &str,
+    ) -> TestContainer {
+        let labels: Vec<String> = labels
+            .iter()
+            .map(|(key, value)| format!("{key}={value}"))
+            .collect();
+        let mut args: Vec<String> = Vec::new();
+        let id = match self.kind {
+            Kind::Docker | Kind::Podman => {
+                args.extend(["run", "-d", "--network", "none", "--name", name].map(String::from));
+                for label in &labels {
+                    args.extend(["--label".into(), label.clone()]);
+                }
+                if let Some(parent) = cgroup_parent {
+                    args.push(format!("--cgroup-parent={parent}"));
+                }
+                args.extend([IMAGE, "sh", "-c", script].map(String::from));
+                let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+                self.run_cli(&refs)
+            }
+            Kind::Containerd => {
+                let rootfs = self.root.join("rootfs").display().to_string();
+                args.extend(["run", "-d", "--rootfs", &rootfs].map(String::from));
+                for label in &labels {
+                    args.extend(["--label".into(), label.clone()]);
+                }
+                if let Some(parent) = cgroup_parent {
+                    args.push(format!("--cgroup={parent}/{name}"));
+                }
+                args.extend([name, "sh", "-c", script].map(String::from));
+                let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+                self.run_cli(&refs);
+                name.to_string()
+            }
+        };
+        self.containers.push(id.clone());
+        let pid = self.pid(&id);
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|line| line.strip_prefix("0::").map(str::to_string))
+            })
+            .and_then(|path| CgroupPath::parse(path.trim()).ok())
+            .unwrap_or_else(|| panic!("no cgroup v2 path for container {name} (pid {pid})"));
+        TestContainer { id, pid, cgroup }
+    }
+
+    /// The pid of a container's init process.
+    fn pid(&self, id: &str) -> u32 {
+        wait_for(&format!("the init pid of container {id}"), START, || {
+            let text = match self.kind {
+                Kind::Docker | Kind::Podman => {
+                    self.run_cli(&["inspect", "--format", "{{.State.Pid}}", id])
+                }
+                Kind::Containerd => self
+                    .run_cli(&["tasks", "ls"])
+                    .lines()
+                    .find_map(|line| {
+                        let fields: Vec<&str> = line.split_whitespace().collect();
+                        (fields.first() == Some(&id)).then(|| fields.get(1).copied())?
+                    })
+                    .unwrap_or("0")
+                    .to_string(),
+            };
+            text.trim().parse::<u32>().ok().filter(|pid| *pid > 0)
+        })
+    }
+
+    /// Stops and removes a container.
+    pub fn remove(&mut self, id: &str) {
+        self.remove_quietly(id);
+        self.containers.retain(|known| known != id);
+    }
+
+    fn remove_quietly(&self, id: &str) {
+        let commands: Vec<Vec<&str>> = match self.kind {
+            Kind::Docker | Kind::Podman => vec![vec!["rm", "--force", id]],
+            Kind::Containerd => vec![
+                vec!["tasks", "kill", "--signal", "SIGKILL", id],
+                vec!["tasks", "delete", "--force", id],
+                vec!["containers", "delete", id],
+            ],
+        };
+        for args in commands {
+            let _ignored = self
+                .cli(&args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.root.join("daemon.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        for id in std::mem::take(&mut self.containers) {
+            self.remove_quietly(&id);
+        }
+        if matches!(self.kind, Kind::Docker | Kind::Podman) {
+            let _ignored = self
+                .cli(&["rmi", "--force", IMAGE])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        stop(&mut self.daemon);
+        unmount_below(&self.root);
+        if let Err(error) = std::fs::remove_dir_all(&self.root) {
+            cleanup_failed(&format!("{}: {error}", self.root.display()));
+        }
+    }
+}
+
+/// SIGTERM, then SIGKILL if it is still there after a while.
+fn stop(daemon: &mut Child) {
+    let pid = i32::try_from(daemon.id()).unwrap_or(i32::MAX);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let exited = poll(Duration::from_secs(30), || daemon.try_wait().ok().flatten());
+    if exited.is_none() {
+        let _ignored = daemon.kill();
+        let _ignored = daemon.wait();
+    }
+}
+
+/// Unmounts whatever an engine left mounted below `root` (deepest first).
+fn unmount_below(root: &Path) {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let prefix = root.display().to_string();
+    let mut points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(4))
+        .filter(|point| point.starts_with(&prefix))
+        .collect();
+    points.sort_by_key(|point| std::cmp::Reverse(point.len()));
+    for point in points {
+        if let Ok(path) = std::ffi::CString::new(point) {
+            // SAFETY: a NUL-terminated path; failure (already gone) is fine.
+            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+fn make_root() -> PathBuf {
+    require_host();
+    let root = std::env::temp_dir().join(unique_name());
+    std::fs::create_dir_all(&root)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", root.display()));
+    root
+}
+
+fn spawn(command: &mut Command, root: &Path) -> Child {
+    let log = std::fs::File::create(root.join("daemon.log"))
+        .unwrap_or_else(|e| panic!("cannot create the daemon log: {e}"));
+    let err = log
+        .try_clone()
+        .unwrap_or_else(|e| panic!("cannot share the daemon log: {e}"));
+    command
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"))
+}
+
+/// A root filesystem of busybox-static: /bin/busybox and the applets the tests use.
+pub fn busybox_rootfs(dir: &Path) {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap_or_else(|e| panic!("cannot create {}: {e}", bin.display()));
+    for sub in ["proc", "sys", "dev", "tmp", "etc"] {
+        let _ignored = std::fs::create_dir_all(dir.join(sub));
+    }
+    std::fs::copy("/bin/busybox", bin.join("busybox"))
+        .unwrap_or_else(|e| panic!("cannot copy /bin/busybox (Debian busybox-static): {e}"));
+    for applet in ["sh", "nc", "sleep", "cat"] {
+        let _ignored = std::os::unix::fs::symlink("busybox", bin.join(applet));
+    }
+}
+
+/// The keepalive settings of every connected TCP socket held by the processes of a cgroup
+/// (and its descendants), read back from the kernel through pidfd_getfd.
+pub fn connected_sockets(cgroup: &CgroupPath) -> Vec<Keepalive> {
+    let mount = require_host().cgroup2_mount;
+    let dir = mount.join(cgroup.relative());
+    let mut found = Vec::new();
+    for pid in pids_below(&dir) {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for entry in fds.flatten() {
+            let is_socket = std::fs::read_link(entry.path())
+                .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"));
+            let fd = entry.file_name().to_string_lossy().parse::<i32>().ok();
+            if let (true, Some(fd)) = (is_socket, fd)
+                && let Some(socket) = steal(pid, fd)
+                && is_connected_tcp(&socket)
+            {
+                found.push(Keepalive::of(&socket));
+            }
+        }
+    }
+    found
+}
+
+/// Whether a socket is a TCP socket with a peer.
+fn is_connected_tcp(socket: &std::os::fd::OwnedFd) -> bool {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let protocol =
+        keepalive_agent::sockopt::get_int(socket.as_fd(), libc::SOL_SOCKET, libc::SO_PROTOCOL).ok();
+    if protocol != Some(libc::IPPROTO_TCP) {
+        return false;
+    }
+    // SAFETY: a zeroed sockaddr_storage and its size, for getpeername to fill.
+    unsafe {
+        let mut addr: libc::sockaddr_storage = std::mem::zeroed();
+        let mut len = libc::socklen_t::try_from(size_of::<libc::sockaddr_storage>())
+            .unwrap_or(0);
+        libc::getpeername(
+            socket.as_raw_fd(),
+            (&raw mut addr).cast::<libc::sockaddr>(),
+            &raw mut len,
+        ) == 0
+    }
+}
+
+/// Waits until a cgroup holds at least `count` connected TCP sockets, all with `idle_secs`
+/// (and keepalive on); panics with what it saw otherwise.
+pub fn expect_idle(what: &str, cgroup: &CgroupPath, count: usize, idle_secs: u32) {
+    let mut last = Vec::new();
+    let seen = poll(Duration::from_secs(20), || {
+        last = connected_sockets(cgroup);
+        (last.len() >= count
+            && last
+                .iter()
+                .all(|socket| socket.enabled && socket.idle_secs == idle_secs))
+        .then_some(())
+    });
+    assert!(
+        seen.is_some(),
+        "{what} ({cgroup}): expected {count} connected sockets with keepalive idle {idle_secs} s, \
+         saw {last:?}"
+    );
+}
+
+/// Pids of the processes in a cgroup directory and its descendants.
+fn pids_below(dir: &Path) -> Vec<u32> {
+    let mut pids = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        pids.extend(procs.lines().filter_map(|line| line.trim().parse::<u32>().ok()));
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            stack.extend(
+                entries
+                    .flatten()
+                    .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
+                    .map(|entry| entry.path()),
+            );
+        }
+    }
+    pids
+}
+
+/// A duplicate of another process's descriptor (pidfd_getfd), None if it is gone.
+fn steal(pid: u32, fd: i32) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let pid = i32::try_from(pid).ok()?;
+    // SAFETY: plain system calls; the descriptors are checked before they are owned.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
+        let pidfd = OwnedFd::from_raw_fd(i32::try_from(pidfd).ok().filter(|fd| *fd >= 0)?);
+        let stolen = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
+        Some(OwnedFd::from_raw_fd(
+            i32::try_from(stolen).ok().filter(|fd| *fd >= 0)?,
+        ))
+    }
+}

@@ -1,0 +1,164 @@
+//! Real container engines (dockerd, containerd, podman), started by the tests: rules keyed by
+//! container labels, resolved by the agent through the engines' APIs, hold on the sockets of
+//! real containers, read back from the containers' own processes.
+#![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
+
+use std::{path::PathBuf, time::Duration};
+
+use keepalive_tests::{
+    AgentPlaces, TestCgroup, agent_bin,
+    engines::{Engine, SERVE_AND_CONNECT, TestContainer, connected_sockets, expect_idle},
+    poll, require_host, unique_name, wait_for,
+};
+
+const NAMESPACE: &str = "io.kubernetes.pod.namespace";
+const LOG_WAIT: Duration = Duration::from_secs(30);
+
+/// The policy of the issue: `scope` enforced with idle 60 s, pods of namespace payments 11 s,
+/// and a rule whose labels no container has.
+fn policy_file(scope: &str) -> (PathBuf, TempFile) {
+    let path = std::env::temp_dir().join(format!("{}.toml", unique_name()));
+    std::fs::write(
+        &path,
+        format!(
+            r#"[agent]
+cgroups = ["{scope}"]
+
+[default]
+idle = "60s"
+
+[[rule]]
+name = "payments"
+labels = {{ "{NAMESPACE}" = "payments" }}
+idle = "11s"
+
+[[rule]]
+name = "nobody"
+labels = {{ "{NAMESPACE}" = "nobody-has-this" }}
+idle = "22s"
+"#
+        ),
+    )
+    .unwrap();
+    (path.clone(), TempFile(path))
+}
+
+/// Removed on drop.
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ignored = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Waits until the container's client and server sockets exist.
+fn wait_connected(container: &TestContainer) {
+    wait_for(
+        &format!("the sockets of container {}", container.id),
+        LOG_WAIT,
+        || (connected_sockets(&container.cgroup).len() >= 2).then_some(()),
+    );
+}
+
+/// The agent following only `engine`; the other engines' sockets point nowhere.
+fn spawn_agent(places: &AgentPlaces, config: &str, engine: &Engine) -> keepalive_tests::Workload {
+    let nowhere = places.state_dir().join("no-engine.sock").display().to_string();
+    let mut args: Vec<String> = ["run", "--config", config]
+        .map(String::from)
+        .to_vec();
+    let own = engine.socket_option();
+    for option in ["--docker-socket", "--podman-socket", "--containerd-socket"] {
+        let socket = if option == own[0] { own[1].clone() } else { nowhere.clone() };
+        args.extend([option.to_string(), socket]);
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    places.spawn(agent_bin(), &refs)
+}
+
+fn status_rules(places: &AgentPlaces) -> Vec<serde_json::Value> {
+    let out = places.command(agent_bin(), &["status", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    json["rules"].as_array().cloned().unwrap_or_default()
+}
+
+/// `status` names the cgroups of the payments containers, and says the rule nobody matches
+/// applies to nothing.
+fn expect_status(places: &AgentPlaces, payments: &[&TestContainer]) {
+    let mut rules = Vec::new();
+    let settled = poll(LOG_WAIT, || {
+        rules = status_rules(places);
+        let described = |name: &str| {
+            rules
+                .iter()
+                .find(|rule| rule["name"] == name)
+                .and_then(|rule| rule["containers"].as_str().map(str::to_string))
+                .unwrap_or_default()
+        };
+        (payments
+            .iter()
+            .all(|container| described("payments").contains(container.cgroup.as_str()))
+            && described("nobody").contains("applies to nothing"))
+        .then_some(())
+    });
+    assert!(settled.is_some(), "status rules: {rules:#?}");
+}
+
+/// The whole scenario on one engine: containers started before the agent (the
+/// existing-connections path) and after it (new connections), namespace payments and shop.
+fn scenario(mut engine: Engine, scope: &str, parent: Option<&str>) {
+    let before_pay = engine.run("pay-before", &[(NAMESPACE, "payments")], parent, SERVE_AND_CONNECT);
+    let before_shop = engine.run("shop-before", &[(NAMESPACE, "shop")], parent, SERVE_AND_CONNECT);
+    wait_connected(&before_pay);
+    wait_connected(&before_shop);
+    assert!(
+        connected_sockets(&before_pay.cgroup).iter().all(|socket| !socket.enabled),
+        "no keepalive before the agent"
+    );
+
+    let places = AgentPlaces::new();
+    let (config, _file) = policy_file(scope);
+    let agent = spawn_agent(&places, &config.display().to_string(), &engine);
+    agent.expect_log("following the container engine", LOG_WAIT);
+    expect_idle("payments, started before the agent", &before_pay.cgroup, 2, 11);
+    expect_idle("shop, started before the agent", &before_shop.cgroup, 2, 60);
+
+    let after_pay = engine.run("pay-after", &[(NAMESPACE, "payments")], parent, SERVE_AND_CONNECT);
+    let after_shop = engine.run("shop-after", &[(NAMESPACE, "shop")], parent, SERVE_AND_CONNECT);
+    expect_idle("payments, started after the agent", &after_pay.cgroup, 2, 11);
+    expect_idle("shop, started after the agent", &after_shop.cgroup, 2, 60);
+    expect_status(&places, &[&before_pay, &after_pay]);
+
+    // A container that stops is followed: its rule no longer names its cgroup.
+    engine.remove(&after_pay.id);
+    let gone = poll(LOG_WAIT, || {
+        let rules = status_rules(&places);
+        let payments = rules.iter().find(|rule| rule["name"] == "payments")?;
+        let text = payments["containers"].as_str()?;
+        (!text.contains(after_pay.cgroup.as_str())).then_some(())
+    });
+    assert!(gone.is_some(), "the stopped container's cgroup is still in the rule");
+    drop(agent);
+}
+
+#[test]
+fn docker_containers_get_the_rule_of_their_labels() {
+    require_host();
+    scenario(Engine::docker(), "/docker/*", None);
+}
+
+#[test]
+fn podman_containers_get_the_rule_of_their_labels() {
+    require_host();
+    scenario(Engine::podman(), "/libpod_parent/*", None);
+}
+
+#[test]
+fn containerd_pods_get_the_rule_of_their_kubernetes_namespace() {
+    require_host();
+    // Kubelet-like paths: <pods>/pod-<name>/<container>, in a cgroup of the test's own.
+    let pods = TestCgroup::new();
+    let parent = format!("{}/pod-{}", pods.scope(), std::process::id());
+    scenario(Engine::containerd(), pods.scope().as_str(), Some(&parent));
+}
