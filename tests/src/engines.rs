@@ -44,6 +44,9 @@ pub struct Engine {
     root: PathBuf,
     daemon: Child,
     containers: Vec<String>,
+    /// Cgroup directories the engine creates for its containers' parent, in every hierarchy
+    /// (v1 controllers too), that did not exist before it started: removed on drop.
+    new_parents: Vec<PathBuf>,
 }
 
 /// A container an engine runs.
@@ -153,6 +156,7 @@ impl Engine {
             root,
             daemon,
             containers: Vec::new(),
+            new_parents: absent_parents(),
         };
         let probe = match kind {
             Kind::Docker | Kind::Podman => vec!["version"],
@@ -262,6 +266,10 @@ impl Engine {
             .iter()
             .map(|(key, value)| format!("{key}={value}"))
             .collect();
+        if let Some(top) = cgroup_parent.and_then(|parent| parent.split('/').find(|c| !c.is_empty())) {
+            let new = absent_in_hierarchies(&[top]);
+            self.new_parents.extend(new);
+        }
         let mut args: Vec<String> = Vec::new();
         let id = match self.kind {
             Kind::Docker | Kind::Podman => {
@@ -278,14 +286,15 @@ impl Engine {
             }
             Kind::Containerd => {
                 let rootfs = self.root.join("rootfs").display().to_string();
-                args.extend(["run", "-d", "--rootfs", &rootfs].map(String::from));
+                // `--rootfs`: the first argument is a root directory, not an image.
+                args.extend(["run", "-d", "--rootfs", "--env", "PATH=/bin"].map(String::from));
                 for label in &labels {
                     args.extend(["--label".into(), label.clone()]);
                 }
                 if let Some(parent) = cgroup_parent {
                     args.push(format!("--cgroup={parent}/{name}"));
                 }
-                args.extend([name, "sh", "-c", script].map(String::from));
+                args.extend([rootfs.as_str(), name, "sh", "-c", script].map(String::from));
                 let refs: Vec<&str> = args.iter().map(String::as_str).collect();
                 self.run_cli(&refs);
                 name.to_string()
@@ -369,6 +378,13 @@ impl Drop for Engine {
         }
         stop(&mut self.daemon);
         unmount_below(&self.root);
+        for parent in &self.new_parents {
+            // Gone already, or still used by containers of another engine: left alone.
+            let _ignored = poll(Duration::from_secs(5), || {
+                remove_empty_tree(parent);
+                (!parent.exists()).then_some(())
+            });
+        }
         if let Err(error) = std::fs::remove_dir_all(&self.root) {
             cleanup_failed(&format!("{}: {error}", self.root.display()));
         }
@@ -385,6 +401,52 @@ fn stop(daemon: &mut Child) {
         let _ignored = daemon.kill();
         let _ignored = daemon.wait();
     }
+}
+
+/// Where the engines put their containers by default (Docker, podman).
+const PARENTS: [&str; 2] = ["docker", "libpod_parent"];
+
+/// Removes the empty cgroup directories of a tree, deepest first.
+fn remove_empty_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                remove_empty_tree(&entry.path());
+            }
+        }
+    }
+    let _ignored = std::fs::remove_dir(dir);
+}
+
+/// Those of [`PARENTS`] that do not exist now, in every cgroup hierarchy.
+fn absent_parents() -> Vec<PathBuf> {
+    absent_in_hierarchies(&PARENTS)
+}
+
+/// Those of `names` (top-level cgroups) that do not exist now, in every cgroup hierarchy:
+/// runc makes a container's parent in the v1 controllers' hierarchies too.
+fn absent_in_hierarchies(names: &[&str]) -> Vec<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut absent = Vec::new();
+    for line in mounts.lines() {
+        let (fields, fstype) = match line.split_once(" - ") {
+            Some((fields, rest)) => (fields, rest.split_whitespace().next().unwrap_or("")),
+            None => continue,
+        };
+        if !matches!(fstype, "cgroup" | "cgroup2") {
+            continue;
+        }
+        let Some(point) = fields.split_whitespace().nth(4) else {
+            continue;
+        };
+        absent.extend(
+            names
+                .iter()
+                .map(|parent| Path::new(point).join(parent))
+                .filter(|dir| !dir.exists()),
+        );
+    }
+    absent
 }
 
 /// Unmounts whatever an engine left mounted below `root` (deepest first).

@@ -40,14 +40,16 @@ async fn run(
     let request = SubscribeRequest {
         filters: vec![format!("namespace=={namespace}")],
     };
-    let mut events = EventsClient::new(channel.clone())
-        .subscribe(request)
-        .await?
-        .into_inner();
+    // containerd answers a subscription with its first event: subscribe on a task of its
+    // own, list meanwhile, then wait for events.
+    let mut client = EventsClient::new(channel.clone());
+    let subscribed = tokio::spawn(async move { client.subscribe(request).await });
+    tokio::task::yield_now().await;
     let containers = list(&channel, namespace).await?;
     connected(ENGINE, socket, containers.len());
     *up = true;
     sink.set(ENGINE, containers);
+    let mut events = subscribed.await.map_err(|_| EngineError::Ended)??.into_inner();
     while let Some(envelope) = events.message().await? {
         if envelope.topic.starts_with("/tasks/") || envelope.topic.starts_with("/containers/") {
             sink.set(ENGINE, list(&channel, namespace).await?);
@@ -70,8 +72,12 @@ async fn list(channel: &Channel, namespace: &str) -> Result<Vec<Container>, Engi
         .containers;
     let mut containers = Vec::new();
     for task in tasks.iter().filter(|task| task.status == RUNNING) {
-        let Some(container) = all.iter().find(|container| container.id == task.container_id)
-        else {
+        // containerd 1.x names the init process's container in `id` only.
+        let id = match task.container_id.as_str() {
+            "" => &task.id,
+            id => id,
+        };
+        let Some(container) = all.iter().find(|container| &container.id == id) else {
             continue;
         };
         let Some(cgroup) = cgroup_of(i64::from(task.pid)) else {
