@@ -288,7 +288,7 @@ pub struct RunArgs {
     pub places: Places,
 
     #[command(flatten)]
-    pub engines: crate::containers::EngineArgs,
+    pub engines: Box<crate::containers::EngineArgs>,
 }
 
 #[derive(Debug, Args)]

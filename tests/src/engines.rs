@@ -103,21 +103,19 @@ impl Engine {
         .unwrap_or_else(|e| panic!("cannot write {}: {e}", conf.display()));
         let arg = |name: &str| root.join(name).display().to_string();
         let daemon = spawn(
-            Command::new("podman")
-                .env("CONTAINERS_CONF", &conf)
-                .args([
-                    "--root",
-                    &arg("storage"),
-                    "--runroot",
-                    &arg("run"),
-                    "--storage-driver",
-                    "vfs",
-                    "system",
-                    "service",
-                    "--time",
-                    "0",
-                    &format!("unix://{}", arg("podman.sock")),
-                ]),
+            Command::new("podman").env("CONTAINERS_CONF", &conf).args([
+                "--root",
+                &arg("storage"),
+                "--runroot",
+                &arg("run"),
+                "--storage-driver",
+                "vfs",
+                "system",
+                "service",
+                "--time",
+                "0",
+                &format!("unix://{}", arg("podman.sock")),
+            ]),
             &root,
         );
         let engine = Self::started(Kind::Podman, root, daemon);
@@ -164,7 +162,10 @@ impl Engine {
         };
         wait_for(&format!("{kind:?} to answer"), START, || {
             if let Ok(Some(status)) = engine.daemon.try_wait() {
-                panic!("{kind:?} exited at start ({status}); its log: {}", engine.log());
+                panic!(
+                    "{kind:?} exited at start ({status}); its log: {}",
+                    engine.log()
+                );
             }
             engine
                 .cli(&probe)
@@ -266,7 +267,9 @@ impl Engine {
             .iter()
             .map(|(key, value)| format!("{key}={value}"))
             .collect();
-        if let Some(top) = cgroup_parent.and_then(|parent| parent.split('/').find(|c| !c.is_empty())) {
+        if let Some(top) =
+            cgroup_parent.and_then(|parent| parent.split('/').find(|c| !c.is_empty()))
+        {
             let new = absent_in_hierarchies(&[top]);
             self.new_parents.extend(new);
         }
@@ -492,7 +495,8 @@ fn spawn(command: &mut Command, root: &Path) -> Child {
 /// A root filesystem of busybox-static: /bin/busybox and the applets the tests use.
 pub fn busybox_rootfs(dir: &Path) {
     let bin = dir.join("bin");
-    std::fs::create_dir_all(&bin).unwrap_or_else(|e| panic!("cannot create {}: {e}", bin.display()));
+    std::fs::create_dir_all(&bin)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", bin.display()));
     for sub in ["proc", "sys", "dev", "tmp", "etc"] {
         let _ignored = std::fs::create_dir_all(dir.join(sub));
     }
@@ -539,8 +543,7 @@ fn is_connected_tcp(socket: &std::os::fd::OwnedFd) -> bool {
     // SAFETY: a zeroed sockaddr_storage and its size, for getpeername to fill.
     unsafe {
         let mut addr: libc::sockaddr_storage = std::mem::zeroed();
-        let mut len = libc::socklen_t::try_from(size_of::<libc::sockaddr_storage>())
-            .unwrap_or(0);
+        let mut len = libc::socklen_t::try_from(size_of::<libc::sockaddr_storage>()).unwrap_or(0);
         libc::getpeername(
             socket.as_raw_fd(),
             (&raw mut addr).cast::<libc::sockaddr>(),
@@ -574,7 +577,11 @@ fn pids_below(dir: &Path) -> Vec<u32> {
     let mut stack = vec![dir.to_path_buf()];
     while let Some(dir) = stack.pop() {
         let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-        pids.extend(procs.lines().filter_map(|line| line.trim().parse::<u32>().ok()));
+        pids.extend(
+            procs
+                .lines()
+                .filter_map(|line| line.trim().parse::<u32>().ok()),
+        );
         if let Ok(entries) = std::fs::read_dir(&dir) {
             stack.extend(
                 entries

@@ -63,13 +63,19 @@ fn wait_connected(container: &TestContainer) {
 
 /// The agent following only `engine`; the other engines' sockets point nowhere.
 fn spawn_agent(places: &AgentPlaces, config: &str, engine: &Engine) -> keepalive_tests::Workload {
-    let nowhere = places.state_dir().join("no-engine.sock").display().to_string();
-    let mut args: Vec<String> = ["run", "--config", config]
-        .map(String::from)
-        .to_vec();
+    let nowhere = places
+        .state_dir()
+        .join("no-engine.sock")
+        .display()
+        .to_string();
+    let mut args: Vec<String> = ["run", "--config", config].map(String::from).to_vec();
     let own = engine.socket_option();
     for option in ["--docker-socket", "--podman-socket", "--containerd-socket"] {
-        let socket = if option == own[0] { own[1].clone() } else { nowhere.clone() };
+        let socket = if option == own[0] {
+            own[1].clone()
+        } else {
+            nowhere.clone()
+        };
         args.extend([option.to_string(), socket]);
     }
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -78,7 +84,11 @@ fn spawn_agent(places: &AgentPlaces, config: &str, engine: &Engine) -> keepalive
 
 fn status_rules(places: &AgentPlaces) -> Vec<serde_json::Value> {
     let out = places.command(agent_bin(), &["status", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     json["rules"].as_array().cloned().unwrap_or_default()
 }
@@ -108,12 +118,24 @@ fn expect_status(places: &AgentPlaces, payments: &[&TestContainer]) {
 /// The whole scenario on one engine: containers started before the agent (the
 /// existing-connections path) and after it (new connections), namespace payments and shop.
 fn scenario(mut engine: Engine, scope: &str, parent: Option<&str>) {
-    let before_pay = engine.run("pay-before", &[(NAMESPACE, "payments")], parent, SERVE_AND_CONNECT);
-    let before_shop = engine.run("shop-before", &[(NAMESPACE, "shop")], parent, SERVE_AND_CONNECT);
+    let before_pay = engine.run(
+        "pay-before",
+        &[(NAMESPACE, "payments")],
+        parent,
+        SERVE_AND_CONNECT,
+    );
+    let before_shop = engine.run(
+        "shop-before",
+        &[(NAMESPACE, "shop")],
+        parent,
+        SERVE_AND_CONNECT,
+    );
     wait_connected(&before_pay);
     wait_connected(&before_shop);
     assert!(
-        connected_sockets(&before_pay.cgroup).iter().all(|socket| !socket.enabled),
+        connected_sockets(&before_pay.cgroup)
+            .iter()
+            .all(|socket| !socket.enabled),
         "no keepalive before the agent"
     );
 
@@ -121,12 +143,32 @@ fn scenario(mut engine: Engine, scope: &str, parent: Option<&str>) {
     let (config, _file) = policy_file(scope);
     let agent = spawn_agent(&places, &config.display().to_string(), &engine);
     agent.expect_log("following the container engine", LOG_WAIT);
-    expect_idle("payments, started before the agent", &before_pay.cgroup, 2, 11);
+    expect_idle(
+        "payments, started before the agent",
+        &before_pay.cgroup,
+        2,
+        11,
+    );
     expect_idle("shop, started before the agent", &before_shop.cgroup, 2, 60);
 
-    let after_pay = engine.run("pay-after", &[(NAMESPACE, "payments")], parent, SERVE_AND_CONNECT);
-    let after_shop = engine.run("shop-after", &[(NAMESPACE, "shop")], parent, SERVE_AND_CONNECT);
-    expect_idle("payments, started after the agent", &after_pay.cgroup, 2, 11);
+    let after_pay = engine.run(
+        "pay-after",
+        &[(NAMESPACE, "payments")],
+        parent,
+        SERVE_AND_CONNECT,
+    );
+    let after_shop = engine.run(
+        "shop-after",
+        &[(NAMESPACE, "shop")],
+        parent,
+        SERVE_AND_CONNECT,
+    );
+    expect_idle(
+        "payments, started after the agent",
+        &after_pay.cgroup,
+        2,
+        11,
+    );
     expect_idle("shop, started after the agent", &after_shop.cgroup, 2, 60);
     expect_status(&places, &[&before_pay, &after_pay]);
 
@@ -138,7 +180,10 @@ fn scenario(mut engine: Engine, scope: &str, parent: Option<&str>) {
         let text = payments["containers"].as_str()?;
         (!text.contains(after_pay.cgroup.as_str())).then_some(())
     });
-    assert!(gone.is_some(), "the stopped container's cgroup is still in the rule");
+    assert!(
+        gone.is_some(),
+        "the stopped container's cgroup is still in the rule"
+    );
     drop(agent);
 }
 

@@ -49,7 +49,10 @@ async fn run(
     connected(ENGINE, socket, containers.len());
     *up = true;
     sink.set(ENGINE, containers);
-    let mut events = subscribed.await.map_err(|_| EngineError::Ended)??.into_inner();
+    let mut events = subscribed
+        .await
+        .map_err(|_| EngineError::Ended)??
+        .into_inner();
     while let Some(envelope) = events.message().await? {
         if envelope.topic.starts_with("/tasks/") || envelope.topic.starts_with("/containers/") {
             sink.set(ENGINE, list(&channel, namespace).await?);
@@ -77,7 +80,7 @@ async fn list(channel: &Channel, namespace: &str) -> Result<Vec<Container>, Engi
             "" => &task.id,
             id => id,
         };
-        let Some(container) = all.iter().find(|container| &container.id == id) else {
+        let Some(container) = all.iter().find(|container| container.id == id) else {
             continue;
         };
         let Some(cgroup) = cgroup_of(i64::from(task.pid)) else {

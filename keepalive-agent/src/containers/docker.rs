@@ -27,13 +27,10 @@ async fn run(
     sink: &Sink,
     up: &mut bool,
 ) -> Result<(), EngineError> {
-    let docker = Docker::connect_with_unix(
-        &socket.to_string_lossy(),
-        TIMEOUT_SECS,
-        API_DEFAULT_VERSION,
-    )?
-    .negotiate_version()
-    .await?;
+    let docker =
+        Docker::connect_with_unix(&socket.to_string_lossy(), TIMEOUT_SECS, API_DEFAULT_VERSION)?
+            .negotiate_version()
+            .await?;
     // Events since just before the list: a container that starts in between is an event.
     let since = now_secs();
     let filters = HashMap::from([("type", vec!["container"])]);

@@ -145,7 +145,10 @@ pub fn spawn(args: &EngineArgs, inventory: &Inventory, events: &UnboundedSender<
             docker::session(engine, socket.clone(), sink.clone())
         }));
     }
-    let (socket, namespace) = (args.containerd_socket.clone(), args.containerd_namespace.clone());
+    let (socket, namespace) = (
+        args.containerd_socket.clone(),
+        args.containerd_namespace.clone(),
+    );
     tokio::spawn(follow("containerd", socket.clone(), move || {
         containerd::session(socket.clone(), namespace.clone(), sink.clone())
     }));

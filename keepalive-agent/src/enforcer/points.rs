@@ -39,10 +39,11 @@ impl Enforcer {
             points.all.insert(scope.clone(), cgroup.clone());
             points.scopes.insert(scope, cgroup);
         }
-        let rule_cgroups = policy
-            .rules
-            .iter()
-            .flat_map(|rule| rule.rule_cgroups().into_iter().map(move |cgroup| (rule, cgroup)));
+        let rule_cgroups = policy.rules.iter().flat_map(|rule| {
+            rule.rule_cgroups()
+                .into_iter()
+                .map(move |cgroup| (rule, cgroup))
+        });
         for (rule, cgroup) in rule_cgroups {
             if points.all.contains_key(cgroup)
                 || !points.scopes.keys().any(|scope| scope.contains(cgroup))

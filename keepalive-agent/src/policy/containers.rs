@@ -125,8 +125,7 @@ impl Policy {
 /// A problem at a place in the file.
 type Located = (Range<usize>, String);
 
-const LABELS_FORM: &str =
-    "write a table of label = value strings, like labels = { \"io.kubernetes.pod.namespace\" = \"payments\" }";
+const LABELS_FORM: &str = "write a table of label = value strings, like labels = { \"io.kubernetes.pod.namespace\" = \"payments\" }";
 
 /// The selector of a rule's `labels` and `container` keys, None without either.
 pub(super) fn selector(
@@ -148,7 +147,10 @@ pub(super) fn selector(
 fn label_table(value: &Spanned<Value>, owner: &str) -> Result<BTreeMap<String, String>, Located> {
     let error = |message: String| (value.span(), format!("{owner}: field `labels`: {message}"));
     let Value::Table(table) = value.get_ref() else {
-        return Err(error(format!("{} is not a table: {LABELS_FORM}", value.get_ref())));
+        return Err(error(format!(
+            "{} is not a table: {LABELS_FORM}",
+            value.get_ref()
+        )));
     };
     if table.is_empty() {
         return Err(error(format!(
@@ -169,7 +171,12 @@ fn label_table(value: &Spanned<Value>, owner: &str) -> Result<BTreeMap<String, S
 }
 
 fn name_glob(glob: &Spanned<String>, owner: &str) -> Result<Glob, Located> {
-    let error = |message: String| (glob.span(), format!("{owner}: field `container`: {message}"));
+    let error = |message: String| {
+        (
+            glob.span(),
+            format!("{owner}: field `container`: {message}"),
+        )
+    };
     let text = glob.get_ref();
     if text.trim().is_empty() {
         return Err(error(

@@ -321,15 +321,12 @@ impl RawRule {
                 )),
             })
             .transpose()?;
-        let containers = super::containers::selector(
-            self.labels.as_ref(),
-            self.container.as_ref(),
-            &owner,
-        )?
-        .map(|selector| super::Selection {
-            selector,
-            cgroups: Vec::new(),
-        });
+        let containers =
+            super::containers::selector(self.labels.as_ref(), self.container.as_ref(), &owner)?
+                .map(|selector| super::Selection {
+                    selector,
+                    cgroups: Vec::new(),
+                });
         let values = RawValues {
             mode: self.mode,
             idle: self.idle,

@@ -44,7 +44,9 @@ fn conn(cgroup: &str) -> Connection {
     Connection {
         cgroup: CgroupPath::parse(cgroup).unwrap_or_else(|e| panic!("{e}")),
         direction: Direction::Outbound,
-        remote: "10.1.2.3".parse::<IpAddr>().unwrap_or_else(|e| panic!("{e}")),
+        remote: "10.1.2.3"
+            .parse::<IpAddr>()
+            .unwrap_or_else(|e| panic!("{e}")),
         remote_port: 5432,
         local_port: 40000,
     }
@@ -60,7 +62,9 @@ container = "pg*"
 idle = "20s"
 "#,
     );
-    let selection = policy.rules[0].containers.as_ref().expect("a selection");
+    let Some(selection) = policy.rules[0].containers.as_ref() else {
+        panic!("no selection in {policy:?}");
+    };
     assert_eq!(selection.selector.labels.len(), 2);
     assert_eq!(
         selection.selector.labels["io.kubernetes.pod.namespace"],
@@ -70,19 +74,31 @@ idle = "20s"
         selection.selector.to_string(),
         "io.kubernetes.pod.namespace=payments, tier=db, container pg*"
     );
-    assert!(selection.cgroups.is_empty(), "unresolved until the agent resolves it");
+    assert!(
+        selection.cgroups.is_empty(),
+        "unresolved until the agent resolves it"
+    );
     assert!(parsed(PAYMENTS).selects_containers());
 }
 
 #[test]
 fn bad_labels_and_globs_are_refused_with_the_field_and_the_form() {
     let cases = [
-        ("labels = \"payments\"", "field `labels`: \"payments\" is not a table"),
+        (
+            "labels = \"payments\"",
+            "field `labels`: \"payments\" is not a table",
+        ),
         ("labels = {}", "field `labels`: the table is empty"),
         ("labels = { tier = 3 }", "label \"tier\": 3 is not a string"),
-        ("labels = { \"\" = \"x\" }", "a label name must not be empty"),
+        (
+            "labels = { \"\" = \"x\" }",
+            "a label name must not be empty",
+        ),
         ("container = \"\"", "field `container`: must not be empty"),
-        ("container = \"web-[\"", "field `container`: \"web-[\" is not a glob"),
+        (
+            "container = \"web-[\"",
+            "field `container`: \"web-[\" is not a glob",
+        ),
         ("container = 5", "field `container`"),
     ];
     for (line, expected) in cases {
@@ -91,15 +107,26 @@ fn bad_labels_and_globs_are_refused_with_the_field_and_the_form() {
             error.starts_with("test.toml:3:"),
             "{line}: the error should point at line 3: {error}"
         );
-        assert!(error.contains(expected), "{line}: expected {expected:?} in: {error}");
+        assert!(
+            error.contains(expected),
+            "{line}: expected {expected:?} in: {error}"
+        );
     }
 }
 
 #[test]
 fn a_label_rule_applies_to_the_cgroups_of_matching_containers_only() {
     let containers = [
-        container("pay", "/docker/aaa", &[("io.kubernetes.pod.namespace", "payments")]),
-        container("shop", "/docker/bbb", &[("io.kubernetes.pod.namespace", "shop")]),
+        container(
+            "pay",
+            "/docker/aaa",
+            &[("io.kubernetes.pod.namespace", "payments")],
+        ),
+        container(
+            "shop",
+            "/docker/bbb",
+            &[("io.kubernetes.pod.namespace", "shop")],
+        ),
     ];
     let policy = parsed(PAYMENTS).resolve(&containers);
     assert_eq!(
@@ -114,13 +141,25 @@ fn a_label_rule_applies_to_the_cgroups_of_matching_containers_only() {
 
 #[test]
 fn a_label_rule_matching_no_container_applies_to_nothing() {
-    let containers = [container("shop", "/docker/bbb", &[("io.kubernetes.pod.namespace", "shop")])];
+    let containers = [container(
+        "shop",
+        "/docker/bbb",
+        &[("io.kubernetes.pod.namespace", "shop")],
+    )];
     let policy = parsed(PAYMENTS).resolve(&containers);
-    let selection = policy.rules[0].containers.as_ref().expect("a selection");
+    let Some(selection) = policy.rules[0].containers.as_ref() else {
+        panic!("no selection in {policy:?}");
+    };
     assert!(selection.cgroups.is_empty());
-    assert!(!policy.rules[0].unscoped(), "it is not a rule for everything");
+    assert!(
+        !policy.rules[0].unscoped(),
+        "it is not a rule for everything"
+    );
     assert_eq!(policy.decide(&conn("/docker/bbb")), Decision::Default);
-    assert_eq!(parsed(PAYMENTS).decide(&conn("/docker/bbb")), Decision::Default);
+    assert_eq!(
+        parsed(PAYMENTS).decide(&conn("/docker/bbb")),
+        Decision::Default
+    );
 }
 
 #[test]
@@ -153,8 +192,14 @@ idle = "20s"
     ];
     let policy = policy.resolve(&containers);
     // Deeper than the pod's rule and the kubepods rule, though later in the file.
-    assert_eq!(policy.decide(&conn("/kubepods/pod1/ccc")), Decision::Rule(2));
-    assert_eq!(policy.decide(&conn("/kubepods/pod1/ddd")), Decision::Rule(3));
+    assert_eq!(
+        policy.decide(&conn("/kubepods/pod1/ccc")),
+        Decision::Rule(2)
+    );
+    assert_eq!(
+        policy.decide(&conn("/kubepods/pod1/ddd")),
+        Decision::Rule(3)
+    );
     assert_eq!(policy.decide(&conn("/kubepods/other")), Decision::Rule(1));
     assert_eq!(policy.decide(&conn("/system.slice")), Decision::Rule(0));
 }
@@ -174,7 +219,10 @@ idle = "11s"
         container("b", "/docker/bbb", &[("app", "db")]),
     ];
     let policy = policy.resolve(&containers);
-    assert_eq!(policy.decide(&conn("/kubepods/pod1/aaa")), Decision::Rule(0));
+    assert_eq!(
+        policy.decide(&conn("/kubepods/pod1/aaa")),
+        Decision::Rule(0)
+    );
     assert_eq!(policy.decide(&conn("/docker/bbb")), Decision::Default);
     assert_eq!(policy.decide(&conn("/kubepods/pod2")), Decision::Default);
 }
@@ -182,8 +230,16 @@ idle = "11s"
 #[test]
 fn compiled_tables_agree_with_the_reference_for_resolved_rules() {
     let containers = [
-        container("pay", "/docker/aaa", &[("io.kubernetes.pod.namespace", "payments")]),
-        container("shop", "/docker/bbb", &[("io.kubernetes.pod.namespace", "shop")]),
+        container(
+            "pay",
+            "/docker/aaa",
+            &[("io.kubernetes.pod.namespace", "payments")],
+        ),
+        container(
+            "shop",
+            "/docker/bbb",
+            &[("io.kubernetes.pod.namespace", "shop")],
+        ),
     ];
     let policy = parsed(PAYMENTS).resolve(&containers);
     let points: Vec<CgroupPath> = ["/docker/aaa", "/docker/bbb"]
