@@ -22,7 +22,7 @@ const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 /// `BPF_FS_MAGIC` from include/uapi/linux/magic.h.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
 
 /// `BPF_CGROUP_SOCK_OPS`.
 pub const SOCK_OPS: u32 = 3;
@@ -138,7 +138,9 @@ fn is_bpffs(path: &Path) -> io::Result<bool> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: statfs succeeded and filled the buffer.
-    Ok(unsafe { stat.assume_init() }.f_type == BPF_FS_MAGIC)
+    let f_type = unsafe { stat.assume_init() }.f_type;
+    // `f_type` is signed in glibc and unsigned in musl (the image's static agent).
+    Ok(u64::try_from(f_type).is_ok_and(|f_type| f_type == BPF_FS_MAGIC))
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -7,7 +7,7 @@ use std::{
 };
 
 /// `CGROUP2_SUPER_MAGIC` from include/uapi/linux/magic.h.
-const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+const CGROUP2_SUPER_MAGIC: u64 = 0x6367_7270;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
@@ -115,7 +115,8 @@ fn is_cgroup2(path: &Path) -> Result<bool, CgroupError> {
     }
     // SAFETY: statfs returned 0, so it filled the buffer.
     let stat = unsafe { stat.assume_init() };
-    Ok(stat.f_type == CGROUP2_SUPER_MAGIC)
+    // `f_type` is signed in glibc and unsigned in musl (the image's static agent).
+    Ok(u64::try_from(stat.f_type).is_ok_and(|f_type| f_type == CGROUP2_SUPER_MAGIC))
 }
 
 /// The directories directly inside `dir` (its child cgroups); none if it cannot be read (it

@@ -1,5 +1,7 @@
-//! The deployment files: the Kubernetes manifests validate offline against the API's schemas,
-//! the policy they carry checks, and every command line they give the agent parses; the
+//! The deployment files: the Kubernetes manifests, rendered by a real `kubectl kustomize`,
+//! validate offline against the API's schemas, the policy they carry checks, every command
+//! line they give the agent parses, metrics are reachable from the cluster, the pod has no
+//! token and the image is the one `cargo xtask image` tags; the
 //! systemd unit passes systemd-analyze verify and holds its security exposure to a threshold.
 #![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 
@@ -9,7 +11,8 @@ use std::{
     process::Command,
 };
 
-use keepalive_tests::{agent_bin, unique_name};
+use keepalive_tests::{agent_bin, image, manifests, unique_name};
+use serde_json::Value;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -37,52 +40,57 @@ fn assert_agent_accepts(args: &[String], source: &str) {
     );
 }
 
-#[test]
-fn kubernetes_manifests_validate_offline() {
-    let tool = std::env::var_os("KUBERNETES_VALIDATE")
-        .map_or_else(|| PathBuf::from("kubernetes-validate"), PathBuf::from);
-    let kustomization = read("deploy/kubernetes/kustomization.yaml");
-    let resources: Vec<String> = kustomization
-        .lines()
-        .skip_while(|line| !line.starts_with("resources:"))
-        .skip(1)
-        .take_while(|line| line.trim_start().starts_with("- "))
-        .map(|line| line.trim_start().trim_start_matches("- ").to_string())
-        .collect();
-    assert!(
-        resources.contains(&"daemonset.yaml".to_string()),
-        "{resources:?}"
-    );
-    let files: Vec<PathBuf> = resources
+/// The base as `kubectl apply -k deploy/kubernetes` sends it, parsed.
+fn base() -> Vec<Value> {
+    manifests::parse(&manifests::render(&repo().join("deploy/kubernetes")))
+}
+
+fn agent_container(documents: &[Value]) -> &Value {
+    let pod = &manifests::find(documents, "DaemonSet", Some("keepalive-agent"))["spec"]["template"];
+    let containers = pod["spec"]["containers"].as_array().unwrap();
+    assert_eq!(containers.len(), 1, "{containers:?}");
+    &containers[0]
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    value
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {value}"))
         .iter()
-        .map(|file| repo().join("deploy/kubernetes").join(file))
+        .map(|item| item.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn the_rendered_manifests_validate_offline() {
+    let yaml = manifests::render(&repo().join("deploy/kubernetes"));
+    let documents = manifests::parse(&yaml);
+    let mut kinds: Vec<&str> = documents
+        .iter()
+        .map(|doc| doc["kind"].as_str().unwrap())
         .collect();
-    let out = Command::new(&tool)
-        .arg("--strict")
-        .args(&files)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run {} (PyPI kubernetes-validate; cargo xtask test installs it): {e}",
-                tool.display()
-            )
-        });
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout)
-            .matches(" passed ")
-            .count(),
-        files.len()
-    );
+    kinds.sort_unstable();
+    assert_eq!(kinds, ["ConfigMap", "DaemonSet", "Namespace", "Service"]);
+    for doc in &documents {
+        assert_eq!(
+            doc["metadata"]["namespace"]
+                .as_str()
+                .or(doc["metadata"]["name"].as_str()),
+            Some("keepalive-agent"),
+            "{doc}"
+        );
+    }
+    manifests::validate(&yaml, documents.len());
 }
 
 #[test]
 fn the_configmap_policy_checks_and_the_daemonset_arguments_parse() {
+    let documents = base();
+    let policy = manifests::find(&documents, "ConfigMap", Some("keepalive-agent-policy"))["data"]
+        ["policy.toml"]
+        .as_str()
+        .unwrap();
+    assert_eq!(policy, read("deploy/kubernetes/policy.toml"));
     let check = Command::new(agent_bin())
         .args(["check", "--config"])
         .arg(repo().join("deploy/kubernetes/policy.toml"))
@@ -94,29 +102,194 @@ fn the_configmap_policy_checks_and_the_daemonset_arguments_parse() {
         String::from_utf8_lossy(&check.stderr)
     );
 
-    let daemonset = read("deploy/kubernetes/daemonset.yaml");
-    let args: Vec<String> = daemonset
-        .lines()
-        .skip_while(|line| line.trim() != "args:")
-        .skip(1)
-        .filter(|line| !line.trim_start().starts_with('#'))
-        .take_while(|line| line.trim_start().starts_with("- "))
-        .map(|line| line.trim_start().trim_start_matches("- ").to_string())
-        .collect();
+    let container = agent_container(&documents);
+    let args = strings(&container["args"]);
     assert_eq!(args.first().map(String::as_str), Some("run"), "{args:?}");
     assert!(
         args.iter().any(|arg| arg == "--persist"),
         "rolling updates must not detach"
     );
-    assert_agent_accepts(&args, "daemonset.yaml");
-    let port = args
+    // The kubelet expands $(NAME) from the container's env; each one used must be defined.
+    let env: Vec<&str> = container["env"]
+        .as_array()
+        .unwrap()
         .iter()
-        .find_map(|arg| arg.strip_prefix("--metrics-addr=127.0.0.1:"))
-        .unwrap_or_else(|| panic!("no loopback metrics address in {args:?}"));
+        .map(|var| var["name"].as_str().unwrap())
+        .collect();
+    let expanded: Vec<String> = args
+        .iter()
+        .map(|arg| {
+            env.iter().fold(arg.clone(), |arg, name| {
+                arg.replace(&format!("$({name})"), "192.0.2.10")
+            })
+        })
+        .collect();
+    assert!(
+        !expanded.iter().any(|arg| arg.contains("$(")),
+        "undefined variables in {args:?} (env {env:?})"
+    );
+    assert_agent_accepts(&expanded, "daemonset.yaml");
+}
+
+#[test]
+fn metrics_are_reachable_by_an_in_cluster_prometheus() {
+    let documents = base();
+    let container = agent_container(&documents);
+    let args = strings(&container["args"]);
+    // The node's address from the downward API, not the node's loopback.
+    let port: u16 = args
+        .iter()
+        .find_map(|arg| arg.strip_prefix("--metrics-addr=$(HOST_IP):"))
+        .unwrap_or_else(|| panic!("no node-address metrics address in {args:?}"))
+        .parse()
+        .unwrap();
+    let host_ip = container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|var| var["name"] == "HOST_IP")
+        .unwrap();
     assert_eq!(
-        daemonset.matches(&format!("port: {port}")).count(),
-        2,
-        "both probes use the metrics port"
+        host_ip["valueFrom"]["fieldRef"]["fieldPath"],
+        "status.hostIP"
+    );
+    let ports = container["ports"].as_array().unwrap();
+    assert_eq!(ports.len(), 1, "{ports:?}");
+    assert_eq!(ports[0]["name"], "metrics");
+    assert_eq!(ports[0]["containerPort"], port);
+    assert_eq!(ports[0]["hostPort"], port, "host network: the node's port");
+    for probe in ["livenessProbe", "readinessProbe"] {
+        let get = &container[probe]["httpGet"];
+        assert_eq!(get["port"], "metrics", "{probe}");
+        assert!(
+            get["host"].is_null(),
+            "{probe} must call the pod's (node's) IP"
+        );
+    }
+
+    let service = manifests::find(&documents, "Service", Some("keepalive-agent-metrics"));
+    let pod_labels =
+        &manifests::find(&documents, "DaemonSet", None)["spec"]["template"]["metadata"]["labels"];
+    for (key, value) in service["spec"]["selector"].as_object().unwrap() {
+        assert_eq!(
+            &pod_labels[key], value,
+            "the Service selects the agents' pods"
+        );
+    }
+    assert_eq!(
+        service["spec"]["clusterIP"], "None",
+        "one endpoint per node"
+    );
+    let service_ports = service["spec"]["ports"].as_array().unwrap();
+    assert_eq!(service_ports[0]["name"], "metrics");
+    assert_eq!(service_ports[0]["targetPort"], "metrics");
+}
+
+#[test]
+fn the_daemonset_runs_the_built_image_without_a_token_unconfined() {
+    let documents = base();
+    let daemonset = manifests::find(&documents, "DaemonSet", Some("keepalive-agent"));
+    let pod = &daemonset["spec"]["template"];
+    let container = agent_container(&documents);
+    // What `cargo xtask image` tags; an overlay's `images:` points it at a registry.
+    assert_eq!(container["image"], image::reference());
+    assert_eq!(pod["spec"]["automountServiceAccountToken"], false);
+    assert_eq!(pod["spec"]["hostPID"], true);
+    assert_eq!(
+        pod["spec"]["securityContext"]["appArmorProfile"]["type"],
+        "Unconfined"
+    );
+    assert_eq!(
+        pod["metadata"]["annotations"]["container.apparmor.security.beta.kubernetes.io/agent"],
+        "unconfined",
+        "Kubernetes before 1.30 reads the annotation"
+    );
+    let security = &container["securityContext"];
+    assert_eq!(security["privileged"], false);
+    assert_eq!(security["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    let mounts = container["volumeMounts"].as_array().unwrap();
+    let containerd = mounts
+        .iter()
+        .find(|mount| mount["mountPath"] == "/run/containerd")
+        .unwrap_or_else(|| panic!("containerd's socket directory is not mounted: {mounts:?}"));
+    assert_eq!(containerd["readOnly"], true);
+}
+
+/// A directory of its own under the temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(unique_name());
+        fs::create_dir(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ignored = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// An overlay in a temporary directory that uses the base and `components`, rendered.
+fn overlay(components: &[&str]) -> (String, Vec<Value>) {
+    let temp = TempDir::new();
+    let dir = temp.0.as_path();
+    // kustomize takes relative paths only: up to `/`, then down to the base.
+    let up = "../".repeat(dir.components().count() - 1);
+    let base = Path::new(&up).join(repo().join("deploy/kubernetes").strip_prefix("/").unwrap());
+    let mut kustomization = format!(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {}\ncomponents:\n",
+        base.display()
+    );
+    for component in components {
+        kustomization += &format!(
+            "  - {}\n",
+            base.join("components").join(component).display()
+        );
+    }
+    fs::write(dir.join("kustomization.yaml"), kustomization).unwrap();
+    let yaml = manifests::render(dir);
+    let documents = manifests::parse(&yaml);
+    (yaml, documents)
+}
+
+#[test]
+fn the_servicemonitor_component_scrapes_the_metrics_service() {
+    let (_, documents) = overlay(&["servicemonitor"]);
+    let monitor = manifests::find(&documents, "ServiceMonitor", Some("keepalive-agent"));
+    assert_eq!(monitor["metadata"]["namespace"], "keepalive-agent");
+    let service = manifests::find(&documents, "Service", Some("keepalive-agent-metrics"));
+    for (key, value) in monitor["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .unwrap()
+    {
+        assert_eq!(&service["metadata"]["labels"][key], value);
+    }
+    assert_eq!(
+        monitor["spec"]["endpoints"][0]["port"],
+        service["spec"]["ports"][0]["name"]
+    );
+}
+
+#[test]
+fn the_docker_component_mounts_the_socket_directory_and_parses() {
+    let (yaml, documents) = overlay(&["docker"]);
+    manifests::validate(&yaml, documents.len());
+    let container = agent_container(&documents);
+    let args = strings(&container["args"]);
+    let socket = args
+        .iter()
+        .find_map(|arg| arg.strip_prefix("--docker-socket="))
+        .unwrap_or_else(|| panic!("no --docker-socket in {args:?}"));
+    let mounts = container["volumeMounts"].as_array().unwrap();
+    assert!(
+        mounts.iter().any(|mount| {
+            mount["readOnly"] == true
+                && Path::new(socket).parent() == mount["mountPath"].as_str().map(Path::new)
+        }),
+        "{socket} is not in a read-only mount: {mounts:?}"
     );
 }
 
@@ -247,20 +420,4 @@ fn the_systemd_unit_is_hardened_to_the_threshold() {
         exposure <= SECURITY_THRESHOLD,
         "exposure {exposure} is above {SECURITY_THRESHOLD}:\n{stdout}"
     );
-}
-
-#[test]
-fn the_container_image_command_parses() {
-    let dockerfile = read("deploy/Dockerfile");
-    let cmd = dockerfile
-        .lines()
-        .find(|line| line.starts_with("CMD "))
-        .unwrap();
-    let args: Vec<String> = cmd
-        .trim_start_matches("CMD ")
-        .trim_matches(['[', ']'])
-        .split(',')
-        .map(|arg| arg.trim().trim_matches('"').to_string())
-        .collect();
-    assert_agent_accepts(&args, "Dockerfile CMD");
 }

@@ -6,6 +6,7 @@
 
 mod cmd;
 mod fuzz;
+mod image;
 mod packages;
 mod toolchain;
 mod vm;
@@ -39,6 +40,15 @@ enum Task {
     /// binary, man pages (man/), shell completions for bash, zsh and fish (completions/),
     /// all generated from the agent's command line, and the systemd unit.
     Dist,
+    /// Build the agent's container image (deploy/Dockerfile, FROM scratch: the static agent
+    /// and the default policy) with buildah, into target/image/keepalive-agent.tar
+    /// (docker-archive, tagged localhost/keepalive-agent:<version>). Pulls nothing.
+    Image {
+        /// The repository URL for the org.opencontainers.image.source label (default: the
+        /// git remote `origin`, if any, without credentials).
+        #[arg(long, value_name = "URL")]
+        source: Option<String>,
+    },
     /// Build, then run the agent in the foreground as root: the default policy (idle 60 s,
     /// interval 5 s, 3 probes) at the root of the cgroup v2 hierarchy. Arguments after `--`
     /// go to `keepalive-agent run`. Ctrl-C or SIGTERM detaches cleanly.
@@ -46,7 +56,8 @@ enum Task {
         #[arg(last = true, value_name = "AGENT ARGS")]
         agent_args: Vec<String>,
     },
-    /// Install what the tests need, then run every test: unit and privileged (as root).
+    /// Install what the tests need, then run every test: unit and privileged (as root). On
+    /// the host it also builds the image (as `image` does) for the tests that check it.
     /// Arguments after `--` go to `cargo test` on the host (e.g. a test name filter) and to
     /// each test binary in the guests.
     Test {
@@ -108,6 +119,9 @@ fn run(task: Task) -> anyhow::Result<()> {
     match task {
         Task::Build => build(&workspace, &Toolchain::ensure()?, Profile::Release).map(drop),
         Task::Dist => dist(&workspace, &Toolchain::ensure()?),
+        Task::Image { source } => {
+            image::build(&workspace, &Toolchain::ensure()?, source.as_deref()).map(drop)
+        }
         Task::Run { agent_args } => {
             host_check("cargo xtask run")?;
             let agent = build(&workspace, &Toolchain::ensure()?, Profile::Release)?;
@@ -128,13 +142,17 @@ fn run(task: Task) -> anyhow::Result<()> {
             let toolchain = Toolchain::ensure()?;
             let agent = build(&workspace, &toolchain, Profile::Debug)?;
             if targets.host {
-                let validate = packages::ensure_python_tools(&toolchain::cache_dir()?)?;
+                let python = packages::ensure_python_tools(&toolchain::cache_dir()?)?;
+                // The tests check the image and run the agent as a container from it.
+                let image = image::build(&workspace, &toolchain, None)?;
                 run_status(
                     cargo(&workspace, &toolchain)?
                         .args(["test", "--locked", "--no-fail-fast"])
                         .args(&test_args)
                         .env("KEEPALIVE_AGENT_BIN", &agent)
-                        .env("KUBERNETES_VALIDATE", validate),
+                        .env("KUBERNETES_VALIDATE", python.kubernetes_validate)
+                        .env("KUBECTL", python.kubectl)
+                        .env("KA_AGENT_IMAGE", image),
                 )?;
             }
             if targets.kernels.is_empty() {

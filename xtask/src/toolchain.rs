@@ -91,6 +91,23 @@ fn ensure_installed(toolchain: &str, components: &[&str], what: &str) -> anyhow:
     )
 }
 
+/// Adds the standard library for `target` to `toolchain` unless it is there already.
+pub(crate) fn ensure_target(toolchain: &str, target: &str) -> anyhow::Result<()> {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed", "--toolchain", toolchain])
+        .output()
+        .context("rustup target list")?;
+    if installed.status.success()
+        && String::from_utf8_lossy(&installed.stdout)
+            .lines()
+            .any(|line| line.trim() == target)
+    {
+        return Ok(());
+    }
+    eprintln!("xtask: adding the {target} target to {toolchain} (the static agent of the image)");
+    run_status(Command::new("rustup").args(["target", "add", target, "--toolchain", toolchain]))
+}
+
 /// `$XDG_CACHE_HOME/keepalive-agent` (or `~/.cache/keepalive-agent`): outlives `cargo clean`
 /// and is shared by every checkout on the machine.
 pub(crate) fn cache_dir() -> anyhow::Result<PathBuf> {

@@ -13,6 +13,10 @@ pub(crate) const HOST_ONLY: &[(&str, &str)] = &[
         "checks the manifests and the systemd unit with host tools, not the kernel",
     ),
     (
+        "image",
+        "checks the container image archive `cargo xtask image` built on the host",
+    ),
+    (
         "bench_smoke",
         "runs the benchmark end to end; its figures under emulation mean nothing, and the host \
          run proves the steps",

@@ -1,0 +1,252 @@
+//! The agent's container image that `cargo xtask image` built (env `KA_AGENT_IMAGE`): the
+//! static agent and the DaemonSet's policy, its labels, entrypoint and command, and nothing
+//! else; the agent in it runs, and enforces on new and existing connections. (Running it as a
+//! container is the engines' tests' part.)
+#![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use keepalive_tests::{
+    AgentPlaces, Netns, Placement, TestCgroup, agent_bin, connect, image, kernel_links,
+    require_host,
+};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn read(path: &str) -> String {
+    fs::read_to_string(repo().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// clap rejects any unknown or malformed flag before it prints the help.
+#[test]
+fn the_container_image_command_parses() {
+    let args = dockerfile_cmd();
+    let out = Command::new(agent_bin())
+        .args(&args)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "Dockerfile CMD: keepalive-agent {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The CMD of deploy/Dockerfile, as the exec form's words.
+fn dockerfile_cmd() -> Vec<String> {
+    let dockerfile = read("deploy/Dockerfile");
+    let cmd = dockerfile
+        .lines()
+        .find(|line| line.starts_with("CMD "))
+        .unwrap();
+    cmd.trim_start_matches("CMD ")
+        .trim_matches(['[', ']'])
+        .split(',')
+        .map(|arg| arg.trim().trim_matches('"').to_string())
+        .collect()
+}
+
+/// The build context is the repository root, gigabytes with target/: .dockerignore must let
+/// in exactly what the Dockerfile copies. And the Dockerfile has one stage, from scratch.
+#[test]
+fn the_dockerfile_is_one_stage_from_scratch_and_dockerignore_lets_in_what_it_copies() {
+    let dockerfile = read("deploy/Dockerfile");
+    let mut copied: Vec<&str> = dockerfile
+        .lines()
+        .filter_map(|line| line.strip_prefix("COPY "))
+        .map(|args| args.split_whitespace().next().unwrap())
+        .collect();
+    copied.sort_unstable();
+    let dockerignore = read(".dockerignore");
+    let rules: Vec<&str> = dockerignore
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .collect();
+    assert_eq!(rules.first(), Some(&"*"), "everything is left out first");
+    let mut let_in: Vec<&str> = rules
+        .iter()
+        .filter_map(|rule| rule.strip_prefix('!'))
+        .collect();
+    let_in.sort_unstable();
+    assert_eq!(let_in, copied);
+    assert_eq!(rules.len(), copied.len() + 1, "{rules:?}");
+    let stages: Vec<&str> = dockerfile
+        .lines()
+        .filter(|line| line.starts_with("FROM"))
+        .collect();
+    assert_eq!(stages, ["FROM scratch"], "one stage, nothing pulled");
+}
+
+/// The largest the image archive may be. Measured: the archive of 0.1.0 is 7.8 MiB
+/// (8,153,600 bytes), nearly all of it the static agent (8,137,784 bytes, symbols kept for
+/// backtraces).
+const IMAGE_MAX_BYTES: u64 = 16 * 1024 * 1024;
+
+#[test]
+fn the_image_is_the_agent_and_its_policy_with_labels_and_nothing_else() {
+    let archive = image::archive();
+    let unpacked = image::Unpacked::open(&archive);
+    assert_eq!(
+        unpacked.manifest["RepoTags"],
+        serde_json::json!([image::reference()]),
+        "the archive's tag"
+    );
+    let config = &unpacked.config["config"];
+    assert_eq!(
+        config["Entrypoint"],
+        serde_json::json!(["/usr/local/bin/keepalive-agent"])
+    );
+    assert_eq!(config["Cmd"], serde_json::json!(dockerfile_cmd()));
+    let labels = &config["Labels"];
+    for (label, value) in [
+        ("title", "keepalive-agent"),
+        ("version", env!("CARGO_PKG_VERSION")),
+        ("licenses", "MIT OR Apache-2.0"),
+    ] {
+        assert_eq!(
+            labels[format!("org.opencontainers.image.{label}")].as_str(),
+            Some(value),
+            "label {label} in {labels}"
+        );
+    }
+    for label in ["description", "revision"] {
+        let value = labels[format!("org.opencontainers.image.{label}")]
+            .as_str()
+            .unwrap_or_default();
+        assert!(
+            !value.is_empty() && value != "unknown",
+            "label {label} in {labels}"
+        );
+    }
+    if let Some(source) = labels["org.opencontainers.image.source"].as_str() {
+        assert!(
+            source.starts_with("https://") && !source.contains('@'),
+            "the source label is a URL without credentials: {source}"
+        );
+    }
+
+    // Exactly these files: no shell, no package manager, no libc.
+    let mut files = unpacked.files();
+    files.sort();
+    files.dedup();
+    let expected = [
+        "etc/",
+        "etc/keepalive-agent/",
+        "etc/keepalive-agent/policy.toml",
+        "usr/",
+        "usr/local/",
+        "usr/local/bin/",
+        "usr/local/bin/keepalive-agent",
+    ];
+    assert_eq!(files, expected, "the image's files");
+    assert!(!files.iter().any(|file| file.ends_with("bin/sh")));
+
+    let size = fs::metadata(&archive).unwrap().len();
+    assert!(
+        size <= IMAGE_MAX_BYTES,
+        "{} is {size} bytes, over {IMAGE_MAX_BYTES}",
+        archive.display()
+    );
+}
+
+#[test]
+fn the_agent_in_the_image_is_static_and_runs_from_its_policy() {
+    let unpacked = image::Unpacked::open(&image::archive());
+    let agent = unpacked.extract("usr/local/bin/keepalive-agent");
+    assert!(
+        !image::is_dynamically_linked(&agent),
+        "the image has no loader or libc: the agent must be static"
+    );
+    let version = Command::new(&agent).arg("--version").output().unwrap();
+    assert!(version.status.success(), "{version:?}");
+    let version = String::from_utf8_lossy(&version.stdout).into_owned();
+    assert!(
+        version.starts_with(&format!("keepalive-agent {} ", env!("CARGO_PKG_VERSION"))),
+        "{version}"
+    );
+    // The binary's commit (12 digits) is the revision label's prefix.
+    let revision = unpacked.config["config"]["Labels"]["org.opencontainers.image.revision"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let commit = version
+        .split_once("(commit ")
+        .and_then(|(_, rest)| rest.split_once(')'))
+        .map(|(commit, _)| commit)
+        .unwrap_or_else(|| panic!("no commit in {version}"));
+    assert!(
+        revision.starts_with(commit),
+        "revision label {revision}, binary {commit}"
+    );
+
+    let policy = unpacked.extract("etc/keepalive-agent/policy.toml");
+    assert_eq!(
+        fs::read_to_string(&policy).unwrap(),
+        read("deploy/kubernetes/policy.toml"),
+        "the image carries the DaemonSet's default policy"
+    );
+    let check = Command::new(&agent)
+        .args(["check", "--config"])
+        .arg(&policy)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
+
+/// The static (musl) agent loads the program, attaches, updates a connection that existed
+/// before it started (pidfd_getfd, setns) and new ones, both ends, and detaches on SIGTERM.
+#[test]
+fn the_static_agent_from_the_image_enforces_and_detaches() {
+    require_host();
+    let unpacked = image::Unpacked::open(&image::archive());
+    let agent = unpacked.extract("usr/local/bin/keepalive-agent");
+    let cgroup = TestCgroup::new();
+    let netns = Netns::new();
+    let place = Placement::new(&cgroup, &netns);
+    let before = connect("127.0.0.1:0", "127.0.0.1", place, place);
+    assert!(!before.client().enabled, "no keepalive before the agent");
+
+    let places = AgentPlaces::new();
+    let name = cgroup.cgroup().name.clone();
+    let mut run = places.spawn(&agent, &["run", "--cgroup", &name, "--idle", "17"]);
+    run.expect_log("attached", Duration::from_secs(10));
+    run.expect_log("existing connections", Duration::from_secs(10));
+    for (which, keepalive) in [("client", before.client()), ("server", before.server())] {
+        assert!(keepalive.enabled, "existing {which}: {keepalive:?}");
+        assert_eq!(keepalive.idle_secs, 17, "existing {which}");
+    }
+    let after = connect("127.0.0.1:0", "127.0.0.1", place, place);
+    for (which, keepalive) in [("client", after.client()), ("server", after.server())] {
+        assert_eq!(
+            (
+                keepalive.enabled,
+                keepalive.idle_secs,
+                keepalive.interval_secs,
+                keepalive.count
+            ),
+            (true, 17, 5, 3),
+            "new {which}"
+        );
+    }
+    assert_eq!(
+        run.signal_and_wait(libc::SIGTERM, Duration::from_secs(10)),
+        Some(0)
+    );
+    assert!(kernel_links(&cgroup).is_empty(), "detached on SIGTERM");
+}

@@ -1,0 +1,237 @@
+//! `cargo xtask image`: the agent's own container image, from the repository alone.
+//!
+//! No registry is assumed reachable, so nothing is pulled: the agent is built here as a static
+//! binary (the pinned host toolchain's musl target), and `deploy/Dockerfile` (`FROM scratch`)
+//! only copies it and the default policy. buildah builds it daemonless, with a throwaway vfs
+//! storage directory under target/ (removed again: nothing is left in the system's image
+//! store, nothing is mounted), and writes a docker-archive tarball.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail, ensure};
+
+use crate::{
+    cmd::{run_status, which},
+    packages, target_dir,
+    toolchain::{self, Toolchain},
+};
+
+/// The image's name; the tag is the workspace version.
+pub(crate) const NAME: &str = "localhost/keepalive-agent";
+
+/// Where the image is written, beside the static binary its context copies.
+pub(crate) fn dir(workspace: &Path) -> PathBuf {
+    target_dir(workspace).join("image")
+}
+
+/// `localhost/keepalive-agent:<version>`.
+pub(crate) fn reference() -> String {
+    format!("{NAME}:{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// The Rust target of the static agent: musl links everything in (static-pie).
+fn static_target() -> String {
+    format!("{}-unknown-linux-musl", std::env::consts::ARCH)
+}
+
+/// Builds the static agent and the image; returns the docker-archive's path.
+pub(crate) fn build(
+    workspace: &Path,
+    toolchain: &Toolchain,
+    source: Option<&str>,
+) -> anyhow::Result<PathBuf> {
+    packages::ensure(packages::IMAGE)?;
+    let target = static_target();
+    toolchain::ensure_target(toolchain::HOST, &target)?;
+    run_status(crate::cargo(workspace, toolchain)?.args([
+        "build",
+        "--locked",
+        "--release",
+        "--package",
+        "keepalive-agent",
+        "--target",
+        &target,
+    ]))?;
+    let built = target_dir(workspace)
+        .join(&target)
+        .join("release")
+        .join("keepalive-agent");
+    ensure!(
+        !has_interpreter(&built)?,
+        "{} is dynamically linked: the image has no libc to load it with",
+        built.display()
+    );
+    let dir = dir(workspace);
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    // The path deploy/Dockerfile copies from (and .dockerignore lets through).
+    let staged = dir.join("keepalive-agent");
+    fs::copy(&built, &staged)
+        .with_context(|| format!("cannot copy {} to {}", built.display(), staged.display()))?;
+    run_status(Command::new(&staged).arg("--version"))?;
+
+    let archive = dir.join("keepalive-agent.tar");
+    let source = source.map(str::to_string).or_else(|| origin(workspace));
+    Buildah::new(&dir.join("buildah"))?.build(workspace, &archive, source.as_deref())?;
+    let size = fs::metadata(&archive)
+        .with_context(|| format!("{} was not written", archive.display()))?
+        .len();
+    eprintln!(
+        "xtask: {} is {} ({:.1} MiB; the binary {:.1} MiB): `docker load -i` or `podman load -i` it",
+        archive.display(),
+        reference(),
+        mib(size),
+        mib(fs::metadata(&staged)?.len())
+    );
+    Ok(archive)
+}
+
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "a file size, printed to one decimal"
+)]
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / 1024.0 / 1024.0
+}
+
+/// buildah with its own storage: a vfs root and run root in `dir`, removed on drop.
+#[derive(Debug)]
+struct Buildah {
+    dir: PathBuf,
+}
+
+impl Buildah {
+    fn new(dir: &Path) -> anyhow::Result<Self> {
+        if dir.exists() {
+            // Left by an interrupted run.
+            fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+        }
+        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        // No system policy.json is assumed (containers-common may be absent); the image is
+        // built from local files only, so there is nothing to verify.
+        fs::write(
+            dir.join("policy.json"),
+            r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+        )?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn command(&self, subcommand: &str) -> Command {
+        let mut command = Command::new("buildah");
+        command
+            .arg("--root")
+            .arg(self.dir.join("root"))
+            .arg("--runroot")
+            .arg(self.dir.join("run"))
+            .args(["--storage-driver", "vfs", subcommand])
+            .arg("--signature-policy")
+            .arg(self.dir.join("policy.json"));
+        command
+    }
+
+    fn build(&self, workspace: &Path, archive: &Path, source: Option<&str>) -> anyhow::Result<()> {
+        let reference = reference();
+        let mut build = self.command("build");
+        build
+            .args(["--file", "deploy/Dockerfile", "--isolation", "chroot"])
+            .arg("--build-arg")
+            .arg(format!("VERSION={}", env!("CARGO_PKG_VERSION")))
+            .arg("--build-arg")
+            .arg(format!("REVISION={}", revision(workspace)))
+            .args(["--tag", &reference]);
+        if let Some(source) = source {
+            build
+                .arg("--label")
+                .arg(format!("org.opencontainers.image.source={source}"));
+        }
+        // The same bytes for the same commit: file times and the creation date are the
+        // commit's.
+        if let Some(time) = git(workspace, &["log", "-1", "--format=%ct"]) {
+            build.args(["--timestamp", &time]);
+        }
+        run_status(build.arg(".").current_dir(workspace))?;
+        if archive.exists() {
+            fs::remove_file(archive)
+                .with_context(|| format!("cannot remove {}", archive.display()))?;
+        }
+        run_status(
+            self.command("push")
+                .arg(&reference)
+                .arg(format!("docker-archive:{}:{reference}", archive.display())),
+        )
+    }
+}
+
+impl Drop for Buildah {
+    fn drop(&mut self) {
+        let _ignored = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The commit the image is built from: `KEEPALIVE_AGENT_COMMIT` (as the agent's build script
+/// reads it), else git's HEAD.
+fn revision(workspace: &Path) -> String {
+    std::env::var("KEEPALIVE_AGENT_COMMIT")
+        .ok()
+        .filter(|commit| !commit.is_empty())
+        .or_else(|| git(workspace, &["rev-parse", "HEAD"]))
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+/// The `origin` remote as an https URL without credentials, if there is one.
+fn origin(workspace: &Path) -> Option<String> {
+    let url = git(workspace, &["remote", "get-url", "origin"])?;
+    let url = match url.strip_prefix("git@") {
+        // git@host:owner/repo.git
+        Some(rest) => format!("https://{}", rest.replacen(':', "/", 1)),
+        None => url,
+    };
+    let (scheme, rest) = url.split_once("://")?;
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    let rest = rest.strip_suffix(".git").unwrap_or(rest);
+    (scheme == "https" || scheme == "http").then(|| format!("https://{rest}"))
+}
+
+fn git(workspace: &Path, args: &[&str]) -> Option<String> {
+    which("git")?;
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(workspace)
+        .output()
+        .ok()?;
+    let text = String::from_utf8(out.stdout).ok()?;
+    (out.status.success() && !text.trim().is_empty()).then(|| text.trim().to_string())
+}
+
+/// Whether the ELF file at `path` names a program interpreter (PT_INTERP): a dynamically
+/// linked executable. A static-pie has none.
+fn has_interpreter(path: &Path) -> anyhow::Result<bool> {
+    const PT_INTERP: u32 = 3;
+    let elf = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let field = |offset: usize, len: usize| -> anyhow::Result<u64> {
+        let bytes = elf
+            .get(offset..offset + len)
+            .with_context(|| format!("{} is not a 64-bit ELF file", path.display()))?;
+        Ok(bytes
+            .iter()
+            .rev()
+            .fold(0, |value, byte| (value << 8) | u64::from(*byte)))
+    };
+    if elf.get(..6) != Some(b"\x7fELF\x02\x01".as_slice()) {
+        bail!("{} is not a 64-bit little-endian ELF file", path.display());
+    }
+    let phoff = usize::try_from(field(0x20, 8)?)?;
+    let phentsize = usize::try_from(field(0x36, 2)?)?;
+    let phnum = usize::try_from(field(0x38, 2)?)?;
+    for index in 0..phnum {
+        if field(phoff + index * phentsize, 4)? == u64::from(PT_INTERP) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
