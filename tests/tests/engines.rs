@@ -207,3 +207,151 @@ fn containerd_pods_get_the_rule_of_their_kubernetes_namespace() {
     let parent = format!("{}/pod-{}", pods.scope(), std::process::id());
     scenario(Engine::containerd(), pods.scope().as_str(), Some(&parent));
 }
+
+/// A container's log (standard error, then output).
+fn logs(engine: &Engine, id: &str) -> String {
+    let out = engine.cli(&["logs", id]).output().unwrap();
+    String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout)
+}
+
+/// A directory in the host's bpffs for an agent running as a container (it pins there); the
+/// pins and the directory are removed on drop.
+struct HostPins(PathBuf);
+
+impl HostPins {
+    fn new() -> Self {
+        let dir = PathBuf::from("/sys/fs/bpf").join(unique_name());
+        std::fs::create_dir(&dir).unwrap_or_else(|e| {
+            panic!(
+                "cannot create {} (bpffs at /sys/fs/bpf?): {e}",
+                dir.display()
+            )
+        });
+        Self(dir)
+    }
+}
+
+impl Drop for HostPins {
+    fn drop(&mut self) {
+        let _ignored = keepalive_agent::bpffs::PinDir::at(&self.0).remove();
+        let _ignored = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// The agent's image (`cargo xtask image`, env `KA_AGENT_IMAGE`) run by Docker the way the
+/// DaemonSet runs it: host PID and cgroup namespaces, /sys/fs/bpf and /sys/fs/cgroup from the
+/// host, the engine's socket mounted at its default path, capabilities instead of
+/// `--privileged` (which this kernel refuses: see docs/operations.md).
+#[test]
+fn the_agent_image_as_a_container_enforces_by_labels() {
+    require_host();
+    let archive = keepalive_tests::image::archive();
+    let mut docker = Engine::docker();
+    docker.run_cli(&["load", "--input", &archive.display().to_string()]);
+    let before_pay = docker.run(
+        "pay-before",
+        &[(NAMESPACE, "payments")],
+        None,
+        SERVE_AND_CONNECT,
+    );
+    let before_shop = docker.run(
+        "shop-before",
+        &[(NAMESPACE, "shop")],
+        None,
+        SERVE_AND_CONNECT,
+    );
+    wait_connected(&before_pay);
+    wait_connected(&before_shop);
+
+    let pins = HostPins::new();
+    let places = AgentPlaces::new();
+    let (config, _file) = policy_file("/docker/*");
+    let mounts = [
+        format!("{}:/etc/keepalive-agent/policy.toml:ro", config.display()),
+        format!("{}:/run/docker.sock", docker.socket().display()),
+        "/sys/fs/bpf:/sys/fs/bpf".to_string(),
+        "/sys/fs/cgroup:/sys/fs/cgroup".to_string(),
+        format!("{}:/run/keepalive-agent", places.state_dir().display()),
+    ];
+    std::fs::create_dir_all(places.state_dir()).unwrap();
+    let mut args: Vec<String> = [
+        "--detach",
+        "--name",
+        "keepalive-agent",
+        "--pid=host",
+        "--cgroupns=host",
+        "--network=none",
+        "--cap-add=ALL",
+        "--cap-drop=SYS_RESOURCE",
+        "--security-opt=seccomp=unconfined",
+        "--security-opt=apparmor=unconfined",
+    ]
+    .map(String::from)
+    .to_vec();
+    for mount in &mounts {
+        args.extend(["--volume".to_string(), mount.clone()]);
+    }
+    args.extend([
+        keepalive_tests::image::reference(),
+        "run".into(),
+        "--config".into(),
+        "/etc/keepalive-agent/policy.toml".into(),
+        "--bpffs".into(),
+        pins.0.display().to_string(),
+        "--no-metrics".into(),
+    ]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let agent = docker.run_raw(&refs);
+    let following = poll(LOG_WAIT, || {
+        logs(&docker, &agent)
+            .contains("following the container engine")
+            .then_some(())
+    });
+    assert!(
+        following.is_some(),
+        "the agent container did not follow Docker: {}",
+        logs(&docker, &agent)
+    );
+    expect_idle(
+        "payments, started before the agent container",
+        &before_pay.cgroup,
+        2,
+        11,
+    );
+    expect_idle(
+        "shop, started before the agent container",
+        &before_shop.cgroup,
+        2,
+        60,
+    );
+    let after_pay = docker.run(
+        "pay-after",
+        &[(NAMESPACE, "payments")],
+        None,
+        SERVE_AND_CONNECT,
+    );
+    let after_shop = docker.run(
+        "shop-after",
+        &[(NAMESPACE, "shop")],
+        None,
+        SERVE_AND_CONNECT,
+    );
+    expect_idle(
+        "payments, started after the agent container",
+        &after_pay.cgroup,
+        2,
+        11,
+    );
+    expect_idle(
+        "shop, started after the agent container",
+        &after_shop.cgroup,
+        2,
+        60,
+    );
+
+    // Stopping the container stops the agent: it detaches (no --persist) and says so.
+    docker.run_cli(&["stop", "--time", "20", &agent]);
+    let log = logs(&docker, &agent);
+    assert!(log.contains("detached"), "{log}");
+    docker.remove(&agent);
+}

@@ -10,14 +10,23 @@
 //! ulimits.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
 use keepalive_agent::CgroupPath;
 
-use crate::{Keepalive, cleanup_failed, poll, require_host, unique_name, wait_for};
+mod setup;
+mod sockets;
+
+pub use setup::busybox_rootfs;
+use setup::{
+    absent_in_hierarchies, absent_parents, make_root, remove_empty_tree, spawn, stop, unmount_below,
+};
+pub use sockets::{connected_sockets, expect_idle};
+
+use crate::{cleanup_failed, poll, wait_for};
 
 /// How long a daemon may take to answer after it starts.
 const START: Duration = Duration::from_secs(60);
@@ -337,6 +346,15 @@ impl Engine {
         })
     }
 
+    /// `run ARGS` with the client (Docker, podman): a container removed on drop; its id.
+    pub fn run_raw(&mut self, args: &[&str]) -> String {
+        let mut all = vec!["run"];
+        all.extend_from_slice(args);
+        let id = self.run_cli(&all);
+        self.containers.push(id.clone());
+        id
+    }
+
     /// Stops and removes a container.
     pub fn remove(&mut self, id: &str) {
         self.remove_quietly(id);
@@ -391,220 +409,5 @@ impl Drop for Engine {
         if let Err(error) = std::fs::remove_dir_all(&self.root) {
             cleanup_failed(&format!("{}: {error}", self.root.display()));
         }
-    }
-}
-
-/// SIGTERM, then SIGKILL if it is still there after a while.
-fn stop(daemon: &mut Child) {
-    let pid = i32::try_from(daemon.id()).unwrap_or(i32::MAX);
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let exited = poll(Duration::from_secs(30), || daemon.try_wait().ok().flatten());
-    if exited.is_none() {
-        let _ignored = daemon.kill();
-        let _ignored = daemon.wait();
-    }
-}
-
-/// Where the engines put their containers by default (Docker, podman).
-const PARENTS: [&str; 2] = ["docker", "libpod_parent"];
-
-/// Removes the empty cgroup directories of a tree, deepest first.
-fn remove_empty_tree(dir: &Path) {
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
-                remove_empty_tree(&entry.path());
-            }
-        }
-    }
-    let _ignored = std::fs::remove_dir(dir);
-}
-
-/// Those of [`PARENTS`] that do not exist now, in every cgroup hierarchy.
-fn absent_parents() -> Vec<PathBuf> {
-    absent_in_hierarchies(&PARENTS)
-}
-
-/// Those of `names` (top-level cgroups) that do not exist now, in every cgroup hierarchy:
-/// runc makes a container's parent in the v1 controllers' hierarchies too.
-fn absent_in_hierarchies(names: &[&str]) -> Vec<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut absent = Vec::new();
-    for line in mounts.lines() {
-        let (fields, fstype) = match line.split_once(" - ") {
-            Some((fields, rest)) => (fields, rest.split_whitespace().next().unwrap_or("")),
-            None => continue,
-        };
-        if !matches!(fstype, "cgroup" | "cgroup2") {
-            continue;
-        }
-        let Some(point) = fields.split_whitespace().nth(4) else {
-            continue;
-        };
-        absent.extend(
-            names
-                .iter()
-                .map(|parent| Path::new(point).join(parent))
-                .filter(|dir| !dir.exists()),
-        );
-    }
-    absent
-}
-
-/// Unmounts whatever an engine left mounted below `root` (deepest first).
-fn unmount_below(root: &Path) {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let prefix = root.display().to_string();
-    let mut points: Vec<&str> = mounts
-        .lines()
-        .filter_map(|line| line.split_whitespace().nth(4))
-        .filter(|point| point.starts_with(&prefix))
-        .collect();
-    points.sort_by_key(|point| std::cmp::Reverse(point.len()));
-    for point in points {
-        if let Ok(path) = std::ffi::CString::new(point) {
-            // SAFETY: a NUL-terminated path; failure (already gone) is fine.
-            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
-        }
-    }
-}
-
-fn make_root() -> PathBuf {
-    require_host();
-    let root = std::env::temp_dir().join(unique_name());
-    std::fs::create_dir_all(&root)
-        .unwrap_or_else(|e| panic!("cannot create {}: {e}", root.display()));
-    root
-}
-
-fn spawn(command: &mut Command, root: &Path) -> Child {
-    let log = std::fs::File::create(root.join("daemon.log"))
-        .unwrap_or_else(|e| panic!("cannot create the daemon log: {e}"));
-    let err = log
-        .try_clone()
-        .unwrap_or_else(|e| panic!("cannot share the daemon log: {e}"));
-    command
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(err)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"))
-}
-
-/// A root filesystem of busybox-static: /bin/busybox and the applets the tests use.
-pub fn busybox_rootfs(dir: &Path) {
-    let bin = dir.join("bin");
-    std::fs::create_dir_all(&bin)
-        .unwrap_or_else(|e| panic!("cannot create {}: {e}", bin.display()));
-    for sub in ["proc", "sys", "dev", "tmp", "etc"] {
-        let _ignored = std::fs::create_dir_all(dir.join(sub));
-    }
-    std::fs::copy("/bin/busybox", bin.join("busybox"))
-        .unwrap_or_else(|e| panic!("cannot copy /bin/busybox (Debian busybox-static): {e}"));
-    for applet in ["sh", "nc", "sleep", "cat"] {
-        let _ignored = std::os::unix::fs::symlink("busybox", bin.join(applet));
-    }
-}
-
-/// The keepalive settings of every connected TCP socket held by the processes of a cgroup
-/// (and its descendants), read back from the kernel through pidfd_getfd.
-pub fn connected_sockets(cgroup: &CgroupPath) -> Vec<Keepalive> {
-    let mount = require_host().cgroup2_mount;
-    let dir = mount.join(cgroup.relative());
-    let mut found = Vec::new();
-    for pid in pids_below(&dir) {
-        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-            continue;
-        };
-        for entry in fds.flatten() {
-            let is_socket = std::fs::read_link(entry.path())
-                .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"));
-            let fd = entry.file_name().to_string_lossy().parse::<i32>().ok();
-            if let (true, Some(fd)) = (is_socket, fd)
-                && let Some(socket) = steal(pid, fd)
-                && is_connected_tcp(&socket)
-            {
-                found.push(Keepalive::of(&socket));
-            }
-        }
-    }
-    found
-}
-
-/// Whether a socket is a TCP socket with a peer.
-fn is_connected_tcp(socket: &std::os::fd::OwnedFd) -> bool {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
-    let protocol =
-        keepalive_agent::sockopt::get_int(socket.as_fd(), libc::SOL_SOCKET, libc::SO_PROTOCOL).ok();
-    if protocol != Some(libc::IPPROTO_TCP) {
-        return false;
-    }
-    // SAFETY: a zeroed sockaddr_storage and its size, for getpeername to fill.
-    unsafe {
-        let mut addr: libc::sockaddr_storage = std::mem::zeroed();
-        let mut len = libc::socklen_t::try_from(size_of::<libc::sockaddr_storage>()).unwrap_or(0);
-        libc::getpeername(
-            socket.as_raw_fd(),
-            (&raw mut addr).cast::<libc::sockaddr>(),
-            &raw mut len,
-        ) == 0
-    }
-}
-
-/// Waits until a cgroup holds at least `count` connected TCP sockets, all with `idle_secs`
-/// (and keepalive on); panics with what it saw otherwise.
-pub fn expect_idle(what: &str, cgroup: &CgroupPath, count: usize, idle_secs: u32) {
-    let mut last = Vec::new();
-    let seen = poll(Duration::from_secs(20), || {
-        last = connected_sockets(cgroup);
-        (last.len() >= count
-            && last
-                .iter()
-                .all(|socket| socket.enabled && socket.idle_secs == idle_secs))
-        .then_some(())
-    });
-    assert!(
-        seen.is_some(),
-        "{what} ({cgroup}): expected {count} connected sockets with keepalive idle {idle_secs} s, \
-         saw {last:?}"
-    );
-}
-
-/// Pids of the processes in a cgroup directory and its descendants.
-fn pids_below(dir: &Path) -> Vec<u32> {
-    let mut pids = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-        pids.extend(
-            procs
-                .lines()
-                .filter_map(|line| line.trim().parse::<u32>().ok()),
-        );
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            stack.extend(
-                entries
-                    .flatten()
-                    .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
-                    .map(|entry| entry.path()),
-            );
-        }
-    }
-    pids
-}
-
-/// A duplicate of another process's descriptor (pidfd_getfd), None if it is gone.
-fn steal(pid: u32, fd: i32) -> Option<std::os::fd::OwnedFd> {
-    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-    let pid = i32::try_from(pid).ok()?;
-    // SAFETY: plain system calls; the descriptors are checked before they are owned.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
-        let pidfd = OwnedFd::from_raw_fd(i32::try_from(pidfd).ok().filter(|fd| *fd >= 0)?);
-        let stolen = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
-        Some(OwnedFd::from_raw_fd(
-            i32::try_from(stolen).ok().filter(|fd| *fd >= 0)?,
-        ))
     }
 }
