@@ -398,6 +398,7 @@ impl Drop for Engine {
                 .status();
         }
         stop(&mut self.daemon);
+        engine_stopped();
         unmount_below(&self.root);
         for parent in &self.new_parents {
             // Gone already, or still used by containers of another engine: left alone.

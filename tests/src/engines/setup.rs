@@ -9,6 +9,38 @@ use std::{
 
 use crate::{poll, require_host, unique_name};
 
+/// Host directories the engines' shims and runtimes make whatever their state directory is.
+const HOST_DIRS: [&str; 2] = ["/run/containerd", "/run/docker"];
+
+/// Engines alive in this process, and which of [`HOST_DIRS`] were absent before the first.
+static LIVE: std::sync::Mutex<(usize, Vec<&str>)> = std::sync::Mutex::new((0, Vec::new()));
+
+/// Counts an engine starting.
+fn engine_started() {
+    if let Ok(mut live) = LIVE.lock() {
+        if live.0 == 0 {
+            live.1 = HOST_DIRS
+                .into_iter()
+                .filter(|dir| !Path::new(dir).exists())
+                .collect();
+        }
+        live.0 += 1;
+    }
+}
+
+/// Counts an engine stopped; the last one removes what the engines left empty in
+/// [`HOST_DIRS`] that was not there before.
+pub(super) fn engine_stopped() {
+    if let Ok(mut live) = LIVE.lock() {
+        live.0 = live.0.saturating_sub(1);
+        if live.0 == 0 {
+            for dir in std::mem::take(&mut live.1) {
+                remove_empty_tree(Path::new(dir));
+            }
+        }
+    }
+}
+
 /// SIGTERM, then SIGKILL if it is still there after a while.
 pub(super) fn stop(daemon: &mut Child) {
     let pid = i32::try_from(daemon.id()).unwrap_or(i32::MAX);
@@ -85,8 +117,10 @@ pub(super) fn unmount_below(root: &Path) {
     }
 }
 
+/// A state directory for a new engine (counted as started: [`engine_stopped`] on its drop).
 pub(super) fn make_root() -> PathBuf {
     require_host();
+    engine_started();
     let root = std::env::temp_dir().join(unique_name());
     std::fs::create_dir_all(&root)
         .unwrap_or_else(|e| panic!("cannot create {}: {e}", root.display()));
