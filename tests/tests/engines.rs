@@ -355,3 +355,34 @@ fn the_agent_image_as_a_container_enforces_by_labels() {
     assert!(log.contains("detached"), "{log}");
     docker.remove(&agent);
 }
+
+/// containerd restarting under the agent: the agent says it lost it, reconnects with back-off,
+/// and follows containers started after the restart.
+#[test]
+fn a_restarted_engine_is_followed_again() {
+    require_host();
+    let pods = TestCgroup::new();
+    let parent = format!("{}/pod-restart", pods.scope());
+    let mut containerd = Engine::containerd();
+    let places = AgentPlaces::new();
+    let (config, _file) = policy_file(pods.scope().as_str());
+    let agent = spawn_agent(&places, &config.display().to_string(), &containerd);
+    agent.expect_log("following the container engine", LOG_WAIT);
+
+    containerd.restart_containerd();
+    agent.expect_log("lost the container engine", LOG_WAIT);
+    agent.expect_log("following the container engine", LOG_WAIT);
+    let pay = containerd.run(
+        "pay-after-restart",
+        &[(NAMESPACE, "payments")],
+        Some(&parent),
+        SERVE_AND_CONNECT,
+    );
+    expect_idle(
+        "payments, started after containerd restarted",
+        &pay.cgroup,
+        2,
+        11,
+    );
+    drop(agent);
+}

@@ -22,7 +22,8 @@ mod sockets;
 
 pub use setup::busybox_rootfs;
 use setup::{
-    absent_in_hierarchies, absent_parents, make_root, remove_empty_tree, spawn, stop, unmount_below,
+    absent_in_hierarchies, absent_parents, engine_stopped, make_root, remove_empty_tree, spawn,
+    stop, unmount_below,
 };
 pub use sockets::{connected_sockets, expect_idle};
 
@@ -165,26 +166,44 @@ impl Engine {
             containers: Vec::new(),
             new_parents: absent_parents(),
         };
-        let probe = match kind {
-            Kind::Docker | Kind::Podman => vec!["version"],
-            Kind::Containerd => vec!["version"],
-        };
+        engine.wait_answering();
+        engine
+    }
+
+    fn wait_answering(&mut self) {
+        let kind = self.kind;
         wait_for(&format!("{kind:?} to answer"), START, || {
-            if let Ok(Some(status)) = engine.daemon.try_wait() {
+            if let Ok(Some(status)) = self.daemon.try_wait() {
                 panic!(
                     "{kind:?} exited at start ({status}); its log: {}",
-                    engine.log()
+                    self.log()
                 );
             }
-            engine
-                .cli(&probe)
+            self.cli(&["version"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status()
                 .ok()
                 .filter(std::process::ExitStatus::success)
         });
-        engine
+    }
+
+    /// Stops containerd and starts it again on the same state (the containers' shims keep
+    /// running): an engine restart, as the agent sees it.
+    pub fn restart_containerd(&mut self) {
+        assert_eq!(
+            self.kind,
+            Kind::Containerd,
+            "only containerd restarts in place"
+        );
+        stop(&mut self.daemon);
+        self.daemon = spawn(
+            Command::new("containerd")
+                .arg("--config")
+                .arg(self.root.join("config.toml")),
+            &self.root,
+        );
+        self.wait_answering();
     }
 
     /// The socket the agent follows it on.
