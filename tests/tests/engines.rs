@@ -386,3 +386,34 @@ fn a_restarted_engine_is_followed_again() {
     );
     drop(agent);
 }
+
+/// containerd lets a container's labels change: the agent follows, and the container's
+/// existing connections get the rule its new labels select.
+#[test]
+fn a_container_whose_labels_change_is_followed() {
+    require_host();
+    let pods = TestCgroup::new();
+    let parent = format!("{}/pod-relabel", pods.scope());
+    let mut containerd = Engine::containerd();
+    let shop = containerd.run(
+        "relabelled",
+        &[(NAMESPACE, "shop")],
+        Some(&parent),
+        SERVE_AND_CONNECT,
+    );
+    wait_connected(&shop);
+    let places = AgentPlaces::new();
+    let (config, _file) = policy_file(pods.scope().as_str());
+    let agent = spawn_agent(&places, &config.display().to_string(), &containerd);
+    agent.expect_log("following the container engine", LOG_WAIT);
+    expect_idle("shop, before its labels change", &shop.cgroup, 2, 60);
+
+    containerd.run_cli(&[
+        "containers",
+        "label",
+        &shop.id,
+        &format!("{NAMESPACE}=payments"),
+    ]);
+    expect_idle("the container relabelled payments", &shop.cgroup, 2, 11);
+    drop(agent);
+}
