@@ -180,8 +180,9 @@ where
     F: Future<Output = Ended>,
 {
     let mut back_off = BACK_OFF_FIRST;
-    // Logged once from each connection (or the start) to the next.
-    let mut said = false;
+    // What was logged since the last connection (or the start): the socket absent (true), or
+    // the engine lost or unreachable (false); each is logged once.
+    let mut said: Option<bool> = None;
     loop {
         let ended = if socket.exists() {
             session().await
@@ -192,22 +193,17 @@ where
             }
         };
         if ended.connected {
-            said = false;
+            said = None;
             back_off = BACK_OFF_FIRST;
         }
-        if !said {
-            match (&ended.error, ended.connected) {
-                (None, false) => {
-                    debug!(engine, socket = %socket.display(), "no container engine at this socket (yet); looking again with back-off");
-                }
-                (error, _) => {
-                    let error = error
-                        .as_ref()
-                        .map_or_else(|| "the socket is gone".to_string(), ToString::to_string);
-                    warn!(engine, socket = %socket.display(), error, "lost the container engine, or cannot reach it; reconnecting with back-off");
-                }
+        let absent = ended.error.is_none();
+        if said != Some(absent) {
+            if let Some(error) = &ended.error {
+                warn!(engine, socket = %socket.display(), %error, "lost the container engine, or cannot reach it; reconnecting with back-off");
+            } else {
+                debug!(engine, socket = %socket.display(), "no container engine at this socket (yet); looking again with back-off");
             }
-            said = true;
+            said = Some(absent);
         }
         tokio::time::sleep(back_off).await;
         back_off = (back_off * 2).min(BACK_OFF_MAX);
