@@ -79,6 +79,7 @@ fn policy(spec: &Spec) -> Policy {
             remote_ports: ranges(&rule.remote_ports),
             local_ports: ranges(&rule.local_ports),
             direction: rule.direction.map(Direction::from_outbound),
+            containers: None,
             action: Action {
                 mode: Mode::ALL[usize::from(rule.mode) % Mode::ALL.len()],
                 values: Values {

@@ -305,6 +305,9 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub places: Places,
+
+    #[command(flatten)]
+    pub engines: Box<crate::containers::EngineArgs>,
 }
 
 #[derive(Debug, Args)]

@@ -7,6 +7,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod commands;
 pub mod compile;
+pub mod containers;
 pub mod enforcer;
 pub mod existing;
 pub mod instance;

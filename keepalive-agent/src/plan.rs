@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::policy::{CgroupPath, Policy};
+use crate::policy::{CgroupPath, Policy, Rule};
 
 /// The cgroups that exist, as the planner sees them.
 pub trait Hierarchy {
@@ -72,10 +72,13 @@ pub fn attach_points<H: Hierarchy>(
         plan.attachments.insert(scope.clone(), cgroup.clone());
         plan.enforced.insert(scope, cgroup);
     }
-    for rule in &policy.rules {
-        let Some(cgroup) = &rule.cgroup else {
-            continue;
-        };
+    // A rule's cgroup, or the cgroups of the containers it selects.
+    let rule_cgroups = policy.rules.iter().flat_map(|rule| {
+        rule.rule_cgroups()
+            .into_iter()
+            .map(move |cgroup| (rule, cgroup))
+    });
+    for (rule, cgroup) in rule_cgroups {
         if plan.attachments.contains_key(cgroup)
             || !plan.enforced.keys().any(|scope| scope.contains(cgroup))
         {
@@ -118,7 +121,7 @@ impl Named {
         let paths = policy
             .scopes
             .iter()
-            .chain(policy.rules.iter().filter_map(|rule| rule.cgroup.as_ref()));
+            .chain(policy.rules.iter().flat_map(Rule::rule_cgroups));
         named.extend(paths.filter(|path| !path.is_pattern()).cloned());
         named
     }

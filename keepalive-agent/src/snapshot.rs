@@ -79,6 +79,10 @@ pub struct RuleCounters {
     /// Line in the policy file (0: not from a file).
     pub line: usize,
     pub action: String,
+    /// For a rule with `labels` or `container`: what it selects and the cgroups of the
+    /// containers it applies to now, or that it applies to nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub containers: Option<String>,
     pub counters: Outcomes,
 }
 
@@ -219,6 +223,7 @@ fn rule_counters(state: Option<&State>, maps: &PinnedMaps) -> anyhow::Result<Vec
         name,
         line,
         action,
+        containers,
     } in state.map_or(&[][..], |state| &state.rules)
     {
         let counters = match slots.get(slot) {
@@ -234,6 +239,7 @@ fn rule_counters(state: Option<&State>, maps: &PinnedMaps) -> anyhow::Result<Vec
             name: name.clone(),
             line: *line,
             action: action.clone(),
+            containers: containers.clone(),
             counters,
         });
     }

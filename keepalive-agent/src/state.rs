@@ -26,6 +26,10 @@ pub struct RuleState {
     pub line: usize,
     /// What it does, e.g. `enforce idle 60 s, interval 5 s, count 3, ...`.
     pub action: String,
+    /// For a rule with `labels` or `container`: what it selects and the cgroups of the
+    /// containers it applies to now, or that it applies to nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub containers: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,12 +76,25 @@ impl State {
             name: "default".into(),
             line: 0,
             action: policy.default.to_string(),
+            containers: None,
         }];
         rules.extend(policy.rules.iter().enumerate().map(|(i, rule)| RuleState {
             slot: Policy::slot(crate::policy::Decision::Rule(i)),
             name: rule.name.clone(),
             line: rule.line,
             action: rule.action.to_string(),
+            containers: rule.containers.as_ref().map(|selection| {
+                if selection.cgroups.is_empty() {
+                    format!(
+                        "{}: no running container matches; the rule applies to nothing",
+                        selection.selector
+                    )
+                } else {
+                    let cgroups: Vec<&str> =
+                        selection.cgroups.iter().map(CgroupPath::as_str).collect();
+                    format!("{}: {}", selection.selector, cgroups.join(" "))
+                }
+            }),
         }));
         Self {
             pid: std::process::id(),

@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod cgroup;
 pub mod connection;
+pub mod engines;
 pub mod fixture;
 pub mod http;
 pub mod image;

@@ -198,6 +198,7 @@ fn policy(world: &World, rules: &[RuleSpec], scopes: usize) -> Policy {
                 remote_ports: spec.remote_ports.iter().map(range).collect(),
                 local_ports: spec.local_ports.iter().map(range).collect(),
                 direction: spec.direction.map(Direction::from_outbound),
+                containers: None,
                 action: Action {
                     mode: Mode::ALL[spec.mode],
                     values: values(100 + u32::try_from(i).unwrap()),

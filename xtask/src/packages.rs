@@ -32,7 +32,19 @@ pub(crate) const TEST: &[Need] = &[
     ("bash", "bash"),
     // The LD_PRELOAD peer the benchmark compares against.
     ("/usr/lib/libkeepalive.so", "libkeepalive0"),
+    // Real container engines for tests/tests/engines.rs (started by the tests, state in
+    // temporary directories); images are imported from a busybox-static rootfs.
+    ("dockerd", "docker.io"),
+    ("containerd", "containerd"),
+    ("ctr", "containerd"),
+    ("runc", "runc"),
+    ("podman", "podman"),
+    ("/bin/busybox", "busybox-static"),
 ];
+
+/// What building the agent needs besides Rust: containerd-client generates its gRPC code
+/// with protoc at build time.
+pub(crate) const BUILD: &[Need] = &[("protoc", "protobuf-compiler")];
 
 /// What `cargo xtask image` needs: buildah builds the image daemonless; musl-gcc is the C
 /// compiler for the static (musl) agent, should a dependency compile C.

@@ -42,6 +42,7 @@ impl Toolchain {
         ensure_installed(HOST, HOST_COMPONENTS, "builds the agent and the tests")?;
         ensure_installed(NIGHTLY, EBPF_NIGHTLY_COMPONENTS, "builds the eBPF crate")?;
         let bpf_linker_dir = ensure_bpf_linker()?;
+        crate::packages::ensure(crate::packages::BUILD)?;
         Ok(Self { bpf_linker_dir })
     }
 

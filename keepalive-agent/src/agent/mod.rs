@@ -4,6 +4,7 @@
 //! blocking work (attaching, expanding patterns, reading a policy) ever runs on it, and the
 //! sweep of existing connections runs on a third thread.
 
+mod containers;
 mod reload;
 
 use std::{collections::BTreeSet, path::PathBuf, sync::mpsc, time::Duration};
@@ -39,6 +40,8 @@ pub enum Event {
     Signal(Signal),
     /// Time to check that enforcement is where it should be.
     Tick,
+    /// A container engine reported containers that started, stopped or changed.
+    ContainersChanged,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +90,10 @@ pub struct Agent {
     /// Where the loop watches for cgroups (they follow the policy).
     roots: watch::Sender<Vec<PathBuf>>,
     sweeps: mpsc::Sender<SweepJob>,
+    /// What the engines report, and the policy as read (before its container rules are
+    /// resolved against it).
+    containers: crate::containers::Inventory,
+    unresolved: Option<Policy>,
 }
 
 /// Where a policy's cgroups (patterns, rule cgroups) can appear.
@@ -121,7 +128,15 @@ impl Agent {
             faults: BTreeSet::new(),
             roots,
             sweeps: spawn_sweeper(),
+            containers: crate::containers::Inventory::default(),
+            unresolved: None,
         }
+    }
+
+    /// Resolves container rules against what `inventory` holds.
+    pub fn with_containers(mut self, inventory: crate::containers::Inventory) -> Self {
+        self.containers = inventory;
+        self
     }
 
     /// Applies the first policy, then handles events until one says stop.
@@ -131,6 +146,7 @@ impl Agent {
         mut events: UnboundedReceiver<Event>,
     ) -> anyhow::Result<()> {
         use anyhow::Context as _;
+        let policy = &self.resolve(policy);
         let (applied, sweep) = self
             .enforcer
             .apply_later(policy)
@@ -186,6 +202,9 @@ impl Agent {
             std::thread::sleep(SETTLE_CGROUPS);
             self.follow_cgroups();
         }
+        if batch.contains(&Event::ContainersChanged) {
+            self.follow_containers();
+        }
         let hangup = batch.contains(&Event::Signal(Signal::Hangup));
         let file_changed = batch.contains(&Event::PolicyFileChanged);
         if hangup || file_changed {
@@ -237,6 +256,8 @@ impl Agent {
             return None;
         }
         let (loaded, read) = load_settled(&self.args, &self.mount);
+        let previous = self.unresolved.clone();
+        let loaded = loaded.map(|policy| self.resolve(&policy));
         self.refused = None;
         let state = self.state.as_mut()?;
         // The outcome is logged once published: whoever reads the log line and then asks
@@ -267,6 +288,7 @@ impl Agent {
                 Some(false)
             }
             Reload::Refused { what, error } => {
+                self.unresolved = previous;
                 self.refused = read;
                 state.reloads_failed += 1;
                 self.publish(Some(true));

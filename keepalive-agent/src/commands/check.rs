@@ -32,6 +32,16 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<String> {
             "left alone"
         },
     );
+    for rule in &policy.rules {
+        if let Some(selection) = &rule.containers {
+            let _ = writeln!(
+                out,
+                "note: rule {:?} (line {}) selects containers ({}); the running agent resolves \
+                 it to their cgroups through the container engines",
+                rule.name, rule.line, selection.selector
+            );
+        }
+    }
     for warning in warnings(&policy) {
         let _ = writeln!(out, "warning: {warning}");
     }
@@ -75,6 +85,7 @@ fn warnings(policy: &Policy) -> Vec<String> {
         }
         let shadow = policy.rules[..i].iter().find(|earlier| {
             !earlier.has_match_keys()
+                && earlier.containers == rule.containers
                 && match (&earlier.cgroup, &rule.cgroup) {
                     (None, None) => true,
                     (Some(a), Some(b)) => a == b,

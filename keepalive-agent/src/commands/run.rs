@@ -113,7 +113,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         CgroupWatch::new(&new_roots.borrow_and_update()).context("cannot watch the cgroup tree")?;
 
     let (events, queue) = mpsc::unbounded_channel();
-    let agent = Agent::new(enforcer, args, mount, telemetry, roots);
+    let inventory = crate::containers::Inventory::default();
+    crate::containers::spawn(&args.engines, &inventory, &events);
+    let agent = Agent::new(enforcer, args, mount, telemetry, roots).with_containers(inventory);
     let mut engine = tokio::task::spawn_blocking(move || agent.run(&policy, queue));
     let mut watchdog = notify::Watchdog::from_env();
     let mut tick = tokio::time::interval(HEALTH_INTERVAL);

@@ -98,6 +98,11 @@ fn rules_table(out: &mut String, status: &Snapshot) {
         }
         out.push('\n');
     }
+    for rule in &status.rules {
+        if let Some(containers) = &rule.containers {
+            let _ = writeln!(out, "rule {:?} selects containers: {containers}", rule.name);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -135,6 +140,7 @@ mod tests {
             records: 1,
             counters: Some(crate::enforcer::Counters::default()),
             rules: vec![RuleCounters {
+                containers: None,
                 slot: 0,
                 name: "default".into(),
                 line: 0,

@@ -79,6 +79,7 @@ fn rule(cgroup: Option<&str>, remote: &[&str], remote_ports: &[(u16, u16)], idle
             .collect(),
         local_ports: Vec::new(),
         direction: None,
+        containers: None,
         action: Action::enforce(Values {
             idle_secs: idle,
             ..Values::default()

@@ -333,6 +333,7 @@ mod tests {
                 remote_ports: Vec::new(),
                 local_ports: Vec::new(),
                 direction: None,
+                containers: None,
                 action: Action::enforce(Values::default()),
             })
             .collect();
@@ -340,6 +341,7 @@ mod tests {
             .rules
             .into_iter()
             .map(|rule| RuleCounters {
+                containers: None,
                 slot: rule.slot,
                 name: rule.name,
                 line: rule.line,
@@ -376,6 +378,7 @@ mod tests {
             records: 1,
             counters: None,
             rules: vec![RuleCounters {
+                containers: None,
                 slot: 0,
                 name: "a \"quoted\" rule".into(),
                 line: 0,

@@ -14,6 +14,7 @@ fn rule(name: &str, cgroup: &str) -> Rule {
         remote_ports: Vec::new(),
         local_ports: Vec::new(),
         direction: None,
+        containers: None,
         action: Action::enforce(Values::default()),
     }
 }

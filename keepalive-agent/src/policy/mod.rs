@@ -4,6 +4,7 @@
 //! same answer from lookup tables ([`crate::compile`]); tests hold the two to each other.
 
 mod cgroup_path;
+mod containers;
 mod explain;
 pub mod file;
 mod keys;
@@ -13,6 +14,7 @@ mod values;
 use std::{fmt, net::IpAddr};
 
 pub use cgroup_path::CgroupPath;
+pub use containers::{Container, Selection, Selector};
 pub use explain::{KeyChecks, Step, Trace};
 pub use keepalive_common::Mode;
 use keepalive_common::{RULE_LOCK, RULE_USER_TIMEOUT, RuleRecord, limits};
@@ -111,6 +113,8 @@ pub struct Rule {
     pub remote_ports: Vec<PortRange>,
     pub local_ports: Vec<PortRange>,
     pub direction: Option<Direction>,
+    /// The containers it selects (`labels`, `container`) and the cgroups they resolved to.
+    pub containers: Option<Selection>,
     pub action: Action,
 }
 
@@ -174,10 +178,10 @@ impl Policy {
     }
 
     /// The precedence, in one place: a connection outside every scope is not touched.
-    /// Otherwise the candidates are the rules whose cgroup is the connection's cgroup or an
-    /// ancestor, most specific cgroup first (file order within a cgroup), then the rules
-    /// without a cgroup (file order). The first candidate whose keys all match decides; if
-    /// none does, the default applies.
+    /// Otherwise the candidates are the rules whose cgroup (or the cgroup of a container they
+    /// select) is the connection's cgroup or an ancestor, most specific cgroup first (file
+    /// order within a cgroup), then the rules without a cgroup or containers (file order). The
+    /// first candidate whose keys all match decides; if none does, the default applies.
     pub fn decide(&self, conn: &Connection) -> Decision {
         // One walk for deciding and for explaining (`Policy::trace`).
         self.walk(conn, |_| {})
@@ -202,15 +206,12 @@ impl Policy {
             .rules
             .iter()
             .enumerate()
-            .filter_map(|(i, rule)| {
-                let scope = rule.cgroup.as_ref()?;
-                scope.contains(cgroup).then(|| (scope.depth(), i))
-            })
+            .filter_map(|(i, rule)| Some((rule.depth_for(cgroup)?, i)))
             .collect();
         // Deepest first; stable, so file order within one depth (one cgroup: a path of the
         // connection's ancestry has one cgroup per depth).
         scoped.sort_by_key(|&(depth, _)| std::cmp::Reverse(depth));
-        let unscoped = (0..self.rules.len()).filter(|&i| self.rules[i].cgroup.is_none());
+        let unscoped = (0..self.rules.len()).filter(|&i| self.rules[i].unscoped());
         scoped.into_iter().map(|(_, i)| i).chain(unscoped).collect()
     }
 

@@ -26,6 +26,7 @@ fn rule(name: &str, cgroup: Option<&str>) -> Rule {
         remote_ports: Vec::new(),
         local_ports: Vec::new(),
         direction: None,
+        containers: None,
         action: Action::enforce(values(10)),
     }
 }

@@ -17,6 +17,11 @@ pub(crate) const HOST_ONLY: &[(&str, &str)] = &[
         "checks the container image archive `cargo xtask image` built on the host",
     ),
     (
+        "engines",
+        "starts dockerd, containerd and podman with their state on disk, and runs the image; the \
+         guest's root is a read-only 9p share with a tmpfs overlay",
+    ),
+    (
         "bench_smoke",
         "runs the benchmark end to end; its figures under emulation mean nothing, and the host \
          run proves the steps",

@@ -61,6 +61,7 @@ fn any_rule() -> impl Strategy<Value = Rule> {
                 remote_ports,
                 local_ports,
                 direction: outbound.map(Direction::from_outbound),
+                containers: None,
                 action: Action {
                     mode,
                     values: Values {

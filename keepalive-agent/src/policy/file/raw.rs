@@ -49,6 +49,8 @@ struct RawRule {
     remote_port: Option<Spanned<Value>>,
     local_port: Option<Spanned<Value>>,
     direction: Option<Spanned<String>>,
+    labels: Option<Spanned<Value>>,
+    container: Option<Spanned<String>>,
     mode: Option<Spanned<String>>,
     idle: Option<Spanned<Value>>,
     interval: Option<Spanned<Value>>,
@@ -205,6 +207,15 @@ impl RawRule {
                 )),
             })
             .transpose()?;
+        let containers = crate::policy::containers::selector(
+            self.labels.as_ref(),
+            self.container.as_ref(),
+            &owner,
+        )?
+        .map(|selector| crate::policy::Selection {
+            selector,
+            cgroups: Vec::new(),
+        });
         let values = RawValues {
             mode: self.mode,
             idle: self.idle,
@@ -222,6 +233,7 @@ impl RawRule {
             remote_ports,
             local_ports,
             direction,
+            containers,
         })
     }
 }

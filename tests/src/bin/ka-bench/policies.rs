@@ -19,6 +19,7 @@ fn rule(i: usize) -> Rule {
         remote_ports: Vec::new(),
         local_ports: Vec::new(),
         direction: None,
+        containers: None,
         action: Action::enforce(Values {
             idle_secs: 30 + u32::try_from(i % 200).unwrap_or(0),
             ..Values::default()

@@ -1,0 +1,223 @@
+//! Containers as their engines know them: the Docker Engine API (Docker, and podman's
+//! compatible service) through bollard, and containerd's API (namespace `k8s.io`, where
+//! kubelet's CRI plugin puts pods) through containerd-client. Each engine is followed live:
+//! its event stream, and on each event the engine's list again (cheap, and nothing is missed
+//! if an event is). Each container maps to the cgroup of its init process (/proc/PID/cgroup:
+//! the agent needs the host's PID and cgroup namespaces). An engine without a socket gives no
+//! containers; one that goes away is retried with back-off, logged once.
+
+mod containerd;
+mod docker;
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use clap::Args;
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::{debug, info, warn};
+
+use crate::{
+    agent::Event,
+    policy::{CgroupPath, Container},
+};
+
+/// Where the engines listen.
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    /// Docker Engine API socket, for rules with `labels` or `container`. A missing socket is
+    /// fine: no containers from it, and it is looked for again.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/run/docker.sock",
+        env = "KEEPALIVE_AGENT_DOCKER_SOCKET"
+    )]
+    pub docker_socket: PathBuf,
+
+    /// podman's Docker-compatible API socket (`podman system service`).
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/run/podman/podman.sock",
+        env = "KEEPALIVE_AGENT_PODMAN_SOCKET"
+    )]
+    pub podman_socket: PathBuf,
+
+    /// containerd's API socket; its containers in --containerd-namespace are followed.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/run/containerd/containerd.sock",
+        env = "KEEPALIVE_AGENT_CONTAINERD_SOCKET"
+    )]
+    pub containerd_socket: PathBuf,
+
+    /// containerd namespace to follow (`k8s.io`: Kubernetes' CRI plugin).
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "k8s.io",
+        env = "KEEPALIVE_AGENT_CONTAINERD_NAMESPACE"
+    )]
+    pub containerd_namespace: String,
+}
+
+/// The containers every engine reports now, shared by the engines' tasks and the agent.
+#[derive(Debug, Clone, Default)]
+pub struct Inventory {
+    engines: Arc<Mutex<BTreeMap<String, Vec<Container>>>>,
+}
+
+impl Inventory {
+    /// Every container known now, sorted.
+    pub fn snapshot(&self) -> Vec<Container> {
+        let Ok(engines) = self.engines.lock() else {
+            return Vec::new();
+        };
+        let mut all: Vec<Container> = engines.values().flatten().cloned().collect();
+        all.sort();
+        all
+    }
+
+    /// Replaces what `engine` reports; whether anything changed.
+    fn set(&self, engine: &str, mut containers: Vec<Container>) -> bool {
+        containers.sort();
+        let Ok(mut engines) = self.engines.lock() else {
+            return false;
+        };
+        if engines.get(engine) == Some(&containers)
+            || (containers.is_empty() && !engines.contains_key(engine))
+        {
+            return false;
+        }
+        engines.insert(engine.to_string(), containers);
+        true
+    }
+}
+
+/// Where an engine's containers go: the inventory, and an event for the agent.
+#[derive(Debug, Clone)]
+struct Sink {
+    inventory: Inventory,
+    events: UnboundedSender<Event>,
+}
+
+impl Sink {
+    fn set(&self, engine: &str, containers: Vec<Container>) {
+        if self.inventory.set(engine, containers) {
+            let _ignored = self.events.send(Event::ContainersChanged);
+        }
+    }
+}
+
+/// Why a session with an engine ended.
+#[derive(Debug, thiserror::Error)]
+enum EngineError {
+    #[error("{0}")]
+    Docker(#[from] bollard::errors::Error),
+    #[error("{0}")]
+    Transport(#[from] containerd_client::tonic::transport::Error),
+    #[error("{0}")]
+    Grpc(#[from] containerd_client::tonic::Status),
+    #[error("the event stream ended")]
+    Ended,
+}
+
+const BACK_OFF_FIRST: Duration = Duration::from_millis(250);
+const BACK_OFF_MAX: Duration = Duration::from_secs(10);
+
+/// Follows every engine, each on a task of its own, until the runtime stops.
+pub fn spawn(args: &EngineArgs, inventory: &Inventory, events: &UnboundedSender<Event>) {
+    let sink = Sink {
+        inventory: inventory.clone(),
+        events: events.clone(),
+    };
+    for (engine, socket) in [
+        ("docker", args.docker_socket.clone()),
+        ("podman", args.podman_socket.clone()),
+    ] {
+        let sink = sink.clone();
+        tokio::spawn(follow(engine, socket.clone(), move || {
+            docker::session(engine, socket.clone(), sink.clone())
+        }));
+    }
+    let (socket, namespace) = (
+        args.containerd_socket.clone(),
+        args.containerd_namespace.clone(),
+    );
+    tokio::spawn(follow("containerd", socket.clone(), move || {
+        containerd::session(socket.clone(), namespace.clone(), sink.clone())
+    }));
+}
+
+/// How a session with an engine ended.
+#[derive(Debug)]
+struct Ended {
+    /// It was up (listed the containers) before it ended.
+    connected: bool,
+    error: Option<EngineError>,
+}
+
+impl Ended {
+    fn from(connected: bool, result: Result<(), EngineError>) -> Self {
+        Self {
+            connected,
+            error: Some(result.err().unwrap_or(EngineError::Ended)),
+        }
+    }
+}
+
+/// Runs sessions with one engine forever: waits for its socket, reconnects with back-off,
+/// logs each change of its state once. What it reported stays until it is back (containers
+/// outlive a restarting engine; those that end take their cgroups with them).
+async fn follow<F, S>(engine: &'static str, socket: PathBuf, session: S)
+where
+    S: Fn() -> F,
+    F: Future<Output = Ended>,
+{
+    let mut back_off = BACK_OFF_FIRST;
+    // What was logged since the last connection (or the start): the socket absent (true), or
+    // the engine lost or unreachable (false); each is logged once.
+    let mut said: Option<bool> = None;
+    loop {
+        let ended = if socket.exists() {
+            session().await
+        } else {
+            Ended {
+                connected: false,
+                error: None,
+            }
+        };
+        if ended.connected {
+            said = None;
+            back_off = BACK_OFF_FIRST;
+        }
+        let absent = ended.error.is_none();
+        if said != Some(absent) {
+            if let Some(error) = &ended.error {
+                warn!(engine, socket = %socket.display(), %error, "lost the container engine, or cannot reach it; reconnecting with back-off");
+            } else {
+                debug!(engine, socket = %socket.display(), "no container engine at this socket (yet); looking again with back-off");
+            }
+            said = Some(absent);
+        }
+        tokio::time::sleep(back_off).await;
+        back_off = (back_off * 2).min(BACK_OFF_MAX);
+    }
+}
+
+/// Logs that a session is up (once per session).
+fn connected(engine: &str, socket: &Path, containers: usize) {
+    info!(engine, socket = %socket.display(), containers, "following the container engine");
+}
+
+/// The cgroup v2 path of process `pid`, as /proc/PID/cgroup shows it.
+fn cgroup_of(pid: i64) -> Option<CgroupPath> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let path = text.lines().find_map(|line| line.strip_prefix("0::"))?;
+    CgroupPath::parse(path.trim()).ok()
+}

@@ -1,0 +1,200 @@
+//! Rules that select containers by what their engine knows of them: `labels` (all must match)
+//! and `container` (a glob on the container's name). The agent resolves such a rule to the
+//! cgroups of the matching containers ([`Policy::resolve`]); from then on it is a rule of those
+//! cgroups, as specific as each of them ([`Policy::candidates`]). Matching no container, it
+//! applies to nothing.
+
+use std::{collections::BTreeMap, fmt, ops::Range};
+
+use globset::{Glob, GlobBuilder};
+use toml::{Spanned, Value};
+
+use super::{CgroupPath, Policy, Rule};
+
+/// A container as an engine reports it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Container {
+    /// `docker`, `podman`, `containerd`.
+    pub engine: String,
+    pub id: String,
+    /// Docker and podman: its name; containerd: the `io.kubernetes.container.name` label,
+    /// else its id.
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// Where its processes are, as /proc/PID/cgroup shows it.
+    pub cgroup: CgroupPath,
+}
+
+/// What a rule's `labels` and `container` keys ask for.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Selector {
+    /// Every one must be present with this value.
+    pub labels: BTreeMap<String, String>,
+    /// A glob on the container name (`*`, `?`, `[...]`).
+    pub name: Option<Glob>,
+}
+
+impl Selector {
+    pub fn matches(&self, container: &Container) -> bool {
+        self.labels
+            .iter()
+            .all(|(key, value)| container.labels.get(key) == Some(value))
+            && self
+                .name
+                .as_ref()
+                .is_none_or(|glob| glob.compile_matcher().is_match(&container.name))
+    }
+}
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts: Vec<String> = self
+            .labels
+            .iter()
+            .map(|(key, value)| format!("{key}={value}"))
+            .collect();
+        if let Some(name) = &self.name {
+            parts.push(format!("container {}", name.glob()));
+        }
+        f.write_str(&parts.join(", "))
+    }
+}
+
+/// A rule's selector and the cgroups it resolved to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Selection {
+    pub selector: Selector,
+    /// The cgroups of the matching containers (sorted, no duplicates); empty until resolved,
+    /// and when no container matches: the rule applies to nothing.
+    pub cgroups: Vec<CgroupPath>,
+}
+
+impl Rule {
+    /// The cgroups this rule is a rule of: its `cgroup`, or those its containers resolved to.
+    pub fn rule_cgroups(&self) -> Vec<&CgroupPath> {
+        match &self.containers {
+            Some(selection) => selection.cgroups.iter().collect(),
+            None => self.cgroup.iter().collect(),
+        }
+    }
+
+    /// How deep the cgroup is through which this rule applies to connections of `cgroup`
+    /// (None: it does not). Rules without a cgroup or containers are handled apart.
+    pub(super) fn depth_for(&self, cgroup: &CgroupPath) -> Option<usize> {
+        self.rule_cgroups()
+            .into_iter()
+            .filter(|scope| scope.contains(cgroup))
+            .map(CgroupPath::depth)
+            .max()
+    }
+
+    /// Whether it applies everywhere its scope reaches (no cgroup, no containers).
+    pub fn unscoped(&self) -> bool {
+        self.cgroup.is_none() && self.containers.is_none()
+    }
+}
+
+impl Policy {
+    /// Whether any rule selects containers (the agent then follows the engines).
+    pub fn selects_containers(&self) -> bool {
+        self.rules.iter().any(|rule| rule.containers.is_some())
+    }
+
+    /// The policy with each container rule resolved to the cgroups of the `containers` it
+    /// matches (inside its `cgroup`, when it has one too).
+    pub fn resolve(&self, containers: &[Container]) -> Self {
+        let mut resolved = self.clone();
+        for rule in &mut resolved.rules {
+            let within = rule.cgroup.clone();
+            if let Some(selection) = &mut rule.containers {
+                let mut cgroups: Vec<CgroupPath> = containers
+                    .iter()
+                    .filter(|container| selection.selector.matches(container))
+                    .map(|container| container.cgroup.clone())
+                    .filter(|cgroup| within.as_ref().is_none_or(|within| within.contains(cgroup)))
+                    .collect();
+                cgroups.sort();
+                cgroups.dedup();
+                selection.cgroups = cgroups;
+            }
+        }
+        resolved
+    }
+}
+
+/// A problem at a place in the file.
+type Located = (Range<usize>, String);
+
+const LABELS_FORM: &str = "write a table of label = value strings, like labels = { \"io.kubernetes.pod.namespace\" = \"payments\" }";
+
+/// The selector of a rule's `labels` and `container` keys, None without either.
+pub(super) fn selector(
+    labels: Option<&Spanned<Value>>,
+    container: Option<&Spanned<String>>,
+    owner: &str,
+) -> Result<Option<Selector>, Located> {
+    if labels.is_none() && container.is_none() {
+        return Ok(None);
+    }
+    let labels = match labels {
+        Some(labels) => label_table(labels, owner)?,
+        None => BTreeMap::new(),
+    };
+    let name = container.map(|glob| name_glob(glob, owner)).transpose()?;
+    Ok(Some(Selector { labels, name }))
+}
+
+fn label_table(value: &Spanned<Value>, owner: &str) -> Result<BTreeMap<String, String>, Located> {
+    let error = |message: String| (value.span(), format!("{owner}: field `labels`: {message}"));
+    let Value::Table(table) = value.get_ref() else {
+        return Err(error(format!(
+            "{} is not a table: {LABELS_FORM}",
+            value.get_ref()
+        )));
+    };
+    if table.is_empty() {
+        return Err(error(format!(
+            "the table is empty; remove the key to match any container, or {LABELS_FORM}"
+        )));
+    }
+    table
+        .iter()
+        .map(|(key, entry)| match entry {
+            _ if key.trim().is_empty() => Err(error("a label name must not be empty".into())),
+            Value::String(text) => Ok((key.clone(), text.clone())),
+            other => Err(error(format!(
+                "label {key:?}: {other} is not a string; label values are strings: write \
+                 {key:?} = \"{other}\""
+            ))),
+        })
+        .collect()
+}
+
+fn name_glob(glob: &Spanned<String>, owner: &str) -> Result<Glob, Located> {
+    let error = |message: String| {
+        (
+            glob.span(),
+            format!("{owner}: field `container`: {message}"),
+        )
+    };
+    let text = glob.get_ref();
+    if text.trim().is_empty() {
+        return Err(error(
+            "must not be empty: write a container name or a glob, like \"pgbouncer\" or \"web-*\""
+                .into(),
+        ));
+    }
+    GlobBuilder::new(text)
+        .literal_separator(true)
+        .build()
+        .map_err(|e| {
+            error(format!(
+                "{text:?} is not a glob ({}): write a container name or a glob with *, ? or \
+                 [abc], like \"web-*\"",
+                e.kind()
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests;
