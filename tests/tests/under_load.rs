@@ -278,9 +278,12 @@ fn thousands_of_short_lived_cgroups_leave_nothing_behind() {
         // gone at once, usually before the agent gets to them.
         if batch % 2 == 0 {
             let all = (baseline.0 * (1 + PER_BATCH), baseline.1 + PER_BATCH);
-            wait_for("the agent to attach to a batch", LOG_WAIT, || {
-                (held(&places) == all).then_some(())
-            });
+            if poll(LOG_WAIT, || (held(&places) == all).then_some(())).is_none() {
+                panic!(
+                    "batch {batch}: the agent holds (links, records) {:?}, not {all:?}",
+                    held(&places)
+                );
+            }
         }
         for dir in &dirs {
             fs::remove_dir(dir).unwrap();

@@ -73,6 +73,14 @@ impl Enforcer {
         let detached = self.detach_where(SOCK_OPS, |path, id| {
             points.get(path).is_none_or(|cgroup| cgroup.id != id)
         })?;
+        // Before anything that may fail (a new cgroup can vanish while it is attached): the
+        // records of what went must go now, since nothing is detached a second time.
+        if !detached.is_empty() {
+            maps::prune_cgroups(
+                &mut self.ebpf,
+                &points.values().map(|cgroup| cgroup.id).collect(),
+            )?;
+        }
         let old = self.tables().map(|old| old.attachments.clone());
         let mut changed: BTreeMap<CgroupPath, Cgroup> = points
             .iter()
@@ -91,12 +99,6 @@ impl Enforcer {
                 }
             }
             self.sync(SETSOCKOPT, &scopes)?;
-        }
-        if !detached.is_empty() {
-            maps::prune_cgroups(
-                &mut self.ebpf,
-                &points.values().map(|cgroup| cgroup.id).collect(),
-            )?;
         }
         let sweep = (policy.existing && !changed.is_empty()).then(|| SweepJob {
             policy: policy.clone(),
