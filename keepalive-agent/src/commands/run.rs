@@ -81,32 +81,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         false => None,
     };
 
-    let mut enforcer = Enforcer::pinned(&mount, &args.places.bpffs)
-        .context("cannot load the keepalive programs")?;
-    for missing in enforcer.missing_features() {
-        warn!(feature = %missing.feature, since = %missing.since, "{missing}");
-    }
-    if let (Some(listener), Some(pins)) = (listener, enforcer.pins()) {
-        tokio::spawn(metrics::serve(listener, telemetry.clone(), pins.maps()));
-        if args.missing_interval > 0 {
-            let period = std::time::Duration::from_secs(args.missing_interval);
-            tokio::spawn(crate::missing::watch(
-                telemetry.clone(),
-                mount.clone(),
-                period,
-            ));
-        }
-    }
-    // Enforcement in these never stopped: an earlier agent's links now run our programs.
-    for cgroup in enforcer.attachments() {
-        info!(
-            cgroup = %cgroup.name,
-            id = cgroup.id,
-            adopted = true,
-            "attached (taken over from an earlier agent)"
-        );
-    }
-    forward_kernel_logs(&mut enforcer);
+    let enforcer = load(&args, &mount, listener, &telemetry)?;
     // Watch before applying: a cgroup created meanwhile is an event, not missed.
     let (roots, mut new_roots) = watch::channel(watch_roots(&mount, &policy));
     let mut cgroups =
@@ -148,6 +123,43 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     engine.await.context("the engine failed")?
+}
+
+/// The programs loaded (or taken over from an earlier agent's pins), the metrics endpoint and
+/// the missing-keepalive count served from their maps, and the kernel's log records forwarded.
+fn load(
+    args: &RunArgs,
+    mount: &Path,
+    listener: Option<tokio::net::TcpListener>,
+    telemetry: &metrics::Shared,
+) -> anyhow::Result<Enforcer> {
+    let mut enforcer = Enforcer::pinned(mount, &args.places.bpffs)
+        .context("cannot load the keepalive programs")?;
+    for missing in enforcer.missing_features() {
+        warn!(feature = %missing.feature, since = %missing.since, "{missing}");
+    }
+    if let (Some(listener), Some(pins)) = (listener, enforcer.pins()) {
+        tokio::spawn(metrics::serve(listener, telemetry.clone(), pins.maps()));
+        if args.missing_interval > 0 {
+            let period = std::time::Duration::from_secs(args.missing_interval);
+            tokio::spawn(crate::missing::watch(
+                telemetry.clone(),
+                mount.to_path_buf(),
+                period,
+            ));
+        }
+    }
+    // Enforcement in these never stopped: an earlier agent's links now run our programs.
+    for cgroup in enforcer.attachments() {
+        info!(
+            cgroup = %cgroup.name,
+            id = cgroup.id,
+            adopted = true,
+            "attached (taken over from an earlier agent)"
+        );
+    }
+    forward_kernel_logs(&mut enforcer);
+    Ok(enforcer)
 }
 
 /// The single-instance lock on the pin directory; with --take-over, the running agent is asked
