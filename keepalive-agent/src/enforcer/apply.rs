@@ -37,16 +37,7 @@ impl Enforcer {
         policy: &Policy,
     ) -> Result<(ApplyReport, Option<SweepJob>), EnforcerError> {
         let plan = self.plan(policy)?;
-        // Where the connections already have these rules (a reload that only changed where the
-        // policy is enforced, a put-back attachment): no need to sweep there again.
-        let covered: Vec<(CgroupPath, u64)> = match self.policy() {
-            Some(old) if same_rules(old, policy) => self
-                .sock_ops
-                .iter()
-                .map(|(path, attachment)| (path.clone(), attachment.cgroup.id))
-                .collect(),
-            _ => Vec::new(),
-        };
+        let covered = self.covered_by_same_rules(policy);
         let generation = self.generation.wrapping_add(1);
         let tables = compile(policy, &plan.paths(), generation)?;
         let Plan {
@@ -102,6 +93,31 @@ impl Enforcer {
         )?;
         self.current = Some((policy.clone(), tables));
         self.generation = generation;
+        let sweep = self.sweep_job(policy, scopes, &covered);
+        Ok((report, sweep))
+    }
+
+    /// Where the connections already have these rules (a reload that only changed where the
+    /// policy is enforced, a put-back attachment): no need to sweep there again.
+    fn covered_by_same_rules(&self, policy: &Policy) -> Vec<(CgroupPath, u64)> {
+        match self.policy() {
+            Some(old) if same_rules(old, policy) => self
+                .sock_ops
+                .iter()
+                .map(|(path, attachment)| (path.clone(), attachment.cgroup.id))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The sweep of existing connections `policy` asks for, in the cgroups of `scopes` that
+    /// `covered` does not cover already; None when there is nothing to sweep.
+    fn sweep_job(
+        &self,
+        policy: &Policy,
+        scopes: BTreeMap<CgroupPath, Cgroup>,
+        covered: &[(CgroupPath, u64)],
+    ) -> Option<SweepJob> {
         let scopes: Vec<Cgroup> = scopes
             .into_iter()
             .filter(|(path, cgroup)| {
@@ -112,12 +128,11 @@ impl Enforcer {
             })
             .map(|(_, cgroup)| cgroup)
             .collect();
-        let sweep = (policy.existing && !scopes.is_empty()).then(|| SweepJob {
+        (policy.existing && !scopes.is_empty()).then(|| SweepJob {
             policy: policy.clone(),
             mount: self.mount.clone(),
             scopes,
-        });
-        Ok((report, sweep))
+        })
     }
 
     /// Attaches the sock_ops program where it is not yet and writes every attachment's record;
