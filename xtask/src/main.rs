@@ -135,40 +135,7 @@ fn run(task: Task) -> anyhow::Result<()> {
             kernel,
             only,
             test_args,
-        } => {
-            let targets = vm::targets(&kernel)?;
-            if targets.host {
-                host_check("cargo xtask test")?;
-            }
-            packages::ensure(packages::TEST)?;
-            let toolchain = Toolchain::ensure()?;
-            let agent = build(&workspace, &toolchain, Profile::Debug)?;
-            if targets.host {
-                let python = packages::ensure_python_tools(&toolchain::cache_dir()?)?;
-                // The tests check the image and run the agent as a container from it.
-                let image = image::build(&workspace, &toolchain, None)?;
-                run_status(
-                    cargo(&workspace, &toolchain)?
-                        .args(["test", "--locked", "--no-fail-fast"])
-                        .args(&test_args)
-                        .env("KEEPALIVE_AGENT_BIN", &agent)
-                        .env("KUBERNETES_VALIDATE", python.kubernetes_validate)
-                        .env("KUBECTL", python.kubectl)
-                        .env("KA_AGENT_IMAGE", image),
-                )?;
-            }
-            if targets.kernels.is_empty() {
-                return Ok(());
-            }
-            vm::test_matrix(
-                &workspace,
-                || cargo(&workspace, &toolchain),
-                &agent,
-                &targets.kernels,
-                &only,
-                &test_args,
-            )
-        }
+        } => test(&workspace, &kernel, &only, &test_args),
         Task::Vm { kernel, command } => {
             let targets = vm::targets(std::slice::from_ref(&kernel))?;
             let [kernel] = targets.kernels.as_slice() else {
@@ -184,32 +151,77 @@ fn run(task: Task) -> anyhow::Result<()> {
             seconds,
             target.as_deref(),
         ),
-        Task::Bench { quick } => {
-            host_check("cargo xtask bench")?;
-            packages::ensure(packages::TEST)?;
-            let toolchain = Toolchain::ensure()?;
-            let agent = build(&workspace, &toolchain, Profile::Release)?;
-            run_status(cargo(&workspace, &toolchain)?.args([
-                "build",
-                "--locked",
-                "--release",
-                "--package",
-                "keepalive-tests",
-                "--bins",
-            ]))?;
-            let bins = target_dir(&workspace).join("release");
-            let mut bench = Command::new(bins.join("ka-bench"));
-            bench
-                .arg("--agent")
-                .arg(agent)
-                .arg("--out")
-                .arg(workspace.join("bench").join("results"));
-            if quick {
-                bench.arg("--quick");
-            }
-            run_status(&mut bench)
-        }
+        Task::Bench { quick } => bench(&workspace, quick),
     }
+}
+
+/// `cargo xtask test`: the unit and privileged tests on this kernel, then in the guests of the
+/// kernel matrix.
+fn test(
+    workspace: &Path,
+    kernel: &[String],
+    only: &[String],
+    test_args: &[String],
+) -> anyhow::Result<()> {
+    let targets = vm::targets(kernel)?;
+    if targets.host {
+        host_check("cargo xtask test")?;
+    }
+    packages::ensure(packages::TEST)?;
+    let toolchain = Toolchain::ensure()?;
+    let agent = build(workspace, &toolchain, Profile::Debug)?;
+    if targets.host {
+        let python = packages::ensure_python_tools(&toolchain::cache_dir()?)?;
+        // The tests check the image and run the agent as a container from it.
+        let image = image::build(workspace, &toolchain, None)?;
+        run_status(
+            cargo(workspace, &toolchain)?
+                .args(["test", "--locked", "--no-fail-fast"])
+                .args(test_args)
+                .env("KEEPALIVE_AGENT_BIN", &agent)
+                .env("KUBERNETES_VALIDATE", python.kubernetes_validate)
+                .env("KUBECTL", python.kubectl)
+                .env("KA_AGENT_IMAGE", image),
+        )?;
+    }
+    if targets.kernels.is_empty() {
+        return Ok(());
+    }
+    vm::test_matrix(
+        workspace,
+        || cargo(workspace, &toolchain),
+        &agent,
+        &targets.kernels,
+        only,
+        test_args,
+    )
+}
+
+/// `cargo xtask bench`: the release agent and the benchmark, results under bench/results.
+fn bench(workspace: &Path, quick: bool) -> anyhow::Result<()> {
+    host_check("cargo xtask bench")?;
+    packages::ensure(packages::TEST)?;
+    let toolchain = Toolchain::ensure()?;
+    let agent = build(workspace, &toolchain, Profile::Release)?;
+    run_status(cargo(workspace, &toolchain)?.args([
+        "build",
+        "--locked",
+        "--release",
+        "--package",
+        "keepalive-tests",
+        "--bins",
+    ]))?;
+    let bins = target_dir(workspace).join("release");
+    let mut bench = Command::new(bins.join("ka-bench"));
+    bench
+        .arg("--agent")
+        .arg(agent)
+        .arg("--out")
+        .arg(workspace.join("bench").join("results"));
+    if quick {
+        bench.arg("--quick");
+    }
+    run_status(&mut bench)
 }
 
 /// The host requirements (root, kernel, BTF, cgroup v2), as one sentence on failure.
