@@ -6,7 +6,7 @@ use std::{
     fs::OpenOptions,
     io::{BufRead as _, BufReader},
     os::{
-        fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
+        fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd},
         unix::process::CommandExt as _,
     },
     process::{Child, ChildStdin, Command, Stdio},
@@ -120,38 +120,12 @@ impl Workload {
         } else {
             command.stdout(Stdio::piped()).stderr(Stdio::inherit());
         }
-        let (procs_fd, netns_fd, cpu) = (
+        enter_on_exec(
+            &mut command,
             procs.as_ref().map(AsRawFd::as_raw_fd),
             netns.as_ref().map(AsRawFd::as_raw_fd),
             place.cpu,
         );
-        // SAFETY: between fork and exec the closure only makes async-signal-safe system calls
-        // on file descriptors opened before the fork.
-        unsafe {
-            command.pre_exec(move || {
-                if let Some(fd) = netns_fd {
-                    rustix::thread::move_into_link_name_space(
-                        BorrowedFd::borrow_raw(fd),
-                        Some(rustix::thread::LinkNameSpaceType::Network),
-                    )?;
-                }
-                if let Some(cpu) = cpu {
-                    let mut set: libc::cpu_set_t = std::mem::zeroed();
-                    libc::CPU_SET(cpu, &mut set);
-                    if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) != 0
-                    {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                // "0" moves the writing process itself.
-                if let Some(fd) = procs_fd
-                    && libc::write(fd, b"0".as_ptr().cast(), 1) != 1
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
         let mut child = command
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
@@ -311,5 +285,42 @@ impl Drop for Workload {
         self.stdin.take();
         let _ignored = self.child.kill();
         let _ignored = self.child.wait();
+    }
+}
+
+/// Makes `command`'s child, between fork and exec, enter the network namespace `netns_fd`, run
+/// on `cpu` alone and move itself into the cgroup whose `cgroup.procs` is `procs_fd` (each if
+/// given). The descriptors must stay open until the child is spawned.
+fn enter_on_exec(
+    command: &mut Command,
+    procs_fd: Option<RawFd>,
+    netns_fd: Option<RawFd>,
+    cpu: Option<usize>,
+) {
+    // SAFETY: between fork and exec the closure only makes async-signal-safe system calls
+    // on file descriptors opened before the fork.
+    unsafe {
+        command.pre_exec(move || {
+            if let Some(fd) = netns_fd {
+                rustix::thread::move_into_link_name_space(
+                    BorrowedFd::borrow_raw(fd),
+                    Some(rustix::thread::LinkNameSpaceType::Network),
+                )?;
+            }
+            if let Some(cpu) = cpu {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            // "0" moves the writing process itself.
+            if let Some(fd) = procs_fd
+                && libc::write(fd, b"0".as_ptr().cast(), 1) != 1
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
