@@ -5,6 +5,7 @@
 //! sweep of existing connections runs on a third thread.
 
 mod containers;
+mod events;
 mod reload;
 
 use std::{collections::BTreeSet, path::PathBuf, sync::mpsc, time::Duration};
@@ -12,6 +13,7 @@ use std::{collections::BTreeSet, path::PathBuf, sync::mpsc, time::Duration};
 use tokio::sync::{mpsc::UnboundedReceiver, watch};
 use tracing::{error, info, warn};
 
+pub use self::events::{Event, Signal};
 use self::reload::{FileVersion, Reload, load_settled, reload, report, report_sweep};
 use crate::{
     cli::RunArgs,
@@ -29,48 +31,6 @@ pub const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
 /// A container runtime makes several cgroups in a row; short, because a new container's
 /// cgroup should be covered within 100 ms.
 const SETTLE_CGROUPS: Duration = Duration::from_millis(10);
-
-/// What the loop tells the engine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Event {
-    /// Something changed in the policy file's directory.
-    PolicyFileChanged,
-    /// Cgroups appeared or vanished below a watched root (or events were lost).
-    CgroupsChanged(Change),
-    Signal(Signal),
-    /// Time to check that enforcement is where it should be.
-    Tick,
-    /// A container engine reported containers that started, stopped or changed.
-    ContainersChanged,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Signal {
-    /// SIGINT: stop.
-    Interrupt,
-    /// SIGTERM: stop.
-    Terminate,
-    /// SIGHUP: read the policy again.
-    Hangup,
-    /// SIGUSR2 from `run --take-over`: exit, leaving enforcement pinned for the successor.
-    HandOver,
-}
-
-impl Signal {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Interrupt => "SIGINT",
-            Self::Terminate => "SIGTERM",
-            Self::Hangup => "SIGHUP",
-            Self::HandOver => "SIGUSR2",
-        }
-    }
-
-    /// Whether the agent stops on it.
-    pub fn stops(self) -> bool {
-        self != Self::Hangup
-    }
-}
 
 /// The engine.
 #[derive(Debug)]
