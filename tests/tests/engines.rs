@@ -3,7 +3,10 @@
 //! real containers, read back from the containers' own processes.
 #![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use keepalive_tests::{
     AgentPlaces, TestCgroup, agent_bin,
@@ -238,6 +241,51 @@ impl Drop for HostPins {
     }
 }
 
+/// `docker run` arguments for the agent's image as the DaemonSet runs it (see
+/// [`the_agent_image_as_a_container_enforces_by_labels`]): the policy file `config`, the
+/// engine's socket, the host's bpffs and cgroups, `places`' state directory, pins in `pins`.
+fn agent_container_args(
+    docker: &Engine,
+    places: &AgentPlaces,
+    config: &Path,
+    pins: &HostPins,
+) -> Vec<String> {
+    let mounts = [
+        format!("{}:/etc/keepalive-agent/policy.toml:ro", config.display()),
+        format!("{}:/run/docker.sock", docker.socket().display()),
+        "/sys/fs/bpf:/sys/fs/bpf".to_string(),
+        "/sys/fs/cgroup:/sys/fs/cgroup".to_string(),
+        format!("{}:/run/keepalive-agent", places.state_dir().display()),
+    ];
+    let mut args: Vec<String> = [
+        "--detach",
+        "--name",
+        "keepalive-agent",
+        "--pid=host",
+        "--cgroupns=host",
+        "--network=none",
+        "--cap-add=ALL",
+        "--cap-drop=SYS_RESOURCE",
+        "--security-opt=seccomp=unconfined",
+        "--security-opt=apparmor=unconfined",
+    ]
+    .map(String::from)
+    .to_vec();
+    for mount in &mounts {
+        args.extend(["--volume".to_string(), mount.clone()]);
+    }
+    args.extend([
+        keepalive_tests::image::reference(),
+        "run".into(),
+        "--config".into(),
+        "/etc/keepalive-agent/policy.toml".into(),
+        "--bpffs".into(),
+        pins.0.display().to_string(),
+        "--no-metrics".into(),
+    ]);
+    args
+}
+
 /// The agent's image (`cargo xtask image`, env `KA_AGENT_IMAGE`) run by Docker the way the
 /// DaemonSet runs it: host PID and cgroup namespaces, /sys/fs/bpf and /sys/fs/cgroup from the
 /// host, the engine's socket mounted at its default path, capabilities instead of
@@ -266,40 +314,8 @@ fn the_agent_image_as_a_container_enforces_by_labels() {
     let pins = HostPins::new();
     let places = AgentPlaces::new();
     let (config, _file) = policy_file("/docker/*");
-    let mounts = [
-        format!("{}:/etc/keepalive-agent/policy.toml:ro", config.display()),
-        format!("{}:/run/docker.sock", docker.socket().display()),
-        "/sys/fs/bpf:/sys/fs/bpf".to_string(),
-        "/sys/fs/cgroup:/sys/fs/cgroup".to_string(),
-        format!("{}:/run/keepalive-agent", places.state_dir().display()),
-    ];
     std::fs::create_dir_all(places.state_dir()).unwrap();
-    let mut args: Vec<String> = [
-        "--detach",
-        "--name",
-        "keepalive-agent",
-        "--pid=host",
-        "--cgroupns=host",
-        "--network=none",
-        "--cap-add=ALL",
-        "--cap-drop=SYS_RESOURCE",
-        "--security-opt=seccomp=unconfined",
-        "--security-opt=apparmor=unconfined",
-    ]
-    .map(String::from)
-    .to_vec();
-    for mount in &mounts {
-        args.extend(["--volume".to_string(), mount.clone()]);
-    }
-    args.extend([
-        keepalive_tests::image::reference(),
-        "run".into(),
-        "--config".into(),
-        "/etc/keepalive-agent/policy.toml".into(),
-        "--bpffs".into(),
-        pins.0.display().to_string(),
-        "--no-metrics".into(),
-    ]);
+    let args = agent_container_args(&docker, &places, &config, &pins);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let agent = docker.run_raw(&refs);
     let following = poll(LOG_WAIT, || {
