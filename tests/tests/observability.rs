@@ -25,8 +25,52 @@ fn get(addr: &str, path: &str) -> (u16, String) {
     http::get_within(addr, path, LOG_WAIT)
 }
 
+/// A scrape of `addr`'s /metrics once `series` has the value `want`, polled every 100 ms
+/// until `LOG_WAIT` has passed.
+fn scrape_until(addr: &str, series: &str, want: f64) -> String {
+    let deadline = std::time::Instant::now() + LOG_WAIT;
+    loop {
+        let (code, metrics) = get(addr, "/metrics");
+        assert_eq!(code, 200);
+        if metrics.contains(series) && sample(&metrics, series) == want {
+            return metrics;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{series} is not {want}:\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `promtool check metrics` accepts `metrics`.
+fn promtool_check(metrics: &str) {
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run promtool (Debian package prometheus): {e}"));
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{metrics}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn metrics_count_connections_and_reloads_and_pass_promtool() {
+    // One scenario: start, connections and a refused reload, then one scrape checked series by
+    // series and by promtool; the values only mean something after those steps.
     require_host();
     let cgroup = TestCgroup::new();
     let netns = Netns::new();
@@ -66,19 +110,7 @@ fn metrics_count_connections_and_reloads_and_pass_promtool() {
     // with keepalive from the agent.
     let scope = cgroup.scope();
     let established = format!("keepalive_connections_established{{scope=\"{scope}\"}}");
-    let deadline = std::time::Instant::now() + LOG_WAIT;
-    let metrics = loop {
-        let (code, metrics) = get(&addr, "/metrics");
-        assert_eq!(code, 200);
-        if metrics.contains(&established) && sample(&metrics, &established) == 4.0 {
-            break metrics;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{established} is not 4:\n{metrics}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let metrics = scrape_until(&addr, &established, 4.0);
     assert_eq!(
         sample(
             &metrics,
@@ -120,26 +152,7 @@ fn metrics_count_connections_and_reloads_and_pass_promtool() {
         "{metrics}"
     );
 
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run promtool (Debian package prometheus): {e}"));
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(metrics.as_bytes())
-        .unwrap();
-    let out = promtool.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}\n{metrics}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    promtool_check(&metrics);
     drop(agent);
 }
 
