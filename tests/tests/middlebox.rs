@@ -82,6 +82,8 @@ fn exchange(clients: &mut [Client], wait_ms: u32) -> Vec<String> {
 
 #[test]
 fn an_idle_connection_survives_a_forgetful_firewall_only_with_the_agent() {
+    // One scenario, step by step: the firewall, the idle spell and the answers after it only
+    // mean something in this order, on the same connections.
     require_host();
     let net = Routed::new();
     net.router.nft(FIREWALL);

@@ -129,6 +129,8 @@ fn connections_that_already_existed_get_the_policy_and_its_changes() {
 
 #[test]
 fn a_new_cgroup_gets_its_own_connections_swept_and_nothing_else_is_touched() {
+    // One scenario, step by step: a cgroup comes, goes, and the policy widens and changes over
+    // the same connections; splitting it would hide what each step leaves alone.
     let root = TestCgroup::new();
     let netns = Netns::new();
     let old = root.child("c-old");

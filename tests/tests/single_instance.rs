@@ -29,6 +29,8 @@ fn start(places: &AgentPlaces, name: &str, extra: &[&str]) -> (Workload, String)
 
 #[test]
 fn a_second_agent_is_refused_and_a_take_over_hands_over() {
+    // One scenario, step by step: each agent starts from the pins and the lock the one before
+    // it left, so the steps only mean something in this order.
     require_host();
     let cgroup = TestCgroup::new();
     let places = AgentPlaces::new();

@@ -242,6 +242,8 @@ fn held(places: &AgentPlaces) -> (usize, usize) {
 
 #[test]
 fn thousands_of_short_lived_cgroups_leave_nothing_behind() {
+    // One scenario: the batches, then what is left in the kernel and the agent after them;
+    // the counts before and after only compare within one run.
     const BATCHES: usize = 20;
     const PER_BATCH: usize = 100;
     require_host();
