@@ -3,14 +3,14 @@
 //! real containers, read back from the containers' own processes.
 #![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 
-use std::{
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{path::PathBuf, time::Duration};
 
 use keepalive_tests::{
     AgentPlaces, TestCgroup, agent_bin,
-    engines::{Engine, SERVE_AND_CONNECT, TestContainer, connected_sockets, expect_idle},
+    engines::{
+        Engine, HostPins, SERVE_AND_CONNECT, TestContainer, agent_container_args,
+        connected_sockets, expect_idle,
+    },
     poll, require_host, unique_name, wait_for,
 };
 
@@ -215,75 +215,6 @@ fn containerd_pods_get_the_rule_of_their_kubernetes_namespace() {
 fn logs(engine: &Engine, id: &str) -> String {
     let out = engine.cli(&["logs", id]).output().unwrap();
     String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout)
-}
-
-/// A directory in the host's bpffs for an agent running as a container (it pins there); the
-/// pins and the directory are removed on drop.
-struct HostPins(PathBuf);
-
-impl HostPins {
-    fn new() -> Self {
-        let dir = PathBuf::from("/sys/fs/bpf").join(unique_name());
-        std::fs::create_dir(&dir).unwrap_or_else(|e| {
-            panic!(
-                "cannot create {} (bpffs at /sys/fs/bpf?): {e}",
-                dir.display()
-            )
-        });
-        Self(dir)
-    }
-}
-
-impl Drop for HostPins {
-    fn drop(&mut self) {
-        let _ignored = keepalive_agent::bpffs::PinDir::at(&self.0).remove();
-        let _ignored = std::fs::remove_dir(&self.0);
-    }
-}
-
-/// `docker run` arguments for the agent's image as the DaemonSet runs it (see
-/// [`the_agent_image_as_a_container_enforces_by_labels`]): the policy file `config`, the
-/// engine's socket, the host's bpffs and cgroups, `places`' state directory, pins in `pins`.
-fn agent_container_args(
-    docker: &Engine,
-    places: &AgentPlaces,
-    config: &Path,
-    pins: &HostPins,
-) -> Vec<String> {
-    let mounts = [
-        format!("{}:/etc/keepalive-agent/policy.toml:ro", config.display()),
-        format!("{}:/run/docker.sock", docker.socket().display()),
-        "/sys/fs/bpf:/sys/fs/bpf".to_string(),
-        "/sys/fs/cgroup:/sys/fs/cgroup".to_string(),
-        format!("{}:/run/keepalive-agent", places.state_dir().display()),
-    ];
-    let mut args: Vec<String> = [
-        "--detach",
-        "--name",
-        "keepalive-agent",
-        "--pid=host",
-        "--cgroupns=host",
-        "--network=none",
-        "--cap-add=ALL",
-        "--cap-drop=SYS_RESOURCE",
-        "--security-opt=seccomp=unconfined",
-        "--security-opt=apparmor=unconfined",
-    ]
-    .map(String::from)
-    .to_vec();
-    for mount in &mounts {
-        args.extend(["--volume".to_string(), mount.clone()]);
-    }
-    args.extend([
-        keepalive_tests::image::reference(),
-        "run".into(),
-        "--config".into(),
-        "/etc/keepalive-agent/policy.toml".into(),
-        "--bpffs".into(),
-        pins.0.display().to_string(),
-        "--no-metrics".into(),
-    ]);
-    args
 }
 
 /// The agent's image (`cargo xtask image`, env `KA_AGENT_IMAGE`) run by Docker the way the
