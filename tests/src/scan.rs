@@ -135,6 +135,28 @@ pub fn read_back(workloads: &[&Workload], entry: &Value) -> Keepalive {
     Keepalive::of(holder.steal_fd(fd))
 }
 
+/// What the socket of a scan entry holds, read back with getsockopt: an end of one of the
+/// `plain` connections (by its port), else a socket of one of `workloads`.
+pub fn held(entry: &Value, plain: [&crate::Connection; 2], workloads: &[&Workload]) -> Keepalive {
+    let port = |key: &str| {
+        entry[key]
+            .as_str()
+            .expect("a scan entry's address")
+            .rsplit(':')
+            .next()
+            .expect("a scan entry's address")
+            .to_string()
+    };
+    let plain = plain
+        .into_iter()
+        .find(|conn| port("local") == conn.port || port("remote") == conn.port);
+    match plain {
+        Some(conn) if port("local") == conn.port => conn.server(),
+        Some(conn) => conn.client(),
+        None => read_back(workloads, entry),
+    }
+}
+
 /// The keepalive options a scan entry reports.
 pub fn reported(entry: &Value) -> Keepalive {
     Keepalive {

@@ -13,12 +13,11 @@ use std::{
 
 use keepalive_agent::policy::file;
 use keepalive_tests::{
-    AgentPlaces, Connection, Keepalive, Netns, Placement, TestCgroup, Workload, agent_bin, connect,
+    AgentPlaces, Netns, Placement, TestCgroup, Workload, agent_bin, connect,
     http::{self, sample},
     probe, require_host,
     scan::{
-        TempFile, app_keepalive, decided, netns_inode, read_back, reported, run, scan, scan_with,
-        text,
+        TempFile, app_keepalive, decided, held, netns_inode, reported, run, scan, scan_with, text,
     },
 };
 use serde_json::Value;
@@ -113,28 +112,6 @@ fn scan_reports_what_the_sockets_hold_and_what_the_policy_would_do() {
     assert_eq!(groups[0]["cgroup"], root.scope().as_str());
 
     agent_agrees(&places, &config, place, &entries);
-}
-
-/// What the socket of a scan entry holds, read back with getsockopt: an end of one of the
-/// `plain` connections (by its port), else a socket of one of `workloads`.
-fn held(entry: &Value, plain: [&Connection; 2], workloads: &[&Workload]) -> Keepalive {
-    let port = |key: &str| {
-        entry[key]
-            .as_str()
-            .unwrap()
-            .rsplit(':')
-            .next()
-            .unwrap()
-            .to_string()
-    };
-    let plain = plain
-        .into_iter()
-        .find(|conn| port("local") == conn.port || port("remote") == conn.port);
-    match plain {
-        Some(conn) if port("local") == conn.port => conn.server(),
-        Some(conn) => conn.client(),
-        None => read_back(workloads, entry),
-    }
 }
 
 /// The running agent's policy is the one judged by without --config, and the rule explain
