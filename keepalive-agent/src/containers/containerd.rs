@@ -61,6 +61,15 @@ async fn run(
     Err(EngineError::Ended)
 }
 
+/// The namespace's running containers, listed once (`scan`).
+pub(super) async fn list_once(
+    socket: &std::path::Path,
+    namespace: &str,
+) -> Result<Vec<Container>, EngineError> {
+    let channel = containerd_client::connect(socket).await?;
+    list(&channel, namespace).await
+}
+
 /// The namespace's containers whose task runs, each at the cgroup of its init process.
 async fn list(channel: &Channel, namespace: &str) -> Result<Vec<Container>, EngineError> {
     let tasks = TasksClient::new(channel.clone())

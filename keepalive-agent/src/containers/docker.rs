@@ -54,6 +54,18 @@ async fn run(
     Err(EngineError::Ended)
 }
 
+/// The running containers, listed once (`scan`).
+pub(super) async fn list_once(
+    engine: &str,
+    socket: &std::path::Path,
+) -> Result<Vec<Container>, EngineError> {
+    let docker =
+        Docker::connect_with_unix(&socket.to_string_lossy(), TIMEOUT_SECS, API_DEFAULT_VERSION)?
+            .negotiate_version()
+            .await?;
+    list(engine, &docker, &[]).await
+}
+
 fn now_secs() -> String {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

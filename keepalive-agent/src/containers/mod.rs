@@ -154,6 +154,51 @@ pub fn spawn(args: &EngineArgs, inventory: &Inventory, events: &UnboundedSender<
     }));
 }
 
+/// Every engine's running containers, asked once (for `scan`): an engine without a socket
+/// gives none; one that fails or does not answer within `LIST_ONCE_TIMEOUT` is named in the
+/// returned notes and gives none.
+pub async fn list_once(args: &EngineArgs) -> (Vec<Container>, Vec<String>) {
+    let mut all = Vec::new();
+    let mut notes = Vec::new();
+    let mut keep =
+        |engine: &str,
+         socket: &Path,
+         listed: Result<Result<Vec<Container>, EngineError>, tokio::time::error::Elapsed>| {
+            match listed {
+                Ok(Ok(containers)) => all.extend(containers),
+                Ok(Err(error)) => notes.push(format!("{engine} at {}: {error}", socket.display())),
+                Err(_) => notes.push(format!(
+                    "{engine} at {}: no answer within {LIST_ONCE_TIMEOUT:?}",
+                    socket.display()
+                )),
+            }
+        };
+    for (engine, socket) in [
+        ("docker", &args.docker_socket),
+        ("podman", &args.podman_socket),
+    ] {
+        if socket.exists() {
+            let listed =
+                tokio::time::timeout(LIST_ONCE_TIMEOUT, docker::list_once(engine, socket)).await;
+            keep(engine, socket, listed);
+        }
+    }
+    let socket = &args.containerd_socket;
+    if socket.exists() {
+        let listed = tokio::time::timeout(
+            LIST_ONCE_TIMEOUT,
+            containerd::list_once(socket, &args.containerd_namespace),
+        )
+        .await;
+        keep("containerd", socket, listed);
+    }
+    all.sort();
+    (all, notes)
+}
+
+/// How long `list_once` waits for one engine.
+const LIST_ONCE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How a session with an engine ended.
 #[derive(Debug)]
 struct Ended {

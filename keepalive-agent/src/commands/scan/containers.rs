@@ -1,10 +1,13 @@
 //! Which container a cgroup belongs to, where a container engine knows: the one seam between
-//! `scan` and the engines. Without an engine every answer is `None`, and `scan` shows the
-//! cgroup alone.
+//! `scan` and the engines, asked once per scan. Without an engine every answer is `None`, and
+//! `scan` shows the cgroup alone.
 
 use std::collections::BTreeMap;
 
-use crate::policy::CgroupPath;
+use crate::{
+    containers::EngineArgs,
+    policy::{CgroupPath, Container},
+};
 
 /// A container as `scan` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,17 +22,61 @@ pub trait Containers {
     fn container_of(&self, cgroup: &CgroupPath) -> Option<ContainerInfo>;
 }
 
-/// No engine: no container is known.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoEngines;
+/// The containers the engines listed: a cgroup belongs to the container whose cgroup is it or
+/// its nearest ancestor.
+#[derive(Debug, Clone, Default)]
+pub struct Listed(pub Vec<Container>);
 
-impl Containers for NoEngines {
-    fn container_of(&self, _cgroup: &CgroupPath) -> Option<ContainerInfo> {
-        None
+impl Containers for Listed {
+    fn container_of(&self, cgroup: &CgroupPath) -> Option<ContainerInfo> {
+        self.0
+            .iter()
+            .filter(|container| container.cgroup.contains(cgroup))
+            .max_by_key(|container| container.cgroup.depth())
+            .map(|container| ContainerInfo {
+                name: container.name.clone(),
+                labels: container.labels.clone(),
+            })
     }
 }
 
-/// The engines `scan` asks.
-pub fn engines() -> impl Containers {
-    NoEngines
+/// Asks the engines once for their running containers (see [`crate::containers::list_once`]),
+/// with notes for those that failed.
+pub fn engines(args: &EngineArgs) -> anyhow::Result<(Listed, Vec<String>)> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (containers, notes) = runtime.block_on(crate::containers::list_once(args));
+    Ok((Listed(containers), notes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn container(name: &str, cgroup: &str) -> Container {
+        Container {
+            engine: "docker".into(),
+            id: name.into(),
+            name: name.into(),
+            labels: BTreeMap::from([("app".into(), name.into())]),
+            cgroup: CgroupPath::parse(cgroup).unwrap_or_else(|e| panic!("{e}")),
+        }
+    }
+
+    #[test]
+    fn a_cgroup_belongs_to_its_nearest_container() {
+        let listed = Listed(vec![
+            container("outer", "/docker/a"),
+            container("inner", "/docker/a/b"),
+        ]);
+        let of = |path: &str| {
+            listed
+                .container_of(&CgroupPath::parse(path).unwrap_or_else(|e| panic!("{e}")))
+                .map(|info| info.name)
+        };
+        assert_eq!(of("/docker/a/b/c").as_deref(), Some("inner"));
+        assert_eq!(of("/docker/a").as_deref(), Some("outer"));
+        assert_eq!(of("/docker/z"), None);
+    }
 }

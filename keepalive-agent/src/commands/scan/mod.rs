@@ -50,6 +50,10 @@ pub struct ScanArgs {
 
     #[command(flatten)]
     pub state: StateDir,
+
+    /// Where the engines listen: scan names each connection's container and its labels.
+    #[command(flatten)]
+    pub engines: Box<crate::containers::EngineArgs>,
 }
 
 /// One established connection, as seen from one of its ends.
@@ -99,9 +103,11 @@ pub fn run(args: &ScanArgs, out: &mut impl io::Write) -> anyhow::Result<()> {
         .iter()
         .map(|arg| crate::cli::scope(&mount, arg))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let mut report = scan(&source.policy, &mount, &filters, &containers::engines())?;
+    let (engines, engine_notes) = containers::engines(&args.engines)?;
+    let mut report = scan(&source.policy, &mount, &filters, &engines)?;
     report.policy = source.description;
     report.notes = source.notes;
+    report.notes.extend(engine_notes);
     let written = if args.json {
         json_lines(&report, out)
     } else {
