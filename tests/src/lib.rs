@@ -21,6 +21,7 @@ pub mod manifests;
 pub mod netns;
 pub mod policy;
 pub mod process;
+pub mod repo;
 pub mod scan;
 pub mod scratch;
 pub mod sockopt;

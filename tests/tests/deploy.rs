@@ -5,40 +5,13 @@
 //! systemd unit passes systemd-analyze verify and holds its security exposure to a threshold.
 #![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 
-use std::{
-    fs,
-    path::{Path, PathBuf},
-    process::Command,
+use std::{fs, path::Path, process::Command};
+
+use keepalive_tests::{
+    TempDir, agent_bin, image, manifests,
+    repo::{assert_agent_accepts, read, root as repo},
 };
-
-use keepalive_tests::{TempDir, agent_bin, image, manifests};
 use serde_json::Value;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn read(path: &str) -> String {
-    fs::read_to_string(repo().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
-
-/// Runs the agent with `args` and `--help` appended: clap rejects any unknown or malformed
-/// flag before it prints the help.
-fn assert_agent_accepts(args: &[String], source: &str) {
-    let out = Command::new(agent_bin())
-        .args(args)
-        .arg("--help")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{source}: keepalive-agent {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// The base as `kubectl apply -k deploy/kubernetes` sends it, parsed.
 fn base() -> Vec<Value> {

@@ -4,43 +4,18 @@
 //! container is the engines' tests' part.)
 #![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 
-use std::{
-    fs,
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{fs, process::Command, time::Duration};
 
 use keepalive_tests::{
-    AgentPlaces, Netns, Placement, TestCgroup, agent_bin, connect, image, kernel_links,
+    AgentPlaces, Netns, Placement, TestCgroup, connect, image, kernel_links,
+    repo::{assert_agent_accepts, read},
     require_host,
 };
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn read(path: &str) -> String {
-    fs::read_to_string(repo().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
-
-/// clap rejects any unknown or malformed flag before it prints the help.
+/// The image's command line parses.
 #[test]
 fn the_container_image_command_parses() {
-    let args = dockerfile_cmd();
-    let out = Command::new(agent_bin())
-        .args(&args)
-        .arg("--help")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "Dockerfile CMD: keepalive-agent {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_agent_accepts(&dockerfile_cmd(), "Dockerfile CMD");
 }
 
 /// The CMD of deploy/Dockerfile, as the exec form's words.
