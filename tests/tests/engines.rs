@@ -130,6 +130,29 @@ fn expect_scan(places: &AgentPlaces, config: &str, engine: &Engine, container: &
     }
 }
 
+/// `explain` of a payments container's connection names the rule the agent applies to it.
+fn expect_explain(places: &AgentPlaces, config: &str, engine: &Engine, container: &TestContainer) {
+    let mut args: Vec<String> = ["explain", "--config", config, "--remote", "127.0.0.1:8000"]
+        .map(String::from)
+        .to_vec();
+    args.extend([
+        "--cgroup".to_string(),
+        container.cgroup.as_str().to_string(),
+    ]);
+    args.extend(engine_options(places, engine));
+    let out = std::process::Command::new(agent_bin())
+        .args(&args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("decided by: rule \"payments\""),
+        "explain of container {}: {text}{}",
+        container.id,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn status_rules(places: &AgentPlaces) -> Vec<serde_json::Value> {
     let out = places.command(agent_bin(), &["status", "--json"]);
     assert!(
@@ -220,6 +243,7 @@ fn scenario(mut engine: Engine, scope: &str, parent: Option<&str>) {
     expect_idle("shop, started after the agent", &after_shop.cgroup, 2, 60);
     expect_status(&places, &[&before_pay, &after_pay]);
     expect_scan(&places, &config.display().to_string(), &engine, &before_pay);
+    expect_explain(&places, &config.display().to_string(), &engine, &before_pay);
 
     // A container that stops is followed: its rule no longer names its cgroup.
     engine.remove(&after_pay.id);

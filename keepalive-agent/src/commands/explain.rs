@@ -37,6 +37,11 @@ pub struct ExplainArgs {
 
     #[command(flatten)]
     pub state: StateDir,
+
+    /// Where the engines listen, asked once when a rule selects containers (`labels`,
+    /// `container`): such a rule applies to the cgroups of those running now.
+    #[command(flatten)]
+    pub engines: Box<crate::containers::EngineArgs>,
 }
 
 /// `--direction`.
@@ -66,7 +71,16 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<String> {
     for note in &source.notes {
         let _ = writeln!(out, "note: {note}");
     }
-    out.push_str(&render(&source.policy, &conn, &source.description));
+    let policy = if source.policy.selects_containers() {
+        let (listed, notes) = super::scan::containers::engines(&args.engines)?;
+        for note in &notes {
+            let _ = writeln!(out, "note: {note}");
+        }
+        listed.resolve(&source.policy)
+    } else {
+        source.policy.clone()
+    };
+    out.push_str(&render(&policy, &conn, &source.description));
     Ok(out)
 }
 

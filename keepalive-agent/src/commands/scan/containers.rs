@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use crate::{
     containers::EngineArgs,
-    policy::{CgroupPath, Container},
+    policy::{CgroupPath, Container, Policy},
 };
 
 /// A container as `scan` shows it.
@@ -37,6 +37,17 @@ impl Containers for Listed {
                 name: container.name.clone(),
                 labels: container.labels.clone(),
             })
+    }
+}
+
+impl Listed {
+    /// `policy` with its rules that select containers resolved to these containers' cgroups.
+    pub fn resolve(&self, policy: &Policy) -> Policy {
+        if policy.selects_containers() {
+            policy.resolve(&self.0)
+        } else {
+            policy.clone()
+        }
     }
 }
 

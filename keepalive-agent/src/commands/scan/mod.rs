@@ -104,7 +104,9 @@ pub fn run(args: &ScanArgs, out: &mut impl io::Write) -> anyhow::Result<()> {
         .map(|arg| crate::cli::scope(&mount, arg))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let (engines, engine_notes) = containers::engines(&args.engines)?;
-    let mut report = scan(&source.policy, &mount, &filters, &engines)?;
+    // Rules that select containers apply to the cgroups of those running now, as in `run`.
+    let policy = engines.resolve(&source.policy);
+    let mut report = scan(&policy, &mount, &filters, &engines)?;
     report.policy = source.description;
     report.notes = source.notes;
     report.notes.extend(engine_notes);
