@@ -9,7 +9,7 @@ use keepalive_tests::{
     AgentPlaces, TestCgroup, agent_bin,
     engines::{
         Engine, HostPins, SERVE_AND_CONNECT, TestContainer, agent_container_args,
-        connected_sockets, expect_idle,
+        connected_sockets, engine_options, expect_explain, expect_idle, expect_scan,
     },
     poll, require_host, unique_name, wait_for,
 };
@@ -64,93 +64,12 @@ fn wait_connected(container: &TestContainer) {
     );
 }
 
-/// The engine options that point the agent at `engine` only; the other engines' sockets point
-/// nowhere.
-fn engine_options(places: &AgentPlaces, engine: &Engine) -> Vec<String> {
-    let nowhere = places
-        .state_dir()
-        .join("no-engine.sock")
-        .display()
-        .to_string();
-    let own = engine.socket_option();
-    let mut args = Vec::new();
-    for option in ["--docker-socket", "--podman-socket", "--containerd-socket"] {
-        let socket = if option == own[0] {
-            own[1].clone()
-        } else {
-            nowhere.clone()
-        };
-        args.extend([option.to_string(), socket]);
-    }
-    args
-}
-
 /// The agent following only `engine`.
 fn spawn_agent(places: &AgentPlaces, config: &str, engine: &Engine) -> keepalive_tests::Workload {
     let mut args: Vec<String> = ["run", "--config", config].map(String::from).to_vec();
     args.extend(engine_options(places, engine));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     places.spawn(agent_bin(), &refs)
-}
-
-/// `scan --json` of a payments container's cgroup names the container and its labels on each
-/// of its connections, as the engine reports them.
-fn expect_scan(places: &AgentPlaces, config: &str, engine: &Engine, container: &TestContainer) {
-    let mut args: Vec<String> = ["scan", "--json", "--config", config, "--cgroup"]
-        .map(String::from)
-        .to_vec();
-    args.push(container.cgroup.as_str().to_string());
-    args.extend(engine_options(places, engine));
-    // Scan loads nothing: no pin directory, and the policy is the file given.
-    let out = std::process::Command::new(agent_bin())
-        .args(&args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let connections: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
-        .filter(|object| object.get("local").is_some())
-        .collect();
-    assert!(connections.len() >= 2, "scan found {connections:#?}");
-    for connection in &connections {
-        assert!(
-            connection["container"]
-                .as_str()
-                .is_some_and(|name| !name.is_empty())
-                && connection["labels"][NAMESPACE] == "payments"
-                && connection["rule"] == "payments",
-            "scan of container {}: {connection:#}",
-            container.id
-        );
-    }
-}
-
-/// `explain` of a payments container's connection names the rule the agent applies to it.
-fn expect_explain(places: &AgentPlaces, config: &str, engine: &Engine, container: &TestContainer) {
-    let mut args: Vec<String> = ["explain", "--config", config, "--remote", "127.0.0.1:8000"]
-        .map(String::from)
-        .to_vec();
-    args.extend([
-        "--cgroup".to_string(),
-        container.cgroup.as_str().to_string(),
-    ]);
-    args.extend(engine_options(places, engine));
-    let out = std::process::Command::new(agent_bin())
-        .args(&args)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && text.contains("decided by: rule \"payments\""),
-        "explain of container {}: {text}{}",
-        container.id,
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn status_rules(places: &AgentPlaces) -> Vec<serde_json::Value> {
@@ -242,8 +161,20 @@ fn scenario(mut engine: Engine, scope: &str, parent: Option<&str>) {
     );
     expect_idle("shop, started after the agent", &after_shop.cgroup, 2, 60);
     expect_status(&places, &[&before_pay, &after_pay]);
-    expect_scan(&places, &config.display().to_string(), &engine, &before_pay);
-    expect_explain(&places, &config.display().to_string(), &engine, &before_pay);
+    expect_scan(
+        &places,
+        &config.display().to_string(),
+        &engine,
+        &before_pay,
+        (NAMESPACE, "payments"),
+    );
+    expect_explain(
+        &places,
+        &config.display().to_string(),
+        &engine,
+        &before_pay,
+        "payments",
+    );
 
     // A container that stops is followed: its rule no longer names its cgroup.
     engine.remove(&after_pay.id);

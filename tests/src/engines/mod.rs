@@ -19,10 +19,12 @@ use keepalive_agent::CgroupPath;
 
 mod agent_container;
 mod containers;
+mod inspect;
 mod setup;
 mod sockets;
 
 pub use agent_container::{HostPins, agent_container_args};
+pub use inspect::{engine_options, expect_explain, expect_scan};
 pub use setup::busybox_rootfs;
 use setup::{
     absent_parents, engine_stopped, make_root, remove_empty_tree, spawn, stop, unmount_below,
