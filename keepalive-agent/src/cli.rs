@@ -223,6 +223,14 @@ pub struct DetachArgs {
     pub places: Places,
 }
 
+/// `run --existing-via`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExistingVia {
+    Auto,
+    Iterator,
+    Descriptors,
+}
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Policy file (TOML; see docs/policy.md and examples/policy.toml). Without it, the policy
@@ -267,6 +275,15 @@ pub struct RunArgs {
     /// get it too).
     #[arg(long, env = "KEEPALIVE_AGENT_NO_EXISTING", value_parser = BoolishValueParser::new())]
     pub no_existing: bool,
+
+    /// How connections that exist when a policy takes effect are reached: `iterator` (a TCP
+    /// iterator program applies the policy in the kernel; Linux 5.15+, needs no CAP_SYS_PTRACE
+    /// for the sockets), `descriptors` (through a duplicate of each owner's descriptor,
+    /// pidfd_getfd: any kernel, CAP_SYS_PTRACE for processes of other users), or `auto` (the
+    /// iterator where the kernel offers it).
+    #[arg(long, value_enum, value_name = "PATH", default_value_t = ExistingVia::Auto,
+          env = "KEEPALIVE_AGENT_EXISTING_VIA")]
+    pub existing_via: ExistingVia,
 
     /// Address of the Prometheus endpoint (/metrics, and /healthz and /readyz for probes)
     /// [default: 127.0.0.1:9477]. Loopback unless told otherwise: the counters describe the

@@ -23,6 +23,8 @@ pub use records::*;
 pub const PROGRAM_NAME: &str = "ka_sockops";
 /// The cgroup setsockopt program that keeps applications from undoing the policy.
 pub const SETSOCKOPT_PROGRAM: &str = "ka_setsockopt";
+/// The TCP iterator program that applies the policy to connections that already exist.
+pub const SWEEP_PROGRAM: &str = "ka_sweep";
 
 /// Cgroup storage of each sock_ops attachment: its [`AttachRecord`].
 pub const ATTACH_MAP: &str = "KA_ATTACH";
@@ -45,6 +47,13 @@ pub const RULE_STATS_MAP: &str = "KA_RULE_STATS";
 pub const AGENT_MAP: &str = "KA_AGENT";
 /// Read-only global selecting a [`Stage`]; benchmarks only.
 pub const STAGE: &str = "KA_STAGE";
+/// Hash: cgroup id to the [`AttachRecord`] that governs it, for the cgroups a sweep covers.
+pub const SWEEP_MAP: &str = "KA_SWEEP";
+/// Hash: local ports a listener of the namespace being swept holds (their sockets count as
+/// inbound).
+pub const LISTEN_MAP: &str = "KA_LISTEN";
+/// Read-only global: the [`SockOffsets`] of the running kernel, from its BTF.
+pub const SOCK_OFFSETS: &str = "KA_SK_OFFSETS";
 
 /// Kernel map sizes. A policy that needs more is refused when it is compiled, with an error
 /// that names the limit. Lookup maps hold two generations during a reload, so they are twice
@@ -64,6 +73,10 @@ pub mod limits {
     pub const CGROUPS: u32 = 16_384;
     /// Depth of the cgroup tree the setsockopt hook walks up.
     pub const CGROUP_DEPTH: u32 = 32;
+    /// Cgroups one sweep of existing connections covers at a time.
+    pub const SWEEP_CGROUPS: u32 = 65_536;
+    /// Listening ports of one network namespace the sweep tells apart.
+    pub const LISTEN_PORTS: u32 = 65_536;
 }
 
 /// `bpf_sock_ops.reply` value a program run leaves behind once it has handled a socket.

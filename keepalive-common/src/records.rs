@@ -223,8 +223,36 @@ pub struct Hit {
     pub record: RuleRecord,
 }
 
+/// Where the sweep program finds a socket's fields in the running kernel's structures, in bytes
+/// from the start of the structure named: read from the kernel's BTF by the agent (Rust eBPF
+/// programs have no CO-RE relocations) and set as a load-time constant.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockOffsets {
+    /// `sock_common.skc_family` (u16).
+    pub family: u32,
+    /// `sock_common.skc_state` (u8).
+    pub state: u32,
+    /// `sock_common.skc_dport` (__be16).
+    pub remote_port: u32,
+    /// `sock_common.skc_num` (u16, host order).
+    pub local_port: u32,
+    /// `sock_common.skc_daddr` (__be32).
+    pub remote_ip4: u32,
+    /// `sock_common.skc_v6_daddr` (16 bytes).
+    pub remote_ip6: u32,
+    /// `sock.sk_cgrp_data.cgroup` (the socket's cgroup v2 pointer).
+    pub cgroup: u32,
+    /// `cgroup.kn` (its kernfs node).
+    pub cgroup_kn: u32,
+    /// `kernfs_node.id` (u64: the cgroup id).
+    pub kn_id: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod {
+    // SAFETY: repr(C), only u32 fields, no padding.
+    unsafe impl aya::Pod for super::SockOffsets {}
     // SAFETY: repr(C), only u32 fields, no padding (checked by tests).
     unsafe impl aya::Pod for super::RuleRecord {}
     // SAFETY: repr(C), u32 fields and a RuleRecord, no padding (checked by tests).

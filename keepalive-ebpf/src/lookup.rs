@@ -87,6 +87,23 @@ pub(crate) fn bpf_sock_peer(sk: &bpf_sock) -> Peer {
     }
 }
 
+/// The peer of a socket the TCP iterator visits, from its `sock_common` fields: `remote_port`
+/// in network byte order, `local_port` in host byte order (skc_dport, skc_num).
+#[inline(always)]
+pub(crate) fn sock_common_peer(
+    family: u16,
+    remote_ip4: u32,
+    remote_ip6: [u32; 4],
+    remote_port: u16,
+    local_port: u16,
+) -> Peer {
+    Peer {
+        addr: mapped(u32::from(family), remote_ip4, remote_ip6),
+        remote_port: u16::from_be(remote_port),
+        local_port,
+    }
+}
+
 /// The kernel's lookup maps, read through `keepalive_common::lookup`.
 struct KernelMaps;
 

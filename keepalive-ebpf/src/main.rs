@@ -8,6 +8,7 @@
 //! (`keepalive_common::enforce`).
 //!
 //! `ka_setsockopt` (cgroup/setsockopt) keeps applications from undoing a locked rule later.
+//! `ka_sweep` (iter/tcp) applies the policy to connections that existed before it took effect.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
@@ -25,6 +26,7 @@ mod counters;
 mod lookup;
 mod setsockopt;
 mod socket;
+mod sweep;
 
 use aya_ebpf::{
     Global,
@@ -45,7 +47,7 @@ use keepalive_common::{
 
 use crate::{
     counters::{bump, count_outcome},
-    socket::SockOpsSocket,
+    socket::HelperSocket,
 };
 
 /// LPM tries require it; for hash maps it also makes an update replace the element under RCU,
@@ -140,7 +142,7 @@ fn ka_sockops(ctx: SockOpsContext) -> u32 {
             setsockopt::remember_direction(&ctx, direction);
         }
     }
-    let mut socket = SockOpsSocket::new(&ctx);
+    let mut socket = HelperSocket::sock_ops(&ctx);
     let applied = if stage == Stage::TcpValues as u32 {
         enforce::set_all(&rule, &mut socket, false)
     } else {

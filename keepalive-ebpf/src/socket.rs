@@ -1,4 +1,6 @@
-//! `enforce::Socket` over bpf_getsockopt / bpf_setsockopt.
+//! `enforce::Socket` over bpf_getsockopt / bpf_setsockopt, for the sock_ops program (whose
+//! context stands for the socket) and the sweep program (a `tcp_sock` pointer from the
+//! iterator).
 
 use core::ffi::c_void;
 
@@ -11,25 +13,32 @@ use keepalive_common::enforce::Socket;
 /// `sizeof(int)`: every option we touch is an int.
 const OPTLEN: i32 = 4;
 
-/// The socket of a sock_ops callback.
-pub(crate) struct SockOpsSocket {
+/// A socket as the helpers take it: the first argument of bpf_getsockopt / bpf_setsockopt.
+pub(crate) struct HelperSocket {
     ctx: *mut c_void,
 }
 
-impl SockOpsSocket {
+impl HelperSocket {
+    /// The socket of a sock_ops callback.
     #[inline(always)]
-    pub(crate) fn new(ctx: &SockOpsContext) -> Self {
+    pub(crate) fn sock_ops(ctx: &SockOpsContext) -> Self {
         Self {
             ctx: ctx.ops.cast(),
         }
     }
+
+    /// A socket the TCP iterator visits (from `bpf_skc_to_tcp_sock`, checked non-null).
+    #[inline(always)]
+    pub(crate) fn tcp_sock(tcp_sock: *mut c_void) -> Self {
+        Self { ctx: tcp_sock }
+    }
 }
 
-impl Socket for SockOpsSocket {
+impl Socket for HelperSocket {
     #[inline(always)]
     fn get(&mut self, level: i32, name: i32) -> Result<i32, i64> {
         let mut value: i32 = 0;
-        // SAFETY: the program's context and a 4-byte stack slot.
+        // SAFETY: the program's context (or the iterator's socket) and a 4-byte stack slot.
         let ret = unsafe {
             bpf_getsockopt(
                 self.ctx,
@@ -45,7 +54,7 @@ impl Socket for SockOpsSocket {
     #[inline(always)]
     fn set(&mut self, level: i32, name: i32, value: i32) -> Result<(), i64> {
         let mut value = value;
-        // SAFETY: the program's context and a 4-byte stack slot.
+        // SAFETY: the program's context (or the iterator's socket) and a 4-byte stack slot.
         let ret = unsafe {
             bpf_setsockopt(
                 self.ctx,

@@ -57,25 +57,42 @@ pub fn connect(
     server: Placement<'_>,
     client: Placement<'_>,
 ) -> Connection {
-    let server_process = probe(&["listen", listen], server);
-    let port = server_process.expect("listening").remove(0);
-    let target = if connect_ip.contains(':') {
-        format!("[{connect_ip}]:{port}")
-    } else {
-        format!("{connect_ip}:{port}")
-    };
-    let client_process = probe(&["connect", &target], client);
-    let fd = |words: Vec<String>| -> i32 {
-        words[0]
-            .parse()
-            .unwrap_or_else(|e| panic!("probe printed no descriptor: {e}"))
-    };
-    let client_fd = fd(client_process.expect("connected"));
-    let server_fd = fd(server_process.expect("accepted"));
-    Connection {
-        port,
-        client_fd: client_process.steal_fd(client_fd),
-        server_fd: server_process.steal_fd(server_fd),
-        _processes: [client_process, server_process],
+    let mut places = [server, client].into_iter();
+    Connection::between(
+        |args| probe(args, places.next().unwrap_or(client)),
+        listen,
+        connect_ip,
+    )
+}
+
+impl Connection {
+    /// [`connect`] with the server, then the client, started by `start` (given ka-probe's
+    /// arguments): for probes run another way (as another user).
+    pub fn between(
+        mut start: impl FnMut(&[&str]) -> Workload,
+        listen: &str,
+        connect_ip: &str,
+    ) -> Self {
+        let server_process = start(&["listen", listen]);
+        let port = server_process.expect("listening").remove(0);
+        let target = if connect_ip.contains(':') {
+            format!("[{connect_ip}]:{port}")
+        } else {
+            format!("{connect_ip}:{port}")
+        };
+        let client_process = start(&["connect", &target]);
+        let fd = |words: Vec<String>| -> i32 {
+            words[0]
+                .parse()
+                .unwrap_or_else(|e| panic!("probe printed no descriptor: {e}"))
+        };
+        let client_fd = fd(client_process.expect("connected"));
+        let server_fd = fd(server_process.expect("accepted"));
+        Self {
+            port,
+            client_fd: client_process.steal_fd(client_fd),
+            server_fd: server_process.steal_fd(server_fd),
+            _processes: [client_process, server_process],
+        }
     }
 }

@@ -48,7 +48,7 @@ impl Drop for TempDir {
     }
 }
 
-/// A copy of the agent binary that every user may run, for commands run as another user: the
+/// A copy of the agent binary (and of the probe workload) that every user may run, for commands run as another user: the
 /// checkout (and its `target/`) may sit under a directory only its owner can enter.
 #[derive(Debug)]
 pub struct AgentCopy {
@@ -74,10 +74,20 @@ impl AgentCopy {
             );
         }
         let copy = Self { dir };
-        fs::copy(crate::agent_bin(), copy.path())
-            .unwrap_or_else(|e| panic!("cannot copy the agent binary: {e}"));
-        set_mode(&copy.path(), 0o755);
+        for (binary, copied) in [
+            (crate::agent_bin(), copy.path()),
+            (crate::probe_bin(), copy.probe()),
+        ] {
+            fs::copy(&binary, &copied)
+                .unwrap_or_else(|e| panic!("cannot copy {}: {e}", binary.display()));
+            set_mode(&copied, 0o755);
+        }
         copy
+    }
+
+    /// The copy of the `ka-probe` workload binary beside it.
+    pub fn probe(&self) -> PathBuf {
+        self.dir.join("ka-probe")
     }
 
     pub fn path(&self) -> PathBuf {

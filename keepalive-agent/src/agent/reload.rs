@@ -147,6 +147,8 @@ pub(super) fn report_sweep(sweep: &Result<Sweep, String>) {
                 outcomes = outcomes.join(" "),
                 unreachable = sweep.unreachable,
                 namespaces = sweep.namespaces,
+                unlisted = sweep.unlisted,
+                via = sweep.via(),
                 "existing connections"
             );
         }

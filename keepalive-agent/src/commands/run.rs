@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use crate::{
     agent::{Agent, Event, HEALTH_INTERVAL, Signal, watch_roots},
     bpffs::PinDir,
-    cli::RunArgs,
+    cli::{ExistingVia, RunArgs},
     enforcer::Enforcer,
     instance::{HAND_OVER_TIMEOUT, InstanceLock},
     metrics, notify,
@@ -137,6 +137,15 @@ fn load(
         .context("cannot load the keepalive programs")?;
     for missing in enforcer.missing_features() {
         warn!(feature = %missing.feature, since = %missing.since, "{missing}");
+    }
+    match args.existing_via {
+        ExistingVia::Auto => {}
+        ExistingVia::Descriptors => enforcer.sweep_with_descriptors(),
+        ExistingVia::Iterator if !enforcer.sweeps_in_kernel() => anyhow::bail!(
+            "--existing-via iterator: this kernel refused the iterator program (see the \
+             warning above); use --existing-via auto or descriptors"
+        ),
+        ExistingVia::Iterator => {}
     }
     if let (Some(listener), Some(pins)) = (listener, enforcer.pins()) {
         tokio::spawn(metrics::serve(listener, telemetry.clone(), pins.maps()));

@@ -131,6 +131,7 @@ impl Enforcer {
         (policy.existing && !scopes.is_empty()).then(|| SweepJob {
             policy: policy.clone(),
             mount: self.mount.clone(),
+            iterator: self.iterator.clone(),
             scopes,
         })
     }

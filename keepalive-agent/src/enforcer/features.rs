@@ -15,8 +15,10 @@ pub const LOCK: &str = "lock";
 /// Reading a socket's keepalive options in the kernel (`bpf_getsockopt`), which the modes
 /// fill, cap and audit need.
 pub const READS: &str = "reads";
+/// Updating existing connections in the kernel (a TCP iterator program).
+pub const ITERATOR: &str = "iterator";
 /// Every optional part.
-pub const OPTIONAL: &[&str] = &[LOCK, READS];
+pub const OPTIONAL: &[&str] = &[LOCK, READS, ITERATOR];
 
 /// A part that did not load on this kernel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,13 +71,40 @@ impl MissingFeature {
     }
 }
 
+impl MissingFeature {
+    /// The sweep program, a TCP iterator that applies the policy to existing connections in the
+    /// kernel: iterator programs may call `bpf_setsockopt` from Linux 5.14 (commit
+    /// 3cee6fb8e69e, "bpf: tcp: Support bpf_(get|set)sockopt in bpf tcp iter"), and the
+    /// socket's cgroup pointer is where the program reads it from 5.15 (8520e224f547).
+    pub(crate) fn iterator(error: &ProgramError) -> Self {
+        Self::iterator_because(verifier_reason(error))
+    }
+
+    pub(crate) fn iterator_because(reason: String) -> Self {
+        Self {
+            feature: ITERATOR.to_owned(),
+            since: "5.15".to_owned(),
+            reason,
+            effect: "connections that existed before the policy are updated through duplicates \
+                     of their owners' descriptors (pidfd_getfd), which needs CAP_SYS_PTRACE for \
+                     processes of other users; new connections are not affected"
+                .to_owned(),
+        }
+    }
+}
+
 /// What a kernel of `release` is known to lack, without loading anything (for `check`).
 pub fn by_release(release: &str) -> Vec<MissingFeature> {
     let mut missing: Vec<MissingFeature> = MissingFeature::reads(release).into_iter().collect();
-    if keepalive_common::host::parse_kernel_version(release).is_some_and(|version| version < (6, 1))
-    {
+    let version = keepalive_common::host::parse_kernel_version(release);
+    if version.is_some_and(|version| version < (6, 1)) {
         missing.push(MissingFeature::lock_because(format!(
             "cgroup/setsockopt programs cannot ask for the caller on {release}"
+        )));
+    }
+    if version.is_some_and(|version| version < (5, 15)) {
+        missing.push(MissingFeature::iterator_because(format!(
+            "TCP iterator programs cannot set socket options on {release}"
         )));
     }
     missing
@@ -118,6 +147,7 @@ impl fmt::Display for MissingFeature {
         let what = match self.feature.as_str() {
             LOCK => "the lock (the cgroup/setsockopt hook)",
             READS => "keepalive reads (bpf_getsockopt of the keepalive options)",
+            ITERATOR => "the in-kernel update of existing connections (a TCP iterator program)",
             other => other,
         };
         write!(
@@ -173,7 +203,7 @@ mod tests {
 
     use std::path::Path;
 
-    use super::{LOCK, READS, by_release, unsupported};
+    use super::{ITERATOR, LOCK, READS, by_release, unsupported};
     use crate::policy::file;
 
     const POLICY: &str = "[default]\nmode = \"enforce\"\n\
@@ -182,14 +212,14 @@ mod tests {
         [[rule]]\nname = \"loose\"\nremote_port = 80\nlock = false\n";
 
     #[test]
-    fn a_5_10_kernel_lacks_reads_and_the_lock_and_6_1_lacks_nothing() {
+    fn a_5_10_kernel_lacks_reads_the_lock_and_the_iterator_and_6_1_lacks_nothing() {
         let names = |release: &str| -> Vec<String> {
             by_release(release)
                 .into_iter()
                 .map(|missing| missing.feature)
                 .collect()
         };
-        assert_eq!(names("5.10.0-32-amd64"), [READS, LOCK]);
+        assert_eq!(names("5.10.0-32-amd64"), [READS, LOCK, ITERATOR]);
         assert!(names("6.1.0-50-amd64").is_empty());
         assert!(names("6.18.2").is_empty());
     }

@@ -103,6 +103,7 @@ impl Enforcer {
         let sweep = (policy.existing && !changed.is_empty()).then(|| SweepJob {
             policy: policy.clone(),
             mount: self.mount.clone(),
+            iterator: self.iterator.clone(),
             scopes: outermost(&changed),
         });
         self.current = Some((policy.clone(), tables));

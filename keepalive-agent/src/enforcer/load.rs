@@ -1,19 +1,30 @@
 //! Loading the programs into the kernel, and taking over what an earlier agent pinned.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupSockopt, SockOps},
+    programs::{CgroupSockopt, Iter, SockOps},
 };
-use keepalive_common::{PROGRAM_NAME, SETSOCKOPT_PROGRAM, STAGE, Stage};
+use keepalive_common::{
+    CGROUPS_MAP, LISTEN_MAP, PROGRAM_NAME, SETSOCKOPT_PROGRAM, SOCK_OFFSETS, STAGE, SWEEP_MAP,
+    SWEEP_PROGRAM, SockOffsets, Stage,
+};
 
 use super::{
     Enforcer, EnforcerError, MissingFeature, features,
     links::{Attachment, SETSOCKOPT, SOCK_OPS},
     maps, program_error,
 };
-use crate::{bpffs::PinDir, cgroup::Cgroup, policy::CgroupPath};
+use crate::{
+    bpffs::PinDir,
+    cgroup::Cgroup,
+    existing::{
+        btf::Btf,
+        iterator::{IteratorSweep, reopen},
+    },
+    policy::CgroupPath,
+};
 
 /// The compiled programs, built by build.rs.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keepalive"));
@@ -51,8 +62,11 @@ impl Enforcer {
         } else {
             2
         };
+        let offsets = Btf::kernel().and_then(|btf| btf.sock_offsets());
         let mut loader = EbpfLoader::new();
         loader.override_global(STAGE, &stage, true);
+        let zero = SockOffsets::default();
+        loader.override_global(SOCK_OFFSETS, offsets.as_ref().unwrap_or(&zero), true);
         loader.override_global(aya_log::LEVEL, &kernel_log, false);
         if let Some(pins) = &pins {
             for name in maps::PINNED {
@@ -80,6 +94,14 @@ impl Enforcer {
         }
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         missing.extend(MissingFeature::reads(release.trim()));
+        let iterator = match offsets {
+            Ok(_) => sweep_program(&mut ebpf),
+            Err(error) => Err(MissingFeature::iterator_because(error.to_string())),
+        };
+        let iterator = iterator
+            .map_err(|refused| missing.push(refused))
+            .ok()
+            .map(Arc::new);
         maps::set_agent_pid(&mut ebpf)?;
         Ok(Self {
             ebpf,
@@ -90,6 +112,7 @@ impl Enforcer {
             current: None,
             generation: 0,
             missing,
+            iterator,
         })
     }
 
@@ -140,4 +163,30 @@ fn setsockopt(ebpf: &mut Ebpf) -> Result<&mut CgroupSockopt, EnforcerError> {
         .ok_or(EnforcerError::Missing(SETSOCKOPT_PROGRAM))?
         .try_into()
         .map_err(program_error(SETSOCKOPT_PROGRAM))
+}
+
+/// Loads and links the sweep program: the in-kernel path for existing connections.
+fn sweep_program(ebpf: &mut Ebpf) -> Result<IteratorSweep, MissingFeature> {
+    let refused = |error: String| MissingFeature::iterator_because(error);
+    let btf = aya::Btf::from_sys_fs().map_err(|error| refused(error.to_string()))?;
+    let program: &mut Iter = ebpf
+        .program_mut(SWEEP_PROGRAM)
+        .ok_or_else(|| refused(format!("the eBPF object has no {SWEEP_PROGRAM}")))?
+        .try_into()
+        .map_err(|error: aya::programs::ProgramError| refused(error.to_string()))?;
+    program
+        .load("tcp", &btf)
+        .map_err(|error| MissingFeature::iterator(&error))?;
+    let map = |name: &'static str| {
+        ebpf.map(name)
+            .ok_or_else(|| refused(format!("the eBPF object has no {name}")))
+            .and_then(|map| reopen(map).map_err(|error| refused(format!("{name}: {error}"))))
+    };
+    let (records, sweep, listen) = (map(CGROUPS_MAP)?, map(SWEEP_MAP)?, map(LISTEN_MAP)?);
+    let program: &Iter = ebpf
+        .program(SWEEP_PROGRAM)
+        .and_then(|program| program.try_into().ok())
+        .ok_or_else(|| refused(format!("the eBPF object has no {SWEEP_PROGRAM}")))?;
+    let fd = program.fd().map_err(|error| refused(error.to_string()))?;
+    IteratorSweep::new(fd, records, sweep, listen).map_err(|error| refused(error.to_string()))
 }

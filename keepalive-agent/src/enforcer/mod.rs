@@ -25,6 +25,7 @@ use std::{
     collections::BTreeMap,
     os::fd::{AsFd as _, BorrowedFd},
     path::PathBuf,
+    sync::Arc,
 };
 
 use aya::{
@@ -32,14 +33,14 @@ use aya::{
     maps::MapError,
     programs::{ProgramError, SockOps},
 };
-use keepalive_common::{AttachRecord, PROGRAM_NAME, SETSOCKOPT_PROGRAM};
+use keepalive_common::{AttachRecord, PROGRAM_NAME, SETSOCKOPT_PROGRAM, SWEEP_PROGRAM};
 
 use self::links::{Attachment, Hook, SOCK_OPS};
 use crate::{
     bpffs::{BpffsError, PinDir},
     cgroup::{Cgroup, CgroupError},
     compile::{CompileError, Tables},
-    existing::Sweep,
+    existing::{Sweep, iterator::IteratorSweep},
     policy::{CgroupPath, Policy},
 };
 
@@ -138,6 +139,8 @@ pub struct Enforcer {
     generation: u32,
     /// Optional parts this kernel refused; the rest works without them.
     missing: Vec<MissingFeature>,
+    /// The in-kernel path for existing connections, unless this kernel refused it.
+    iterator: Option<Arc<IteratorSweep>>,
 }
 
 impl Enforcer {
@@ -161,6 +164,17 @@ impl Enforcer {
     /// loaded on this kernel.
     pub fn has_lock(&self) -> bool {
         !self.lacks(features::LOCK)
+    }
+
+    /// Existing connections go through descriptors (pidfd_getfd) even where the kernel offers
+    /// the iterator.
+    pub fn sweep_with_descriptors(&mut self) {
+        self.iterator = None;
+    }
+
+    /// Whether existing connections are updated in the kernel (the iterator loaded and is used).
+    pub fn sweeps_in_kernel(&self) -> bool {
+        self.iterator.is_some()
     }
 
     /// The policy in force, if this agent applied one.
@@ -227,7 +241,7 @@ impl Enforcer {
 
     /// Ids of the loaded programs.
     pub fn program_ids(&self) -> Vec<u32> {
-        [PROGRAM_NAME, SETSOCKOPT_PROGRAM]
+        [PROGRAM_NAME, SETSOCKOPT_PROGRAM, SWEEP_PROGRAM]
             .into_iter()
             .filter_map(|name| self.ebpf.program(name)?.info().ok())
             .map(|info| info.id())

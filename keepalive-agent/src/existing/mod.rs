@@ -1,20 +1,25 @@
 //! Connections that already exist when a policy takes effect get it too.
 //!
-//! The kernel's socket list (inet_diag, one network namespace at a time, entered from a helper
-//! thread, filtered in the kernel to the swept cgroups) gives each TCP socket's cgroup,
-//! addresses and inode; the policy decides as for a new
-//! connection; the agent takes a duplicate of the owner's descriptor (pidfd_getfd) and applies
-//! the rule with the same code the kernel runs (`keepalive_common::enforce`). A BPF iterator
-//! could set options in the kernel, but it walks one namespace too and, without CO-RE, cannot
-//! read a socket's cgroup.
+//! Two paths, one network namespace at a time (entered from a helper thread):
+//! - [`iterator`], from Linux 5.14: a TCP iterator program finds each socket's cgroup and
+//!   rule and applies it in the kernel, with the sock_ops program's code. No descriptor of any
+//!   process is touched.
+//! - descriptors, on older kernels (or `--existing-via descriptors`): the kernel's socket list
+//!   (inet_diag, filtered in the kernel to the swept cgroups) gives each TCP socket's cgroup,
+//!   addresses and inode; the policy decides as for a new connection; the agent takes a
+//!   duplicate of the owner's descriptor (pidfd_getfd, which needs CAP_SYS_PTRACE over
+//!   processes of other users) and applies the rule with the same code the kernel runs
+//!   (`keepalive_common::enforce`).
 //!
 //! Direction is not recorded for existing sockets: one whose local port a listener of its
 //! namespace holds counts as inbound, any other as outbound.
 
+pub(crate) mod btf;
 pub(crate) mod diag;
+pub mod iterator;
 pub(crate) mod procs;
 
-use std::{collections::HashMap, io, path::Path};
+use std::{collections::HashMap, io, path::Path, sync::Arc};
 
 use keepalive_common::{Outcome, enforce::apply};
 
@@ -37,6 +42,23 @@ pub struct Sweep {
     pub unreachable: u64,
     /// Network namespaces looked at.
     pub namespaces: usize,
+    /// Processes whose namespace (or descriptors) the agent may not read: processes of other
+    /// users without CAP_SYS_PTRACE, or gone meanwhile. Their connections may be missed.
+    pub unlisted: u64,
+    /// Whether the connections were updated by the iterator program, in the kernel.
+    pub in_kernel: bool,
+}
+
+impl Sweep {
+    /// How the connections were reached, as logs and tests name it.
+    #[must_use]
+    pub const fn via(&self) -> &'static str {
+        if self.in_kernel {
+            "iterator"
+        } else {
+            "descriptors"
+        }
+    }
 }
 
 /// A sweep to run later, on another thread: it reads /proc and every namespace's socket
@@ -46,6 +68,8 @@ pub struct SweepJob {
     pub policy: Policy,
     pub mount: std::path::PathBuf,
     pub scopes: Vec<Cgroup>,
+    /// The in-kernel path, where this kernel offers it and the agent uses it.
+    pub iterator: Option<Arc<iterator::IteratorSweep>>,
 }
 
 impl SweepJob {
@@ -68,7 +92,11 @@ impl SweepJob {
 
     pub fn run(&self) -> Result<Sweep, String> {
         let scopes: Vec<&Cgroup> = self.scopes.iter().collect();
-        sweep(&self.policy, &self.mount, &scopes).map_err(|e| e.to_string())
+        match &self.iterator {
+            Some(iterator) => iterator.sweep(&self.mount, &scopes),
+            None => sweep(&self.policy, &self.mount, &scopes),
+        }
+        .map_err(|e| e.to_string())
     }
 }
 
@@ -82,6 +110,7 @@ pub fn sweep(policy: &Policy, mount: &Path, scopes: &[&Cgroup]) -> io::Result<Sw
     let holders = Holders::of(&pids, true);
     let mut sweep = Sweep {
         namespaces: holders.namespaces.len(),
+        unlisted: holders.unlisted,
         ..Sweep::default()
     };
     let ids: Vec<u64> = cgroups.keys().copied().collect();

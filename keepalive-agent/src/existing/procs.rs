@@ -85,6 +85,28 @@ impl Holders {
         holders
     }
 
+    /// Network namespaces bind-mounted where this process sees them (`ip netns`, container
+    /// engines): opening one needs no right over the processes inside.
+    pub(crate) fn add_mounted_namespaces(&mut self) {
+        let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") else {
+            return;
+        };
+        for line in mountinfo.lines() {
+            // ID PARENT MAJ:MIN ROOT MOUNTPOINT ... - FSTYPE SOURCE OPTIONS
+            let fields: Vec<&str> = line.split(' ').collect();
+            let is_netns = fields.get(3).is_some_and(|root| root.starts_with("net:["))
+                && line.contains(" - nsfs ");
+            let Some(mount_point) = fields.get(4).filter(|_| is_netns) else {
+                continue;
+            };
+            // Mountinfo escapes spaces and the like as octal (\040).
+            let path = PathBuf::from(mount_point.replace("\\040", " "));
+            if let Ok(netns) = fs::metadata(&path) {
+                self.namespaces.entry(netns.ino()).or_insert(path);
+            }
+        }
+    }
+
     fn add_sockets(&mut self, pid: u32) {
         let fds = match fs::read_dir(format!("/proc/{pid}/fd")) {
             Ok(fds) => fds,
@@ -137,14 +159,21 @@ pub(crate) fn established(sockets: &[DiagSocket]) -> Vec<(&DiagSocket, Direction
         .collect()
 }
 
-/// The TCP sockets of the namespace `netns` (a `/proc/PID/ns/net` or `/run/netns` file), read
-/// from a helper thread that entered it. The caller's own namespace is read without entering
-/// it, so that works without CAP_SYS_ADMIN.
+/// The TCP sockets of the namespace `netns` (a `/proc/PID/ns/net` or `/run/netns` file).
 pub(crate) fn sockets_in(netns: &Path, only: Option<&[u64]>) -> io::Result<Vec<DiagSocket>> {
+    in_namespace(netns, || diag::tcp_sockets(only))
+}
+
+/// `work` run in the network namespace `netns`, on a helper thread that entered it. The
+/// caller's own namespace is used without entering it, so that works without CAP_SYS_ADMIN.
+pub(crate) fn in_namespace<T: Send>(
+    netns: &Path,
+    work: impl FnOnce() -> io::Result<T> + Send,
+) -> io::Result<T> {
     let target = fs::File::open(netns)?;
     let own = fs::metadata("/proc/thread-self/ns/net")?.ino();
     if target.metadata()?.ino() == own {
-        return diag::tcp_sockets(only);
+        return work();
     }
     std::thread::scope(|scope| {
         scope
@@ -154,7 +183,7 @@ pub(crate) fn sockets_in(netns: &Path, only: Option<&[u64]>) -> io::Result<Vec<D
                     target.as_fd(),
                     Some(rustix::thread::LinkNameSpaceType::Network),
                 )?;
-                diag::tcp_sockets(only)
+                work()
             })
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("the namespace helper thread panicked")))

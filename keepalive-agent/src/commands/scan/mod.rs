@@ -12,7 +12,6 @@ use std::{
     collections::HashMap,
     fs, io,
     net::SocketAddr,
-    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
 
@@ -131,7 +130,7 @@ pub fn scan(
     walk(mount, mount, &mut cgroups, &mut pids)
         .with_context(|| format!("cannot read the cgroup tree at {}", mount.display()))?;
     let mut holders = Holders::of(&pids, true);
-    named_namespaces(&mut holders);
+    holders.add_mounted_namespaces();
     let mut report = Report {
         namespaces: holders.namespaces.len(),
         hidden_processes: holders.unlisted,
@@ -252,21 +251,6 @@ impl<C: Containers> Scanner<'_, C> {
             options,
             verdict,
         })
-    }
-}
-
-/// Namespaces no process is in but a name keeps (`ip netns add`).
-fn named_namespaces(holders: &mut Holders) {
-    let Ok(entries) = fs::read_dir("/run/netns") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        if let Ok(metadata) = fs::metadata(entry.path()) {
-            holders
-                .namespaces
-                .entry(metadata.ino())
-                .or_insert_with(|| entry.path());
-        }
     }
 }
 
