@@ -112,8 +112,9 @@ pub enum Command {
     /// missing.
     ///
     /// Kernels: Linux 5.9 or newer enforces. The lock (holding applications to locked rules)
-    /// and the modes fill, cap and audit need Linux 6.1; on an older kernel the agent says so
-    /// once at start, runs without them, and `status` and the metrics show it.
+    /// and the modes fill, cap and audit need Linux 6.1; updating connections that already
+    /// exist in the kernel (--existing-via iterator) needs 5.15. On an older kernel the agent
+    /// says so once at start, runs without them, and `status` and the metrics show it.
     Run(RunArgs),
     /// Check a policy file without loading anything: exit 0, or an error naming file, line,
     /// field and what is allowed. Also warns of rules the running kernel cannot carry out

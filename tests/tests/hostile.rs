@@ -176,7 +176,8 @@ fn cgroup_names_chosen_to_hurt_do_not_stall_the_agent() {
         .collect();
     let stopping = Instant::now();
     assert_eq!(agent.signal_and_wait(libc::SIGTERM, LOG_WAIT), Some(0));
-    assert!(stopping.elapsed() < SECOND, "{:?}", stopping.elapsed());
+    // A stalled matcher takes minutes; a detach under qemu's emulation takes about a second.
+    assert!(stopping.elapsed() < 3 * SECOND, "{:?}", stopping.elapsed());
 }
 
 /// The line containing `text` among those the agent logged since the last look, without

@@ -147,7 +147,10 @@ impl fmt::Display for MissingFeature {
         let what = match self.feature.as_str() {
             LOCK => "the lock (the cgroup/setsockopt hook)",
             READS => "keepalive reads (bpf_getsockopt of the keepalive options)",
-            ITERATOR => "the in-kernel update of existing connections (a TCP iterator program)",
+            ITERATOR => {
+                "the in-kernel sweep (a TCP iterator program setting the options of \
+                         connections opened before the policy)"
+            }
             other => other,
         };
         write!(

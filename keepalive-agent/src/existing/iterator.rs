@@ -18,11 +18,11 @@ use std::{
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use aya_obj::generated::{bpf_attach_type::BPF_TRACE_ITER, bpf_cmd};
-use keepalive_common::AttachRecord;
+use keepalive_common::{AttachRecord, limits};
 
 use super::{
     Sweep,
-    procs::{Holders, walk},
+    procs::{Holders, in_namespace, walk},
 };
 use crate::{cgroup::Cgroup, policy::CgroupPath};
 
@@ -108,39 +108,41 @@ impl IteratorSweep {
         for scope in scopes {
             walk(mount, &scope.path, &mut cgroups, &mut pids)?;
         }
-        let mut holders = Holders::of(&pids, false);
-        if holders.unlisted > 0 {
-            // Processes of other users: their namespace files need CAP_SYS_PTRACE, but a
-            // namespace mounted somewhere (ip netns, container engines) opens without it.
-            holders.add_mounted_namespaces();
-        }
+        let holders = Holders::of(&pids, false);
         let mut maps = self
             .maps
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let governed = governing_records(&cgroups, &maps.records);
-        for (id, record) in &governed {
-            maps.sweep.insert(id, record, 0).map_err(io::Error::other)?;
-        }
         let mut sweep = Sweep {
             namespaces: holders.namespaces.len(),
             unlisted: holders.unlisted,
             in_kernel: true,
             ..Sweep::default()
         };
-        let result = holders.namespaces.values().try_for_each(|netns| {
-            let outcomes = super::procs::in_namespace(netns, || self.run())?;
-            clear(&mut maps.listen);
-            for outcome in outcomes {
-                if let Some(count) = sweep.outcomes.get_mut(usize::from(outcome)) {
-                    *count += 1;
-                    sweep.connections += 1;
-                }
-            }
-            Ok::<_, io::Error>(())
-        });
-        clear(&mut maps.sweep);
-        result.map(|()| sweep)
+        // More cgroups than the map holds: a run of every namespace per map-full of them.
+        for chunk in governed.chunks(limits::SWEEP_CGROUPS as usize) {
+            let result = chunk
+                .iter()
+                .try_for_each(|(id, record)| maps.sweep.insert(id, record, 0))
+                .map_err(io::Error::other)
+                .and_then(|()| {
+                    holders.namespaces.values().try_for_each(|netns| {
+                        let outcomes = in_namespace(netns, || self.run());
+                        clear(&mut maps.listen);
+                        for outcome in outcomes? {
+                            if let Some(count) = sweep.outcomes.get_mut(usize::from(outcome)) {
+                                *count += 1;
+                                sweep.connections += 1;
+                            }
+                        }
+                        Ok(())
+                    })
+                });
+            clear(&mut maps.sweep);
+            result?;
+        }
+        Ok(sweep)
     }
 
     /// One run of the iterator in the calling thread's namespace: its outcome bytes.

@@ -82,6 +82,11 @@ impl Holders {
                 holders.add_sockets(pid);
             }
         }
+        if holders.unlisted > 0 {
+            // Processes of other users: their namespace files need CAP_SYS_PTRACE, but a
+            // namespace mounted somewhere (ip netns, container engines) opens without it.
+            holders.add_mounted_namespaces();
+        }
         holders
     }
 

@@ -1,7 +1,8 @@
-//! Existing connections at scale, informational: today's path (the agent reads each
-//! namespace's socket list and updates each socket through pidfd_getfd). Established
-//! connections, spread over many processes, sit in one cgroup the agent follows: how fast the
-//! start-up sweep goes, then how soon a new matching cgroup is covered with them elsewhere.
+//! Existing connections at scale, by both paths: the iterator program in the kernel (where it
+//! loads) and descriptors (the agent reads each namespace's socket list and updates each
+//! socket through pidfd_getfd). Established connections, spread over many processes, sit in one
+//! cgroup the agent follows: how fast the start-up sweep goes by each path, then how soon a new
+//! matching cgroup is covered with them elsewhere.
 
 use std::time::{Duration, Instant};
 
@@ -14,18 +15,28 @@ use crate::{Bench, samples::Samples};
 pub(crate) struct ExistingRow {
     pub(crate) connections: usize,
     pub(crate) processes: usize,
-    /// Sockets the start-up sweep went through (both ends of each connection).
-    pub(crate) swept_sockets: u64,
-    /// From the agent's `policy applied` line to its `existing connections` line (s).
-    pub(crate) sweep_s: f64,
+    /// The start-up sweep by each path this kernel offers, the iterator first.
+    pub(crate) sweeps: Vec<PathSweep>,
     /// From mkdir of a new matching cgroup to its `attached` line (ms).
     pub(crate) coverage_ms: Samples,
 }
 
+/// One start-up sweep.
+#[derive(Debug, Clone)]
+pub(crate) struct PathSweep {
+    /// `iterator` or `descriptors` (`run --existing-via`).
+    pub(crate) via: &'static str,
+    /// Sockets the sweep went through (both ends of each connection).
+    pub(crate) swept_sockets: u64,
+    /// From the agent's `policy applied` line to its `existing connections` line (s).
+    pub(crate) sweep_s: f64,
+}
+
 impl ExistingRow {
-    /// Connections per second of the start-up sweep.
-    pub(crate) fn sweep_rate(&self) -> f64 {
-        self.connections as f64 / self.sweep_s
+    /// Connections per second of the start-up sweep by `via`.
+    pub(crate) fn sweep_rate(&self, via: &str) -> Option<f64> {
+        let sweep = self.sweeps.iter().find(|sweep| sweep.via == via)?;
+        Some(self.connections as f64 / sweep.sweep_s)
     }
 }
 
@@ -51,17 +62,18 @@ fn step(bench: &Bench, connections: usize, processes: usize) -> ExistingRow {
     netns.set_sysctl("net/ipv4/ip_local_port_range", "1024 65000");
     let holders = hold(bench, &busy, &netns, connections, processes);
     let pattern = format!("{}/c-*", root.scope());
-    let places = AgentPlaces::new();
-    let agent = places.spawn(&bench.agent, &["run", "--cgroup", &pattern]);
-    agent.expect_log("policy applied", LONG);
-    let applied = Instant::now();
-    let sweep = agent.expect_log("existing connections", LONG);
-    let sweep_s = applied.elapsed().as_secs_f64();
-    let swept_sockets = sweep
-        .split_whitespace()
-        .find_map(|word| word.strip_prefix("connections="))
-        .and_then(|count| count.parse().ok())
-        .unwrap_or_else(|| panic!("no count in {sweep}"));
+    let mut sweeps = Vec::new();
+    for via in paths() {
+        bench
+            .progress
+            .step(&format!("existing connections: start-up sweep via {via}"));
+        let (agent, sweep) = start_and_sweep(bench, &pattern, via);
+        drop(agent);
+        sweeps.push(sweep);
+    }
+    // The default path (the iterator where it loads) while new cgroups come.
+    let (agent, _sweep) = start_and_sweep(bench, &pattern, "auto");
+    let sweep_s = sweeps.first().map_or(1.0, |sweep| sweep.sweep_s);
     let mut coverage_ms = Samples::default();
     let mut extra = Vec::new();
     // Each new cgroup sets off a sweep of every connection followed: a few samples only.
@@ -80,10 +92,50 @@ fn step(bench: &Bench, connections: usize, processes: usize) -> ExistingRow {
     ExistingRow {
         connections,
         processes,
-        swept_sockets,
-        sweep_s,
+        sweeps,
         coverage_ms,
     }
+}
+
+/// The paths this kernel offers, the iterator first.
+fn paths() -> Vec<&'static str> {
+    let release = keepalive_tests::require_host().kernel_release;
+    let version = keepalive_common::host::parse_kernel_version(&release).unwrap_or((0, 0));
+    if version >= (5, 15) {
+        vec!["iterator", "descriptors"]
+    } else {
+        vec!["descriptors"]
+    }
+}
+
+/// An agent following `pattern` with `run --existing-via via`, after its start-up sweep.
+fn start_and_sweep(bench: &Bench, pattern: &str, via: &'static str) -> (Workload, PathSweep) {
+    let places = AgentPlaces::new();
+    let agent = places.spawn(
+        &bench.agent,
+        &["run", "--cgroup", pattern, "--existing-via", via],
+    );
+    agent.expect_log("policy applied", LONG);
+    let applied = Instant::now();
+    let line = agent.expect_log("existing connections", LONG);
+    let sweep_s = applied.elapsed().as_secs_f64();
+    let swept_sockets = line
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("connections="))
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {line}"));
+    assert!(
+        via == "auto" || line.contains(via),
+        "asked for {via}, swept otherwise: {line}"
+    );
+    (
+        agent,
+        PathSweep {
+            via,
+            swept_sockets,
+            sweep_s,
+        },
+    )
 }
 
 /// The next log line containing `text`, if one comes within `timeout`.

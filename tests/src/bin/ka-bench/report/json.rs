@@ -64,12 +64,15 @@ pub(super) fn json(results: &Results, took: Duration) -> Value {
             "new_cgroup_covered_ms": samples(&row.coverage_ms),
             "agent_rss_kib": row.rss_kib,
         })).collect::<Value>(),
-        "existing_connections_informational": results.existing.iter().map(|row| json!({
+        "existing_connections": results.existing.iter().map(|row| json!({
             "connections": row.connections,
             "processes": row.processes,
-            "swept_sockets": row.swept_sockets,
-            "startup_sweep_s": row.sweep_s,
-            "startup_sweep_conn_per_s": row.sweep_rate(),
+            "startup_sweeps": row.sweeps.iter().map(|sweep| json!({
+                "via": sweep.via,
+                "swept_sockets": sweep.swept_sockets,
+                "seconds": sweep.sweep_s,
+                "conn_per_s": row.sweep_rate(sweep.via),
+            })).collect::<Value>(),
             "new_cgroup_covered_ms": samples(&row.coverage_ms),
         })).collect::<Value>(),
     })

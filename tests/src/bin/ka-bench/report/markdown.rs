@@ -164,31 +164,34 @@ fn scale(w: &mut String, results: &Results) {
 fn existing(w: &mut String, results: &Results) {
     let _ = writeln!(
         w,
-        "\n## Existing connections (informational)\n\nToday's path, not a target this round: \
-         the agent reads each namespace's socket list and updates every socket through \
-         pidfd_getfd. Established loopback connections (both ends local) spread over \
-         processes in one cgroup the agent follows (`root/c-*`). Start-up sweep: from the \
-         `policy applied` line to the `existing connections` line. Then the time from creating \
-         one more matching cgroup to its `attached` line, with those connections elsewhere.\n"
+        "\n## Existing connections\n\nEstablished loopback connections (both ends local) spread \
+         over processes in one cgroup the agent follows (`root/c-*`). Start-up sweep by each \
+         path (`run --existing-via`): `iterator`, the TCP iterator program applying the policy \
+         in the kernel (Linux 5.15+), and `descriptors`, the socket list plus pidfd_getfd per \
+         socket; from the `policy applied` line to the `existing connections` line, a fresh \
+         agent each. Then the time from creating one more matching cgroup to its `attached` \
+         line, with those connections elsewhere.\n"
     );
     let _ = writeln!(
         w,
-        "| connections elsewhere | processes | sockets swept | start-up sweep (s) | sweep (connections/s) | new cgroup covered after (ms) |\n|---:|---:|---:|---:|---:|---:|"
+        "| connections elsewhere | processes | path | sockets swept | start-up sweep (s) | sweep (connections/s) | new cgroup covered after (ms) |\n|---:|---:|---|---:|---:|---:|---:|"
     );
     for row in &results.existing {
-        let rate = if row.connections == 0 {
-            "-".to_string()
-        } else {
-            format!("{:.0}", row.sweep_rate())
-        };
-        let _ = writeln!(
-            w,
-            "| {} | {} | {} | {:.2} | {rate} | {} |",
-            row.connections,
-            row.processes,
-            row.swept_sockets,
-            row.sweep_s,
-            spread(&row.coverage_ms, 1)
-        );
+        for sweep in &row.sweeps {
+            let rate = match row.sweep_rate(sweep.via) {
+                Some(rate) if row.connections > 0 => format!("{rate:.0}"),
+                _ => "-".to_string(),
+            };
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {} | {:.2} | {rate} | {} |",
+                row.connections,
+                row.processes,
+                sweep.via,
+                sweep.swept_sockets,
+                sweep.sweep_s,
+                spread(&row.coverage_ms, 1)
+            );
+        }
     }
 }

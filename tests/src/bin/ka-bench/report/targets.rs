@@ -39,7 +39,7 @@ fn at_least(what: &'static str, ratio: Samples, limit: f64) -> Target {
 
 pub(super) fn targets(results: &Results) -> Vec<Target> {
     let loopback = |base| paired_ratio(&results.loopback, "agent", base);
-    vec![
+    let mut targets = vec![
         at_most(
             "agent's program time / the policy-free floor program's",
             paired_ratio(&results.program_ns, "agent", "floor"),
@@ -60,5 +60,32 @@ pub(super) fn targets(results: &Results) -> Vec<Target> {
             loopback("app-sets"),
             1.0,
         ),
-    ]
+    ];
+    // The worst step: a new cgroup covered whatever the host holds.
+    if let Some(worst) = results
+        .existing
+        .iter()
+        .map(|row| row.coverage_ms.median())
+        .max_by(f64::total_cmp)
+    {
+        targets.push(at_most(
+            "new cgroup covered (ms) / 20 ms, with the most connections elsewhere",
+            Samples(vec![worst / 20.0]),
+            1.0,
+        ));
+    }
+    // The largest step the in-kernel path swept.
+    if let Some(rate) = results
+        .existing
+        .iter()
+        .rev()
+        .find_map(|row| row.sweep_rate("iterator").filter(|_| row.connections > 0))
+    {
+        targets.push(at_least(
+            "start-up sweep on the in-kernel path, connections/s / 100,000",
+            Samples(vec![rate / 100_000.0]),
+            1.0,
+        ));
+    }
+    targets
 }
