@@ -72,7 +72,7 @@ fn step(bench: &Bench, connections: usize, processes: usize) -> ExistingRow {
         sweeps.push(sweep);
     }
     // The default path (the iterator where it loads) while new cgroups come.
-    let (agent, _sweep) = start_and_sweep(bench, &pattern, "auto");
+    let ((agent, places), _sweep) = start_and_sweep(bench, &pattern, "auto");
     let sweep_s = sweeps.first().map_or(1.0, |sweep| sweep.sweep_s);
     let mut coverage_ms = Samples::default();
     let mut extra = Vec::new();
@@ -87,6 +87,7 @@ fn step(bench: &Bench, connections: usize, processes: usize) -> ExistingRow {
         let _swept = logged_within(&agent, "existing connections", wait);
     }
     drop(agent);
+    drop(places);
     drop(holders);
     drop(extra);
     ExistingRow {
@@ -108,8 +109,13 @@ fn paths() -> Vec<&'static str> {
     }
 }
 
-/// An agent following `pattern` with `run --existing-via via`, after its start-up sweep.
-fn start_and_sweep(bench: &Bench, pattern: &str, via: &'static str) -> (Workload, PathSweep) {
+/// An agent following `pattern` with `run --existing-via via`, after its start-up sweep, and
+/// its places (dropped after it).
+fn start_and_sweep(
+    bench: &Bench,
+    pattern: &str,
+    via: &'static str,
+) -> ((Workload, AgentPlaces), PathSweep) {
     let places = AgentPlaces::new();
     let agent = places.spawn(
         &bench.agent,
@@ -129,7 +135,7 @@ fn start_and_sweep(bench: &Bench, pattern: &str, via: &'static str) -> (Workload
         "asked for {via}, swept otherwise: {line}"
     );
     (
-        agent,
+        (agent, places),
         PathSweep {
             via,
             swept_sockets,
