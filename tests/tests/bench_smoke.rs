@@ -48,12 +48,28 @@ fn quick_benchmark_writes_table_json_and_plot() {
         variants.contains(&"floor") && variants.contains(&"app-sets"),
         "the floor program and the application setting the options: {variants:?}"
     );
+    // The in-kernel sweep's target needs the iterator program (Linux 5.15+).
+    let version = keepalive_common::host::parse_kernel_version(&require_host().kernel_release)
+        .unwrap_or((0, 0));
+    let in_kernel = version >= (5, 15);
     assert_eq!(
         json["targets"].as_array().map(Vec::len),
-        Some(4),
-        "four targets checked: {}",
+        Some(if in_kernel { 6 } else { 5 }),
+        "program time, four connection rates, the new cgroup (and the in-kernel sweep): {}",
         json["targets"]
     );
+    let paths: Vec<&str> = json["existing_connections"][0]["startup_sweeps"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no start-up sweeps: {json}"))
+        .iter()
+        .filter_map(|sweep| sweep["via"].as_str())
+        .collect();
+    let expected: &[&str] = if in_kernel {
+        &["iterator", "descriptors"]
+    } else {
+        &["descriptors"]
+    };
+    assert_eq!(paths, expected, "a start-up sweep by each path");
     assert!(
         json["program_runs_per_conn"].as_f64().unwrap() >= 2.0,
         "both established callbacks ran"
