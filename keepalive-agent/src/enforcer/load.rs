@@ -168,6 +168,7 @@ fn setsockopt(ebpf: &mut Ebpf) -> Result<&mut CgroupSockopt, EnforcerError> {
 /// Loads and links the sweep program: the in-kernel path for existing connections.
 fn sweep_program(ebpf: &mut Ebpf) -> Result<IteratorSweep, MissingFeature> {
     let refused = |error: String| MissingFeature::iterator_because(error);
+    // aya parses the kernel's BTF again (its own types); only where the offsets were found.
     let btf = aya::Btf::from_sys_fs().map_err(|error| refused(error.to_string()))?;
     let program: &mut Iter = ebpf
         .program_mut(SWEEP_PROGRAM)

@@ -3,7 +3,7 @@
 //! them. Only what that needs: structs, unions and their members, through anonymous members
 //! and typedefs.
 
-use std::{collections::HashMap, fs, io, path::Path};
+use std::{fs, io, path::Path};
 
 use keepalive_common::SockOffsets;
 
@@ -16,21 +16,27 @@ const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
 const KIND_TYPE_TAG: u32 = 18;
 
-/// One type of the BTF: its kind, name and, for structs and unions, members.
-#[derive(Debug, Clone)]
+/// One type of the BTF; members stay in the blob and are read when asked for.
+#[derive(Debug, Clone, Copy)]
 struct Type {
     kind: u32,
+    name: u32,
     /// The type it refers to (typedef, qualifiers).
     referred: u32,
-    /// (name, type id, bit offset).
-    members: Vec<(String, u32, u32)>,
+    /// Where its member records start in the blob (structs, unions), and how many.
+    members: usize,
+    vlen: usize,
+    /// Bitfield members: the top 8 bits of a member's offset are its size.
+    kind_flag: bool,
 }
 
 /// The types of a BTF blob, by id (index 0 is `void`).
 #[derive(Debug)]
 pub(crate) struct Btf {
+    bytes: Vec<u8>,
+    /// The string section's range in `bytes`.
+    strings: std::ops::Range<usize>,
     types: Vec<Type>,
-    structs: HashMap<String, u32>,
 }
 
 /// Why the offsets could not be found.
@@ -55,67 +61,51 @@ fn u32_at(bytes: &[u8], at: usize) -> Result<u32, BtfError> {
 impl Btf {
     /// The running kernel's BTF.
     pub(crate) fn kernel() -> Result<Self, BtfError> {
-        Self::read(Path::new("/sys/kernel/btf/vmlinux"))
-    }
-
-    pub(crate) fn read(path: &Path) -> Result<Self, BtfError> {
+        let path = Path::new("/sys/kernel/btf/vmlinux");
         let bytes = fs::read(path).map_err(|source| BtfError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        Self::parse(&bytes)
+        Self::parse(bytes)
     }
 
-    /// Parses a little-endian BTF blob.
-    pub(crate) fn parse(bytes: &[u8]) -> Result<Self, BtfError> {
+    /// Parses a little-endian BTF blob: one pass over the type records, no copies.
+    pub(crate) fn parse(bytes: Vec<u8>) -> Result<Self, BtfError> {
         if bytes.get(..2) != Some(&MAGIC.to_le_bytes()[..]) {
             return Err(BtfError::Malformed("no BTF magic (or big-endian)"));
         }
-        let header = u32_at(bytes, 4)? as usize;
-        let (type_off, type_len) = (u32_at(bytes, 8)? as usize, u32_at(bytes, 12)? as usize);
-        let (str_off, str_len) = (u32_at(bytes, 16)? as usize, u32_at(bytes, 20)? as usize);
-        let strings = bytes
-            .get(header + str_off..header + str_off + str_len)
-            .ok_or(BtfError::Malformed("string section out of bounds"))?;
-        let name = |offset: u32| -> String {
-            let rest = strings.get(offset as usize..).unwrap_or_default();
-            let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
-            String::from_utf8_lossy(&rest[..end]).into_owned()
-        };
+        let header = u32_at(&bytes, 4)? as usize;
+        let (type_off, type_len) = (u32_at(&bytes, 8)? as usize, u32_at(&bytes, 12)? as usize);
+        let (str_off, str_len) = (u32_at(&bytes, 16)? as usize, u32_at(&bytes, 20)? as usize);
+        let strings = header + str_off..header + str_off + str_len;
+        if bytes.get(strings.clone()).is_none() {
+            return Err(BtfError::Malformed("string section out of bounds"));
+        }
         let mut types = vec![Type {
             kind: 0,
+            name: 0,
             referred: 0,
-            members: Vec::new(),
+            members: 0,
+            vlen: 0,
+            kind_flag: false,
         }];
-        let mut structs = HashMap::new();
         let (mut at, end) = (header + type_off, header + type_off + type_len);
         while at < end {
-            let (name_off, info, size_or_type) = (
-                u32_at(bytes, at)?,
-                u32_at(bytes, at + 4)?,
-                u32_at(bytes, at + 8)?,
+            let (name, info, referred) = (
+                u32_at(&bytes, at)?,
+                u32_at(&bytes, at + 4)?,
+                u32_at(&bytes, at + 8)?,
             );
             at += 12;
-            let (kind, vlen, kind_flag) =
-                ((info >> 24) & 0x1f, (info & 0xffff) as usize, info >> 31);
-            let mut members = Vec::new();
-            if kind == KIND_STRUCT || kind == KIND_UNION {
-                for i in 0..vlen {
-                    let member = at + i * 12;
-                    let offset = u32_at(bytes, member + 8)?;
-                    // With kind_flag, the top 8 bits are a bitfield's size.
-                    let bits = if kind_flag == 1 {
-                        offset & 0x00ff_ffff
-                    } else {
-                        offset
-                    };
-                    members.push((
-                        name(u32_at(bytes, member)?),
-                        u32_at(bytes, member + 4)?,
-                        bits,
-                    ));
-                }
-            }
+            let (kind, vlen) = ((info >> 24) & 0x1f, (info & 0xffff) as usize);
+            types.push(Type {
+                kind,
+                name,
+                referred,
+                members: at,
+                vlen,
+                kind_flag: info >> 31 == 1,
+            });
             at += match kind {
                 1 | 14 | 17 => 4,             // int, var, decl tag
                 3 => 12,                      // array
@@ -124,24 +114,39 @@ impl Btf {
                 0..=19 => 0,
                 _ => return Err(BtfError::Malformed("unknown type kind")),
             };
-            if kind == KIND_STRUCT && vlen > 0 {
-                let id = u32::try_from(types.len())
-                    .map_err(|_| BtfError::Malformed("too many types"))?;
-                structs.entry(name(name_off)).or_insert(id);
-            }
-            types.push(Type {
-                kind,
-                referred: size_or_type,
-                members,
-            });
         }
-        Ok(Self { types, structs })
+        if at != end || bytes.len() < end {
+            return Err(BtfError::Malformed("type section out of bounds"));
+        }
+        Ok(Self {
+            bytes,
+            strings,
+            types,
+        })
+    }
+
+    /// The string at `offset` of the string section.
+    fn name(&self, offset: u32) -> &[u8] {
+        let section = &self.bytes[self.strings.clone()];
+        let rest = section.get(offset as usize..).unwrap_or_default();
+        let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+        &rest[..end]
+    }
+
+    /// The first struct named `name` that has members (not a forward declaration).
+    fn find_struct(&self, name: &str) -> Option<Type> {
+        self.types
+            .iter()
+            .find(|ty| {
+                ty.kind == KIND_STRUCT && ty.vlen > 0 && self.name(ty.name) == name.as_bytes()
+            })
+            .copied()
     }
 
     /// The struct or union `id` refers to, through typedefs and qualifiers.
-    fn resolve(&self, mut id: u32) -> Option<&Type> {
+    fn resolve(&self, mut id: u32) -> Option<Type> {
         for _ in 0..16 {
-            let ty = self.types.get(id as usize)?;
+            let ty = *self.types.get(id as usize)?;
             match ty.kind {
                 KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
                     id = ty.referred;
@@ -154,13 +159,25 @@ impl Btf {
     }
 
     /// Bit offset and type of member `name` of `ty`, looking inside anonymous members.
-    fn member(&self, ty: &Type, name: &str) -> Option<(u32, u32)> {
-        for (member, type_id, bits) in &ty.members {
-            if member == name {
-                return Some((*bits, *type_id));
+    fn member(&self, ty: Type, name: &str) -> Option<(u32, u32)> {
+        for i in 0..ty.vlen {
+            let record = ty.members + i * 12;
+            let (member, type_id, offset) = (
+                u32_at(&self.bytes, record).ok()?,
+                u32_at(&self.bytes, record + 4).ok()?,
+                u32_at(&self.bytes, record + 8).ok()?,
+            );
+            let bits = if ty.kind_flag {
+                offset & 0x00ff_ffff
+            } else {
+                offset
+            };
+            let member = self.name(member);
+            if member == name.as_bytes() {
+                return Some((bits, type_id));
             }
             if member.is_empty() {
-                let inner = self.resolve(*type_id)?;
+                let inner = self.resolve(type_id)?;
                 if let Some((inner_bits, id)) = self.member(inner, name) {
                     return Some((bits + inner_bits, id));
                 }
@@ -172,11 +189,7 @@ impl Btf {
     /// Byte offset of `path` (member names, each inside the previous) in struct `root`.
     pub(crate) fn offset(&self, root: &str, path: &[&str]) -> Result<u32, BtfError> {
         let missing = || BtfError::NoField(format!("{root}.{}", path.join(".")));
-        let mut ty = self
-            .structs
-            .get(root)
-            .and_then(|&id| self.types.get(id as usize))
-            .ok_or_else(missing)?;
+        let mut ty = self.find_struct(root).ok_or_else(missing)?;
         let mut bits = 0;
         for (i, name) in path.iter().enumerate() {
             let (member_bits, id) = self.member(ty, name).ok_or_else(missing)?;
@@ -242,7 +255,7 @@ mod tests {
 
     #[test]
     fn garbage_is_refused_not_misread() {
-        assert!(Btf::parse(b"not btf at all").is_err());
-        assert!(Btf::parse(&[0x9f, 0xeb, 1, 0, 24, 0, 0, 0, 0, 0, 0, 0, 99, 0, 0, 0]).is_err());
+        assert!(Btf::parse(b"not btf at all".to_vec()).is_err());
+        assert!(Btf::parse(vec![0x9f, 0xeb, 1, 0, 24, 0, 0, 0, 0, 0, 0, 0, 99, 0, 0, 0]).is_err());
     }
 }
