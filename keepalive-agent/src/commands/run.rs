@@ -133,7 +133,9 @@ fn load(
     listener: Option<tokio::net::TcpListener>,
     telemetry: &metrics::Shared,
 ) -> anyhow::Result<Enforcer> {
-    let mut enforcer = Enforcer::pinned(mount, &args.places.bpffs)
+    // The sweep program only where existing connections may go through it.
+    let in_kernel_sweeps = !args.no_existing && args.existing_via != ExistingVia::Descriptors;
+    let mut enforcer = Enforcer::pinned_sweeping(mount, &args.places.bpffs, in_kernel_sweeps)
         .context("cannot load the keepalive programs")?;
     for missing in enforcer.missing_features() {
         warn!(feature = %missing.feature, since = %missing.since, "{missing}");
@@ -141,7 +143,7 @@ fn load(
     match args.existing_via {
         ExistingVia::Auto => {}
         ExistingVia::Descriptors => enforcer.sweep_with_descriptors(),
-        ExistingVia::Iterator if !enforcer.sweeps_in_kernel() => anyhow::bail!(
+        ExistingVia::Iterator if in_kernel_sweeps && !enforcer.sweeps_in_kernel() => anyhow::bail!(
             "--existing-via iterator: this kernel refused the iterator program (see the \
              warning above); use --existing-via auto or descriptors"
         ),

@@ -26,6 +26,9 @@ use crate::{
     policy::CgroupPath,
 };
 
+/// Why the sweep program was not loaded when the agent never sweeps (not a kernel's lack).
+const NOT_SWEEPING: &str = "existing connections are left alone";
+
 /// The compiled programs, built by build.rs.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keepalive"));
 
@@ -35,7 +38,7 @@ impl Enforcer {
     /// [`Stage::Full`] enforces anything. For tests and benchmarks: the agent runs
     /// [`Self::pinned`].
     pub fn with_stage(cgroup2_mount: &Path, stage: Stage) -> Result<Self, EnforcerError> {
-        Self::load(cgroup2_mount, stage, None)
+        Self::load(cgroup2_mount, stage, None, true)
     }
 
     /// Loads the programs with their maps and links pinned under `<bpffs>/keepalive-agent`
@@ -43,8 +46,19 @@ impl Enforcer {
     /// get these programs (an atomic swap; enforcement never stops) and its policy stays in
     /// force until [`Self::apply`].
     pub fn pinned(cgroup2_mount: &Path, bpffs: &Path) -> Result<Self, EnforcerError> {
+        Self::pinned_sweeping(cgroup2_mount, bpffs, true)
+    }
+
+    /// [`Self::pinned`]; `sweeps` false (an agent told never to touch existing connections)
+    /// skips reading the kernel's BTF and loading the sweep program, which start-up would
+    /// otherwise spend time on.
+    pub fn pinned_sweeping(
+        cgroup2_mount: &Path,
+        bpffs: &Path,
+        sweeps: bool,
+    ) -> Result<Self, EnforcerError> {
         let pins = PinDir::prepare(bpffs)?;
-        let mut enforcer = Self::load(cgroup2_mount, Stage::Full, Some(pins))?;
+        let mut enforcer = Self::load(cgroup2_mount, Stage::Full, Some(pins), sweeps)?;
         enforcer.adopt()?;
         Ok(enforcer)
     }
@@ -53,6 +67,7 @@ impl Enforcer {
         cgroup2_mount: &Path,
         stage: Stage,
         pins: Option<PinDir>,
+        sweeps: bool,
     ) -> Result<Self, EnforcerError> {
         let stage = stage as u32;
         // The kernel side's log level is a load-time constant: statements above it are removed
@@ -62,7 +77,13 @@ impl Enforcer {
         } else {
             2
         };
-        let offsets = Btf::kernel().and_then(|btf| btf.sock_offsets());
+        let offsets = if sweeps {
+            Btf::kernel()
+                .and_then(|btf| btf.sock_offsets())
+                .map_err(|e| e.to_string())
+        } else {
+            Err(NOT_SWEEPING.to_owned())
+        };
         let mut loader = EbpfLoader::new();
         loader.override_global(STAGE, &stage, true);
         let zero = SockOffsets::default();
@@ -95,13 +116,16 @@ impl Enforcer {
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         missing.extend(MissingFeature::reads(release.trim()));
         let iterator = match offsets {
-            Ok(_) => sweep_program(&mut ebpf),
-            Err(error) => Err(MissingFeature::iterator_because(error.to_string())),
-        };
-        let iterator = iterator
-            .map_err(|refused| missing.push(refused))
-            .ok()
-            .map(Arc::new);
+            Ok(_) => sweep_program(&mut ebpf)
+                .map_err(|refused| missing.push(refused))
+                .ok(),
+            Err(reason) if reason == NOT_SWEEPING => None,
+            Err(reason) => {
+                missing.push(MissingFeature::iterator_because(reason));
+                None
+            }
+        }
+        .map(Arc::new);
         maps::set_agent_pid(&mut ebpf)?;
         Ok(Self {
             ebpf,
