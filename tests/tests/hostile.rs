@@ -266,5 +266,7 @@ fn probes_and_signals_are_answered_during_a_sweep_of_30000_connections() {
     let stopped_in = stopping.elapsed();
     eprintln!("figure: SIGTERM during a sweep ({sweeping}): exited in {stopped_in:?}");
     assert!(sweeping, "the second sweep was over before the signal");
-    assert!(stopped_in < SECOND, "{stopped_in:?}");
+    // The process ends once each thread is back from the kernel: the sweep thread may be in one
+    // read of the iterator (a page of outcomes), which takes about a second under emulation.
+    assert!(stopped_in < 3 * SECOND, "{stopped_in:?}");
 }
