@@ -26,9 +26,6 @@ use crate::{
     policy::CgroupPath,
 };
 
-/// Why the sweep program was not loaded when the agent never sweeps (not a kernel's lack).
-const NOT_SWEEPING: &str = "existing connections are left alone";
-
 /// The compiled programs, built by build.rs.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keepalive"));
 
@@ -77,17 +74,13 @@ impl Enforcer {
         } else {
             2
         };
-        let offsets = if sweeps {
-            Btf::kernel()
-                .and_then(|btf| btf.sock_offsets())
-                .map_err(|e| e.to_string())
-        } else {
-            Err(NOT_SWEEPING.to_owned())
-        };
+        // None: the agent never sweeps, so the kernel's BTF is not read (not a kernel's lack).
+        let offsets = sweeps.then(|| Btf::kernel().and_then(|btf| btf.sock_offsets()));
         let mut loader = EbpfLoader::new();
         loader.override_global(STAGE, &stage, true);
         let zero = SockOffsets::default();
-        loader.override_global(SOCK_OFFSETS, offsets.as_ref().unwrap_or(&zero), true);
+        let found = offsets.as_ref().and_then(|offsets| offsets.as_ref().ok());
+        loader.override_global(SOCK_OFFSETS, found.unwrap_or(&zero), true);
         loader.override_global(aya_log::LEVEL, &kernel_log, false);
         if let Some(pins) = &pins {
             for name in maps::PINNED {
@@ -116,14 +109,14 @@ impl Enforcer {
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         missing.extend(MissingFeature::reads(release.trim()));
         let iterator = match offsets {
-            Ok(_) => sweep_program(&mut ebpf)
+            Some(Ok(_)) => sweep_program(&mut ebpf)
                 .map_err(|refused| missing.push(refused))
                 .ok(),
-            Err(reason) if reason == NOT_SWEEPING => None,
-            Err(reason) => {
-                missing.push(MissingFeature::iterator_because(reason));
+            Some(Err(error)) => {
+                missing.push(MissingFeature::iterator_because(error.to_string()));
                 None
             }
+            None => None,
         }
         .map(Arc::new);
         maps::set_agent_pid(&mut ebpf)?;
