@@ -83,11 +83,14 @@ impl InstanceLock {
         }
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if !dir.exists() {
-                return Ok((None, pid));
-            }
-            if let Some(lock) = try_lock(dir)? {
-                return Ok((Some(lock), pid));
+            match try_lock(dir) {
+                Ok(Some(lock)) => return Ok((Some(lock), pid)),
+                Ok(None) => {}
+                // Removed as the agent stopped, possibly between two steps of this loop.
+                Err(InstanceError::Io { error, .. }) if error.kind() == io::ErrorKind::NotFound => {
+                    return Ok((None, pid));
+                }
+                Err(error) => return Err(error),
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -164,5 +167,28 @@ mod tests {
         drop(first);
         assert!(InstanceLock::acquire(&dir).is_ok());
         let _ignored = std::fs::remove_dir(&dir);
+    }
+
+    #[test]
+    fn a_directory_removed_while_waiting_means_the_holder_stopped() {
+        let dir = std::env::temp_dir().join(format!("ka-instance-gone-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let held = InstanceLock::acquire(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let remover = {
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(30));
+                std::fs::remove_dir(&dir).unwrap_or_else(|e| panic!("{e}"));
+                drop(held);
+            })
+        };
+        // Signal 0 sends nothing: the removal alone ends the wait.
+        let replaced = InstanceLock::replace(&dir, 0, Duration::from_secs(5));
+        remover.join().unwrap_or_else(|_| panic!("remover thread"));
+        assert!(
+            matches!(replaced, Ok((None, Some(_)))),
+            "{:?}",
+            replaced.map(|(lock, pid)| (lock.is_some(), pid))
+        );
     }
 }
