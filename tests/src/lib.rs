@@ -162,6 +162,27 @@ pub fn agent_bin() -> std::path::PathBuf {
     }
 }
 
+/// Runs `command` to its end; panics with the command and its stderr unless it succeeded.
+pub fn succeeds(command: &mut std::process::Command) -> std::process::Output {
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{command:?}: {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs the agent binary with `args`, as [`succeeds`].
+pub fn agent_succeeds<S: AsRef<std::ffi::OsStr>>(
+    args: impl IntoIterator<Item = S>,
+) -> std::process::Output {
+    succeeds(std::process::Command::new(agent_bin()).args(args))
+}
+
 /// A binary of the workspace in the running binary's target directory: beside it (a benchmark
 /// in target/<profile>/) or one level up (a test in target/<profile>/deps/).
 pub(crate) fn target_bin(name: &str) -> std::path::PathBuf {

@@ -10,7 +10,7 @@ use std::{
 
 use keepalive_tests::{
     AgentPlaces, Keepalive, Netns, Placement, TempDir, TestCgroup, Workload, agent_bin, connect,
-    require_host,
+    require_host, succeeds,
 };
 
 const LOG_WAIT: Duration = Duration::from_secs(10);
@@ -122,15 +122,10 @@ fn check_validates_without_loading_and_names_file_line_field_and_range() {
     let dir = TempDir::new();
     let good = dir.join("good.toml");
     fs::write(&good, include_str!("../../examples/policy.toml")).unwrap();
-    let out = Command::new(agent_bin())
-        .args(["check", "--config"])
-        .arg(&good)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeeds(
+        Command::new(agent_bin())
+            .args(["check", "--config"])
+            .arg(&good),
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok: 4 rule(s)"));
 

@@ -9,20 +9,15 @@ use std::{
     process::{Command, Output},
 };
 
-use keepalive_tests::{TempDir, agent_bin};
+use keepalive_tests::{TempDir, agent_bin, succeeds};
 
 /// `keepalive-agent generate --out-dir <temporary>`.
 fn generated() -> TempDir {
     let dir = TempDir::new();
-    let out = Command::new(agent_bin())
-        .args(["generate", "--out-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeeds(
+        Command::new(agent_bin())
+            .args(["generate", "--out-dir"])
+            .arg(dir.path()),
     );
     dir
 }

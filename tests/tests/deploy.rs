@@ -10,6 +10,7 @@ use std::{fs, path::Path, process::Command};
 use keepalive_tests::{
     TempDir, agent_bin, image, manifests,
     repo::{assert_agent_accepts, read, root as repo},
+    succeeds,
 };
 use serde_json::Value;
 
@@ -64,15 +65,10 @@ fn the_configmap_policy_checks_and_the_daemonset_arguments_parse() {
         .as_str()
         .unwrap();
     assert_eq!(policy, read("deploy/kubernetes/policy.toml"));
-    let check = Command::new(agent_bin())
-        .args(["check", "--config"])
-        .arg(repo().join("deploy/kubernetes/policy.toml"))
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
+    succeeds(
+        Command::new(agent_bin())
+            .args(["check", "--config"])
+            .arg(repo().join("deploy/kubernetes/policy.toml")),
     );
 
     let container = agent_container(&documents);

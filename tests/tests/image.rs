@@ -9,7 +9,7 @@ use std::{fs, process::Command, time::Duration};
 use keepalive_tests::{
     AgentPlaces, Netns, Placement, TestCgroup, connect, image, kernel_links,
     repo::{assert_agent_accepts, read},
-    require_host,
+    require_host, succeeds,
 };
 
 /// The image's command line parses.
@@ -173,15 +173,10 @@ fn the_agent_in_the_image_is_static_and_runs_from_its_policy() {
         read("deploy/kubernetes/policy.toml"),
         "the image carries the DaemonSet's default policy"
     );
-    let check = Command::new(&agent)
-        .args(["check", "--config"])
-        .arg(&policy)
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
+    succeeds(
+        Command::new(&agent)
+            .args(["check", "--config"])
+            .arg(&policy),
     );
 }
 

@@ -10,7 +10,7 @@ use std::{
 };
 
 use keepalive_tests::{
-    AgentPlaces, Netns, Placement, TestCgroup, Workload, agent_bin, connect,
+    AgentPlaces, Netns, Placement, TestCgroup, Workload, agent_bin, agent_succeeds, connect,
     http::{get_within, metrics_addr, sample},
     kernel_links, links_per_cgroup, poll, require_host, wait_for,
 };
@@ -61,15 +61,7 @@ fn a_second_agent_is_refused_and_a_take_over_hands_over() {
     // check and status work beside it.
     let policy = places.state_dir().with_file_name("policy.toml");
     std::fs::write(&policy, "[default]\ncount = 4\n").unwrap();
-    let check = Command::new(agent_bin())
-        .args(["check", "--config", policy.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
+    agent_succeeds(["check", "--config", policy.to_str().unwrap()]);
     let status = places.command(agent_bin(), &["status", "--json"]);
     let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(json["agent_running"], true);

@@ -3,7 +3,7 @@
 #![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 
 use super::{Engine, TestContainer};
-use crate::{AgentPlaces, agent_bin};
+use crate::{AgentPlaces, agent_bin, agent_succeeds};
 
 /// The engine options that point the agent at `engine` only; the other engines' sockets point
 /// nowhere.
@@ -42,15 +42,7 @@ pub fn expect_scan(
     args.push(container.cgroup.as_str().to_string());
     args.extend(engine_options(places, engine));
     // Scan loads nothing: no pin directory, and the policy is the file given.
-    let out = std::process::Command::new(agent_bin())
-        .args(&args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = agent_succeeds(&args);
     let connections: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
