@@ -115,18 +115,12 @@ impl Drop for Unpacked {
 }
 
 fn tar(args: &[&str], archive: &Path, into: &Path) {
-    let out = Command::new("tar")
-        .args(args)
-        .arg(archive)
-        .arg("-C")
-        .arg(into)
-        .output()
-        .expect("run tar");
-    assert!(
-        out.status.success(),
-        "tar {args:?} {}: {}",
-        archive.display(),
-        String::from_utf8_lossy(&out.stderr)
+    crate::succeeds(
+        Command::new("tar")
+            .args(args)
+            .arg(archive)
+            .arg("-C")
+            .arg(into),
     );
 }
 

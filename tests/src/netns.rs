@@ -6,7 +6,7 @@ use std::{
     process::{Command, Output},
 };
 
-use crate::{cleanup_failed, unique_name};
+use crate::{cleanup_failed, succeeds, unique_name};
 
 /// A fresh network namespace with `lo` up, deleted on drop.
 #[derive(Debug)]
@@ -22,7 +22,7 @@ impl Netns {
     )]
     pub fn new() -> Self {
         let name = unique_name();
-        run(Command::new("ip").args(["netns", "add", &name]));
+        succeeds(Command::new("ip").args(["netns", "add", &name]));
         let ns = Self {
             file: File::open(format!("/run/netns/{name}"))
                 .unwrap_or_else(|e| panic!("cannot open netns {name}: {e}")),
@@ -38,14 +38,16 @@ impl Netns {
 
     /// `ip -n NAME ARGS...`, which must succeed.
     pub fn ip(&self, args: &[&str]) -> Output {
-        run(Command::new("ip").arg("-n").arg(&self.name).args(args))
+        succeeds(Command::new("ip").arg("-n").arg(&self.name).args(args))
     }
 
     /// Runs `program ARGS...` inside the namespace (`ip netns exec`), which must succeed.
     pub fn exec(&self, program: &str, args: &[&str]) -> Output {
-        run(Command::new("ip")
-            .args(["netns", "exec", &self.name, program])
-            .args(args))
+        succeeds(
+            Command::new("ip")
+                .args(["netns", "exec", &self.name, program])
+                .args(args),
+        )
     }
 
     /// Loads an nftables ruleset into this namespace (`nft -f -`).
@@ -144,7 +146,7 @@ impl Veth {
             b_v6: format!("fd00:250:{n}::2"),
         };
         let (a_dev, b_dev) = (Self::device(n, 'a'), Self::device(n, 'b'));
-        run(Command::new("ip").args([
+        succeeds(Command::new("ip").args([
             "link",
             "add",
             &a_dev,
@@ -290,18 +292,6 @@ fn parse_netstat(text: &str, group: &str, counter: &str) -> Option<u64> {
         }
     }
     None
-}
-
-fn run(command: &mut Command) -> Output {
-    let out = command
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{command:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    out
 }
 
 #[cfg(test)]
