@@ -69,6 +69,18 @@ pub fn require_host() -> keepalive_common::host::Host {
     host
 }
 
+/// From this release the agent's iterator program loads: bpf_setsockopt in TCP iterators
+/// (5.14, 3cee6fb8e69e) and the socket's cgroup pointer where it reads it (5.15, 8520e224f547).
+const ITERATOR_FROM: (u32, u32) = (5, 15);
+
+/// Whether the running kernel offers the in-kernel sweep of existing connections.
+pub fn kernel_offers_iterator() -> bool {
+    let release = require_host().kernel_release;
+    keepalive_common::host::parse_kernel_version(&release)
+        .unwrap_or_else(|| panic!("unreadable kernel release {release:?}"))
+        >= ITERATOR_FROM
+}
+
 /// Removes cgroups and network namespaces of earlier test runs whose process is gone.
 fn sweep_stale(host: &keepalive_common::host::Host) {
     let stale = |name: &str| {

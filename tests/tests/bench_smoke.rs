@@ -4,7 +4,7 @@
 
 use std::fs;
 
-use keepalive_tests::{TempDir, agent_bin, require_host};
+use keepalive_tests::{TempDir, agent_bin, kernel_offers_iterator, require_host};
 
 #[test]
 fn quick_benchmark_writes_table_json_and_plot() {
@@ -49,9 +49,7 @@ fn quick_benchmark_writes_table_json_and_plot() {
         "the floor program and the application setting the options: {variants:?}"
     );
     // The in-kernel sweep's target needs the iterator program (Linux 5.15+).
-    let version = keepalive_common::host::parse_kernel_version(&require_host().kernel_release)
-        .unwrap_or((0, 0));
-    let in_kernel = version >= (5, 15);
+    let in_kernel = kernel_offers_iterator();
     assert_eq!(
         json["targets"].as_array().map(Vec::len),
         Some(if in_kernel { 6 } else { 5 }),

@@ -6,22 +6,12 @@
 use std::time::Duration;
 
 use keepalive_agent::Enforcer;
-use keepalive_common::{Outcome, Stage, host::parse_kernel_version};
+use keepalive_common::{Outcome, Stage};
 use keepalive_tests::{
     AgentCopy, AgentPlaces, Connection, Keepalive, Netns, Placement, TestCgroup, Workload, connect,
-    load_enforcer,
+    kernel_offers_iterator, load_enforcer,
     policy::{parse, rule_values},
-    require_host,
 };
-
-/// From this release the iterator program loads: bpf_setsockopt in TCP iterators (5.14,
-/// 3cee6fb8e69e) and the socket's cgroup pointer where it reads it (5.15, 8520e224f547).
-const ITERATOR_FROM: (u32, u32) = (5, 15);
-
-fn kernel_offers_iterator() -> bool {
-    let host = require_host();
-    parse_kernel_version(&host.kernel_release).unwrap() >= ITERATOR_FROM
-}
 
 /// Four connections in `cgroup` (IPv4 and IPv6, each end in the cgroup) and one in `outside`.
 fn connections(cgroup: &TestCgroup, outside: &TestCgroup, netns: &Netns) -> [Connection; 3] {

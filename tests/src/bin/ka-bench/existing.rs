@@ -100,9 +100,7 @@ fn step(bench: &Bench, connections: usize, processes: usize) -> ExistingRow {
 
 /// The paths this kernel offers, the iterator first.
 fn paths() -> Vec<&'static str> {
-    let release = keepalive_tests::require_host().kernel_release;
-    let version = keepalive_common::host::parse_kernel_version(&release).unwrap_or((0, 0));
-    if version >= (5, 15) {
+    if keepalive_tests::kernel_offers_iterator() {
         vec!["iterator", "descriptors"]
     } else {
         vec!["descriptors"]
