@@ -29,6 +29,15 @@ impl AgentPlaces {
         self.root.join("bpffs")
     }
 
+    /// Mounts a bpffs of its own at [`Self::bpffs`], as systemd does at /sys/fs/bpf on a host,
+    /// for an agent that only sees it through a bind mount (a container). An agent run on the
+    /// host mounts it itself when missing. Unmounted on drop.
+    pub fn mount_bpffs(&self) {
+        let bpffs = self.bpffs();
+        PinDir::prepare(&bpffs)
+            .unwrap_or_else(|e| panic!("cannot mount bpffs at {}: {e}", bpffs.display()));
+    }
+
     pub fn state_dir(&self) -> PathBuf {
         self.root.join("state")
     }

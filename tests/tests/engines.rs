@@ -8,8 +8,8 @@ use std::{path::PathBuf, time::Duration};
 use keepalive_tests::{
     AgentPlaces, TestCgroup, agent_bin,
     engines::{
-        Engine, HostPins, SERVE_AND_CONNECT, TestContainer, agent_container_args,
-        connected_sockets, engine_options, expect_explain, expect_idle, expect_scan,
+        Engine, SERVE_AND_CONNECT, TestContainer, agent_container_args, connected_sockets,
+        engine_options, expect_explain, expect_idle, expect_scan,
     },
     poll, require_host, unique_name, wait_for,
 };
@@ -219,7 +219,7 @@ fn logs(engine: &Engine, id: &str) -> String {
 }
 
 /// The agent's image (`cargo xtask image`, env `KA_AGENT_IMAGE`) run by Docker the way the
-/// DaemonSet runs it: host PID and cgroup namespaces, /sys/fs/bpf and /sys/fs/cgroup from the
+/// DaemonSet runs it: host PID and cgroup namespaces, a bpffs and /sys/fs/cgroup from the
 /// host, the engine's socket mounted at its default path, capabilities instead of
 /// `--privileged` (which this kernel refuses: see docs/operations.md).
 #[test]
@@ -243,11 +243,11 @@ fn the_agent_image_as_a_container_enforces_by_labels() {
     wait_connected(&before_pay);
     wait_connected(&before_shop);
 
-    let pins = HostPins::new();
     let places = AgentPlaces::new();
+    places.mount_bpffs();
     let (config, _file) = policy_file("/docker/*");
     std::fs::create_dir_all(places.state_dir()).unwrap();
-    let args = agent_container_args(&docker, &places, &config, &pins);
+    let args = agent_container_args(&docker, &places, &config);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let agent = docker.run_raw(&refs);
     let following = poll(LOG_WAIT, || {

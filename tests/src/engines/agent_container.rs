@@ -1,53 +1,21 @@
 //! The agent's own image run as a container by an engine, the way the DaemonSet runs it: its
-//! `docker run` arguments, and the host bpffs directory it pins in.
+//! `docker run` arguments.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::Engine;
-use crate::{AgentPlaces, unique_name};
-
-/// A directory in the host's bpffs for an agent running as a container (it pins there); the
-/// pins and the directory are removed on drop.
-#[derive(Debug)]
-pub struct HostPins(PathBuf);
-
-impl HostPins {
-    #[expect(
-        clippy::new_without_default,
-        reason = "creating a directory is not a default value"
-    )]
-    pub fn new() -> Self {
-        let dir = PathBuf::from("/sys/fs/bpf").join(unique_name());
-        std::fs::create_dir(&dir).unwrap_or_else(|e| {
-            panic!(
-                "cannot create {} (bpffs at /sys/fs/bpf?): {e}",
-                dir.display()
-            )
-        });
-        Self(dir)
-    }
-}
-
-impl Drop for HostPins {
-    fn drop(&mut self) {
-        let _ignored = keepalive_agent::bpffs::PinDir::at(&self.0).remove();
-        let _ignored = std::fs::remove_dir(&self.0);
-    }
-}
+use crate::AgentPlaces;
 
 /// `docker run` arguments for the agent's image as the DaemonSet runs it (the test
 /// `the_agent_image_as_a_container_enforces_by_labels`): the policy file `config`, the
-/// engine's socket, the host's bpffs and cgroups, `places`' state directory, pins in `pins`.
-pub fn agent_container_args(
-    docker: &Engine,
-    places: &AgentPlaces,
-    config: &Path,
-    pins: &HostPins,
-) -> Vec<String> {
+/// engine's socket, the host's cgroups, and `places`' state directory and bpffs as the
+/// container's /sys/fs/bpf (what systemd mounts at /sys/fs/bpf on a host; the test mounts its
+/// own, see [`AgentPlaces::mount_bpffs`], so it needs nothing mounted on the machine).
+pub fn agent_container_args(docker: &Engine, places: &AgentPlaces, config: &Path) -> Vec<String> {
     let mounts = [
         format!("{}:/etc/keepalive-agent/policy.toml:ro", config.display()),
         format!("{}:/run/docker.sock", docker.socket().display()),
-        "/sys/fs/bpf:/sys/fs/bpf".to_string(),
+        format!("{}:/sys/fs/bpf", places.bpffs().display()),
         "/sys/fs/cgroup:/sys/fs/cgroup".to_string(),
         format!("{}:/run/keepalive-agent", places.state_dir().display()),
     ];
@@ -74,7 +42,7 @@ pub fn agent_container_args(
         "--config".into(),
         "/etc/keepalive-agent/policy.toml".into(),
         "--bpffs".into(),
-        pins.0.display().to_string(),
+        "/sys/fs/bpf".into(),
         "--no-metrics".into(),
     ]);
     args

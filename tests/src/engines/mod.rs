@@ -23,7 +23,7 @@ mod inspect;
 mod setup;
 mod sockets;
 
-pub use agent_container::{HostPins, agent_container_args};
+pub use agent_container::agent_container_args;
 pub use inspect::{engine_options, expect_explain, expect_scan};
 pub use setup::busybox_rootfs;
 use setup::{
