@@ -20,7 +20,10 @@ use std::{
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
-use crate::{cmd::run_status, toolchain::Toolchain};
+use crate::{
+    cmd::{as_on_a_fresh_machine, run_status},
+    toolchain::Toolchain,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -174,15 +177,15 @@ fn test(
         let python = packages::ensure_python_tools(&toolchain::cache_dir()?)?;
         // The tests check the image and run the agent as a container from it.
         let image = image::build(workspace, &toolchain, None)?;
-        run_status(
-            cargo(workspace, &toolchain)?
-                .args(["test", "--locked", "--no-fail-fast"])
-                .args(test_args)
-                .env("KEEPALIVE_AGENT_BIN", &agent)
-                .env("KUBERNETES_VALIDATE", python.kubernetes_validate)
-                .env("KUBECTL", python.kubectl)
-                .env("KA_AGENT_IMAGE", image),
-        )?;
+        let mut tests = cargo(workspace, &toolchain)?;
+        tests
+            .args(["test", "--locked", "--no-fail-fast"])
+            .args(test_args)
+            .env("KEEPALIVE_AGENT_BIN", &agent)
+            .env("KUBERNETES_VALIDATE", python.kubernetes_validate)
+            .env("KUBECTL", python.kubectl)
+            .env("KA_AGENT_IMAGE", image);
+        run_status(&mut as_on_a_fresh_machine(&tests))?;
     }
     if targets.kernels.is_empty() {
         return Ok(());

@@ -16,6 +16,10 @@ pub(crate) type Need = (&'static str, &'static str);
 
 /// What the privileged tests drive. The quick benchmark run among them uses libkeepalive too.
 pub(crate) const TEST: &[Need] = &[
+    // The host suite runs in a private mount namespace without /sys/fs/bpf (as a fresh
+    // machine has it): xtask's cmd::as_on_a_fresh_machine.
+    ("unshare", "util-linux"),
+    ("mountpoint", "util-linux"),
     ("ip", "iproute2"),
     ("ss", "iproute2"),
     ("nft", "nftables"),
@@ -79,10 +83,19 @@ pub(crate) fn ensure(needs: &[Need]) -> anyhow::Result<()> {
         );
     }
     eprintln!("xtask: installing Debian packages {}", packages.join(" "));
-    run_status(Command::new("apt-get").args(["update", "-qq"]))?;
+    // Another apt (an unattended upgrade, a second xtask) may hold dpkg's lock: wait for it.
+    let lock_wait = "DPkg::Lock::Timeout=600";
+    run_status(Command::new("apt-get").args(["-o", lock_wait, "update", "-qq"]))?;
     run_status(
         Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args([
+                "-o",
+                lock_wait,
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+            ])
             .args(&packages)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
