@@ -125,7 +125,8 @@ pub enum Command {
     /// List every established TCP connection of the host (every network namespace) with its
     /// process, cgroup and keepalive, and what a policy would do to it; changes nothing.
     ///
-    /// The policy is --config FILE, else the running agent's (read from its state directory).
+    /// The policy is --config FILE, else the running agent's (read from its state directory),
+    /// else the installed /etc/keepalive-agent/policy.toml, else the built-in default.
     /// Each connection's keepalive options are read from the socket itself, through a
     /// duplicate of its owner's descriptor; the action is what `run` would do (the same
     /// precedence and mode code). Below the list, a summary per cgroup. Rights: reading other

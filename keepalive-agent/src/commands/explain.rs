@@ -13,7 +13,8 @@ use crate::policy::{
 
 #[derive(Debug, Args)]
 pub struct ExplainArgs {
-    /// Policy file to explain; without it, the running agent's policy.
+    /// Policy file to explain; without it, the running agent's policy, else the installed
+    /// /etc/keepalive-agent/policy.toml, else the built-in default (the output says which).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 

@@ -1,6 +1,6 @@
 //! The policy `scan` and `explain` judge by: a file, or the one the running agent enforces
 //! (found through its state file: the policy file it reads, with the scopes in force, or the
-//! command line's values).
+//! command line's values); with neither, the installed policy, else the built-in default.
 
 use std::path::{Path, PathBuf};
 
@@ -35,8 +35,16 @@ pub struct Source {
     pub notes: Vec<String>,
 }
 
-/// `config`, else the running agent's policy.
+/// Where the packages install the policy, and the unit and the image read it.
+pub const INSTALLED_POLICY: &str = "/etc/keepalive-agent/policy.toml";
+
+/// `config`, else the running agent's policy, else the installed policy file, else the
+/// built-in default (what `run` enforces without --config).
 pub fn load(config: Option<&Path>, state_dir: &Path) -> anyhow::Result<Source> {
+    load_from(config, state_dir, Path::new(INSTALLED_POLICY))
+}
+
+fn load_from(config: Option<&Path>, state_dir: &Path, installed: &Path) -> anyhow::Result<Source> {
     if let Some(path) = config {
         return Ok(Source {
             policy: file::load(path)?,
@@ -44,13 +52,30 @@ pub fn load(config: Option<&Path>, state_dir: &Path) -> anyhow::Result<Source> {
             notes: Vec::new(),
         });
     }
-    let state = State::read(state_dir).with_context(|| {
-        format!(
-            "no --config, and no running agent's state in {}: give --config FILE (or \
-             --state-dir of the agent)",
+    let Some(state) = State::read(state_dir) else {
+        let no_agent = format!(
+            "no agent's state in {} (none running, or give --state-dir of the agent)",
             State::path(state_dir).display()
-        )
-    })?;
+        );
+        if installed.exists() {
+            return Ok(Source {
+                policy: file::load(installed)?,
+                description: installed.display().to_string(),
+                notes: vec![format!(
+                    "{no_agent}: judging by the installed policy; --config FILE for another"
+                )],
+            });
+        }
+        return Ok(Source {
+            policy: Policy::enforce(Values::default(), vec![CgroupPath::root()]),
+            description: "the built-in default (what `run` enforces without --config)".into(),
+            notes: vec![format!(
+                "{no_agent}, and no {}: judging by the built-in default; --config FILE for \
+                 another",
+                installed.display()
+            )],
+        });
+    };
     let mut notes = Vec::new();
     if !state::alive(state.pid) {
         notes.push(format!(
@@ -156,10 +181,45 @@ mod tests {
             source.notes
         );
         let _ignored = std::fs::remove_dir_all(&dir);
-        let missing = load(None, &dir)
-            .err()
-            .map(|e| format!("{e:#}"))
-            .unwrap_or_default();
-        assert!(missing.contains("--config"), "{missing}");
+    }
+
+    #[test]
+    fn without_an_agent_the_installed_policy_then_the_default_is_judged_by() {
+        let dir = temp_dir();
+        let installed = dir.join("installed.toml");
+        let state_dir = dir.join("no-agent");
+        let source = load_from(None, &state_dir, &installed).unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(
+            source.policy,
+            Policy::enforce(Values::default(), vec![CgroupPath::root()])
+        );
+        assert!(source.description.contains("built-in default"));
+        assert!(
+            source
+                .notes
+                .iter()
+                .any(|note| note.contains("no agent's state")
+                    && note.contains(&installed.display().to_string())),
+            "{:?}",
+            source.notes
+        );
+
+        std::fs::write(
+            &installed,
+            "[[rule]]\nname = \"db\"\nremote_port = 5432\nidle = \"20s\"\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let source = load_from(None, &state_dir, &installed).unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(source.description, installed.display().to_string());
+        assert_eq!(source.policy.rules.len(), 1, "{:?}", source.policy);
+        assert!(
+            source
+                .notes
+                .iter()
+                .any(|note| note.contains("installed policy")),
+            "{:?}",
+            source.notes
+        );
+        let _ignored = std::fs::remove_dir_all(&dir);
     }
 }

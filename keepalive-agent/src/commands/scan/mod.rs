@@ -34,7 +34,9 @@ use crate::{
 
 #[derive(Debug, Args)]
 pub struct ScanArgs {
-    /// Policy file to judge connections by; without it, the running agent's policy.
+    /// Policy file to judge connections by; without it, the running agent's policy, else the
+    /// installed /etc/keepalive-agent/policy.toml, else the built-in default (the output says
+    /// which).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
