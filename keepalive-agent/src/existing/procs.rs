@@ -48,6 +48,26 @@ pub(crate) fn walk(
     Ok(())
 }
 
+/// Whether reading `/proc/PID/...` failed because the process is not ours to look at. A
+/// process that exits while it is read fails the same way (EACCES: the kernel's ptrace check
+/// refuses a task whose memory is gone, even to root), so a process that has exited or is a
+/// zombie by now is not counted as refused.
+fn refused(error: &io::Error, pid: u32) -> bool {
+    error.kind() == io::ErrorKind::PermissionDenied && !exited(pid)
+}
+
+/// Whether `pid` is gone or a zombie (its `stat` state is Z or X).
+fn exited(pid: u32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    // pid (comm) STATE ...: comm may hold spaces and parentheses, the state follows the last ')'.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    matches!(state, Some("Z" | "X" | "x"))
+}
+
 /// Who holds which socket, and where each network namespace can be entered.
 #[derive(Debug, Default)]
 pub(crate) struct Holders {
@@ -68,7 +88,7 @@ impl Holders {
             let netns = match fs::metadata(format!("/proc/{pid}/ns/net")) {
                 Ok(netns) => netns,
                 Err(error) => {
-                    if error.kind() == io::ErrorKind::PermissionDenied {
+                    if refused(&error, pid) {
                         holders.unlisted += 1;
                     }
                     continue; // exited, or not ours to look at
@@ -116,7 +136,7 @@ impl Holders {
         let fds = match fs::read_dir(format!("/proc/{pid}/fd")) {
             Ok(fds) => fds,
             Err(error) => {
-                if error.kind() == io::ErrorKind::PermissionDenied {
+                if refused(&error, pid) {
                     self.unlisted += 1;
                 }
                 return;
@@ -231,4 +251,31 @@ impl Socket for FdSocket {
 /// The kernel's convention, which `enforce::Socket` follows.
 fn negative_errno(error: io::Error) -> i64 {
     -i64::from(error.raw_os_error().unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    #[test]
+    fn a_zombie_or_a_vanished_process_has_exited_a_live_one_has_not() {
+        assert!(!exited(std::process::id()));
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run true: {e}"));
+        let pid = child.id();
+        // Not reaped yet: a zombie once it has exited.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !exited(pid) {
+            assert!(Instant::now() < deadline, "pid {pid} never became a zombie");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _status = child.wait();
+        assert!(exited(pid), "a reaped child is gone");
+        let denied = io::Error::from(io::ErrorKind::PermissionDenied);
+        assert!(!refused(&denied, pid), "gone, not refused");
+        assert!(refused(&denied, std::process::id()));
+    }
 }

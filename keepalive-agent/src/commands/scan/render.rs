@@ -212,7 +212,8 @@ pub fn table(report: &Report, out: &mut impl io::Write) -> io::Result<()> {
     if report.hidden_processes > 0 {
         writeln!(
             out,
-            "processes not looked at: {} (their namespaces and descriptors need CAP_SYS_PTRACE)",
+            "processes not looked at: {} (reading their namespaces and descriptors was refused: \
+             run scan as root, with CAP_SYS_PTRACE)",
             report.hidden_processes
         )?;
     }
