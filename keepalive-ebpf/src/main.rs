@@ -22,8 +22,8 @@
               is what we need; its replacement is keyed by a cgroup pointer sock_ops cannot get"
 )]
 
+mod bpf_maps;
 mod counters;
-mod lookup;
 mod setsockopt;
 mod socket;
 mod sweep;
@@ -124,8 +124,8 @@ fn ka_sockops(ctx: SockOpsContext) -> u32 {
     }
     ctx.set_reply(HANDLED_MARK);
 
-    let peer = lookup::sock_ops_peer(&ctx);
-    let rule = lookup::decide(record, &peer, direction);
+    let peer = bpf_maps::sock_ops_peer(&ctx);
+    let rule = bpf_maps::decide(record, &peer, direction);
     if stage == Stage::Lookup as u32 {
         return 1;
     }
@@ -138,7 +138,7 @@ fn ka_sockops(ctx: SockOpsContext) -> u32 {
         } else {
             OUTBOUND
         };
-        if lookup::decide(record, &peer, other) != rule {
+        if bpf_maps::decide(record, &peer, other) != rule {
             setsockopt::remember_direction(&ctx, direction);
         }
     }

@@ -27,9 +27,8 @@ use keepalive_common::{
 };
 
 use crate::{
-    KA_AGENT, KA_CGROUPS, KA_DIRECTION,
+    KA_AGENT, KA_CGROUPS, KA_DIRECTION, bpf_maps,
     counters::{bump, count_outcome},
-    lookup,
 };
 
 /// `IPPROTO_TCP` (`<linux/in.h>`; aya-ebpf-bindings does not carry the protocol numbers).
@@ -120,16 +119,16 @@ fn hold_to_rule(ctx: &SockoptContext) {
         return;
     };
     bump(Stat::AppSetsockopt);
-    let peer = lookup::bpf_sock_peer(socket);
+    let peer = bpf_maps::bpf_sock_peer(socket);
     let rule = if record.has(REMEMBER_DIRECTION) {
         match remembered_direction(sk) {
-            Some(direction) => lookup::decide(&record, &peer, direction),
+            Some(direction) => bpf_maps::decide(&record, &peer, direction),
             None => {
                 // Not remembered: both directions lead to the same rule (sock_ops remembers
                 // only where they differ), or the socket predates the policy; act only when
                 // they agree.
-                let outbound = lookup::decide(&record, &peer, OUTBOUND);
-                if outbound != lookup::decide(&record, &peer, INBOUND) {
+                let outbound = bpf_maps::decide(&record, &peer, OUTBOUND);
+                if outbound != bpf_maps::decide(&record, &peer, INBOUND) {
                     return;
                 }
                 outbound
@@ -137,7 +136,7 @@ fn hold_to_rule(ctx: &SockoptContext) {
         }
     } else {
         // No locked rule depends on the direction: either gives the same verdict.
-        lookup::decide(&record, &peer, OUTBOUND)
+        bpf_maps::decide(&record, &peer, OUTBOUND)
     };
     // SAFETY: 4 bytes within [optval, optval_end), checked above.
     let value = unsafe { optval.cast::<i32>().read_unaligned() };

@@ -26,7 +26,7 @@ use keepalive_common::{
     limits,
 };
 
-use crate::{NO_PREALLOC, lookup, socket::HelperSocket};
+use crate::{NO_PREALLOC, bpf_maps, socket::HelperSocket};
 
 /// `TCP_ESTABLISHED` and `TCP_LISTEN` (`<net/tcp_states.h>`).
 const TCP_ESTABLISHED: u8 = 1;
@@ -129,8 +129,8 @@ extern "C" fn ka_sweep(ctx: *mut c_void) -> i32 {
     ) else {
         return 0;
     };
-    let peer = lookup::sock_common_peer(family, remote_ip4, remote_ip6, remote_port, local_port);
-    let rule = lookup::decide(&record, &peer, direction);
+    let peer = bpf_maps::sock_common_peer(family, remote_ip4, remote_ip6, remote_port, local_port);
+    let rule = bpf_maps::decide(&record, &peer, direction);
     let applied = enforce::apply(&rule, &mut HelperSocket::tcp_sock(tcp_sock));
     let outcome = applied.outcome as u8;
     // SAFETY: `meta` is the iterator's, valid for the run; one byte from the stack.

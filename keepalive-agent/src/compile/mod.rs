@@ -20,10 +20,10 @@
 //! kernel's own lookup algorithm (`keepalive_common::lookup`), for tests and the fuzzer (feature
 //! `test-support`).
 
-#[cfg(any(test, feature = "test-support"))]
-mod lookup;
 mod prefixes;
 mod ruleset;
+#[cfg(any(test, feature = "test-support"))]
+mod tables_as_maps;
 
 use std::collections::{BTreeMap, HashMap};
 
