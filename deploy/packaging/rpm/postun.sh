@@ -1,0 +1,11 @@
+# keepalive-agent's %postun ($1: 0 on erase). An edited policy is kept as policy.toml.rpmsave
+# (%config(noreplace)); the status state under /run/keepalive-agent goes.
+if [ "$1" -eq 0 ]; then
+	dropin=/usr/lib/systemd/system/keepalive-agent.service.d/before-systemd-253.conf
+	rm -f "$dropin"
+	rmdir "${dropin%/*}" 2>/dev/null || :
+	rm -rf /run/keepalive-agent
+fi
+if [ -d /run/systemd/system ]; then
+	systemctl daemon-reload >/dev/null 2>&1 || :
+fi
