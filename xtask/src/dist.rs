@@ -60,7 +60,13 @@ pub(crate) fn dist(workspace: &Path, toolchain: &Toolchain) -> anyhow::Result<Pa
     }
     let agent = stage.join("keepalive-agent");
     copy(&built, &agent)?;
-    run_status(Command::new("strip").arg(&agent))?;
+    // Symbols and the linker's .comment go; the image keeps them (backtraces), a package
+    // carries what Debian's and Fedora's policies ask.
+    run_status(
+        Command::new("strip")
+            .arg("--remove-section=.comment")
+            .arg(&agent),
+    )?;
     copy(&agent, &dist.join("keepalive-agent"))?;
 
     // The manual install (docs/operations.md) puts the binary in /usr/local/bin, as the unit
@@ -207,9 +213,9 @@ fn changelog(workspace: &Path, epoch: &str) -> anyhow::Result<String> {
         .map(|value| value.trim_matches('"'))
         .context("keepalive-agent/Cargo.toml has no [package.metadata.deb] maintainer")?;
     Ok(format!(
-        "keepalive-agent ({VERSION}-{REVISION}) unstable; urgency=medium\n\n  * keepalive-agent \
-         {VERSION}, built from commit {}.\n\n -- {maintainer}  {date}\n",
-        image::revision(workspace)
+        "keepalive-agent ({VERSION}-{REVISION}) unstable; urgency=medium\n\n  * Built from \
+         commit {}.\n\n -- {maintainer}  {date}\n",
+        image::revision(workspace).get(..12).unwrap_or("unknown")
     ))
 }
 
