@@ -5,6 +5,10 @@ if [ "$1" -eq 0 ]; then
 	rm -f "$dropin"
 	rmdir "${dropin%/*}" 2>/dev/null || :
 	rm -rf /run/keepalive-agent
+	# cargo-generate-rpm packages files, not their directories: the package's own go once
+	# empty (a policy.toml.rpmsave keeps /etc/keepalive-agent).
+	rmdir /usr/share/doc/keepalive-agent/docs /usr/share/doc/keepalive-agent \
+		/usr/share/keepalive-agent /etc/keepalive-agent 2>/dev/null || :
 fi
 if [ -d /run/systemd/system ]; then
 	systemctl daemon-reload >/dev/null 2>&1 || :
