@@ -76,9 +76,18 @@ fn deb_files(deb: &Path) -> Vec<(String, String)> {
 /// What every installed copy must hold: the unit with the agent in /usr/bin, the drop-in, the
 /// example policy (which the packaged, static agent checks), a binary of this version.
 fn assert_installed_tree(root: &Path) {
-    assert_eq!(
-        read_file(&root.join("usr/lib/systemd/system/keepalive-agent.service")),
-        packages::packaged_unit()
+    let unit = read_file(&root.join("usr/lib/systemd/system/keepalive-agent.service"));
+    assert_eq!(unit, packages::packaged_unit());
+    // A stop (and so an upgrade's restart) leaves enforcement pinned for the next agent to
+    // take over (operations.rs proves --persist does); removal detaches it in prerm.
+    let exec_start = unit
+        .lines()
+        .find(|line| line.starts_with("ExecStart="))
+        .unwrap_or_default();
+    assert!(
+        exec_start.starts_with("ExecStart=/usr/bin/keepalive-agent run ")
+            && exec_start.split_whitespace().any(|arg| arg == "--persist"),
+        "{exec_start}"
     );
     assert_eq!(
         read_file(&root.join("usr/share/keepalive-agent/before-systemd-253.conf")),
