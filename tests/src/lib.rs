@@ -19,6 +19,7 @@ pub mod image;
 pub mod links;
 pub mod manifests;
 pub mod netns;
+pub mod packages;
 pub mod policy;
 pub mod process;
 pub mod repo;

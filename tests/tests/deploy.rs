@@ -2,8 +2,12 @@
 //! validate offline against the API's schemas, the policy they carry checks, every command
 //! line they give the agent parses, metrics are reachable from the cluster, the pod has no
 //! token and the image is the one `cargo xtask image` tags; the
-//! systemd unit passes systemd-analyze verify and holds its security exposure to a threshold.
+//! systemd unit passes systemd-analyze verify and holds its security exposure to a threshold;
+//! the packages `cargo xtask dist` makes (`packages`).
 #![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
+
+#[path = "deploy/packages.rs"]
+mod packages;
 
 use std::{fs, path::Path, process::Command};
 

@@ -34,17 +34,14 @@ pub(crate) fn reference() -> String {
 }
 
 /// The Rust target of the static agent: musl links everything in (static-pie).
-fn static_target() -> String {
+pub(crate) fn static_target() -> String {
     format!("{}-unknown-linux-musl", std::env::consts::ARCH)
 }
 
-/// Builds the static agent and the image; returns the docker-archive's path.
-pub(crate) fn build(
-    workspace: &Path,
-    toolchain: &Toolchain,
-    source: Option<&str>,
-) -> anyhow::Result<PathBuf> {
-    packages::ensure(packages::IMAGE)?;
+/// Builds the static agent (what the image and the packages ship); returns its path,
+/// `target/<arch>-unknown-linux-musl/release/keepalive-agent`.
+pub(crate) fn build_static(workspace: &Path, toolchain: &Toolchain) -> anyhow::Result<PathBuf> {
+    packages::ensure(packages::STATIC)?;
     let target = static_target();
     toolchain::ensure_target(toolchain::HOST, &target)?;
     run_status(crate::cargo(workspace, toolchain)?.args([
@@ -62,9 +59,20 @@ pub(crate) fn build(
         .join("keepalive-agent");
     ensure!(
         !has_interpreter(&built)?,
-        "{} is dynamically linked: the image has no libc to load it with",
+        "{} is dynamically linked: the image and the packages ship it without a libc",
         built.display()
     );
+    Ok(built)
+}
+
+/// Builds the static agent and the image; returns the docker-archive's path.
+pub(crate) fn build(
+    workspace: &Path,
+    toolchain: &Toolchain,
+    source: Option<&str>,
+) -> anyhow::Result<PathBuf> {
+    let built = build_static(workspace, toolchain)?;
+    packages::ensure(packages::IMAGE)?;
     let dir = dir(workspace);
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     // The path deploy/Dockerfile copies from (and .dockerignore lets through).
@@ -175,7 +183,7 @@ impl Drop for Buildah {
 
 /// The commit the image is built from: `KEEPALIVE_AGENT_COMMIT` (as the agent's build script
 /// reads it), else git's HEAD.
-fn revision(workspace: &Path) -> String {
+pub(crate) fn revision(workspace: &Path) -> String {
     std::env::var("KEEPALIVE_AGENT_COMMIT")
         .ok()
         .filter(|commit| !commit.is_empty())
@@ -205,7 +213,7 @@ fn public_url(url: &str) -> Option<String> {
         .then(|| format!("https://{host}/{path}"))
 }
 
-fn git(workspace: &Path, args: &[&str]) -> Option<String> {
+pub(crate) fn git(workspace: &Path, args: &[&str]) -> Option<String> {
     which::which("git").ok()?;
     let out = Command::new("git")
         .args(args)

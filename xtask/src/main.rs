@@ -5,6 +5,7 @@
 )]
 
 mod cmd;
+mod dist;
 mod fuzz;
 mod image;
 mod packages;
@@ -39,9 +40,11 @@ struct Cli {
 enum Task {
     /// Build the release agent at target/release/keepalive-agent (eBPF program embedded).
     Build,
-    /// Build the release agent and lay out what a package installs in target/dist: the
+    /// Build the static agent and lay out in target/dist what a host install needs: the
     /// binary, man pages (man/), shell completions for bash, zsh and fish (completions/),
-    /// all generated from the agent's command line, and the systemd unit.
+    /// all generated from the agent's command line, the systemd unit; and the packages made
+    /// of them, keepalive-agent_<version>-1_amd64.deb and keepalive-agent-<version>-1.x86_64.rpm
+    /// (reproducible: dated by SOURCE_DATE_EPOCH, else the last commit).
     Dist,
     /// Build the agent's container image (deploy/Dockerfile, FROM scratch: the static agent
     /// and the default policy) with buildah, into target/image/keepalive-agent.tar
@@ -123,7 +126,7 @@ fn run(task: Task) -> anyhow::Result<()> {
     let workspace = workspace_root();
     match task {
         Task::Build => build(&workspace, &Toolchain::ensure()?, Profile::Release).map(drop),
-        Task::Dist => dist(&workspace, &Toolchain::ensure()?),
+        Task::Dist => dist::dist(&workspace, &Toolchain::ensure()?).map(drop),
         Task::Image { source } => {
             image::build(&workspace, &Toolchain::ensure()?, source.as_deref()).map(drop)
         }
@@ -177,6 +180,8 @@ fn test(
         let python = packages::ensure_python_tools(&toolchain::cache_dir()?)?;
         // The tests check the image and run the agent as a container from it.
         let image = image::build(workspace, &toolchain, None)?;
+        // And lint, list and install the packages.
+        let packages = dist::dist(workspace, &toolchain)?;
         let mut tests = cargo(workspace, &toolchain)?;
         tests
             .args(["test", "--locked", "--no-fail-fast"])
@@ -184,7 +189,9 @@ fn test(
             .env("KEEPALIVE_AGENT_BIN", &agent)
             .env("KUBERNETES_VALIDATE", python.kubernetes_validate)
             .env("KUBECTL", python.kubectl)
-            .env("KA_AGENT_IMAGE", image);
+            .env("KA_AGENT_IMAGE", image)
+            .env("KA_AGENT_DEB", packages.deb)
+            .env("KA_AGENT_RPM", packages.rpm);
         run_status(&mut as_on_a_fresh_machine(&tests))?;
     }
     if targets.kernels.is_empty() {
@@ -254,36 +261,6 @@ fn build(workspace: &Path, toolchain: &Toolchain, profile: Profile) -> anyhow::R
         "debug"
     };
     Ok(target_dir(workspace).join(dir).join("keepalive-agent"))
-}
-
-/// `target/dist`: binary, man pages, completions and unit, for packaging and the docs' install
-/// steps.
-fn dist(workspace: &Path, toolchain: &Toolchain) -> anyhow::Result<()> {
-    let agent = build(workspace, toolchain, Profile::Release)?;
-    let dist = target_dir(workspace).join("dist");
-    // Nothing stale from an earlier layout.
-    if dist.exists() {
-        std::fs::remove_dir_all(&dist)
-            .with_context(|| format!("cannot remove {}", dist.display()))?;
-    }
-    run_status(
-        Command::new(&agent)
-            .arg("generate")
-            .arg("--out-dir")
-            .arg(&dist),
-    )?;
-    for (from, to) in [
-        (agent, "keepalive-agent"),
-        (
-            workspace.join("deploy/systemd/keepalive-agent.service"),
-            "keepalive-agent.service",
-        ),
-    ] {
-        std::fs::copy(&from, dist.join(to))
-            .with_context(|| format!("cannot copy {} into {}", from.display(), dist.display()))?;
-    }
-    eprintln!("xtask: {} is ready", dist.display());
-    Ok(())
 }
 
 fn lint(workspace: &Path, toolchain: &Toolchain) -> anyhow::Result<()> {

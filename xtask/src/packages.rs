@@ -44,15 +44,27 @@ pub(crate) const TEST: &[Need] = &[
     ("runc", "runc"),
     ("podman", "podman"),
     ("/bin/busybox", "busybox-static"),
+    // The packages `cargo xtask dist` makes are linted, listed and installed into scratch
+    // roots (tests/tests/deploy.rs).
+    ("lintian", "lintian"),
+    ("rpmlint", "rpmlint"),
+    ("rpm", "rpm"),
 ];
 
 /// What building the agent needs besides Rust: containerd-client generates its gRPC code
 /// with protoc at build time.
 pub(crate) const BUILD: &[Need] = &[("protoc", "protobuf-compiler")];
 
-/// What `cargo xtask image` needs: buildah builds the image daemonless; musl-gcc is the C
-/// compiler for the static (musl) agent, should a dependency compile C.
-pub(crate) const IMAGE: &[Need] = &[("buildah", "buildah"), ("musl-gcc", "musl-tools")];
+/// What the static (musl) agent of the image and the packages needs: musl-gcc is its C
+/// compiler, should a dependency compile C.
+pub(crate) const STATIC: &[Need] = &[("musl-gcc", "musl-tools")];
+
+/// What `cargo xtask image` needs: buildah builds the image daemonless.
+pub(crate) const IMAGE: &[Need] = &[("buildah", "buildah")];
+
+/// What `cargo xtask dist` needs besides the packaging crates: strip for the packaged binary,
+/// gzip (-n, reproducible) for the man pages.
+pub(crate) const DIST: &[Need] = &[("strip", "binutils"), ("gzip", "gzip")];
 
 fn present(what: &str) -> bool {
     if what.starts_with('/') {

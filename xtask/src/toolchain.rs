@@ -207,3 +207,36 @@ fn link_nightly_llvm(llvm_lib: &Path) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A cargo subcommand from the crate registry, `cargo install --locked`ed at a pinned version
+/// into the cache (once; `<cache>/<crate>-<version>/bin/<crate>`), built with the pinned host
+/// toolchain. Returns the binary's path.
+pub(crate) fn ensure_cargo_tool(krate: &str, version: &str, what: &str) -> anyhow::Result<PathBuf> {
+    let root = cache_dir()?.join(format!("{krate}-{version}"));
+    let binary = root.join("bin").join(krate);
+    let installed = |binary: &Path| {
+        Command::new(binary)
+            .arg("--version")
+            .output()
+            .is_ok_and(|out| {
+                out.status.success() && String::from_utf8_lossy(&out.stdout).contains(version)
+            })
+    };
+    if installed(&binary) {
+        return Ok(binary);
+    }
+    eprintln!(
+        "xtask: building {krate} {version} into {} ({what}; once)",
+        root.display()
+    );
+    run_status(
+        rustup_run(HOST, "cargo")
+            .args(["install", krate, "--locked", "--version", version, "--root"])
+            .arg(&root)
+            .env("CARGO_TARGET_DIR", root.join("build")),
+    )
+    .with_context(|| format!("cannot build {krate}"))?;
+    let _ignored = fs::remove_dir_all(root.join("build"));
+    ensure!(installed(&binary), "the {krate} just built does not run");
+    Ok(binary)
+}
