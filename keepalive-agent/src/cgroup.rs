@@ -6,6 +6,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::policy::CgroupPath;
+
 /// `CGROUP2_SUPER_MAGIC` from include/uapi/linux/magic.h.
 const CGROUP2_SUPER_MAGIC: u64 = 0x6367_7270;
 
@@ -24,6 +26,24 @@ pub enum CgroupError {
     NotCgroup2 { path: PathBuf, mount: PathBuf },
     #[error("cannot read cgroup {}: {error}", path.display())]
     Io { path: PathBuf, error: io::Error },
+    #[error("cgroup {}: {reason}", arg.display())]
+    BadName { arg: PathBuf, reason: String },
+}
+
+/// The one reading of a cgroup the user names (`--cgroup` of run, scan and explain): a path
+/// inside the hierarchy (`/`, `system.slice/x.service`, as /proc/PID/cgroup prints them), or a
+/// filesystem path under the cgroup2 `mount`, as a [`CgroupPath`]. Whether it exists is
+/// [`Cgroup::resolve`]'s question.
+pub fn named(mount: &Path, arg: &Path) -> Result<CgroupPath, CgroupError> {
+    let bad = |reason: String| CgroupError::BadName {
+        arg: arg.to_path_buf(),
+        reason,
+    };
+    let inside = arg.strip_prefix(mount).unwrap_or(arg);
+    let text = inside
+        .to_str()
+        .ok_or_else(|| bad("not valid UTF-8".into()))?;
+    CgroupPath::parse(text).map_err(|error| bad(error.to_string()))
 }
 
 /// A cgroup v2 directory.

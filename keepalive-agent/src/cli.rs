@@ -1,16 +1,10 @@
 //! Command line of `keepalive-agent`.
 
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-};
+use std::{net::SocketAddr, path::PathBuf};
 
-use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum, builder::BoolishValueParser};
 
-use crate::policy::{
-    COUNT, CgroupPath, IDLE_SECS, INTERVAL_SECS, Policy, USER_TIMEOUT_MS, Values, file,
-};
+use crate::policy::{COUNT, IDLE_SECS, INTERVAL_SECS, USER_TIMEOUT_MS, Values};
 
 /// Enforces TCP keepalive on every new TCP connection of chosen cgroups, without touching the
 /// programs that open them.
@@ -347,43 +341,6 @@ impl RunArgs {
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         (!self.no_metrics).then(|| self.metrics_addr.unwrap_or(DEFAULT_METRICS_ADDR))
     }
-
-    /// The policy these options describe. With --config the file is read again each time, so
-    /// this is also the reload.
-    pub fn policy(&self, cgroup2_mount: &Path) -> anyhow::Result<Policy> {
-        let mut policy = match &self.config {
-            Some(path) => file::load(path)?,
-            None => Policy::enforce(
-                Values {
-                    idle_secs: self.idle,
-                    interval_secs: self.interval,
-                    count: self.count,
-                    user_timeout_ms: self.user_timeout,
-                },
-                vec![CgroupPath::root()],
-            ),
-        };
-        if !self.cgroups.is_empty() {
-            policy.scopes = self
-                .cgroups
-                .iter()
-                .map(|arg| scope(cgroup2_mount, arg))
-                .collect::<anyhow::Result<_>>()?;
-        }
-        if self.no_existing {
-            policy.existing = false;
-        }
-        Ok(policy)
-    }
-}
-
-/// A `--cgroup` argument as a path inside the hierarchy.
-pub fn scope(cgroup2_mount: &Path, arg: &Path) -> anyhow::Result<CgroupPath> {
-    let inside = arg.strip_prefix(cgroup2_mount).unwrap_or(arg);
-    let text = inside
-        .to_str()
-        .with_context(|| format!("--cgroup {}: not valid UTF-8", arg.display()))?;
-    CgroupPath::parse(text).map_err(|e| anyhow::anyhow!("--cgroup: {e}"))
 }
 
 const fn range64(range: std::ops::RangeInclusive<u32>) -> std::ops::RangeInclusive<i64> {

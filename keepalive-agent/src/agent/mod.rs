@@ -4,6 +4,7 @@
 //! blocking work (attaching, expanding patterns, reading a policy) ever runs on it, and the
 //! sweep of existing connections runs on a third thread.
 
+mod config;
 mod containers;
 mod events;
 mod reload;
@@ -13,10 +14,12 @@ use std::{collections::BTreeSet, path::PathBuf, sync::mpsc, time::Duration};
 use tokio::sync::{mpsc::UnboundedReceiver, watch};
 use tracing::{error, info, warn};
 
-pub use self::events::{Event, Signal};
 use self::reload::{FileVersion, Reload, load_settled, reload, report, report_sweep};
+pub use self::{
+    config::Config,
+    events::{Event, Signal},
+};
 use crate::{
-    cli::RunArgs,
     enforcer::{ApplyReport, Enforcer, Fault},
     existing::SweepJob,
     metrics, notify,
@@ -36,7 +39,7 @@ const SETTLE_CGROUPS: Duration = Duration::from_millis(10);
 #[derive(Debug)]
 pub struct Agent {
     enforcer: Enforcer,
-    args: RunArgs,
+    config: Config,
     mount: PathBuf,
     /// The policy file, or `command line`.
     source: String,
@@ -68,18 +71,15 @@ pub fn watch_roots(mount: &std::path::Path, policy: &Policy) -> Vec<PathBuf> {
 impl Agent {
     pub fn new(
         enforcer: Enforcer,
-        args: RunArgs,
+        config: Config,
         mount: PathBuf,
         telemetry: metrics::Shared,
         roots: watch::Sender<Vec<PathBuf>>,
     ) -> Self {
-        let source = args.config.as_ref().map_or_else(
-            || crate::state::COMMAND_LINE.to_string(),
-            |path| path.display().to_string(),
-        );
+        let source = config.source();
         Self {
             enforcer,
-            args,
+            config,
             mount,
             source,
             state: None,
@@ -211,11 +211,11 @@ impl Agent {
     /// Reads and applies the policy again; returns whether it was refused (None: not read,
     /// the file is the version refused last).
     fn reload(&mut self, why: &str, skip_refused: bool) -> Option<bool> {
-        let version = || self.args.config.as_deref().map(FileVersion::of);
+        let version = || self.config.file.as_deref().map(FileVersion::of);
         if skip_refused && self.refused.is_some() && self.refused == version() {
             return None;
         }
-        let (loaded, read) = load_settled(&self.args, &self.mount);
+        let (loaded, read) = load_settled(&self.config);
         let previous = self.unresolved.clone();
         let loaded = loaded.map(|policy| self.resolve(&policy));
         self.refused = None;
@@ -318,8 +318,8 @@ impl Agent {
         let faults: Vec<String> = self.faults.iter().map(Fault::to_string).collect();
         if let Some(state) = &mut self.state {
             state.faults.clone_from(&faults);
-            if let Err(error) = state.write(&self.args.places.state_dir) {
-                warn!(%error, dir = %self.args.places.state_dir.display(), "cannot write the state file; status will lack rule names");
+            if let Err(error) = state.write(&self.config.state_dir) {
+                warn!(%error, dir = %self.config.state_dir.display(), "cannot write the state file; status will lack rule names");
             }
         }
         if let Ok(mut shared) = self.telemetry.lock() {
@@ -336,12 +336,12 @@ impl Agent {
     fn stop(mut self, signal: Signal) -> anyhow::Result<()> {
         use anyhow::Context as _;
         notify::stopping();
-        let pins = self.args.places.bpffs.join("keepalive-agent");
+        let pins = self.config.bpffs.join("keepalive-agent");
         if signal == Signal::HandOver {
             info!(signal = signal.name(), pins = %pins.display(), "handing over to a new agent; enforcement stays in place");
             return Ok(());
         }
-        if self.args.persist {
+        if self.config.persist {
             info!(
                 signal = signal.name(),
                 pins = %pins.display(),
@@ -353,7 +353,7 @@ impl Agent {
         for cgroup in self.enforcer.detach_all().context("cannot detach")? {
             info!(cgroup = %cgroup.name, id = cgroup.id, "detached");
         }
-        State::remove(&self.args.places.state_dir);
+        State::remove(&self.config.state_dir);
         self.state = None;
         Ok(())
     }

@@ -4,8 +4,8 @@ use std::{path::Path, time::Duration};
 
 use tracing::{info, warn};
 
+use super::Config;
 use crate::{
-    cli::RunArgs,
     enforcer::{ApplyReport, Enforcer},
     existing::{Sweep, SweepJob},
     policy::Policy,
@@ -34,25 +34,22 @@ pub(super) enum Reload {
 /// caught half-way, and the version read is known. A file rewritten without pause is read
 /// after ten rounds anyway, and checked like any other (its version unknown). Blocking: runs
 /// on the engine's thread.
-pub(super) fn load_settled(
-    args: &RunArgs,
-    mount: &Path,
-) -> (anyhow::Result<Policy>, Option<FileVersion>) {
-    let Some(config) = &args.config else {
-        return (args.policy(mount), None);
+pub(super) fn load_settled(config: &Config) -> (anyhow::Result<Policy>, Option<FileVersion>) {
+    let Some(file) = &config.file else {
+        return (config.policy(), None);
     };
     for _ in 0..10 {
-        if let Some(wait) = unsettled(config) {
+        if let Some(wait) = unsettled(file) {
             std::thread::sleep(wait);
             continue;
         }
-        let before = FileVersion::of(config);
-        let policy = args.policy(mount);
-        if unsettled(config).is_none() && FileVersion::of(config) == before {
+        let before = FileVersion::of(file);
+        let policy = config.policy();
+        if unsettled(file).is_none() && FileVersion::of(file) == before {
             return (policy, Some(before));
         }
     }
-    (args.policy(mount), None)
+    (config.policy(), None)
 }
 
 /// How much longer `path` must be left alone to count as settled, if it is not yet.

@@ -1,6 +1,9 @@
+use std::path::Path;
+
 use clap::CommandFactory as _;
 
 use super::*;
+use crate::policy::{CgroupPath, Policy};
 
 fn parse(args: &[&str]) -> Result<RunArgs, String> {
     let mut argv = vec!["keepalive-agent", "run"];
@@ -18,7 +21,8 @@ fn parse(args: &[&str]) -> Result<RunArgs, String> {
 fn policy(args: &[&str]) -> Policy {
     parse(args)
         .and_then(|run| {
-            run.policy(Path::new("/sys/fs/cgroup"))
+            crate::commands::run::config(&run, Path::new("/sys/fs/cgroup"))
+                .and_then(|config| config.policy())
                 .map_err(|e| e.to_string())
         })
         .unwrap_or_else(|e| panic!("{e}"))

@@ -58,8 +58,8 @@ pub enum DirectionArg {
 pub fn explain(args: &ExplainArgs) -> anyhow::Result<String> {
     let source = source::load(args.config.as_deref(), &args.state.state_dir)?;
     let cgroup = match keepalive_common::host::cgroup2_mount() {
-        Ok(mount) => crate::cli::scope(&mount, &args.cgroup)?,
-        Err(_) => crate::cli::scope(std::path::Path::new("/"), &args.cgroup)?,
+        Ok(mount) => crate::cgroup::named(&mount, &args.cgroup)?,
+        Err(_) => crate::cgroup::named(std::path::Path::new("/"), &args.cgroup)?,
     };
     let conn = Connection {
         cgroup,

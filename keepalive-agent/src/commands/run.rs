@@ -14,12 +14,13 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    agent::{Agent, Event, HEALTH_INTERVAL, Signal, watch_roots},
+    agent::{Agent, Config, Event, HEALTH_INTERVAL, Signal, watch_roots},
     bpffs::PinDir,
     cli::{ExistingVia, RunArgs},
     enforcer::Enforcer,
     instance::{HAND_OVER_TIMEOUT, InstanceLock},
     metrics, notify,
+    policy::Values,
     watch::{CgroupWatch, Watch},
 };
 
@@ -58,7 +59,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let host = keepalive_common::host::check()?;
     let mount: PathBuf = host.cgroup2_mount.clone();
     // A bad policy, or a cgroup that does not exist, is refused before anything is loaded.
-    let policy = args.policy(&mount)?;
+    let config = config(&args, &mount)?;
+    let policy = config.policy()?;
     for scope in policy.scopes.iter().filter(|scope| !scope.is_pattern()) {
         crate::cgroup::Cgroup::resolve(&mount, Path::new(scope.as_str()))?;
     }
@@ -90,7 +92,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (events, queue) = mpsc::unbounded_channel();
     let inventory = crate::containers::Inventory::default();
     crate::containers::spawn(&args.engines, &inventory, &events);
-    let agent = Agent::new(enforcer, args, mount, telemetry, roots).with_containers(inventory);
+    let agent = Agent::new(enforcer, config, mount, telemetry, roots).with_containers(inventory);
     let mut engine = tokio::task::spawn_blocking(move || agent.run(&policy, queue));
     let mut watchdog = notify::Watchdog::from_env();
     let mut tick = tokio::time::interval(HEALTH_INTERVAL);
@@ -123,6 +125,28 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     engine.await.context("the engine failed")?
+}
+
+/// The engine's [`Config`] from the command line: the cgroups named read once, here.
+pub fn config(args: &RunArgs, mount: &Path) -> anyhow::Result<Config> {
+    Ok(Config {
+        file: args.config.clone(),
+        values: Values {
+            idle_secs: args.idle,
+            interval_secs: args.interval,
+            count: args.count,
+            user_timeout_ms: args.user_timeout,
+        },
+        scopes: args
+            .cgroups
+            .iter()
+            .map(|arg| crate::cgroup::named(mount, arg))
+            .collect::<Result<_, _>>()?,
+        no_existing: args.no_existing,
+        persist: args.persist,
+        bpffs: args.places.bpffs.clone(),
+        state_dir: args.places.state_dir.clone(),
+    })
 }
 
 /// The programs loaded (or taken over from an earlier agent's pins), the metrics endpoint and

@@ -102,8 +102,8 @@ pub fn run(args: &ScanArgs, out: &mut impl io::Write) -> anyhow::Result<()> {
     let filters = args
         .cgroups
         .iter()
-        .map(|arg| crate::cli::scope(&mount, arg))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        .map(|arg| crate::cgroup::named(&mount, arg))
+        .collect::<Result<Vec<_>, _>>()?;
     let (engines, engine_notes) = containers::engines(&args.engines)?;
     // Rules that select containers apply to the cgroups of those running now, as in `run`.
     let policy = engines.resolve(&source.policy);
