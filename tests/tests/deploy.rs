@@ -323,7 +323,8 @@ fn the_systemd_unit_verifies_and_its_commands_parse() {
         "WatchdogSec=30s",
         "LimitMEMLOCK=infinity",
         "ProtectControlGroups=yes",
-        "ProtectKernelTunables=yes",
+        "ReadOnlyPaths=/sys /proc/sys /proc/sysrq-trigger -/proc/irq -/proc/bus -/proc/fs",
+        "ProtectProc=invisible",
         "RestrictNamespaces=net",
         "ReadWritePaths=/sys/fs/bpf",
     ] {
