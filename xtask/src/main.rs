@@ -67,9 +67,11 @@ enum Task {
     /// Arguments after `--` go to `cargo test` on the host (e.g. a test name filter) and to
     /// each test binary in the guests.
     Test {
-        /// Where the tests run: `host` (this kernel: unit and privileged tests), or a kernel
-        /// of the matrix booted under qemu (`5.10`, `6.1`, `6.12`; `all` is the three) with
-        /// the privileged integration suite inside. Repeatable or comma-separated.
+        /// Where the tests run: `host` (this kernel: unit and privileged tests), a kernel of
+        /// the matrix booted under qemu (`5.10`, `6.1`, `6.12`) with the privileged
+        /// integration suite inside, or `systemd` (Debian 12's kernel and systemd as PID 1,
+        /// where the .deb is installed and its unit driven); `all` is the four guests.
+        /// Repeatable or comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "host")]
         kernel: Vec<String>,
         /// In the guests, run only these integration test binaries (tests/tests/NAME.rs).
@@ -79,9 +81,10 @@ enum Task {
         test_args: Vec<String>,
     },
     /// Boot a kernel of the matrix under qemu (the host's root read-only, pure cgroup v2) and
-    /// run a bash command in this workspace inside it, as root.
+    /// run a bash command in this workspace inside it, as root; `systemd` boots with systemd
+    /// as PID 1 and runs the command as a service.
     Vm {
-        /// 5.10, 6.1 or 6.12.
+        /// 5.10, 6.1, 6.12 or systemd.
         #[arg(long)]
         kernel: String,
         /// The command, run by bash.
@@ -144,11 +147,8 @@ fn run(task: Task) -> anyhow::Result<()> {
         } => test(&workspace, &kernel, &only, &test_args),
         Task::Vm { kernel, command } => {
             let targets = vm::targets(std::slice::from_ref(&kernel))?;
-            let [kernel] = targets.kernels.as_slice() else {
-                anyhow::bail!("--kernel takes one kernel of the matrix here");
-            };
             packages::ensure(packages::TEST)?;
-            vm::run_command(&workspace, *kernel, &command.join(" "))
+            vm::run_command(&workspace, &targets, &command.join(" "))
         }
         Task::Lint => lint(&workspace, &Toolchain::ensure()?),
         Task::Fuzz { seconds, target } => fuzz::run(
@@ -176,12 +176,16 @@ fn test(
     packages::ensure(packages::TEST)?;
     let toolchain = Toolchain::ensure()?;
     let agent = build(workspace, &toolchain, Profile::Debug)?;
+    // The host's tests lint, list and install the packages; the systemd guest installs the .deb.
+    let packages = if targets.host || targets.systemd {
+        Some(dist::dist(workspace, &toolchain)?)
+    } else {
+        None
+    };
     if targets.host {
         let python = packages::ensure_python_tools(&toolchain::cache_dir()?)?;
         // The tests check the image and run the agent as a container from it.
         let image = image::build(workspace, &toolchain, None)?;
-        // And lint, list and install the packages.
-        let packages = dist::dist(workspace, &toolchain)?;
         let mut tests = cargo(workspace, &toolchain)?;
         tests
             .args(["test", "--locked", "--no-fail-fast"])
@@ -189,21 +193,29 @@ fn test(
             .env("KEEPALIVE_AGENT_BIN", &agent)
             .env("KUBERNETES_VALIDATE", python.kubernetes_validate)
             .env("KUBECTL", python.kubectl)
-            .env("KA_AGENT_IMAGE", image)
-            .env("KA_AGENT_DEB", packages.deb)
-            .env("KA_AGENT_RPM", packages.rpm);
+            .env("KA_AGENT_IMAGE", image);
+        if let Some(packages) = &packages {
+            tests
+                .env("KA_AGENT_DEB", &packages.deb)
+                .env("KA_AGENT_RPM", &packages.rpm);
+        }
         run_status(&mut as_on_a_fresh_machine(&tests))?;
     }
-    if targets.kernels.is_empty() {
+    if targets.kernels.is_empty() && !targets.systemd {
         return Ok(());
     }
-    vm::test_matrix(
+    let matrix = vm::Matrix {
         workspace,
-        || cargo(workspace, &toolchain),
-        &agent,
-        &targets.kernels,
+        agent: &agent,
+        deb: packages.as_ref().map(|packages| packages.deb.as_path()),
         only,
-        test_args,
+        libtest_args: test_args,
+    };
+    vm::test_matrix(
+        &matrix,
+        || cargo(workspace, &toolchain),
+        &targets.kernels,
+        targets.systemd,
     )
 }
 

@@ -22,6 +22,15 @@ const GUEST: &str = include_str!("../../vm/guest.sh");
 /// Modules the first stage loads; their dependencies come from modprobe.
 const BOOT_MODULES: &[&str] = &["9p", "9pnet_virtio", "virtio_pci", "overlay"];
 
+/// What the guest runs as PID 1 once the host's root is mounted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Init {
+    /// `vm/guest.sh`, which mounts what the tests need and runs the command itself.
+    Script,
+    /// The host root's systemd, which runs the command as a service (`ka-vm.service`).
+    Systemd,
+}
+
 /// What the guest left behind.
 #[derive(Debug)]
 pub(crate) struct Outcome {
@@ -32,9 +41,10 @@ pub(crate) struct Outcome {
     pub(crate) wall: Duration,
 }
 
-/// Boots `kernel`, runs `command` in `cwd` inside it, and waits at most `deadline`.
+/// Boots `kernel` with `init`, runs `command` in `cwd` inside it, and waits at most `deadline`.
 pub(crate) fn run(
     kernel: &Unpacked,
+    init: Init,
     out: &Path,
     cwd: &Path,
     command: &str,
@@ -48,9 +58,13 @@ pub(crate) fn run(
     fs::write(
         out.join("env"),
         format!(
-            "export KA_VM_MODULES={}\nexport KA_VM_CWD={}\n",
+            "export KA_VM_MODULES={}\nexport KA_VM_CWD={}\nexport KA_VM_INIT={}\n",
             shell_quote(&kernel.modules),
-            shell_quote(cwd)
+            shell_quote(cwd),
+            match init {
+                Init::Script => "script",
+                Init::Systemd => "systemd",
+            }
         ),
     )?;
 

@@ -1,5 +1,7 @@
 //! The kernel matrix: the privileged integration suite inside qemu guests booting Debian's
-//! 5.10, 6.1 and 6.12 kernels, with pure cgroup v2 at /sys/fs/cgroup (see `vm/guest.sh`).
+//! 5.10, 6.1 and 6.12 kernels, with pure cgroup v2 at /sys/fs/cgroup (see `vm/guest.sh`); and
+//! the systemd guest: Debian 12's kernel booting the host root's systemd as PID 1, where the
+//! `systemd` tests install the .deb and drive the packaged unit.
 
 mod debian;
 mod guest;
@@ -16,6 +18,7 @@ use anyhow::{Context as _, bail};
 
 use self::debian::Kernel;
 pub(crate) use self::debian::MATRIX;
+use self::guest::Init;
 use crate::packages;
 
 /// What a guest may take before it is stopped: the suite takes about 5 minutes under emulation.
@@ -31,27 +34,41 @@ pub(crate) const PACKAGES: &[packages::Need] = &[
     ("xz", "xz-utils"),
 ];
 
-/// Where the tests run: this host, or guests of the matrix.
+/// The systemd guest's kernel: Debian 12's, as the systemd of the host root (252) is.
+const SYSTEMD_KERNEL: Kernel = MATRIX[1];
+
+/// The test binary (tests/tests/systemd.rs) that runs in the systemd guest, and only there.
+const SYSTEMD_TESTS: &str = "systemd";
+
+/// Where the tests run: this host, guests of the matrix, the systemd guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Targets {
     pub(crate) host: bool,
     pub(crate) kernels: Vec<Kernel>,
+    pub(crate) systemd: bool,
 }
 
-/// `host`, a kernel of the matrix (`5.10`, `6.1`, `6.12`) or `all` (the three), any number.
+/// `host`, a kernel of the matrix (`5.10`, `6.1`, `6.12`), `systemd`, or `all` (the three
+/// kernels and systemd), any number.
 pub(crate) fn targets(names: &[String]) -> anyhow::Result<Targets> {
     let mut targets = Targets {
         host: false,
         kernels: Vec::new(),
+        systemd: false,
     };
     for name in names {
         match name.as_str() {
             "host" => targets.host = true,
-            "all" => targets.kernels.extend(MATRIX),
+            "systemd" => targets.systemd = true,
+            "all" => {
+                targets.kernels.extend(MATRIX);
+                targets.systemd = true;
+            }
             other => match MATRIX.iter().find(|kernel| kernel.name == other) {
                 Some(kernel) => targets.kernels.push(*kernel),
                 None => bail!(
-                    "--kernel {other}: not a kernel of the matrix; use host, all, or one of {}",
+                    "--kernel {other}: not a kernel of the matrix; use host, all, systemd, or one \
+                     of {}",
                     MATRIX
                         .iter()
                         .map(|kernel| kernel.name)
@@ -69,6 +86,7 @@ pub(crate) fn targets(names: &[String]) -> anyhow::Result<Targets> {
 #[derive(Debug)]
 struct Report {
     kernel: Kernel,
+    init: Init,
     release: String,
     version: String,
     boot_secs: String,
@@ -79,70 +97,117 @@ struct Report {
     ok: bool,
 }
 
-/// Runs the integration suite (`only`: just these test binaries) in a guest of each kernel.
+/// The guests' part of `cargo xtask test`.
+pub(crate) struct Matrix<'a> {
+    pub(crate) workspace: &'a Path,
+    /// The debug agent the suite runs.
+    pub(crate) agent: &'a Path,
+    /// The .deb the systemd guest installs.
+    pub(crate) deb: Option<&'a Path>,
+    /// In the kernel guests, just these test binaries (all when empty).
+    pub(crate) only: &'a [String],
+    /// Arguments for each test binary.
+    pub(crate) libtest_args: &'a [String],
+}
+
+/// Runs the integration suite in a guest of each kernel, then the systemd tests in the systemd
+/// guest when `systemd`.
 pub(crate) fn test_matrix(
-    workspace: &Path,
+    matrix: &Matrix<'_>,
     cargo: impl Fn() -> anyhow::Result<Command>,
-    agent: &Path,
     kernels: &[Kernel],
-    only: &[String],
-    libtest_args: &[String],
+    systemd: bool,
 ) -> anyhow::Result<()> {
     packages::ensure(PACKAGES)?;
     let binaries = test_binaries(cargo()?)?;
     let mut selected = Vec::new();
+    let mut systemd_tests = Vec::new();
     for (name, binary) in binaries {
-        if !only.is_empty() && !only.contains(&name) {
+        if name == SYSTEMD_TESTS {
+            systemd_tests.push((name, binary));
+            continue;
+        }
+        if !matrix.only.is_empty() && !matrix.only.contains(&name) {
             continue;
         }
         if let Some(reason) = suite::host_only(&name) {
-            eprintln!("xtask: not in the guests: {name}: {reason}");
+            if !kernels.is_empty() {
+                eprintln!("xtask: not in the guests: {name}: {reason}");
+            }
             continue;
         }
         selected.push((name, binary));
     }
+    let mut runs: Vec<(Kernel, Init, String)> = kernels
+        .iter()
+        .map(|kernel| {
+            let env = [("KEEPALIVE_AGENT_BIN", matrix.agent)];
+            let script = suite::script(&selected, &env, matrix.libtest_args);
+            (*kernel, Init::Script, script)
+        })
+        .collect();
+    if systemd {
+        let deb = matrix
+            .deb
+            .context("the systemd guest needs the .deb (cargo xtask dist)")?;
+        let env = [("KEEPALIVE_AGENT_BIN", matrix.agent), ("KA_AGENT_DEB", deb)];
+        // Its tests are #[ignore]d elsewhere: they need systemd as PID 1.
+        let mut args = vec!["--include-ignored".to_owned()];
+        args.extend(matrix.libtest_args.iter().cloned());
+        let script = suite::script(&systemd_tests, &env, &args);
+        runs.push((SYSTEMD_KERNEL, Init::Systemd, script));
+    }
     let cache = crate::toolchain::cache_dir()?.join("kernels");
     let mut reports = Vec::new();
-    for kernel in kernels {
-        let unpacked = debian::fetch(*kernel, &cache)?;
+    for (kernel, init, script) in runs {
+        let unpacked = debian::fetch(kernel, &cache)?;
+        let label = guest_label(kernel, init);
         eprintln!(
-            "xtask: kernel {} ({} {}): {} test binaries in a guest",
-            kernel.name,
-            unpacked.release,
-            unpacked.version,
-            selected.len()
+            "xtask: {label} guest ({} {})",
+            unpacked.release, unpacked.version
         );
-        let out = vm_dir(workspace).join(kernel.name);
-        let script = suite::script(&selected, agent, libtest_args);
-        let outcome = guest::run(&unpacked, &out, workspace, &script, SUITE_DEADLINE)?;
+        let out = vm_dir(matrix.workspace).join(&label);
+        let outcome = guest::run(
+            &unpacked,
+            init,
+            &out,
+            matrix.workspace,
+            &script,
+            SUITE_DEADLINE,
+        )?;
         let (runs, counts) = suite::results(&outcome.out);
-        let failed_binaries: Vec<String> = selected
+        let expected = if init == Init::Systemd {
+            &systemd_tests
+        } else {
+            &selected
+        };
+        let failed_binaries: Vec<String> = expected
             .iter()
             .filter(|(name, _)| !runs.iter().any(|(ran, rc, _)| ran == name && *rc == 0))
             .map(|(name, _)| name.clone())
             .collect();
         reports.push(Report {
-            kernel: *kernel,
+            kernel,
+            init,
             release: unpacked.release,
             version: unpacked.version,
             boot_secs: read(&outcome.out, "boot-seconds"),
             suite_secs: runs.iter().map(|(_, _, secs)| secs).sum(),
             counts,
-            features: read(&outcome.out, "features"),
+            features: match init {
+                Init::Script => read(&outcome.out, "features"),
+                Init::Systemd => "systemd as PID 1".to_owned(),
+            },
             ok: outcome.status == Some(0) && failed_binaries.is_empty(),
             failed_binaries,
         });
-        eprintln!(
-            "xtask: kernel {} guest done in {} s",
-            kernel.name,
-            outcome.wall.as_secs()
-        );
+        eprintln!("xtask: {label} guest done in {} s", outcome.wall.as_secs());
     }
     print_summary(&reports);
     if let Some(failed) = reports.iter().find(|report| !report.ok) {
         bail!(
-            "the suite failed on kernel {} ({}): {}",
-            failed.kernel.name,
+            "the suite failed in the {} guest ({}): {}",
+            guest_label(failed.kernel, failed.init),
             failed.release,
             if failed.failed_binaries.is_empty() {
                 "the guest did not report".to_owned()
@@ -152,6 +217,14 @@ pub(crate) fn test_matrix(
         );
     }
     Ok(())
+}
+
+/// `6.1`, or `systemd-6.1` for the systemd guest.
+fn guest_label(kernel: Kernel, init: Init) -> String {
+    match init {
+        Init::Script => kernel.name.to_owned(),
+        Init::Systemd => format!("systemd-{}", kernel.name),
+    }
 }
 
 #[expect(
@@ -172,7 +245,7 @@ fn summary(reports: &[Report]) -> String {
         let _ = writeln!(
             text,
             "| {} | {} ({}) | {} | {} | {} | {} | {} | {} |",
-            report.kernel.name,
+            guest_label(report.kernel, report.init),
             report.release,
             report.version,
             report.boot_secs,
@@ -188,17 +261,32 @@ fn summary(reports: &[Report]) -> String {
     for (name, reason) in suite::HOST_ONLY {
         let _ = writeln!(text, "not run in the guests: {name}: {reason}");
     }
+    let _ = writeln!(
+        text,
+        "only in the systemd guest: {SYSTEMD_TESTS}: installs the .deb and drives the unit \
+         with systemd as PID 1"
+    );
     let _ = write!(text, "kernel matrix: {passed} passed, {failed} failed");
     text
 }
 
-/// Boots `kernel` and runs `command` (bash) in the workspace inside it; fails unless it exits 0.
-pub(crate) fn run_command(workspace: &Path, kernel: Kernel, command: &str) -> anyhow::Result<()> {
+/// Boots the one guest of `targets` and runs `command` (bash) in the workspace inside it; fails
+/// unless it exits 0.
+pub(crate) fn run_command(
+    workspace: &Path,
+    targets: &Targets,
+    command: &str,
+) -> anyhow::Result<()> {
+    let (kernel, init) = match (targets.kernels.as_slice(), targets.systemd) {
+        ([kernel], false) => (*kernel, Init::Script),
+        ([], true) => (SYSTEMD_KERNEL, Init::Systemd),
+        _ => bail!("--kernel takes one guest here: a kernel of the matrix, or systemd"),
+    };
     packages::ensure(PACKAGES)?;
     let cache = crate::toolchain::cache_dir()?.join("kernels");
     let unpacked = debian::fetch(kernel, &cache)?;
-    let out = vm_dir(workspace).join(format!("{}-command", kernel.name));
-    let outcome = guest::run(&unpacked, &out, workspace, command, COMMAND_DEADLINE)?;
+    let out = vm_dir(workspace).join(format!("{}-command", guest_label(kernel, init)));
+    let outcome = guest::run(&unpacked, init, &out, workspace, command, COMMAND_DEADLINE)?;
     match outcome.status {
         Some(0) => Ok(()),
         Some(status) => bail!(

@@ -36,15 +36,17 @@ pub(crate) fn host_only(test: &str) -> Option<&'static str> {
         .map(|(_, reason)| *reason)
 }
 
-/// A bash script that runs each test binary one test at a time (the guest has 2 emulated
+/// A bash script that runs each test binary, with `env` exported, one test at a time (the guest has 2 emulated
 /// CPUs), teeing its output to /ka-vm/<name>.log and its exit status to /ka-vm/results.
 pub(crate) fn script(
     binaries: &[(String, std::path::PathBuf)],
-    agent: &Path,
+    env: &[(&str, &Path)],
     args: &[String],
 ) -> String {
     let mut script = String::from("set -u\nstatus=0\n");
-    let _ = writeln!(script, "export KEEPALIVE_AGENT_BIN={}", shell_quote(agent));
+    for (name, value) in env {
+        let _ = writeln!(script, "export {name}={}", shell_quote(value));
+    }
     let extra: Vec<String> = args.iter().map(|arg| shell_quote(Path::new(arg))).collect();
     for (name, binary) in binaries {
         let _ = writeln!(
