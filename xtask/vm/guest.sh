@@ -23,7 +23,9 @@ source /ka-vm/env
 run_command() {
     cut -d" " -f1 /proc/uptime >/ka-vm/boot-seconds
     export KA_VM_OUT=/ka-vm
-    echo "ka-vm: kernel $(uname -r) up in $(cut -d" " -f1 /proc/uptime) s, init $KA_VM_INIT, $(nproc) CPUs"
+    local init=$KA_VM_INIT
+    [ "$init" = systemd ] && init=$(systemctl --version | head -n1)
+    echo "ka-vm: kernel $(uname -r) up in $(cut -d" " -f1 /proc/uptime) s, init: $init, $(nproc) CPUs"
     cd "$KA_VM_CWD" || poweroff
     bash /ka-vm/command
     echo $? >/ka-vm/status
@@ -45,6 +47,11 @@ if [ "$KA_VM_INIT" = systemd ]; then
         mount -t tmpfs -o mode=1777 tmpfs /ka-tmp
         export TMPDIR=/ka-tmp
         run_command
+    fi
+    # A newer systemd than the host root's, unpacked from Debian's packages over the overlay
+    # (the host's /lib is a symlink to usr/lib: tar keeps it one).
+    if [ -n "${KA_VM_SYSTEMD_ROOT:-}" ]; then
+        tar -C "$KA_VM_SYSTEMD_ROOT" -c . | tar -C / -x --keep-directory-symlink
     fi
     # PID 1: systemd takes over with ka-vm.target as its default, which starts sysinit (journald,
     # udev, the mounts) and ka-vm.service, and none of the host root's enabled services.

@@ -75,6 +75,43 @@ pub(crate) fn fetch(kernel: Kernel, cache: &Path) -> anyhow::Result<Unpacked> {
     })
 }
 
+/// The packages of bookworm-backports' systemd that the systemd-backports guest unpacks over
+/// its root (the host root's systemd is Debian 12's 252; 253 brought Type=notify-reload).
+const SYSTEMD_PACKAGES: &[&str] = &[
+    "systemd",
+    "libsystemd-shared",
+    "libsystemd0",
+    "udev",
+    "libudev1",
+];
+const SYSTEMD_SUITE: &str = "bookworm-backports";
+
+/// bookworm-backports' systemd unpacked into the cache (once per version): its `root/`.
+pub(crate) fn fetch_systemd(cache: &Path) -> anyhow::Result<PathBuf> {
+    let apt = Apt::new(SYSTEMD_SUITE, &cache.join("apt").join(SYSTEMD_SUITE))?;
+    let version = apt.candidate("systemd")?;
+    let dir = cache.join(format!("systemd-{version}"));
+    let root = dir.join("root");
+    let done = dir.join("unpacked");
+    if !done.exists() {
+        let _ignored = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        eprintln!("xtask: downloading systemd {version} from Debian {SYSTEMD_SUITE}");
+        for package in SYSTEMD_PACKAGES {
+            apt.download(package, &dir)?;
+        }
+        for entry in fs::read_dir(&dir)?.flatten() {
+            let deb = entry.path();
+            if deb.extension().is_some_and(|ext| ext == "deb") {
+                run_status(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+                fs::remove_file(&deb).context("cannot remove the downloaded package")?;
+            }
+        }
+        fs::write(&done, "").context("cannot mark systemd unpacked")?;
+    }
+    Ok(root)
+}
+
 /// `dpkg-deb -x` of the downloaded package into `root/`, then depmod for module autoloading.
 fn unpack(dir: &Path) -> anyhow::Result<()> {
     let deb = fs::read_dir(dir)?
@@ -167,6 +204,22 @@ impl Apt {
                     .then(|| package.to_owned())
             })
             .context("linux-image-amd64 depends on no linux-image package")
+    }
+
+    /// The version apt would install of `package` from this suite.
+    fn candidate(&self, package: &str) -> anyhow::Result<String> {
+        let out = self
+            .command("apt-cache")
+            .args(["policy", package])
+            .output()
+            .context("apt-cache policy")?;
+        ensure!(out.status.success(), "apt-cache policy {package} failed");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("Candidate: "))
+            .filter(|version| *version != "(none)")
+            .map(str::to_owned)
+            .with_context(|| format!("no {package} in this suite"))
     }
 
     fn download(&self, package: &str, into: &Path) -> anyhow::Result<()> {

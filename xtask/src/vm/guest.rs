@@ -27,8 +27,18 @@ const BOOT_MODULES: &[&str] = &["9p", "9pnet_virtio", "virtio_pci", "overlay"];
 pub(crate) enum Init {
     /// `vm/guest.sh`, which mounts what the tests need and runs the command itself.
     Script,
-    /// The host root's systemd, which runs the command as a service (`ka-vm.service`).
-    Systemd,
+    /// systemd, which runs the command as a service (`ka-vm.service`): the host root's, or
+    /// a newer one unpacked over the guest's root from Debian's packages.
+    Systemd(Systemd),
+}
+
+/// Which systemd a systemd guest boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Systemd {
+    /// The host root's own (Debian 12: 252).
+    Host,
+    /// bookworm-backports' (254): `Type=notify-reload` natively.
+    Backports,
 }
 
 /// What the guest left behind.
@@ -42,9 +52,11 @@ pub(crate) struct Outcome {
 }
 
 /// Boots `kernel` with `init`, runs `command` in `cwd` inside it, and waits at most `deadline`.
+/// `env`: more variables for `vm/guest.sh`.
 pub(crate) fn run(
     kernel: &Unpacked,
     init: Init,
+    env: &[(&str, &Path)],
     out: &Path,
     cwd: &Path,
     command: &str,
@@ -55,18 +67,19 @@ pub(crate) fn run(
     fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     fs::write(out.join("guest.sh"), GUEST)?;
     fs::write(out.join("command"), command)?;
-    fs::write(
-        out.join("env"),
-        format!(
-            "export KA_VM_MODULES={}\nexport KA_VM_CWD={}\nexport KA_VM_INIT={}\n",
-            shell_quote(&kernel.modules),
-            shell_quote(cwd),
-            match init {
-                Init::Script => "script",
-                Init::Systemd => "systemd",
-            }
-        ),
-    )?;
+    let mut vars = format!(
+        "export KA_VM_MODULES={}\nexport KA_VM_CWD={}\nexport KA_VM_INIT={}\n",
+        shell_quote(&kernel.modules),
+        shell_quote(cwd),
+        match init {
+            Init::Script => "script",
+            Init::Systemd(_) => "systemd",
+        }
+    );
+    for (name, value) in env {
+        vars.push_str(&format!("export {name}={}\n", shell_quote(value)));
+    }
+    fs::write(out.join("env"), vars)?;
 
     let started = Instant::now();
     let mut qemu = Command::new("qemu-system-x86_64");

@@ -18,7 +18,7 @@ use anyhow::{Context as _, bail};
 
 use self::debian::Kernel;
 pub(crate) use self::debian::MATRIX;
-use self::guest::Init;
+use self::guest::{Init, Systemd};
 use crate::packages;
 
 /// What a guest may take before it is stopped: the suite takes about 5 minutes under emulation.
@@ -149,18 +149,28 @@ pub(crate) fn test_matrix(
     if systemd {
         let deb = matrix
             .deb
-            .context("the systemd guest needs the .deb (cargo xtask dist)")?;
+            .context("the systemd guests need the .deb (cargo xtask dist)")?;
         let env = [("KEEPALIVE_AGENT_BIN", matrix.agent), ("KA_AGENT_DEB", deb)];
         // Its tests are #[ignore]d elsewhere: they need systemd as PID 1.
         let mut args = vec!["--include-ignored".to_owned()];
         args.extend(matrix.libtest_args.iter().cloned());
         let script = suite::script(&systemd_tests, &env, &args);
-        runs.push((SYSTEMD_KERNEL, Init::Systemd, script));
+        for which in [Systemd::Host, Systemd::Backports] {
+            runs.push((SYSTEMD_KERNEL, Init::Systemd(which), script.clone()));
+        }
     }
     let cache = crate::toolchain::cache_dir()?.join("kernels");
     let mut reports = Vec::new();
     for (kernel, init, script) in runs {
         let unpacked = debian::fetch(kernel, &cache)?;
+        let systemd_root = match init {
+            Init::Systemd(Systemd::Backports) => Some(debian::fetch_systemd(&cache)?),
+            _ => None,
+        };
+        let env: Vec<(&str, &Path)> = systemd_root
+            .iter()
+            .map(|root| ("KA_VM_SYSTEMD_ROOT", root.as_path()))
+            .collect();
         let label = guest_label(kernel, init);
         eprintln!(
             "xtask: {label} guest ({} {})",
@@ -170,13 +180,14 @@ pub(crate) fn test_matrix(
         let outcome = guest::run(
             &unpacked,
             init,
+            &env,
             &out,
             matrix.workspace,
             &script,
             SUITE_DEADLINE,
         )?;
         let (runs, counts) = suite::results(&outcome.out);
-        let expected = if init == Init::Systemd {
+        let expected = if matches!(init, Init::Systemd(_)) {
             &systemd_tests
         } else {
             &selected
@@ -196,7 +207,10 @@ pub(crate) fn test_matrix(
             counts,
             features: match init {
                 Init::Script => read(&outcome.out, "features"),
-                Init::Systemd => "systemd as PID 1".to_owned(),
+                Init::Systemd(Systemd::Host) => "the host root's systemd as PID 1".to_owned(),
+                Init::Systemd(Systemd::Backports) => {
+                    "bookworm-backports' systemd as PID 1".to_owned()
+                }
             },
             ok: outcome.status == Some(0) && failed_binaries.is_empty(),
             failed_binaries,
@@ -219,11 +233,12 @@ pub(crate) fn test_matrix(
     Ok(())
 }
 
-/// `6.1`, or `systemd-6.1` for the systemd guest.
+/// `6.1`, or `systemd-6.1` and `systemd-backports-6.1` for the systemd guests.
 fn guest_label(kernel: Kernel, init: Init) -> String {
     match init {
         Init::Script => kernel.name.to_owned(),
-        Init::Systemd => format!("systemd-{}", kernel.name),
+        Init::Systemd(Systemd::Host) => format!("systemd-{}", kernel.name),
+        Init::Systemd(Systemd::Backports) => format!("systemd-backports-{}", kernel.name),
     }
 }
 
@@ -279,14 +294,22 @@ pub(crate) fn run_command(
 ) -> anyhow::Result<()> {
     let (kernel, init) = match (targets.kernels.as_slice(), targets.systemd) {
         ([kernel], false) => (*kernel, Init::Script),
-        ([], true) => (SYSTEMD_KERNEL, Init::Systemd),
+        ([], true) => (SYSTEMD_KERNEL, Init::Systemd(Systemd::Host)),
         _ => bail!("--kernel takes one guest here: a kernel of the matrix, or systemd"),
     };
     packages::ensure(PACKAGES)?;
     let cache = crate::toolchain::cache_dir()?.join("kernels");
     let unpacked = debian::fetch(kernel, &cache)?;
     let out = vm_dir(workspace).join(format!("{}-command", guest_label(kernel, init)));
-    let outcome = guest::run(&unpacked, init, &out, workspace, command, COMMAND_DEADLINE)?;
+    let outcome = guest::run(
+        &unpacked,
+        init,
+        &[],
+        &out,
+        workspace,
+        command,
+        COMMAND_DEADLINE,
+    )?;
     match outcome.status {
         Some(0) => Ok(()),
         Some(status) => bail!(
