@@ -82,7 +82,10 @@ UNIT
     ln -sfn ka-vm.target "$units/default.target"
     # What the host root enabled for its own default target (podman's services) stays off.
     rm -rf "$units/default.target.wants"
-    for unit in systemd-timesyncd.service systemd-pstore.service getty@tty1.service; do
+    # /tmp is the overlay's, and the checkout may live there: no tmpfs over it (tmp.mount),
+    # and no emptying it at boot (tmpfiles.d/tmp.conf's "D /tmp").
+    ln -sfn /dev/null /etc/tmpfiles.d/tmp.conf
+    for unit in tmp.mount systemd-timesyncd.service systemd-pstore.service getty@tty1.service; do
         ln -sfn /dev/null "$units/$unit"
     done
     exec /lib/systemd/systemd --log-level=warning --show-status=false
