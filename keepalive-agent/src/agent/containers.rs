@@ -58,7 +58,7 @@ impl Agent {
             Ok((applied, sweep)) => {
                 report(&applied, &resolved);
                 if let Some(state) = &mut self.state {
-                    let fresh = State::new(&resolved, &self.source, applied.generation);
+                    let fresh = State::new(&resolved, &self.config.source(), applied.generation);
                     state.generation = fresh.generation;
                     state.applied_at = fresh.applied_at;
                     state.rules = fresh.rules;

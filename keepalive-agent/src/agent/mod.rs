@@ -41,8 +41,6 @@ pub struct Agent {
     enforcer: Enforcer,
     config: Config,
     mount: PathBuf,
-    /// The policy file, or `command line`.
-    source: String,
     state: Option<State>,
     telemetry: metrics::Shared,
     /// The version of the file last refused: events in its directory (an editor's temporary
@@ -76,12 +74,10 @@ impl Agent {
         telemetry: metrics::Shared,
         roots: watch::Sender<Vec<PathBuf>>,
     ) -> Self {
-        let source = config.source();
         Self {
             enforcer,
             config,
             mount,
-            source,
             state: None,
             telemetry,
             refused: None,
@@ -114,7 +110,7 @@ impl Agent {
         report(&applied, policy);
         self.state = Some(State {
             missing_features: self.enforcer.missing_features().to_vec(),
-            ..State::new(policy, &self.source, applied.generation)
+            ..State::new(policy, &self.config.source(), applied.generation)
         });
         // Ready (/readyz) by the time the log says so.
         self.publish(Some(false));
@@ -123,7 +119,7 @@ impl Agent {
             generation = applied.generation,
             scopes = scopes.join(" "),
             rules = policy.rules.len(),
-            source = self.source,
+            source = self.config.source(),
             "policy applied"
         );
         self.queue(sweep);
@@ -229,7 +225,7 @@ impl Agent {
                     reloads_succeeded: state.reloads_succeeded + 1,
                     reloads_failed: state.reloads_failed,
                     missing_features: self.enforcer.missing_features().to_vec(),
-                    ..State::new(&policy, &self.source, self.enforcer.generation())
+                    ..State::new(&policy, &self.config.source(), self.enforcer.generation())
                 };
                 self.roots.send_replace(watch_roots(&self.mount, &policy));
                 self.publish(Some(false));
