@@ -112,6 +112,13 @@ fn install() {
     }
 }
 
+/// The package installed and its agent restarted with [`write_policy`]'s `idle`.
+fn enforcing(idle: u32) {
+    install();
+    write_policy(idle);
+    systemctl(&["restart", UNIT]);
+}
+
 /// A policy for the whole machine whose idle time tells which one a connection got.
 fn write_policy(idle: u32) {
     let policy = format!(
@@ -212,9 +219,7 @@ fn install_starts_the_agent_and_start_returns_once_enforcement_is_live() {
 #[test]
 #[ignore = "needs systemd as PID 1 and installs a package: cargo xtask test --kernel systemd"]
 fn reload_applies_a_changed_policy() {
-    install();
-    write_policy(42);
-    systemctl(&["restart", UNIT]);
+    enforcing(42);
     assert_new_connections_have(expected(42), "after restart");
     let pid = main_pid();
 
@@ -248,9 +253,7 @@ fn reload_applies_a_changed_policy() {
 #[test]
 #[ignore = "needs systemd as PID 1 and installs a package: cargo xtask test --kernel systemd"]
 fn a_killed_agent_is_restarted_and_connections_meanwhile_are_enforced() {
-    install();
-    write_policy(44);
-    systemctl(&["restart", UNIT]);
+    enforcing(44);
     let pid = main_pid();
     let restarts: u32 = property("NRestarts").parse().unwrap_or(0);
     assert!(pid > 0, "a main process");
@@ -272,9 +275,7 @@ fn a_killed_agent_is_restarted_and_connections_meanwhile_are_enforced() {
 #[test]
 #[ignore = "needs systemd as PID 1 and installs a package: cargo xtask test --kernel systemd"]
 fn the_watchdog_restarts_a_stopped_agent() {
-    install();
-    write_policy(45);
-    systemctl(&["restart", UNIT]);
+    enforcing(45);
     let pid = main_pid();
     let cursor = journal_cursor();
 
@@ -304,9 +305,7 @@ fn an_upgrade_restarts_the_agent_without_a_gap() {
         atomic::{AtomicBool, Ordering},
     };
 
-    install();
-    write_policy(50);
-    systemctl(&["restart", UNIT]);
+    enforcing(50);
     let pid = main_pid();
     // Connections open all through the upgrade: each must have the policy.
     let done = Arc::new(AtomicBool::new(false));
@@ -500,9 +499,7 @@ fn systemd_analyze_security_scores_the_installed_unit_at_most_3() {
 #[test]
 #[ignore = "needs systemd as PID 1 and installs a package: cargo xtask test --kernel systemd"]
 fn remove_stops_and_detaches_and_purge_leaves_nothing() {
-    install();
-    write_policy(49);
-    systemctl(&["restart", UNIT]);
+    enforcing(49);
     assert_new_connections_have(expected(49), "installed");
 
     succeeds(Command::new("dpkg").args(["--remove", "keepalive-agent"]));

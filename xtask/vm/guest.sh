@@ -3,8 +3,8 @@
 # layout most user hosts have (pure cgroup v2 at /sys/fs/cgroup, bpffs, writable /tmp and /run,
 # the kernel's modules for autoloading), then run /ka-vm/command and leave its exit status in
 # /ka-vm/status. The guest powers itself off at the end; the host's qemu then exits.
-# With KA_VM_INIT=systemd, the host root's systemd becomes PID 1 instead and sets up that
-# layout itself; the command then runs as its service ka-vm.service.
+# With KA_VM_INIT=systemd, systemd (the host root's, or the newer one in KA_VM_SYSTEMD_ROOT)
+# becomes PID 1 instead and sets up that layout itself; the command runs as its ka-vm.service.
 set -u
 # PID 1's environment is the initramfs's (PATH=/bin): give the host's programs theirs.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8

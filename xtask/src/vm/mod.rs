@@ -1,7 +1,7 @@
 //! The kernel matrix: the privileged integration suite inside qemu guests booting Debian's
 //! 5.10, 6.1 and 6.12 kernels, with pure cgroup v2 at /sys/fs/cgroup (see `vm/guest.sh`); and
-//! the systemd guest: Debian 12's kernel booting the host root's systemd as PID 1, where the
-//! `systemd` tests install the .deb and drive the packaged unit.
+//! the systemd guests: Debian 12's kernel booting systemd as PID 1 (the host root's 252, then
+//! bookworm-backports' 254), where the `systemd` tests install the .deb and drive its unit.
 
 mod debian;
 mod guest;

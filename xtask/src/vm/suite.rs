@@ -36,8 +36,9 @@ pub(crate) fn host_only(test: &str) -> Option<&'static str> {
         .map(|(_, reason)| *reason)
 }
 
-/// A bash script that runs each test binary, with `env` exported, one test at a time (the guest has 2 emulated
-/// CPUs), teeing its output to /ka-vm/<name>.log and its exit status to /ka-vm/results.
+/// A bash script that exports `env`, then runs each test binary one test at a time (the guest
+/// has 2 emulated CPUs), teeing its output to /ka-vm/<name>.log and its exit status to
+/// /ka-vm/results.
 pub(crate) fn script(
     binaries: &[(String, std::path::PathBuf)],
     env: &[(&str, &Path)],
