@@ -25,6 +25,18 @@ pub const PROGRAM_NAME: &str = "ka_sockops";
 pub const SETSOCKOPT_PROGRAM: &str = "ka_setsockopt";
 /// The TCP iterator program that applies the policy to connections that already exist.
 pub const SWEEP_PROGRAM: &str = "ka_sweep";
+/// The fentry programs that count cgroup links detached or given another program, host-wide,
+/// each with the kernel function it is attached to: BPF_LINK_DETACH and BPF_LINK_UPDATE of a
+/// cgroup link (static functions reached through the link's ops table, so never inlined; both
+/// since Linux 5.9).
+pub const LINK_WATCH_FENTRIES: [(&str, &str); 2] = [
+    ("ka_link_detach", "bpf_cgroup_link_detach"),
+    ("ka_link_update", "cgroup_bpf_replace"),
+];
+/// The kprobe that counts the same, on both functions, where the kernel refuses fentry programs.
+pub const LINK_WATCH_KPROBE: &str = "ka_link_kprobe";
+/// Per-CPU array of one `u64`: what the link watch counts.
+pub const LINK_CHANGES_MAP: &str = "KA_LINK_CHANGES";
 
 /// Cgroup storage of each sock_ops attachment: its [`AttachRecord`].
 pub const ATTACH_MAP: &str = "KA_ATTACH";

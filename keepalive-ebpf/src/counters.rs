@@ -16,7 +16,7 @@ use keepalive_common::{
 use crate::{KA_RULE_STATS, KA_STATS};
 
 #[inline(always)]
-fn add(counter: Option<*mut u64>) {
+pub(crate) fn add(counter: Option<*mut u64>) {
     if let Some(counter) = counter {
         // The BPF target has no `AtomicU64::fetch_add` (no CAS); the intrinsic lowers to the
         // BPF atomic add instruction.

@@ -24,6 +24,7 @@
 
 mod bpf_maps;
 mod counters;
+mod link_watch;
 mod setsockopt;
 mod socket;
 mod sweep;

@@ -46,6 +46,27 @@ fn the_lock_loads_exactly_where_the_kernel_offers_it() {
     }
 }
 
+/// The health check learns of detached and updated links from fentry programs or a kprobe;
+/// every kernel of the matrix has kprobes (Debian builds them in), so it must load there. A
+/// kernel without them (this project's development VMs: no CONFIG_KPROBES, fentry refused)
+/// runs without it and says so.
+#[test]
+fn the_link_watch_loads_wherever_the_kernel_has_kprobes() {
+    let host = require_host();
+    let enforcer = load_enforcer(Stage::Full);
+    let kprobes = std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists();
+    let lacks = enforcer.lacks(keepalive_agent::enforcer::features::LINK_WATCH);
+    assert_eq!(lacks, !enforcer.watches_links());
+    if kprobes {
+        assert!(
+            enforcer.watches_links(),
+            "kernel {} has kprobes: {:?}",
+            host.kernel_release,
+            enforcer.missing_features()
+        );
+    }
+}
+
 #[test]
 fn keepalive_reads_are_expected_exactly_from_6_1() {
     let host = require_host();

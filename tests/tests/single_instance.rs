@@ -205,6 +205,65 @@ fn enforcement_removed_behind_the_agents_back_comes_back() {
     assert!(kernel_links(&cgroup).is_empty());
 }
 
+/// The health check asks the kernel about attachments only when something may have changed
+/// (the link watch counts detaches and updates, inotify sees pins go): with 1,000 of them, a
+/// detached link and a removed pin still come back within a second. Under the kernel matrix's
+/// software emulation, where every step is several times slower, within five.
+#[test]
+fn with_a_thousand_attachments_what_is_removed_comes_back_within_a_second() {
+    require_host();
+    let within = if std::env::var_os("KA_VM_OUT").is_some() {
+        Duration::from_secs(5)
+    } else {
+        Duration::from_secs(1)
+    };
+    let root = TestCgroup::new();
+    let children: Vec<TestCgroup> = (0..1000 / links_per_cgroup())
+        .map(|i| root.child(&format!("c-{i}")))
+        .collect();
+    let netns = Netns::new();
+    let places = AgentPlaces::new();
+    let (mut agent, _addr) = start(
+        &places,
+        &format!("{}/c-*", root.scope()),
+        &["--idle", "213"],
+    );
+    let pins = places.bpffs().join("keepalive-agent/links");
+    let pinned = || std::fs::read_dir(&pins).unwrap().count();
+    assert_eq!(pinned(), 1000, "one pinned link per attachment");
+    let last = children.last().unwrap();
+
+    let (id, _) = kernel_links(last)
+        .into_iter()
+        .find(|(_, kind)| kind.ends_with("sock_ops"))
+        .unwrap();
+    let detached = Instant::now();
+    let out = Command::new("bpftool")
+        .args(["link", "detach", "id", &id.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let healed_in = enforced_again(last, &netns, 213, detached);
+    assert!(healed_in < within, "link detached: healed in {healed_in:?}");
+    agent.expect_log("link detached", LOG_WAIT);
+    eprintln!("figure: 1,000 attachments, `bpftool link detach` healed in {healed_in:?}");
+
+    let pin = pins.join(format!("sockops-{}", children[0].cgroup().id));
+    let removed = Instant::now();
+    std::fs::remove_file(&pin).unwrap();
+    let healed_in = enforced_again(&children[0], &netns, 213, removed);
+    assert!(healed_in < within, "pin removed: healed in {healed_in:?}");
+    agent.expect_log("pin removed", LOG_WAIT);
+    assert!(pin.exists(), "the pin is back");
+    eprintln!("figure: 1,000 attachments, removed pin healed in {healed_in:?}");
+    assert_eq!(pinned(), 1000);
+    assert_eq!(agent.signal_and_wait(libc::SIGTERM, LOG_WAIT), Some(0));
+}
+
 #[test]
 fn enforcement_that_cannot_be_put_back_is_not_ready_and_status_says_where() {
     require_host();

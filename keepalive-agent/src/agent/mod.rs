@@ -42,6 +42,8 @@ pub struct Agent {
     config: Config,
     mount: PathBuf,
     state: Option<State>,
+    /// The state as last written to the state file (unchanged, it is not written again).
+    written: Option<State>,
     telemetry: metrics::Shared,
     /// The version of the file last refused: events in its directory (an editor's temporary
     /// files, a ConfigMap's symlink swap) do not read, log and count it again; SIGHUP does.
@@ -79,6 +81,7 @@ impl Agent {
             config,
             mount,
             state: None,
+            written: None,
             telemetry,
             refused: None,
             faults: BTreeSet::new(),
@@ -172,8 +175,11 @@ impl Agent {
                 self.reload("file changed", true)
             };
         }
-        self.check_health();
-        self.publish(reloaded);
+        let faulty = self.check_health();
+        // A tick that found everything in place has nothing new to publish.
+        if faulty || batch.iter().any(|event| *event != Event::Tick) {
+            self.publish(reloaded);
+        }
         if hangup || file_changed {
             notify::ready(&format!(
                 "enforcing generation {}",
@@ -254,10 +260,11 @@ impl Agent {
         }
     }
 
-    /// Asks the kernel whether every attachment is still there; puts back what is not. What
-    /// could not be put back stays a fault (not ready) and is tried again at every tick.
-    fn check_health(&mut self) {
-        let found = self.enforcer.faults();
+    /// Asks the kernel whether every attachment is still there, when something may have
+    /// changed; puts back what is not. What could not be put back stays a fault (not ready)
+    /// and is tried again at every tick. Returns whether anything was (or still is) missing.
+    fn check_health(&mut self) -> bool {
+        let found = self.enforcer.faults_if_changed().unwrap_or_default();
         let new: Vec<&Fault> = found
             .iter()
             .filter(|fault| !self.faults.contains(fault))
@@ -273,7 +280,7 @@ impl Agent {
         let first_seen = !new.is_empty();
         self.faults.extend(found.iter().cloned());
         if self.faults.is_empty() {
-            return;
+            return false;
         }
         let healed = if found.is_empty() {
             // Earlier faults that could not be put back: attach what the policy wants again.
@@ -301,6 +308,7 @@ impl Agent {
             }
             Err(_) => {}
         }
+        true
     }
 
     fn queue(&self, sweep: Option<SweepJob>) {
@@ -314,8 +322,13 @@ impl Agent {
         let faults: Vec<String> = self.faults.iter().map(Fault::to_string).collect();
         if let Some(state) = &mut self.state {
             state.faults.clone_from(&faults);
-            if let Err(error) = state.write(&self.config.state_dir) {
-                warn!(%error, dir = %self.config.state_dir.display(), "cannot write the state file; status will lack rule names");
+            if self.written.as_ref() != Some(state) {
+                match state.write(&self.config.state_dir) {
+                    Ok(()) => self.written = Some(state.clone()),
+                    Err(error) => {
+                        warn!(%error, dir = %self.config.state_dir.display(), "cannot write the state file; status will lack rule names");
+                    }
+                }
             }
         }
         if let Ok(mut shared) = self.telemetry.lock() {

@@ -17,8 +17,10 @@ pub const LOCK: &str = "lock";
 pub const READS: &str = "reads";
 /// Updating existing connections in the kernel (a TCP iterator program).
 pub const ITERATOR: &str = "iterator";
+/// Learning of links detached or given another program from a kprobe, not by asking each.
+pub const LINK_WATCH: &str = "link-watch";
 /// Every optional part.
-pub const OPTIONAL: &[&str] = &[LOCK, READS, ITERATOR];
+pub const OPTIONAL: &[&str] = &[LOCK, READS, ITERATOR, LINK_WATCH];
 
 /// A part that did not load on this kernel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,6 +90,23 @@ impl MissingFeature {
             effect: "connections that existed before the policy are updated through duplicates \
                      of their owners' descriptors (pidfd_getfd), which needs CAP_SYS_PTRACE for \
                      processes of other users; new connections are not affected"
+                .to_owned(),
+        }
+    }
+}
+
+impl MissingFeature {
+    /// The programs that count cgroup links detached or given another program
+    /// ([`keepalive_common::LINK_WATCH_FENTRIES`], both functions since Linux 5.9): fentry
+    /// needs BPF trampolines (x86-64 5.5, arm64 6.0) and the kernel's BTF, the kprobe fallback
+    /// CONFIG_KPROBES and perf_event_open; a kernel or sandbox without both refuses it.
+    pub(crate) fn link_watch(reason: String) -> Self {
+        Self {
+            feature: LINK_WATCH.to_owned(),
+            since: "5.9".to_owned(),
+            reason,
+            effect: "to find what someone else removed, each attachment is asked every 500 ms, \
+                     which costs CPU in proportion to the cgroups followed"
                 .to_owned(),
         }
     }
@@ -163,7 +182,7 @@ impl fmt::Display for MissingFeature {
 
 /// The verifier's own sentence for a refused program (e.g. `unknown func
 /// bpf_get_current_pid_tgid#14`), else the error.
-fn verifier_reason(error: &ProgramError) -> String {
+pub(super) fn verifier_reason(error: &ProgramError) -> String {
     if let ProgramError::LoadError { verifier_log, .. } = error {
         let log = verifier_log.to_string();
         let line = log.lines().map(str::trim).find(|line| {

@@ -3,7 +3,7 @@
 
 use super::{
     ApplyReport, Enforcer, EnforcerError,
-    links::{Hook, SETSOCKOPT, SOCK_OPS},
+    links::{Hook, SETSOCKOPT, SOCK_OPS, Unanswered},
 };
 use crate::{existing::SweepJob, policy::CgroupPath};
 
@@ -25,24 +25,52 @@ impl std::fmt::Display for Fault {
 }
 
 impl Enforcer {
-    /// Asks the kernel about every attachment (one pin open and one link info each).
+    /// [`Self::faults`] when something may have changed since the last call (a cgroup link
+    /// detached or updated anywhere on the host, a pin removed; see `changes`), else None:
+    /// the steady state costs two syscalls, whatever the number of attachments.
+    pub fn faults_if_changed(&mut self) -> Option<Vec<Fault>> {
+        if !self.changes.since_last() {
+            return None;
+        }
+        let (faults, unanswered) = self.ask_each();
+        if unanswered {
+            self.changes.ask_again();
+        }
+        Some(faults)
+    }
+
+    /// Whether [`Self::faults_if_changed`] learns of changes from the kernel (false: the
+    /// kernel refused the kprobe, and every call asks every attachment).
+    pub fn watches_links(&self) -> bool {
+        self.changes.watching_links()
+    }
+
+    /// Asks the kernel about every attachment (one link info each, and a pin open if pinned).
     pub fn faults(&self) -> Vec<Fault> {
+        self.ask_each().0
+    }
+
+    /// The faults, and whether a question went unanswered.
+    fn ask_each(&self) -> (Vec<Fault>, bool) {
         let mut faults = Vec::new();
+        let mut unanswered = false;
         for hook in [SOCK_OPS, SETSOCKOPT] {
             let Ok(program_id) = self.program_id(hook) else {
                 continue;
             };
             for attachment in self.attachments_of(hook).values() {
-                if let Some(what) = attachment.fault(program_id) {
-                    faults.push(Fault {
+                match attachment.fault(program_id) {
+                    Ok(Some(what)) => faults.push(Fault {
                         program: hook.pin_name,
                         cgroup: attachment.cgroup.name.clone(),
                         what,
-                    });
+                    }),
+                    Ok(None) => {}
+                    Err(Unanswered) => unanswered = true,
                 }
             }
         }
-        faults
+        (faults, unanswered)
     }
 
     /// Drops the faulty attachments (their pins too) and applies the policy in force again,

@@ -25,6 +25,10 @@ pub(super) struct Attachment {
     pin: Option<PathBuf>,
 }
 
+/// The kernel could not be asked about an attachment (out of descriptors or memory).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Unanswered;
+
 /// A program and where it hooks in: its attach type, and the name its links' pins start with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Hook {
@@ -107,12 +111,9 @@ impl Attachment {
 
     /// Why this attachment is not what the kernel has, if it is not: the pin is gone, the link
     /// was detached, or it runs another program than `program_id`. Only a definite answer is
-    /// a fault: a question that failed (no descriptor left) is asked again at the next check.
-    /// A cgroup that is gone is no fault: following the tree forgets it.
-    pub(super) fn fault(&self, program_id: u32) -> Option<&'static str> {
-        if !self.cgroup.path.exists() {
-            return None;
-        }
+    /// a fault: a question that failed (no descriptor left) is `Err`, asked again at the next
+    /// check. A cgroup that is gone is no fault: following the tree forgets it.
+    pub(super) fn fault(&self, program_id: u32) -> Result<Option<&'static str>, Unanswered> {
         let opened;
         let link = match (&self._link, &self.pin) {
             (Some(fd), _) => fd.as_fd(),
@@ -122,19 +123,27 @@ impl Attachment {
                     opened.as_fd()
                 }
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                    return Some("pin removed");
+                    return Ok(self.unless_cgroup_gone("pin removed"));
                 }
                 // Out of descriptors (EMFILE) or memory: no answer, so no fault.
-                Err(_) => return None,
+                Err(_) => return Err(Unanswered),
             },
-            (None, None) => return Some("no link"),
+            (None, None) => return Ok(Some("no link")),
         };
         match bpffs::cgroup_link_info(link) {
-            Err(_) => None,
-            Ok(info) if info.cgroup_id != self.cgroup.id => Some("link detached"),
-            Ok(info) if info.program_id != program_id => Some("program replaced"),
-            Ok(_) => None,
+            Err(_) => Err(Unanswered),
+            Ok(info) if info.cgroup_id != self.cgroup.id => {
+                Ok(self.unless_cgroup_gone("link detached"))
+            }
+            Ok(info) if info.program_id != program_id => Ok(Some("program replaced")),
+            Ok(_) => Ok(None),
         }
+    }
+
+    /// A removed cgroup takes its link with it: no fault, following the tree forgets it. Asked
+    /// only of a link that looks wrong (a path lookup per attachment is most of a check's cost).
+    fn unless_cgroup_gone(&self, what: &'static str) -> Option<&'static str> {
+        self.cgroup.path.exists().then_some(what)
     }
 
     /// Detaches (the descriptor closes, or the pin goes).

@@ -4,9 +4,11 @@
 //! a policy the one in force; [`follow`] brings it to cgroups that came or went, touching only
 //! them; [`hierarchy`] is the mounted cgroup hierarchy the attach-point
 //! planner ([`crate::plan`]) works on; [`links`] the attachments; [`maps`] the maps; [`health`]
-//! puts back what someone else removed; [`features`] what this kernel lacks.
+//! puts back what someone else removed, [`changes`] tells it when to look; [`features`] what
+//! this kernel lacks.
 
 mod apply;
+mod changes;
 pub mod features;
 mod follow;
 mod health;
@@ -141,6 +143,8 @@ pub struct Enforcer {
     missing: Vec<MissingFeature>,
     /// The in-kernel path for existing connections, unless this kernel refused it.
     iterator: Option<Arc<IteratorSweep>>,
+    /// Whether an attachment may have changed behind our back since the last health check.
+    changes: changes::Changes,
 }
 
 impl Enforcer {

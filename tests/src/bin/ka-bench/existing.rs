@@ -143,7 +143,7 @@ fn start_and_sweep(
 }
 
 /// The next log line containing `text`, if one comes within `timeout`.
-fn logged_within(agent: &Workload, text: &str, timeout: Duration) -> Option<String> {
+pub(crate) fn logged_within(agent: &Workload, text: &str, timeout: Duration) -> Option<String> {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.checked_duration_since(Instant::now())?;
@@ -156,7 +156,7 @@ fn logged_within(agent: &Workload, text: &str, timeout: Duration) -> Option<Stri
 
 /// `connections` established connections (both ends in the same process) over `processes`
 /// `ka-probe hold` processes in `cgroup`.
-fn hold(
+pub(crate) fn hold(
     bench: &Bench,
     cgroup: &TestCgroup,
     netns: &Netns,
@@ -183,7 +183,7 @@ fn hold(
 }
 
 /// The descriptor limit up to its hard limit: a pipe or two per holder process.
-fn raise_nofile() {
+pub(crate) fn raise_nofile() {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

@@ -27,6 +27,7 @@ mod results;
 mod samples;
 mod scale;
 mod stats_sysctl;
+mod steady;
 mod variants;
 
 use std::path::PathBuf;
@@ -48,6 +49,11 @@ pub(crate) struct Settings {
     pub(crate) cgroup_steps: &'static [usize],
     /// Established connections elsewhere, and the processes holding them (informational).
     pub(crate) existing_steps: &'static [(usize, usize)],
+    /// Followed cgroups, and established connections, for the steady-state table.
+    pub(crate) steady_cgroups: &'static [usize],
+    pub(crate) steady_connections: &'static [usize],
+    /// How long the agent is watched doing nothing, per steady-state step.
+    pub(crate) quiet: std::time::Duration,
     /// Whether this is the plumbing check, whose figures mean nothing.
     pub(crate) quick: bool,
 }
@@ -60,6 +66,9 @@ impl Settings {
         starts: 7,
         cgroup_steps: &[1, 100, 1000],
         existing_steps: &[(0, 0), (10_000, 1000), (16_000, 1000), (100_000, 1000)],
+        steady_cgroups: &[10, 1000, 10_000],
+        steady_connections: &[0, 100_000],
+        quiet: std::time::Duration::from_secs(60),
         quick: false,
     };
     /// Checks that every step works, in well under a minute; its figures mean nothing.
@@ -70,6 +79,9 @@ impl Settings {
         starts: 2,
         cgroup_steps: &[1, 3],
         existing_steps: &[(0, 0), (200, 10)],
+        steady_cgroups: &[3],
+        steady_connections: &[0, 200],
+        quiet: std::time::Duration::from_secs(1),
         quick: true,
     };
 }

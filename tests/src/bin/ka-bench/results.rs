@@ -3,7 +3,7 @@
 use crate::{
     Bench, Settings, agent, existing, program_cost, rates,
     samples::{Row, Samples},
-    scale, variants,
+    scale, steady, variants,
 };
 
 #[derive(Debug)]
@@ -34,6 +34,8 @@ pub(crate) struct Results {
     pub(crate) scale: Vec<scale::ScaleRow>,
     /// Start-up sweep and new-cgroup coverage with established connections elsewhere.
     pub(crate) existing: Vec<existing::ExistingRow>,
+    /// What the agent costs a host where nothing changes.
+    pub(crate) steady: Vec<steady::SteadyRow>,
 }
 
 pub(crate) fn run(bench: &Bench) -> Results {
@@ -65,5 +67,6 @@ pub(crate) fn run(bench: &Bench) -> Results {
         rss_10k_kib,
         scale: scale::cgroup_scale(bench),
         existing: existing::existing_scale(bench),
+        steady: steady::steady_state(bench),
     }
 }

@@ -75,5 +75,14 @@ pub(super) fn json(results: &Results, took: Duration) -> Value {
             })).collect::<Value>(),
             "new_cgroup_covered_ms": samples(&row.coverage_ms),
         })).collect::<Value>(),
+        "steady_state": results.steady.iter().map(|row| json!({
+            "cgroups": row.cgroups,
+            "connections": row.connections,
+            "startup_ms": row.startup_ms,
+            "idle_cpu_percent_of_a_core": row.cpu_percent,
+            "agent_rss_kib": row.rss_kib,
+            "new_cgroup_covered_ms": row.coverage_ms,
+            "link_watch": row.link_watch,
+        })).collect::<Value>(),
     })
 }

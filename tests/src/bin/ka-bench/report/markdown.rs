@@ -17,6 +17,7 @@ pub(crate) fn markdown(results: &Results, took: Duration, note: Option<&str>) ->
     agent(&mut md, results);
     scale(&mut md, results);
     existing(&mut md, results);
+    steady(&mut md, results);
     md
 }
 
@@ -193,5 +194,36 @@ fn existing(w: &mut String, results: &Results) {
                 spread(&row.coverage_ms, 1)
             );
         }
+    }
+}
+
+fn steady(w: &mut String, results: &Results) {
+    let quiet = results.settings.quiet.as_secs();
+    let _ = writeln!(
+        w,
+        "\n## Steady state\n\nThe release agent follows `root/c-*`, N cgroups, with established \
+         loopback connections held in one of them. Start-up: exec to `policy applied` (every \
+         cgroup attached). Then, after its start-up sweep, {quiet} s in which nothing changes: its \
+         CPU time (all threads, /proc/PID/stat) as a share of one core, and its RSS. Last, one \
+         more matching cgroup, to its `attached` line. Link watch: whether the kernel took the \
+         fentry/kprobe count of detached links (without it every attachment is asked every \
+         500 ms).\n"
+    );
+    let _ = writeln!(
+        w,
+        "| cgroups | connections | start-up (ms) | CPU (% of a core) | RSS (MiB) | new cgroup covered after (ms) | link watch |\n|---:|---:|---:|---:|---:|---:|---|"
+    );
+    for row in &results.steady {
+        let _ = writeln!(
+            w,
+            "| {} | {} | {:.0} | {:.3} | {:.1} | {:.1} | {} |",
+            row.cgroups,
+            row.connections,
+            row.startup_ms,
+            row.cpu_percent,
+            row.rss_kib / 1024.0,
+            row.coverage_ms,
+            if row.link_watch { "yes" } else { "no" }
+        );
     }
 }

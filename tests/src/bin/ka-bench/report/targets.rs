@@ -9,7 +9,7 @@ use crate::{
 /// One target and what this run measured.
 #[derive(Debug)]
 pub(super) struct Target {
-    pub(super) what: &'static str,
+    pub(super) what: String,
     /// `≤ 1.15`, `≥ 0.98`, ...
     pub(super) bound: String,
     /// Per round ratios.
@@ -17,20 +17,20 @@ pub(super) struct Target {
     pub(super) pass: bool,
 }
 
-fn at_most(what: &'static str, ratio: Samples, limit: f64) -> Target {
+fn at_most(what: impl Into<String>, ratio: Samples, limit: f64) -> Target {
     let pass = ratio.median() <= limit;
     Target {
-        what,
+        what: what.into(),
         bound: format!("≤ {limit:.2}"),
         ratio,
         pass,
     }
 }
 
-fn at_least(what: &'static str, ratio: Samples, limit: f64) -> Target {
+fn at_least(what: impl Into<String>, ratio: Samples, limit: f64) -> Target {
     let pass = ratio.median() >= limit;
     Target {
-        what,
+        what: what.into(),
         bound: format!("≥ {limit:.2}"),
         ratio,
         pass,
@@ -43,7 +43,7 @@ pub(super) fn targets(results: &Results) -> Vec<Target> {
         at_most(
             "agent's program time / the policy-free floor program's",
             paired_ratio(&results.program_ns, "agent", "floor"),
-            1.15,
+            1.10,
         ),
         at_least(
             "loopback connection rate, agent / no program",
@@ -86,6 +86,49 @@ pub(super) fn targets(results: &Results) -> Vec<Target> {
             Samples(vec![rate / 100_000.0]),
             1.0,
         ));
+    }
+    targets.extend(steady_targets(results));
+    targets
+}
+
+/// Issue 25's budget for an agent with nothing to do, by followed cgroups: CPU (% of a core)
+/// and RSS (MiB), whatever the connections.
+const STEADY_BUDGET: [(usize, f64, f64); 2] = [(1000, 0.2, 32.0), (10_000, 0.5, 64.0)];
+
+fn steady_targets(results: &Results) -> Vec<Target> {
+    let mut targets = Vec::new();
+    for row in &results.steady {
+        let Some(&(_, cpu, mib)) = STEADY_BUDGET.iter().find(|(n, _, _)| *n == row.cgroups) else {
+            continue;
+        };
+        let at = |what: &str| {
+            format!(
+                "{what}, {} cgroups, {} connections",
+                row.cgroups, row.connections
+            )
+        };
+        targets.push(at_most(
+            at(&format!("idle CPU (% of a core) / {cpu}")),
+            Samples(vec![row.cpu_percent / cpu]),
+            1.0,
+        ));
+        targets.push(at_most(
+            at(&format!("RSS (MiB) / {mib}")),
+            Samples(vec![row.rss_kib / 1024.0 / mib]),
+            1.0,
+        ));
+        if row.cgroups == 10_000 {
+            targets.push(at_most(
+                at("start-up to all attached (ms) / 5,000"),
+                Samples(vec![row.startup_ms / 5000.0]),
+                1.0,
+            ));
+            targets.push(at_most(
+                at("new cgroup covered (ms) / 20"),
+                Samples(vec![row.coverage_ms / 20.0]),
+                1.0,
+            ));
+        }
     }
     targets
 }

@@ -1,0 +1,121 @@
+//! What the agent costs a host where nothing changes: its CPU over a quiet period and its
+//! memory, at 10, 1,000 and 10,000 followed cgroups, without and with 100,000 established
+//! connections (in one of them, so the missing-keepalive gauge counts them); its start-up to
+//! every cgroup attached; how soon one more cgroup is covered there.
+
+use std::time::{Duration, Instant};
+
+use keepalive_tests::{AgentPlaces, Netns, TestCgroup};
+
+use crate::{
+    Bench,
+    agent::vm_rss_kib,
+    existing::{hold, logged_within, raise_nofile},
+};
+
+/// One number of followed cgroups and of established connections.
+#[derive(Debug, Clone)]
+pub(crate) struct SteadyRow {
+    pub(crate) cgroups: usize,
+    pub(crate) connections: usize,
+    /// From exec to the `policy applied` line, every cgroup attached (ms).
+    pub(crate) startup_ms: f64,
+    /// The agent's CPU time over the quiet period, as a share of one core (%).
+    pub(crate) cpu_percent: f64,
+    pub(crate) rss_kib: f64,
+    /// From mkdir of one more matching cgroup to its `attached` line (ms).
+    pub(crate) coverage_ms: f64,
+    /// Whether the kernel took the link watch (else every attachment is asked every 500 ms).
+    pub(crate) link_watch: bool,
+}
+
+const LONG: Duration = Duration::from_secs(300);
+
+pub(crate) fn steady_state(bench: &Bench) -> Vec<SteadyRow> {
+    raise_nofile();
+    let settings = bench.settings;
+    let mut rows = Vec::new();
+    for &connections in settings.steady_connections {
+        for &cgroups in settings.steady_cgroups {
+            rows.push(step(bench, cgroups, connections));
+        }
+    }
+    rows
+}
+
+fn step(bench: &Bench, cgroups: usize, connections: usize) -> SteadyRow {
+    bench.progress.step(&format!(
+        "steady state: {cgroups} cgroups, {connections} connections"
+    ));
+    let root = TestCgroup::new();
+    let children: Vec<TestCgroup> = (0..cgroups)
+        .map(|i| root.child(&format!("c-{i}")))
+        .collect();
+    let netns = Netns::new();
+    netns.set_sysctl("net/ipv4/ip_local_port_range", "1024 65000");
+    let holders = hold(
+        bench,
+        &children[0],
+        &netns,
+        connections,
+        connections.div_ceil(100),
+    );
+    let places = AgentPlaces::new();
+    let start = Instant::now();
+    let agent = places.spawn(
+        &bench.agent,
+        &["run", "--cgroup", &format!("{}/c-*", root.scope())],
+    );
+    let mut link_watch = true;
+    loop {
+        let line = agent
+            .try_line_within(LONG)
+            .unwrap_or_else(|| panic!("no `policy applied` from the agent"));
+        link_watch &= !line.contains("lacks link-watch");
+        if line.contains("policy applied") {
+            break;
+        }
+    }
+    let startup_ms = start.elapsed().as_secs_f64() * 1e3;
+    let line = logged_within(&agent, "existing connections", LONG);
+    assert!(line.is_some(), "the start-up sweep never ended");
+    // Start-up's allocations and first gauge settle before the quiet period.
+    let quiet = bench.settings.quiet;
+    std::thread::sleep(quiet.min(Duration::from_secs(2)));
+    let before = cpu_ticks(agent.pid());
+    std::thread::sleep(quiet);
+    let ticks = cpu_ticks(agent.pid()) - before;
+    let cpu_percent = 100.0 * ticks as f64 / (ticks_per_second() * quiet.as_secs_f64());
+    let rss_kib = vm_rss_kib(agent.pid());
+    let added = Instant::now();
+    let extra = root.child("c-new");
+    agent.expect_log("attached", LONG);
+    let coverage_ms = added.elapsed().as_secs_f64() * 1e3;
+    drop(agent);
+    drop(places);
+    drop(holders);
+    drop(extra);
+    SteadyRow {
+        cgroups,
+        connections,
+        startup_ms,
+        cpu_percent,
+        rss_kib,
+        coverage_ms,
+        link_watch,
+    }
+}
+
+/// User and system time of `pid`, all its threads, dead ones too (clock ticks).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // pid (comm) state ppid ...: utime and stime are the 12th and 13th fields after `)`.
+    let after = &stat[stat.rfind(')').unwrap() + 1..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf reads a constant.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}
