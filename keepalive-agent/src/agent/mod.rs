@@ -1,6 +1,8 @@
 //! The agent's engine: it owns the enforcer and the state and handles typed [`Event`]s, one
-//! batch at a time, on a thread of its own. `commands::run` is the thin loop that turns
-//! signals, inotify and a timer into events, and serves the metrics endpoint meanwhile: no
+//! batch at a time, on a thread of its own, and checks its attachments when none came for
+//! [`HEALTH_INTERVAL`] (its own timeout: an idle agent wakes one thread twice a second).
+//! `commands::run` is the thin loop that turns signals and inotify into events, and serves the
+//! metrics endpoint meanwhile: no
 //! blocking work (attaching, expanding patterns, reading a policy) ever runs on it, and the
 //! sweep of existing connections runs on a third thread.
 
@@ -9,9 +11,14 @@ mod containers;
 mod events;
 mod reload;
 
-use std::{collections::BTreeSet, path::PathBuf, sync::mpsc, time::Duration};
+use std::{
+    collections::BTreeSet,
+    path::PathBuf,
+    sync::mpsc,
+    time::{Duration, Instant},
+};
 
-use tokio::sync::{mpsc::UnboundedReceiver, watch};
+use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use self::reload::{FileVersion, Reload, load_settled, reload, report, report_sweep};
@@ -99,11 +106,7 @@ impl Agent {
     }
 
     /// Applies the first policy, then handles events until one says stop.
-    pub fn run(
-        mut self,
-        policy: &Policy,
-        mut events: UnboundedReceiver<Event>,
-    ) -> anyhow::Result<()> {
+    pub fn run(mut self, policy: &Policy, events: mpsc::Receiver<Event>) -> anyhow::Result<()> {
         use anyhow::Context as _;
         let policy = &self.resolve(policy);
         let (applied, sweep) = self
@@ -127,10 +130,17 @@ impl Agent {
         );
         self.queue(sweep);
         notify::ready(&format!("enforcing generation {}", applied.generation));
+        let mut next_check = Instant::now() + HEALTH_INTERVAL;
         loop {
-            let Some(first) = events.blocking_recv() else {
-                return self.stop(Signal::Terminate);
+            let first = match events
+                .recv_timeout(next_check.saturating_duration_since(Instant::now()))
+            {
+                Ok(event) => event,
+                Err(mpsc::RecvTimeoutError::Timeout) => Event::Tick,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return self.stop(Signal::Terminate),
             };
+            // Every batch checks the attachments: the next check is due an interval later.
+            next_check = Instant::now() + HEALTH_INTERVAL;
             let mut batch = vec![first];
             while let Ok(event) = events.try_recv() {
                 batch.push(event);

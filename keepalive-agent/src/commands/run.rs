@@ -9,12 +9,12 @@ use anyhow::Context as _;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{Signal as Stream, SignalKind, signal},
-    sync::{mpsc, watch},
+    sync::watch,
 };
 use tracing::{info, warn};
 
 use crate::{
-    agent::{Agent, Config, Event, HEALTH_INTERVAL, Signal, watch_roots},
+    agent::{Agent, Config, Event, Signal, watch_roots},
     bpffs::PinDir,
     cli::{ExistingVia, RunArgs},
     enforcer::Enforcer,
@@ -89,14 +89,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut cgroups =
         CgroupWatch::new(&new_roots.borrow_and_update()).context("cannot watch the cgroup tree")?;
 
-    let (events, queue) = mpsc::unbounded_channel();
+    let (events, queue) = std::sync::mpsc::channel();
     let inventory = crate::containers::Inventory::default();
     crate::containers::spawn(&args.engines, &inventory, &events);
     let agent = Agent::new(enforcer, config, mount, telemetry, roots).with_containers(inventory);
     let mut engine = tokio::task::spawn_blocking(move || agent.run(&policy, queue));
     let mut watchdog = notify::Watchdog::from_env();
-    let mut tick = tokio::time::interval(HEALTH_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         let event = tokio::select! {
             signal = signals.recv() => Event::Signal(signal),
@@ -114,7 +112,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     .context("cannot watch the cgroup tree")?;
                 Event::CgroupsChanged(crate::watch::Change::Events)
             }
-            _ = tick.tick() => Event::Tick,
             // The loop turning is what the service manager's watchdog checks.
             () = watchdog.ping() => continue,
             ended = &mut engine => return ended.context("the engine failed")?,

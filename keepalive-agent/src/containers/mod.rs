@@ -17,7 +17,6 @@ use std::{
 };
 
 use clap::Args;
-use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -103,7 +102,7 @@ impl Inventory {
 #[derive(Debug, Clone)]
 struct Sink {
     inventory: Inventory,
-    events: UnboundedSender<Event>,
+    events: std::sync::mpsc::Sender<Event>,
 }
 
 impl Sink {
@@ -131,7 +130,7 @@ const BACK_OFF_FIRST: Duration = Duration::from_millis(250);
 const BACK_OFF_MAX: Duration = Duration::from_secs(10);
 
 /// Follows every engine, each on a task of its own, until the runtime stops.
-pub fn spawn(args: &EngineArgs, inventory: &Inventory, events: &UnboundedSender<Event>) {
+pub fn spawn(args: &EngineArgs, inventory: &Inventory, events: &std::sync::mpsc::Sender<Event>) {
     let sink = Sink {
         inventory: inventory.clone(),
         events: events.clone(),
