@@ -96,13 +96,10 @@ pub fn attach_points<H: Hierarchy>(
 
 /// Paths without the ones nested in another.
 fn outermost(scopes: &[CgroupPath]) -> BTreeSet<CgroupPath> {
+    let texts: std::collections::HashSet<&str> = scopes.iter().map(CgroupPath::as_str).collect();
     scopes
         .iter()
-        .filter(|scope| {
-            !scopes
-                .iter()
-                .any(|other| other != *scope && other.contains(scope))
-        })
+        .filter(|scope| !scope.nested_in(&texts))
         .cloned()
         .collect()
 }

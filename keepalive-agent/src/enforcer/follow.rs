@@ -2,7 +2,7 @@
 //! other rules touches only itself, its attachment, its record and its own existing connections,
 //! so covering a new container does not grow with what else the host runs.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use super::{
     ApplyReport, Enforcer, EnforcerError,
@@ -161,14 +161,10 @@ fn same_entries(old: &Tables, new: &Tables) -> bool {
 
 /// The cgroups of `changed` not inside another of them: a sweep of each covers its subtree.
 fn outermost(changed: &BTreeMap<CgroupPath, Cgroup>) -> Vec<Cgroup> {
-    let paths: BTreeSet<&CgroupPath> = changed.keys().collect();
+    let paths: std::collections::HashSet<&str> = changed.keys().map(CgroupPath::as_str).collect();
     changed
         .iter()
-        .filter(|(path, _)| {
-            !paths
-                .iter()
-                .any(|other| other != path && other.contains(path))
-        })
+        .filter(|(path, _)| !path.nested_in(&paths))
         .map(|(_, cgroup)| cgroup.clone())
         .collect()
 }

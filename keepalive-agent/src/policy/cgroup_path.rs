@@ -44,6 +44,20 @@ impl CgroupPath {
             || (other.0.starts_with(&self.0) && other.0.as_bytes().get(self.0.len()) == Some(&b'/'))
     }
 
+    /// Whether a proper ancestor of this path is in `paths` (by text): a lookup per level, so
+    /// that keeping the outermost of N paths costs N × depth, not N².
+    pub fn nested_in(&self, paths: &std::collections::HashSet<&str>) -> bool {
+        if self.0 == "/" {
+            return false;
+        }
+        paths.contains("/")
+            || self
+                .0
+                .match_indices('/')
+                .skip(1)
+                .any(|(end, _)| paths.contains(&self.0[..end]))
+    }
+
     /// The path relative to the root, for joining to the mount point.
     pub fn relative(&self) -> &str {
         self.0.trim_start_matches('/')
@@ -88,5 +102,34 @@ impl CgroupPath {
 impl fmt::Display for CgroupPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::CgroupPath;
+
+    fn path(text: &str) -> CgroupPath {
+        CgroupPath::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"))
+    }
+
+    #[test]
+    fn nested_in_looks_only_at_proper_ancestors() {
+        let set: HashSet<&str> = ["/a", "/x/y"].into_iter().collect();
+        assert!(path("/a/b").nested_in(&set));
+        assert!(path("/a/b/c").nested_in(&set));
+        assert!(path("/x/y/z").nested_in(&set));
+        assert!(!path("/a").nested_in(&set), "itself is no ancestor");
+        assert!(
+            !path("/ab").nested_in(&set),
+            "a prefix of the text is no ancestor"
+        );
+        assert!(!path("/x").nested_in(&set));
+        assert!(!path("/").nested_in(&set));
+        let root: HashSet<&str> = ["/"].into_iter().collect();
+        assert!(path("/a").nested_in(&root));
+        assert!(!path("/").nested_in(&root));
     }
 }
