@@ -252,7 +252,7 @@ fn the_docker_component_mounts_the_socket_directory_and_parses() {
 /// The highest `systemd-analyze security` exposure the unit may have (0 is best, 10 worst).
 /// The hardened unit scores 3.0 (the unit before hardening scored 5.7); what is left is what
 /// the agent needs: root with CAP_SYS_ADMIN, CAP_SYS_PTRACE, CAP_NET_ADMIN and CAP_BPF, bpf()
-/// and pidfd_getfd(), the host's network, and every process's /proc entries.
+/// pidfd_getfd() and perf_event_open(), the host's network, and every process's /proc entries.
 const SECURITY_THRESHOLD: f64 = 3.0;
 
 /// The major version of the systemd whose `systemd-analyze` runs the tests.

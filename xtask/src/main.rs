@@ -102,6 +102,9 @@ enum Task {
         /// Exercise every step in seconds; the figures mean nothing.
         #[arg(long)]
         quick: bool,
+        /// Only the steady-state rows: an idle agent's CPU and memory at 10 to 10,000 cgroups.
+        #[arg(long)]
+        steady: bool,
     },
     /// Fuzz the policy file parser and the policy compiler (cargo fuzz, pinned nightly) for a
     /// bounded time per target; not part of `test`. Failing inputs land in fuzz/artifacts/.
@@ -157,7 +160,7 @@ fn run(task: Task) -> anyhow::Result<()> {
             seconds,
             target.as_deref(),
         ),
-        Task::Bench { quick } => bench(&workspace, quick),
+        Task::Bench { quick, steady } => bench(&workspace, quick, steady),
     }
 }
 
@@ -220,7 +223,7 @@ fn test(
 }
 
 /// `cargo xtask bench`: the release agent and the benchmark, results under bench/results.
-fn bench(workspace: &Path, quick: bool) -> anyhow::Result<()> {
+fn bench(workspace: &Path, quick: bool, steady: bool) -> anyhow::Result<()> {
     host_check("cargo xtask bench")?;
     packages::ensure(packages::TEST)?;
     let toolchain = Toolchain::ensure()?;
@@ -242,6 +245,9 @@ fn bench(workspace: &Path, quick: bool) -> anyhow::Result<()> {
         .arg(workspace.join("bench").join("results"));
     if quick {
         bench.arg("--quick");
+    }
+    if steady {
+        bench.arg("--steady");
     }
     run_status(&mut bench)
 }

@@ -3,8 +3,8 @@
 //! program, and asking a link is a syscall that takes the global cgroup mutex: at 10,000
 //! cgroups (20,000 links) twice a second, percents of a core for an agent with nothing to do.
 //! Two host-wide signals instead, whose cost does not grow with the host:
-//! - the `ka_link_watch` kprobe's count of BPF_LINK_DETACH and BPF_LINK_UPDATE on any cgroup
-//!   link (one map read);
+//! - the link watch's count of BPF_LINK_DETACH and BPF_LINK_UPDATE on any cgroup link
+//!   (`keepalive-ebpf/src/link_watch.rs`: fentry programs, or a kprobe; one map read);
 //! - inotify on the directory of the pinned links (a removed pin is an event).
 //!
 //! Where the kernel refused both ways of counting, every check is a change: each link is asked
@@ -16,7 +16,7 @@ use aya::maps::{MapData, PerCpuArray};
 use inotify::{EventMask, Inotify, WatchMask};
 
 pub(super) struct Changes {
-    /// The kprobe's per-CPU count; None where the kernel refused it.
+    /// The link watch's per-CPU count; None where the kernel refused it.
     count: Option<PerCpuArray<MapData, u64>>,
     /// The count at the last check (None before the first).
     seen: Option<u64>,
@@ -52,7 +52,7 @@ impl Changes {
         self.seen = None;
     }
 
-    /// Whether the kprobe counts changes (false: every check asks every link).
+    /// Whether the link watch counts changes (false: every check asks every link).
     pub(super) fn watching_links(&self) -> bool {
         self.count.is_some()
     }

@@ -17,7 +17,8 @@ pub const LOCK: &str = "lock";
 pub const READS: &str = "reads";
 /// Updating existing connections in the kernel (a TCP iterator program).
 pub const ITERATOR: &str = "iterator";
-/// Learning of links detached or given another program from a kprobe, not by asking each.
+/// Learning of links detached or given another program from the kernel (fentry programs or a
+/// kprobe), not by asking each.
 pub const LINK_WATCH: &str = "link-watch";
 /// Every optional part.
 pub const OPTIONAL: &[&str] = &[LOCK, READS, ITERATOR, LINK_WATCH];

@@ -40,7 +40,7 @@ impl Enforcer {
     }
 
     /// Whether [`Self::faults_if_changed`] learns of changes from the kernel (false: the
-    /// kernel refused the kprobe, and every call asks every attachment).
+    /// kernel refused the link watch, and every call asks every attachment).
     pub fn watches_links(&self) -> bool {
         self.changes.watching_links()
     }

@@ -112,8 +112,11 @@ impl Enforcer {
         }
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         missing.extend(MissingFeature::reads(release.trim()));
+        // aya parses the kernel's BTF again (its own types), once for the programs that need
+        // it: the sweep (only where the offsets were found) and the link watch's fentries.
+        let btf = aya::Btf::from_sys_fs().map_err(|error| error.to_string());
         let iterator = match offsets {
-            Some(Ok(_)) => sweep_program(&mut ebpf)
+            Some(Ok(_)) => sweep_program(&mut ebpf, &btf)
                 .map_err(|refused| missing.push(refused))
                 .ok(),
             Some(Err(error)) => {
@@ -123,7 +126,7 @@ impl Enforcer {
             None => None,
         }
         .map(Arc::new);
-        let link_changes = link_watch(&mut ebpf)
+        let link_changes = link_watch(&mut ebpf, &btf)
             .map_err(|refused| missing.push(refused))
             .ok();
         maps::set_agent_pid(&mut ebpf)?;
@@ -192,17 +195,19 @@ fn setsockopt(ebpf: &mut Ebpf) -> Result<&mut CgroupSockopt, EnforcerError> {
 }
 
 /// Loads and links the sweep program: the in-kernel path for existing connections.
-fn sweep_program(ebpf: &mut Ebpf) -> Result<IteratorSweep, MissingFeature> {
+fn sweep_program(
+    ebpf: &mut Ebpf,
+    btf: &Result<aya::Btf, String>,
+) -> Result<IteratorSweep, MissingFeature> {
     let refused = |error: String| MissingFeature::iterator_because(error);
-    // aya parses the kernel's BTF again (its own types); only where the offsets were found.
-    let btf = aya::Btf::from_sys_fs().map_err(|error| refused(error.to_string()))?;
+    let btf = btf.as_ref().map_err(|error| refused(error.clone()))?;
     let program: &mut Iter = ebpf
         .program_mut(SWEEP_PROGRAM)
         .ok_or_else(|| refused(format!("the eBPF object has no {SWEEP_PROGRAM}")))?
         .try_into()
         .map_err(|error: aya::programs::ProgramError| refused(error.to_string()))?;
     program
-        .load("tcp", &btf)
+        .load("tcp", btf)
         .map_err(|error| MissingFeature::iterator(&error))?;
     let map = |name: &'static str| {
         ebpf.map(name)
@@ -220,8 +225,14 @@ fn sweep_program(ebpf: &mut Ebpf) -> Result<IteratorSweep, MissingFeature> {
 
 /// Loads the programs that count cgroup links detached or given another program (fentry, else
 /// the kprobe) and attaches them; returns their count.
-fn link_watch(ebpf: &mut Ebpf) -> Result<PerCpuArray<MapData, u64>, MissingFeature> {
-    let fentries = link_fentries(ebpf);
+fn link_watch(
+    ebpf: &mut Ebpf,
+    btf: &Result<aya::Btf, String>,
+) -> Result<PerCpuArray<MapData, u64>, MissingFeature> {
+    let fentries = btf
+        .as_ref()
+        .map_err(Clone::clone)
+        .and_then(|btf| link_fentries(ebpf, btf));
     if let Err(fentry) = fentries {
         link_kprobe(ebpf).map_err(|kprobe| {
             MissingFeature::link_watch(format!("fentry: {fentry}; kprobe: {kprobe}"))
@@ -233,8 +244,7 @@ fn link_watch(ebpf: &mut Ebpf) -> Result<PerCpuArray<MapData, u64>, MissingFeatu
     PerCpuArray::try_from(map).map_err(|error| MissingFeature::link_watch(error.to_string()))
 }
 
-fn link_fentries(ebpf: &mut Ebpf) -> Result<(), String> {
-    let btf = aya::Btf::from_sys_fs().map_err(|error| error.to_string())?;
+fn link_fentries(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<(), String> {
     for (name, function) in LINK_WATCH_FENTRIES {
         let program: &mut FEntry = ebpf
             .program_mut(name)
@@ -242,7 +252,7 @@ fn link_fentries(ebpf: &mut Ebpf) -> Result<(), String> {
             .try_into()
             .map_err(|error: aya::programs::ProgramError| error.to_string())?;
         program
-            .load(function, &btf)
+            .load(function, btf)
             .map_err(|error| format!("{function}: {}", features::verifier_reason(&error)))?;
         program
             .attach()

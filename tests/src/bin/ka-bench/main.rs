@@ -4,8 +4,10 @@
 //! run with the variants interleaved.
 //!
 //! ```text
-//! ka-bench --agent PATH --out DIR [--quick]
+//! ka-bench --agent PATH --out DIR [--quick] [--steady]
 //! ```
+//! `--steady`: only the steady-state rows (an idle agent at scale) and their targets, written
+//! to `DIR/steady.md`; for a kernel of the matrix too (`cargo xtask vm --kernel K -- ...`).
 //! Progress lines go to stderr; the table to stdout and `DIR/bench.md`, with `DIR/bench.json`
 //! and `DIR/bench.svg`.
 #![expect(clippy::print_stdout, reason = "the table is the benchmark's output")]
@@ -100,13 +102,16 @@ pub(crate) struct Bench {
 fn main() {
     let mut args = std::env::args().skip(1);
     let (mut agent, mut out, mut settings) = (None, None, Settings::FULL);
+    let mut steady_alone = false;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--agent" => agent = args.next().map(PathBuf::from),
             "--out" => out = args.next().map(PathBuf::from),
             "--quick" => settings = Settings::QUICK,
+            "--steady" => steady_alone = true,
             other => panic!(
-                "unknown argument {other:?}; usage: ka-bench --agent PATH --out DIR [--quick]"
+                "unknown argument {other:?}; usage: ka-bench --agent PATH --out DIR [--quick] \
+                 [--steady]"
             ),
         }
     }
@@ -117,7 +122,15 @@ fn main() {
         settings,
         progress: Progress::start(),
     };
-    keepalive_tests::require_host();
+    let host = keepalive_tests::require_host();
+    if steady_alone {
+        let rows = steady::steady_state(&bench);
+        let table = report::steady_only(&rows, settings.quiet, &host.kernel_release);
+        println!("{table}");
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(out.join("steady.md"), &table).unwrap();
+        return;
+    }
     let stats = StatsSysctl::off();
     let results = results::run(&bench);
     let took = bench.progress.elapsed();

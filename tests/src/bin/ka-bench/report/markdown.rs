@@ -6,6 +6,7 @@ use super::{spread, targets::targets};
 use crate::{
     results::Results,
     samples::{Samples, paired_ratio},
+    steady::SteadyRow,
 };
 
 pub(crate) fn markdown(results: &Results, took: Duration, note: Option<&str>) -> String {
@@ -49,11 +50,15 @@ fn header(w: &mut String, results: &Results, took: Duration, note: Option<&str>)
 }
 
 fn target_table(w: &mut String, results: &Results) {
+    write_targets(w, targets(results));
+}
+
+fn write_targets(w: &mut String, targets: Vec<super::targets::Target>) {
     let _ = writeln!(
         w,
         "## Targets\n\n| target | ratio, median (min..max) | bound | result |\n|---|---:|---:|---|"
     );
-    for target in targets(results) {
+    for target in targets {
         let _ = writeln!(
             w,
             "| {} | {} | {} | {} |",
@@ -197,8 +202,20 @@ fn existing(w: &mut String, results: &Results) {
     }
 }
 
+/// `ka-bench --steady`: the steady-state rows alone, with their targets.
+pub(crate) fn steady_only(rows: &[SteadyRow], quiet: Duration, kernel: &str) -> String {
+    let mut md = format!("# Steady state\n\nKernel {kernel}.\n\n");
+    write_targets(&mut md, super::targets::steady_targets(rows));
+    steady_table(&mut md, rows, quiet);
+    md
+}
+
 fn steady(w: &mut String, results: &Results) {
-    let quiet = results.settings.quiet.as_secs();
+    steady_table(w, &results.steady, results.settings.quiet);
+}
+
+fn steady_table(w: &mut String, rows: &[SteadyRow], quiet: Duration) {
+    let quiet = quiet.as_secs();
     let _ = writeln!(
         w,
         "\n## Steady state\n\nThe release agent follows `root/c-*`, N cgroups, with established \
@@ -213,7 +230,7 @@ fn steady(w: &mut String, results: &Results) {
         w,
         "| cgroups | connections | start-up (ms) | CPU (% of a core) | RSS (MiB) | new cgroup covered after (ms) | link watch |\n|---:|---:|---:|---:|---:|---:|---|"
     );
-    for row in &results.steady {
+    for row in rows {
         let _ = writeln!(
             w,
             "| {} | {} | {:.0} | {:.3} | {:.1} | {:.1} | {} |",

@@ -4,11 +4,12 @@
 use crate::{
     results::Results,
     samples::{Samples, paired_ratio},
+    steady::SteadyRow,
 };
 
 /// One target and what this run measured.
 #[derive(Debug)]
-pub(super) struct Target {
+pub(crate) struct Target {
     pub(super) what: String,
     /// `≤ 1.15`, `≥ 0.98`, ...
     pub(super) bound: String,
@@ -87,7 +88,7 @@ pub(super) fn targets(results: &Results) -> Vec<Target> {
             1.0,
         ));
     }
-    targets.extend(steady_targets(results));
+    targets.extend(steady_targets(&results.steady));
     targets
 }
 
@@ -95,9 +96,9 @@ pub(super) fn targets(results: &Results) -> Vec<Target> {
 /// and RSS (MiB), whatever the connections.
 const STEADY_BUDGET: [(usize, f64, f64); 2] = [(1000, 0.2, 32.0), (10_000, 0.5, 64.0)];
 
-fn steady_targets(results: &Results) -> Vec<Target> {
+pub(crate) fn steady_targets(rows: &[SteadyRow]) -> Vec<Target> {
     let mut targets = Vec::new();
-    for row in &results.steady {
+    for row in rows {
         let Some(&(_, cpu, mib)) = STEADY_BUDGET.iter().find(|(n, _, _)| *n == row.cgroups) else {
             continue;
         };
