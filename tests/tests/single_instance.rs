@@ -117,6 +117,25 @@ fn a_second_agent_is_refused_and_a_take_over_hands_over() {
     assert!(kernel_links(&cgroup).is_empty(), "detached");
 }
 
+/// `bpftool link detach` of the sock_ops link of `cgroup`; returns when.
+fn detach_sock_ops_link(cgroup: &TestCgroup) -> Instant {
+    let (id, _) = kernel_links(cgroup)
+        .into_iter()
+        .find(|(_, kind)| kind.ends_with("sock_ops"))
+        .unwrap();
+    let detached = Instant::now();
+    let out = Command::new("bpftool")
+        .args(["link", "detach", "id", &id.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    detached
+}
+
 /// Waits until a new connection in `cgroup` gets `idle` again; returns how long it took.
 fn enforced_again(cgroup: &TestCgroup, netns: &Netns, idle: u32, since: Instant) -> Duration {
     let place = Placement::new(cgroup, netns);
@@ -137,20 +156,7 @@ fn enforcement_removed_behind_the_agents_back_comes_back() {
     assert_eq!(get_within(&addr, "/readyz", LOG_WAIT).0, 200);
 
     // bpftool link detach of the sock_ops link.
-    let (id, _) = kernel_links(&cgroup)
-        .into_iter()
-        .find(|(_, kind)| kind.ends_with("sock_ops"))
-        .unwrap();
-    let detached = Instant::now();
-    let out = Command::new("bpftool")
-        .args(["link", "detach", "id", &id.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let detached = detach_sock_ops_link(&cgroup);
     let healed_in = enforced_again(&cgroup, &netns, 211, detached);
     let logged = agent.expect_log("enforcement removed by someone else", LOG_WAIT);
     assert!(logged.contains("link detached"), "{logged}");
@@ -233,20 +239,7 @@ fn with_a_thousand_attachments_what_is_removed_comes_back_within_a_second() {
     assert_eq!(pinned(), 1000, "one pinned link per attachment");
     let last = children.last().unwrap();
 
-    let (id, _) = kernel_links(last)
-        .into_iter()
-        .find(|(_, kind)| kind.ends_with("sock_ops"))
-        .unwrap();
-    let detached = Instant::now();
-    let out = Command::new("bpftool")
-        .args(["link", "detach", "id", &id.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let detached = detach_sock_ops_link(last);
     let healed_in = enforced_again(last, &netns, 213, detached);
     assert!(healed_in < within, "link detached: healed in {healed_in:?}");
     agent.expect_log("link detached", LOG_WAIT);

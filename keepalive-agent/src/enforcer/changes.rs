@@ -12,8 +12,15 @@
 
 use std::{io, path::PathBuf};
 
-use aya::maps::{MapData, PerCpuArray};
+use aya::{
+    Ebpf,
+    maps::{MapData, PerCpuArray},
+    programs::{FEntry, KProbe, Program, ProgramError},
+};
 use inotify::{EventMask, Inotify, WatchMask};
+use keepalive_common::{LINK_CHANGES_MAP, LINK_WATCH_FENTRIES, LINK_WATCH_KPROBE};
+
+use super::{MissingFeature, features::verifier_reason};
 
 pub(super) struct Changes {
     /// The link watch's per-CPU count; None where the kernel refused it.
@@ -118,4 +125,57 @@ impl Changes {
         inotify.watches().add(dir, mask).ok()?;
         Some(inotify)
     }
+}
+
+/// Loads the programs that count cgroup links detached or given another program (fentry, else
+/// the kprobe) and attaches them; returns their count.
+pub(super) fn load_link_watch(
+    ebpf: &mut Ebpf,
+    btf: &Result<aya::Btf, String>,
+) -> Result<PerCpuArray<MapData, u64>, MissingFeature> {
+    let fentries = btf
+        .as_ref()
+        .map_err(Clone::clone)
+        .and_then(|btf| link_fentries(ebpf, btf));
+    if let Err(fentry) = fentries {
+        link_kprobe(ebpf).map_err(|kprobe| {
+            MissingFeature::link_watch(format!("fentry: {fentry}; kprobe: {kprobe}"))
+        })?;
+    }
+    let map = ebpf.take_map(LINK_CHANGES_MAP).ok_or_else(|| {
+        MissingFeature::link_watch(format!("the eBPF object has no {LINK_CHANGES_MAP}"))
+    })?;
+    PerCpuArray::try_from(map).map_err(|error| MissingFeature::link_watch(error.to_string()))
+}
+
+fn link_fentries(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<(), String> {
+    for (name, function) in LINK_WATCH_FENTRIES {
+        let program: &mut FEntry = program_mut(ebpf, name)?;
+        let refused = |error: ProgramError| format!("{function}: {}", verifier_reason(&error));
+        program.load(function, btf).map_err(refused)?;
+        program.attach().map_err(refused)?;
+    }
+    Ok(())
+}
+
+fn link_kprobe(ebpf: &mut Ebpf) -> Result<(), String> {
+    let program: &mut KProbe = program_mut(ebpf, LINK_WATCH_KPROBE)?;
+    program.load().map_err(|error| verifier_reason(&error))?;
+    for (_, function) in LINK_WATCH_FENTRIES {
+        program
+            .attach(function, 0)
+            .map_err(|error| format!("{function}: {}", verifier_reason(&error)))?;
+    }
+    Ok(())
+}
+
+/// A program of the object, as its type.
+fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, String>
+where
+    &'a mut T: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| format!("the eBPF object has no {name}"))?
+        .try_into()
+        .map_err(|error: ProgramError| error.to_string())
 }

@@ -4,18 +4,16 @@ use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray},
-    programs::{CgroupSockopt, FEntry, Iter, KProbe, SockOps},
+    programs::{CgroupSockopt, Iter, SockOps},
 };
 use keepalive_common::{
-    CGROUPS_MAP, LINK_CHANGES_MAP, LINK_WATCH_FENTRIES, LINK_WATCH_KPROBE, LISTEN_MAP,
-    PROGRAM_NAME, SETSOCKOPT_PROGRAM, SOCK_OFFSETS, STAGE, SWEEP_MAP, SWEEP_PROGRAM, SockOffsets,
-    Stage,
+    CGROUPS_MAP, LISTEN_MAP, PROGRAM_NAME, SETSOCKOPT_PROGRAM, SOCK_OFFSETS, STAGE, SWEEP_MAP,
+    SWEEP_PROGRAM, SockOffsets, Stage,
 };
 
 use super::{
     Enforcer, EnforcerError, MissingFeature,
-    changes::Changes,
+    changes::{self, Changes},
     features,
     links::{Attachment, SETSOCKOPT, SOCK_OPS},
     maps, program_error,
@@ -126,7 +124,7 @@ impl Enforcer {
             None => None,
         }
         .map(Arc::new);
-        let link_changes = link_watch(&mut ebpf, &btf)
+        let link_changes = changes::load_link_watch(&mut ebpf, &btf)
             .map_err(|refused| missing.push(refused))
             .ok();
         maps::set_agent_pid(&mut ebpf)?;
@@ -221,63 +219,4 @@ fn sweep_program(
         .ok_or_else(|| refused(format!("the eBPF object has no {SWEEP_PROGRAM}")))?;
     let fd = program.fd().map_err(|error| refused(error.to_string()))?;
     IteratorSweep::new(fd, records, sweep, listen).map_err(|error| refused(error.to_string()))
-}
-
-/// Loads the programs that count cgroup links detached or given another program (fentry, else
-/// the kprobe) and attaches them; returns their count.
-fn link_watch(
-    ebpf: &mut Ebpf,
-    btf: &Result<aya::Btf, String>,
-) -> Result<PerCpuArray<MapData, u64>, MissingFeature> {
-    let fentries = btf
-        .as_ref()
-        .map_err(Clone::clone)
-        .and_then(|btf| link_fentries(ebpf, btf));
-    if let Err(fentry) = fentries {
-        link_kprobe(ebpf).map_err(|kprobe| {
-            MissingFeature::link_watch(format!("fentry: {fentry}; kprobe: {kprobe}"))
-        })?;
-    }
-    let map = ebpf
-        .take_map(LINK_CHANGES_MAP)
-        .ok_or_else(|| missing_in_object(LINK_CHANGES_MAP))?;
-    PerCpuArray::try_from(map).map_err(|error| MissingFeature::link_watch(error.to_string()))
-}
-
-fn link_fentries(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<(), String> {
-    for (name, function) in LINK_WATCH_FENTRIES {
-        let program: &mut FEntry = ebpf
-            .program_mut(name)
-            .ok_or_else(|| format!("the eBPF object has no {name}"))?
-            .try_into()
-            .map_err(|error: aya::programs::ProgramError| error.to_string())?;
-        program
-            .load(function, btf)
-            .map_err(|error| format!("{function}: {}", features::verifier_reason(&error)))?;
-        program
-            .attach()
-            .map_err(|error| format!("{function}: {}", features::verifier_reason(&error)))?;
-    }
-    Ok(())
-}
-
-fn link_kprobe(ebpf: &mut Ebpf) -> Result<(), String> {
-    let program: &mut KProbe = ebpf
-        .program_mut(LINK_WATCH_KPROBE)
-        .ok_or_else(|| format!("the eBPF object has no {LINK_WATCH_KPROBE}"))?
-        .try_into()
-        .map_err(|error: aya::programs::ProgramError| error.to_string())?;
-    program
-        .load()
-        .map_err(|error| features::verifier_reason(&error))?;
-    for (_, function) in LINK_WATCH_FENTRIES {
-        program
-            .attach(function, 0)
-            .map_err(|error| format!("{function}: {}", features::verifier_reason(&error)))?;
-    }
-    Ok(())
-}
-
-fn missing_in_object(name: &str) -> MissingFeature {
-    MissingFeature::link_watch(format!("the eBPF object has no {name}"))
 }
