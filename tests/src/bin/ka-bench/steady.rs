@@ -95,6 +95,12 @@ fn step(bench: &Bench, cgroups: usize, connections: usize) -> SteadyRow {
     drop(places);
     drop(holders);
     drop(extra);
+    bench.progress.step(&format!(
+        "steady state: {cgroups} cgroups, {connections} connections: start-up {startup_ms:.0} ms, \
+         CPU {cpu_percent:.3}% of a core, RSS {:.1} MiB, one more covered in {coverage_ms:.1} ms, \
+         link watch {link_watch}",
+        rss_kib / 1024.0
+    ));
     SteadyRow {
         cgroups,
         connections,
