@@ -2,7 +2,7 @@
 
 use std::{
     fmt, fs, io,
-    os::unix::fs::MetadataExt as _,
+    os::unix::fs::{DirEntryExt as _, MetadataExt as _},
     path::{Path, PathBuf},
 };
 
@@ -131,13 +131,22 @@ fn is_cgroup2(path: &Path) -> Result<bool, CgroupError> {
 /// The directories directly inside `dir` (its child cgroups); none if it cannot be read (it
 /// may be gone already).
 pub(crate) fn child_dirs(dir: &Path) -> Vec<PathBuf> {
+    child_cgroups(dir)
+        .into_iter()
+        .map(|(path, _)| path)
+        .collect()
+}
+
+/// [`child_dirs`] with each one's cgroup id, read from its directory entry (kernfs gives a
+/// cgroup's id as the entry's inode number): no syscall per cgroup.
+pub(crate) fn child_cgroups(dir: &Path) -> Vec<(PathBuf, u64)> {
     fs::read_dir(dir).map_or_else(
         |_| Vec::new(),
         |entries| {
             entries
                 .flatten()
                 .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
-                .map(|entry| entry.path())
+                .map(|entry| (entry.path(), entry.ino()))
                 .collect()
         },
     )
@@ -146,12 +155,15 @@ pub(crate) fn child_dirs(dir: &Path) -> Vec<PathBuf> {
 /// Every cgroup of the hierarchy by id (to find what a pinned link's id names).
 pub fn by_id(mount: &Path) -> std::collections::HashMap<u64, PathBuf> {
     let mut found = std::collections::HashMap::new();
+    if let Ok(metadata) = fs::metadata(mount) {
+        found.insert(metadata.ino(), mount.to_path_buf());
+    }
     let mut stack = vec![mount.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        if let Ok(metadata) = fs::metadata(&dir) {
-            found.insert(metadata.ino(), dir.clone());
+        for (child, id) in child_cgroups(&dir) {
+            found.insert(id, child.clone());
+            stack.push(child);
         }
-        stack.extend(child_dirs(&dir));
     }
     found
 }

@@ -3,8 +3,6 @@
 use std::{
     cell::RefCell,
     collections::HashMap,
-    fs,
-    os::unix::fs::DirEntryExt as _,
     path::{Path, PathBuf},
 };
 
@@ -29,9 +27,9 @@ impl Enforcer {
 /// The cgroup2 hierarchy mounted at `mount`.
 struct Mounted<'a> {
     mount: &'a Path,
-    /// The ids of the cgroups a pattern's walk found, from the directory entries (kernfs gives
-    /// a cgroup's id as its entry's inode number): resolving them costs no syscall, where
-    /// [`Cgroup::resolve`] of a name takes six (10,000 cgroups: most of a plan's time).
+    /// The ids of the cgroups a pattern's walk found ([`crate::cgroup::child_cgroups`]):
+    /// resolving them costs no syscall, where [`Cgroup::resolve`] of a name takes six (10,000
+    /// cgroups: most of a plan's time).
     walked: RefCell<HashMap<CgroupPath, u64>>,
 }
 
@@ -56,15 +54,10 @@ impl Hierarchy for Mounted<'_> {
                 }
                 found.push(path);
             }
-            // Unreadable (gone already): no children.
-            let Ok(entries) = fs::read_dir(&dir) else {
-                continue;
-            };
             stack.extend(
-                entries
-                    .flatten()
-                    .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
-                    .map(|entry| (entry.path(), Some(entry.ino()))),
+                crate::cgroup::child_cgroups(&dir)
+                    .into_iter()
+                    .map(|(child, id)| (child, Some(id))),
             );
         }
         found
