@@ -42,7 +42,7 @@ pub use connection::{Connection, connect, probe, probe_bin};
 pub use fixture::Fixture;
 pub use links::{kernel_links, links_per_cgroup};
 pub use netns::{Netns, Routed, Veth};
-pub use process::{Placement, Workload};
+pub use process::{Placement, Workload, cpu_time};
 pub use scratch::{AgentCopy, TempDir};
 pub use sockopt::Keepalive;
 

@@ -324,3 +324,23 @@ fn enter_on_exec(
         });
     }
 }
+
+/// User plus system CPU time of `pid` so far, every thread, dead ones too (`/proc/PID/stat`).
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/stat: {e}"));
+    let fields: Vec<u64> = stat
+        .rsplit_once(')')
+        .unwrap_or_else(|| panic!("/proc/{pid}/stat has no `)`: {stat}"))
+        .1
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|field| field.parse().ok())
+        .collect();
+    // After the state: ppid pgrp session tty_nr tpgid flags minflt cminflt majflt cmajflt
+    // utime stime (clock ticks).
+    // SAFETY: plain system call.
+    let ticks = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+        .unwrap_or_else(|e| panic!("CLK_TCK: {e}"));
+    Duration::from_millis((fields[10] + fields[11]) * 1000 / ticks)
+}

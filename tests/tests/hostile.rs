@@ -12,7 +12,7 @@ use std::{
 };
 
 use keepalive_tests::{
-    AgentPlaces, Netns, Placement, TestCgroup, Workload, agent_bin,
+    AgentPlaces, Netns, Placement, TestCgroup, Workload, agent_bin, cpu_time,
     http::{get_within, metrics_addr},
     poll, probe, require_host,
     sysctl::SysctlGuard,
@@ -20,24 +20,6 @@ use keepalive_tests::{
 
 const LOG_WAIT: Duration = Duration::from_secs(10);
 const SECOND: Duration = Duration::from_secs(1);
-
-/// User plus system CPU time of `pid` so far.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<u64> = stat
-        .rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|field| field.parse().ok())
-        .collect();
-    // After the state: ppid pgrp session tty_nr tpgid flags minflt cminflt majflt cmajflt
-    // utime stime (clock ticks).
-    // SAFETY: plain system call.
-    let ticks = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap();
-    Duration::from_millis((fields[10] + fields[11]) * 1000 / ticks)
-}
 
 /// `GET /readyz`, timed.
 fn readyz(addr: &str) -> (u16, Duration) {

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use keepalive_tests::{AgentPlaces, Netns, TestCgroup};
+use keepalive_tests::{AgentPlaces, Netns, TestCgroup, cpu_time};
 
 use crate::{
     Bench,
@@ -82,10 +82,10 @@ fn step(bench: &Bench, cgroups: usize, connections: usize) -> SteadyRow {
     // Start-up's allocations and first gauge settle before the quiet period.
     let quiet = bench.settings.quiet;
     std::thread::sleep(quiet.min(Duration::from_secs(2)));
-    let before = cpu_ticks(agent.pid());
+    let before = cpu_time(agent.pid());
     std::thread::sleep(quiet);
-    let ticks = cpu_ticks(agent.pid()) - before;
-    let cpu_percent = 100.0 * ticks as f64 / (ticks_per_second() * quiet.as_secs_f64());
+    let cpu = cpu_time(agent.pid()) - before;
+    let cpu_percent = 100.0 * cpu.as_secs_f64() / quiet.as_secs_f64();
     let rss_kib = vm_rss_kib(agent.pid());
     let added = Instant::now();
     let extra = root.child("c-new");
@@ -110,18 +110,4 @@ fn step(bench: &Bench, cgroups: usize, connections: usize) -> SteadyRow {
         coverage_ms,
         link_watch,
     }
-}
-
-/// User and system time of `pid`, all its threads, dead ones too (clock ticks).
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // pid (comm) state ppid ...: utime and stime are the 12th and 13th fields after `)`.
-    let after = &stat[stat.rfind(')').unwrap() + 1..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-}
-
-fn ticks_per_second() -> f64 {
-    // SAFETY: sysconf reads a constant.
-    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
 }
