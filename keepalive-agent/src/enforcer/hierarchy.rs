@@ -37,7 +37,7 @@ impl Hierarchy for Mounted<'_> {
     type Cgroup = Cgroup;
     type Error = EnforcerError;
 
-    /// A walk from the pattern's literal prefix.
+    /// A walk from the pattern's literal prefix, into the directories below which it may match.
     fn expand(&self, pattern: &CgroupPath) -> Vec<CgroupPath> {
         let mut found = Vec::new();
         let compiled = Pattern::new(pattern);
@@ -46,13 +46,18 @@ impl Hierarchy for Mounted<'_> {
             vec![(self.mount.join(pattern.literal_prefix().relative()), None)];
         while let Some((dir, id)) = stack.pop() {
             let relative = dir.strip_prefix(self.mount).unwrap_or(&dir);
-            if let Ok(path) = CgroupPath::parse(&relative.to_string_lossy())
-                && compiled.matches(&path)
-            {
+            let Ok(path) = CgroupPath::parse(&relative.to_string_lossy()) else {
+                continue;
+            };
+            let below = compiled.may_match_below(&path);
+            if compiled.matches(&path) {
                 if let Some(id) = id {
                     walked.insert(path.clone(), id);
                 }
                 found.push(path);
+            }
+            if !below {
+                continue;
             }
             stack.extend(
                 crate::cgroup::child_cgroups(&dir)

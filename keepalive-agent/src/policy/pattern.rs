@@ -85,6 +85,41 @@ impl Pattern {
     pub fn covers(&self, path: &CgroupPath) -> bool {
         wildcard(&self.parts, &path.components(), true)
     }
+
+    /// Whether a cgroup below `path` may match: a walk need not read the children of a
+    /// directory where it is false (`/kubepods/*` never matches below `/kubepods/pod1`, whose
+    /// own children are 30 interface files to read). Sound, not exact: a component pattern is
+    /// assumed to match some name.
+    pub fn may_match_below(&self, path: &CgroupPath) -> bool {
+        // The pattern positions reachable after `path`'s components (parts × components).
+        let mut reachable = self.closure(vec![0]);
+        for name in path.components() {
+            let next = reachable
+                .iter()
+                .filter_map(|&at| match self.parts.get(at)? {
+                    Part::Any => Some(at),
+                    part if part.matches(name) => Some(at + 1),
+                    Part::Glob(_) | Part::Literal(_) => None,
+                })
+                .collect();
+            reachable = self.closure(next);
+        }
+        reachable.iter().any(|&at| at < self.parts.len())
+    }
+
+    /// `positions` with those reachable from them without a component (past a `**`).
+    fn closure(&self, mut positions: Vec<usize>) -> Vec<usize> {
+        let mut i = 0;
+        while let Some(&at) = positions.get(i) {
+            if matches!(self.parts.get(at), Some(Part::Any)) && !positions.contains(&(at + 1)) {
+                positions.push(at + 1);
+            }
+            i += 1;
+        }
+        positions.sort_unstable();
+        positions.dedup();
+        positions
+    }
 }
 
 /// The greedy wildcard match over components: on a mismatch, the last `**` takes one more
@@ -182,6 +217,41 @@ mod tests {
             let covers = (0..=names.len()).any(|len| reference(&parts, &names[..len]));
             prop_assert_eq!(compiled.covers(&cgroup_path), covers);
         }
+
+        /// Pruning never hides a match: where a descendant matches, `may_match_below` said so.
+        #[test]
+        fn no_match_lies_below_where_the_walk_stops(
+            pattern in proptest::collection::vec(
+                prop_oneof![
+                    3 => component_strategy("ab*?"),
+                    1 => Just("**".to_string()),
+                ],
+                0..5,
+            ),
+            cgroup in proptest::collection::vec(component_strategy("ab"), 0..6),
+            split in 0usize..6,
+        ) {
+            let split = split.min(cgroup.len());
+            let ancestor = path(&cgroup[..split].join("/"));
+            let parts: Vec<&str> = pattern.iter().map(String::as_str).collect();
+            let names: Vec<&str> = cgroup.iter().map(String::as_str).collect();
+            if split < names.len() && reference(&parts, &names) {
+                prop_assert!(Pattern::new(&path(&pattern.join("/"))).may_match_below(&ancestor));
+            }
+        }
+    }
+
+    #[test]
+    fn a_walk_stops_where_nothing_below_can_match() {
+        let one_level = Pattern::new(&path("/kubepods/*"));
+        assert!(one_level.may_match_below(&path("/kubepods")));
+        assert!(!one_level.may_match_below(&path("/kubepods/pod1")));
+        assert!(!one_level.may_match_below(&path("/system.slice")));
+        let deep = Pattern::new(&path("/kubepods/**/cri-*"));
+        assert!(deep.may_match_below(&path("/kubepods/burstable/pod1")));
+        assert!(!deep.may_match_below(&path("/system.slice")));
+        assert!(Pattern::new(&path("/**")).may_match_below(&path("/a/b/c")));
+        assert!(!Pattern::new(&path("/a")).may_match_below(&path("/a")));
     }
 
     #[test]
