@@ -22,11 +22,29 @@ use keepalive_common::{LINK_CHANGES_MAP, LINK_WATCH_FENTRIES, LINK_WATCH_KPROBE}
 
 use super::{MissingFeature, features::verifier_reason};
 
+/// What [`Changes::since_last`] found may have changed.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Since {
+    /// A cgroup link somewhere was detached or given another program (or nothing counts).
+    pub(super) links: bool,
+    /// A pin was removed (or the pin directory's watch was lost).
+    pub(super) pins: bool,
+}
+
+impl Since {
+    pub(super) fn any(self) -> bool {
+        self.links || self.pins
+    }
+}
+
 pub(super) struct Changes {
     /// The link watch's per-CPU count; None where the kernel refused it.
     count: Option<PerCpuArray<MapData, u64>>,
     /// The count at the last check (None before the first).
     seen: Option<u64>,
+    /// Whether a check asked everything (false before the first, and after one went
+    /// unanswered: the next looks at the pins too).
+    answered: bool,
     /// The directory of the pinned links, watched while it exists.
     pins: Option<PathBuf>,
     watch: Option<Inotify>,
@@ -47,6 +65,7 @@ impl Changes {
         let mut changes = Self {
             count,
             seen: None,
+            answered: false,
             pins,
             watch: None,
         };
@@ -57,6 +76,7 @@ impl Changes {
     /// Makes the next [`Self::since_last`] a change: a link could not be asked this time.
     pub(super) fn ask_again(&mut self) {
         self.seen = None;
+        self.answered = false;
     }
 
     /// Whether the link watch counts changes (false: every check asks every link).
@@ -64,19 +84,21 @@ impl Changes {
         self.count.is_some()
     }
 
-    /// Whether anything may have changed since the last call (always, the first time). The
-    /// signals are read before the caller asks the links, so a change that comes while it
-    /// does is either seen by it or by the next call.
-    pub(super) fn since_last(&mut self) -> bool {
-        let pins_changed = self.pins_changed();
+    /// What may have changed since the last call (everything, the first time). The signals
+    /// are read before the caller asks the links, so a change that comes while it does is
+    /// either seen by it or by the next call.
+    pub(super) fn since_last(&mut self) -> Since {
+        let pins = self.pins_changed();
         let count = self.count.as_ref().and_then(|count| {
             // The map read failed (out of memory): no answer, so a change.
             let values = count.get(&0, 0).ok()?;
             Some(values.iter().copied().fold(0_u64, u64::wrapping_add))
         });
-        let links_changed = count.is_none() || count != self.seen;
+        let links = count.is_none() || count != self.seen;
+        let pins = pins || !self.answered;
         self.seen = count;
-        pins_changed || links_changed
+        self.answered = true;
+        Since { links, pins }
     }
 
     /// Drains the pin directory's events; re-watches it when the watch was lost (the directory

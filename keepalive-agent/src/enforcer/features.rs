@@ -220,6 +220,24 @@ pub fn raise_memlock_limit() -> Result<(), std::io::Error> {
     )?)
 }
 
+/// Raises the soft RLIMIT_NOFILE to the hard one (as Go's runtime does for every program):
+/// the agent keeps a descriptor per attachment it can, and the soft limit's usual 1,024 is
+/// far below a host's cgroups. Returns the soft limit in force.
+pub fn raise_descriptor_limit() -> usize {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let raised = rustix::process::Rlimit {
+        current: limit.maximum,
+        ..limit
+    };
+    let current = match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => limit.maximum,
+        Err(_) => limit.current,
+    };
+    // None: unlimited, which Linux does not allow for descriptors; counted as nr_open's default.
+    current.map_or(1 << 20, |n| usize::try_from(n).unwrap_or(usize::MAX))
+}
+
 #[cfg(test)]
 mod tests {
     #![expect(clippy::unwrap_used, reason = "tests panic with the reason")]

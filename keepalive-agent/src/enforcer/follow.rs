@@ -81,12 +81,12 @@ impl Enforcer {
                 &points.values().map(|cgroup| cgroup.id).collect(),
             )?;
         }
-        let old = self.tables().map(|old| old.attachments.clone());
+        let old = self.tables().map(|old| &old.attachments);
         let mut changed: BTreeMap<CgroupPath, Cgroup> = points
             .iter()
             .filter(|(path, _)| {
                 !self.sock_ops.contains_key(*path)
-                    || old.as_ref().and_then(|old| old.get(*path)) != tables.attachments.get(*path)
+                    || old.and_then(|old| old.get(*path)) != tables.attachments.get(*path)
             })
             .map(|(path, cgroup)| (path.clone(), cgroup.clone()))
             .collect();

@@ -29,10 +29,11 @@ impl Enforcer {
     /// detached or updated anywhere on the host, a pin removed; see `changes`), else None:
     /// the steady state costs two syscalls, whatever the number of attachments.
     pub fn faults_if_changed(&mut self) -> Option<Vec<Fault>> {
-        if !self.changes.since_last() {
+        let since = self.changes.since_last();
+        if !since.any() {
             return None;
         }
-        let (faults, unanswered) = self.ask_each();
+        let (faults, unanswered) = self.ask_each(since.pins);
         if unanswered {
             self.changes.ask_again();
         }
@@ -45,13 +46,14 @@ impl Enforcer {
         self.changes.watching_links()
     }
 
-    /// Asks the kernel about every attachment (one link info each, and a pin open if pinned).
+    /// Asks the kernel about every attachment (one link info each, and whether its pin is
+    /// there).
     pub fn faults(&self) -> Vec<Fault> {
-        self.ask_each().0
+        self.ask_each(true).0
     }
 
-    /// The faults, and whether a question went unanswered.
-    fn ask_each(&self) -> (Vec<Fault>, bool) {
+    /// The faults, and whether a question went unanswered; `pins`: look at held links' pins.
+    fn ask_each(&self, pins: bool) -> (Vec<Fault>, bool) {
         let mut faults = Vec::new();
         let mut unanswered = false;
         for hook in [SOCK_OPS, SETSOCKOPT] {
@@ -59,7 +61,7 @@ impl Enforcer {
                 continue;
             };
             for attachment in self.attachments_of(hook).values() {
-                match attachment.fault(program_id) {
+                match attachment.fault(program_id, pins) {
                     Ok(Some(what)) => faults.push(Fault {
                         program: hook.pin_name,
                         cgroup: attachment.cgroup.name.clone(),

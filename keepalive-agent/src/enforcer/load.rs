@@ -92,6 +92,8 @@ impl Enforcer {
         // Kernels before 5.11 charge maps to RLIMIT_MEMLOCK; newer ones ignore it, so a refusal
         // (no CAP_SYS_RESOURCE) only matters if the maps then fail to load.
         let memlock = features::raise_memlock_limit();
+        // Half the descriptors for held links, half for everything else.
+        super::links::hold_links_up_to(features::raise_descriptor_limit() / 2);
         let mut ebpf = loader
             .load(PROGRAM_OBJECT)
             .map_err(|error| match &memlock {

@@ -91,6 +91,12 @@ impl Pattern {
     /// own children are 30 interface files to read). Sound, not exact: a component pattern is
     /// assumed to match some name.
     pub fn may_match_below(&self, path: &CgroupPath) -> bool {
+        // Without `**`, no match is deeper than the pattern (most walks end here).
+        if !self.parts.iter().any(|part| matches!(part, Part::Any))
+            && path.depth() >= self.parts.len()
+        {
+            return false;
+        }
         // The pattern positions reachable after `path`'s components (parts × components).
         let mut reachable = self.closure(vec![0]);
         for name in path.components() {
