@@ -37,6 +37,14 @@ pub const LINK_WATCH_FENTRIES: [(&str, &str); 2] = [
 pub const LINK_WATCH_KPROBE: &str = "ka_link_kprobe";
 /// Per-CPU array of one `u64`: what the link watch counts.
 pub const LINK_CHANGES_MAP: &str = "KA_LINK_CHANGES";
+/// The link iterator (iter/bpf_link, Linux 5.19) that counts the cgroup links running the
+/// agent's programs, where the kernel refuses both ways of counting changes (no kprobes,
+/// trampolines denied): one read per health check instead of one question per attachment.
+pub const LINK_ITER_PROGRAM: &str = "ka_link_iter";
+/// Array of two `u32`: the ids of the agent's sock_ops and setsockopt programs (0: none).
+pub const LINK_PROGS_MAP: &str = "KA_LINK_PROGS";
+/// Read-only global: the [`LinkOffsets`] of the running kernel, from its BTF.
+pub const LINK_OFFSETS: &str = "KA_LINK_OFFSETS";
 
 /// Cgroup storage of each sock_ops attachment: its [`AttachRecord`].
 pub const ATTACH_MAP: &str = "KA_ATTACH";

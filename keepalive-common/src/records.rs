@@ -249,10 +249,29 @@ pub struct SockOffsets {
     pub kn_id: u32,
 }
 
+/// Where the link iterator finds a cgroup link's program and cgroup in the running kernel's
+/// structures (bytes from the start of the structure named), from its BTF like [`SockOffsets`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkOffsets {
+    /// `bpf_link.type` (enum bpf_link_type, 4 bytes).
+    pub link_type: u32,
+    /// `bpf_link.prog`.
+    pub prog: u32,
+    /// `bpf_prog.aux`.
+    pub prog_aux: u32,
+    /// `bpf_prog_aux.id` (u32).
+    pub prog_id: u32,
+    /// `bpf_cgroup_link.cgroup` (null once the link is detached).
+    pub cgroup: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: repr(C), only u32 fields, no padding.
     unsafe impl aya::Pod for super::SockOffsets {}
+    // SAFETY: repr(C), only u32 fields, no padding.
+    unsafe impl aya::Pod for super::LinkOffsets {}
     // SAFETY: repr(C), only u32 fields, no padding (checked by tests).
     unsafe impl aya::Pod for super::RuleRecord {}
     // SAFETY: repr(C), u32 fields and a RuleRecord, no padding (checked by tests).

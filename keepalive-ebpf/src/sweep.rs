@@ -57,8 +57,8 @@ static KA_SK_OFFSETS: Global<SockOffsets> = Global::new(SockOffsets {
 
 /// `struct bpf_iter_meta`.
 #[repr(C)]
-struct IterMeta {
-    seq: *mut c_void,
+pub(crate) struct IterMeta {
+    pub(crate) seq: *mut c_void,
     session_id: u64,
     seq_num: u64,
 }
@@ -73,7 +73,7 @@ struct IterTcp {
 
 /// A `T` at `offset` bytes into the kernel object at `base`.
 #[inline(always)]
-fn read<T>(base: *const c_void, offset: u32) -> Option<T> {
+pub(crate) fn read<T>(base: *const c_void, offset: u32) -> Option<T> {
     // SAFETY: bpf_probe_read_kernel copies from any kernel address, failing (not faulting)
     // where nothing is mapped.
     unsafe { bpf_probe_read_kernel(base.cast::<u8>().add(offset as usize).cast::<T>()) }.ok()

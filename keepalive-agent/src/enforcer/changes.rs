@@ -7,20 +7,27 @@
 //!   (`keepalive-ebpf/src/link_watch.rs`: fentry programs, or a kprobe; one map read);
 //! - inotify on the directory of the pinned links (a removed pin is an event).
 //!
-//! Where the kernel refused both ways of counting, every check is a change: each link is asked
-//! every 500 ms, as before the watch (the CPU that costs grows with the cgroups followed).
+//! Where the kernel refuses both ways of counting (no kprobes, trampolines denied), the link
+//! iterator (5.19) counts in one read the attached links that run the agent's programs: a
+//! count other than the agent's attachments is a change. Its cost grows with the links on the
+//! host, but in the kernel, without a syscall or the cgroup mutex per link. Where the kernel
+//! refuses that too, every check is a change: each link is asked every 500 ms.
 
-use std::{io, path::PathBuf};
+use std::{io, os::fd::OwnedFd, path::PathBuf};
 
 use aya::{
     Ebpf,
-    maps::{MapData, PerCpuArray},
-    programs::{FEntry, KProbe, Program, ProgramError},
+    maps::{Array, MapData, PerCpuArray},
+    programs::{FEntry, Iter, KProbe, Program, ProgramError},
 };
 use inotify::{EventMask, Inotify, WatchMask};
-use keepalive_common::{LINK_CHANGES_MAP, LINK_WATCH_FENTRIES, LINK_WATCH_KPROBE};
+use keepalive_common::{
+    LINK_CHANGES_MAP, LINK_ITER_PROGRAM, LINK_PROGS_MAP, LINK_WATCH_FENTRIES, LINK_WATCH_KPROBE,
+    PROGRAM_NAME, SETSOCKOPT_PROGRAM,
+};
 
 use super::{MissingFeature, features::verifier_reason};
+use crate::existing::iterator::{iterator_link, read_iterator};
 
 /// What [`Changes::since_last`] found may have changed.
 #[derive(Debug, Clone, Copy)]
@@ -37,9 +44,18 @@ impl Since {
     }
 }
 
+/// How the health check learns that links may have changed.
+pub(super) enum LinkSignal {
+    /// The link watch's per-CPU count of detaches and updates (fentry or kprobe).
+    Count(PerCpuArray<MapData, u64>),
+    /// The link iterator's link: each read counts the attached links running the agent's
+    /// programs, to compare with the attachments the agent holds.
+    Walk(OwnedFd),
+}
+
 pub(super) struct Changes {
-    /// The link watch's per-CPU count; None where the kernel refused it.
-    count: Option<PerCpuArray<MapData, u64>>,
+    /// None where the kernel refused every way.
+    links: Option<LinkSignal>,
     /// The count at the last check (None before the first).
     seen: Option<u64>,
     /// Whether a check asked everything (false before the first, and after one went
@@ -53,7 +69,7 @@ pub(super) struct Changes {
 impl std::fmt::Debug for Changes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Changes")
-            .field("watching_links", &self.count.is_some())
+            .field("watching_links", &self.links.is_some())
             .field("seen", &self.seen)
             .field("pins", &self.pins)
             .finish_non_exhaustive()
@@ -61,9 +77,9 @@ impl std::fmt::Debug for Changes {
 }
 
 impl Changes {
-    pub(super) fn new(count: Option<PerCpuArray<MapData, u64>>, pins: Option<PathBuf>) -> Self {
+    pub(super) fn new(links: Option<LinkSignal>, pins: Option<PathBuf>) -> Self {
         let mut changes = Self {
-            count,
+            links,
             seen: None,
             answered: false,
             pins,
@@ -75,28 +91,35 @@ impl Changes {
 
     /// Makes the next [`Self::since_last`] a change: a link could not be asked this time.
     pub(super) fn ask_again(&mut self) {
-        self.seen = None;
         self.answered = false;
     }
 
-    /// Whether the link watch counts changes (false: every check asks every link).
+    /// Whether the kernel tells of link changes (false: every check asks every link).
     pub(super) fn watching_links(&self) -> bool {
-        self.count.is_some()
+        self.links.is_some()
     }
 
-    /// What may have changed since the last call (everything, the first time). The signals
-    /// are read before the caller asks the links, so a change that comes while it does is
-    /// either seen by it or by the next call.
-    pub(super) fn since_last(&mut self) -> Since {
+    /// What may have changed since the last call (everything, the first time); `attached`:
+    /// the links the agent holds. The signals are read before the caller asks the links, so a
+    /// change that comes while it does is either seen by it or by the next call.
+    pub(super) fn since_last(&mut self, attached: usize) -> Since {
         let pins = self.pins_changed();
-        let count = self.count.as_ref().and_then(|count| {
-            // The map read failed (out of memory): no answer, so a change.
-            let values = count.get(&0, 0).ok()?;
-            Some(values.iter().copied().fold(0_u64, u64::wrapping_add))
-        });
-        let links = count.is_none() || count != self.seen;
+        let links = match &self.links {
+            Some(LinkSignal::Count(count)) => {
+                // The map read failed (out of memory): no answer, so a change.
+                let count = count
+                    .get(&0, 0)
+                    .ok()
+                    .map(|values| values.iter().copied().fold(0_u64, u64::wrapping_add));
+                let changed = count.is_none() || count != self.seen;
+                self.seen = count;
+                changed
+            }
+            Some(LinkSignal::Walk(link)) => walked(link).ok() != u64::try_from(attached).ok(),
+            None => true,
+        };
+        let links = links || !self.answered;
         let pins = pins || !self.answered;
-        self.seen = count;
         self.answered = true;
         Since { links, pins }
     }
@@ -150,24 +173,77 @@ impl Changes {
 }
 
 /// Loads the programs that count cgroup links detached or given another program (fentry, else
-/// the kprobe) and attaches them; returns their count.
+/// the kprobe) and attaches them, else the link iterator (`offsets`: whether its load-time
+/// offsets were found in the kernel's BTF); returns the signal.
 pub(super) fn load_link_watch(
     ebpf: &mut Ebpf,
     btf: &Result<aya::Btf, String>,
-) -> Result<PerCpuArray<MapData, u64>, MissingFeature> {
-    let fentries = btf
-        .as_ref()
-        .map_err(Clone::clone)
-        .and_then(|btf| link_fentries(ebpf, btf));
-    if let Err(fentry) = fentries {
-        link_kprobe(ebpf).map_err(|kprobe| {
-            MissingFeature::link_watch(format!("fentry: {fentry}; kprobe: {kprobe}"))
-        })?;
-    }
+    offsets: Result<(), String>,
+) -> Result<LinkSignal, MissingFeature> {
+    let btf = btf.as_ref().map_err(Clone::clone);
+    let Err(fentry) = btf.clone().and_then(|btf| link_fentries(ebpf, btf)) else {
+        return link_count(ebpf);
+    };
+    let Err(kprobe) = link_kprobe(ebpf) else {
+        return link_count(ebpf);
+    };
+    offsets
+        .and(btf)
+        .and_then(|btf| link_walk(ebpf, btf))
+        .map(LinkSignal::Walk)
+        .map_err(|walk| {
+            MissingFeature::link_watch(format!(
+                "fentry: {fentry}; kprobe: {kprobe}; link iterator: {walk}"
+            ))
+        })
+}
+
+fn link_count(ebpf: &mut Ebpf) -> Result<LinkSignal, MissingFeature> {
     let map = ebpf.take_map(LINK_CHANGES_MAP).ok_or_else(|| {
         MissingFeature::link_watch(format!("the eBPF object has no {LINK_CHANGES_MAP}"))
     })?;
-    PerCpuArray::try_from(map).map_err(|error| MissingFeature::link_watch(error.to_string()))
+    PerCpuArray::try_from(map)
+        .map(LinkSignal::Count)
+        .map_err(|error| MissingFeature::link_watch(error.to_string()))
+}
+
+/// Loads the link iterator, tells it the agent's program ids, and reads it once.
+fn link_walk(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<OwnedFd, String> {
+    let ids: Vec<u32> = [PROGRAM_NAME, SETSOCKOPT_PROGRAM]
+        .into_iter()
+        .map(|name| {
+            ebpf.program(name)
+                .and_then(|program| program.info().ok())
+                .map_or(0, |info| info.id())
+        })
+        .collect();
+    let mut programs: Array<_, u32> = ebpf
+        .map_mut(LINK_PROGS_MAP)
+        .ok_or_else(|| format!("the eBPF object has no {LINK_PROGS_MAP}"))?
+        .try_into()
+        .map_err(|error: aya::maps::MapError| error.to_string())?;
+    for (index, id) in (0_u32..).zip(ids) {
+        programs
+            .set(index, &id, 0)
+            .map_err(|error| error.to_string())?;
+    }
+    let program: &mut Iter = program_mut(ebpf, LINK_ITER_PROGRAM)?;
+    program
+        .load("bpf_link", btf)
+        .map_err(|error| verifier_reason(&error))?;
+    let fd = program.fd().map_err(|error| error.to_string())?;
+    let link = iterator_link(fd).map_err(|error| error.to_string())?;
+    walked(&link).map_err(|error| error.to_string())?;
+    Ok(link)
+}
+
+/// One walk of the link iterator: the number of attached links running the agent's programs.
+fn walked(link: &OwnedFd) -> io::Result<u64> {
+    let output = read_iterator(link)?;
+    let count = output
+        .first_chunk::<8>()
+        .ok_or_else(|| io::Error::other("the link iterator wrote no count"))?;
+    Ok(u64::from_ne_bytes(*count))
 }
 
 fn link_fentries(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<(), String> {

@@ -100,7 +100,8 @@ impl MissingFeature {
     /// The programs that count cgroup links detached or given another program
     /// ([`keepalive_common::LINK_WATCH_FENTRIES`], both functions since Linux 5.9): fentry
     /// needs BPF trampolines (x86-64 5.5, arm64 6.0) and the kernel's BTF, the kprobe fallback
-    /// CONFIG_KPROBES and perf_event_open; a kernel or sandbox without both refuses it.
+    /// CONFIG_KPROBES and perf_event_open, the link iterator (where both are refused) Linux
+    /// 5.19 and the kernel's BTF; a kernel or sandbox without any of them refuses it.
     pub(crate) fn link_watch(reason: String) -> Self {
         Self {
             feature: LINK_WATCH.to_owned(),

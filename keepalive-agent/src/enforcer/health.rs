@@ -29,7 +29,9 @@ impl Enforcer {
     /// detached or updated anywhere on the host, a pin removed; see `changes`), else None:
     /// the steady state costs two syscalls, whatever the number of attachments.
     pub fn faults_if_changed(&mut self) -> Option<Vec<Fault>> {
-        let since = self.changes.since_last();
+        let since = self
+            .changes
+            .since_last(self.sock_ops.len() + self.setsockopt.len());
         if !since.any() {
             return None;
         }

@@ -7,8 +7,8 @@ use aya::{
     programs::{CgroupSockopt, Iter, SockOps},
 };
 use keepalive_common::{
-    CGROUPS_MAP, LISTEN_MAP, PROGRAM_NAME, SETSOCKOPT_PROGRAM, SOCK_OFFSETS, STAGE, SWEEP_MAP,
-    SWEEP_PROGRAM, SockOffsets, Stage,
+    CGROUPS_MAP, LINK_OFFSETS, LISTEN_MAP, LinkOffsets, PROGRAM_NAME, SETSOCKOPT_PROGRAM,
+    SOCK_OFFSETS, STAGE, SWEEP_MAP, SWEEP_PROGRAM, SockOffsets, Stage,
 };
 
 use super::{
@@ -76,13 +76,27 @@ impl Enforcer {
         } else {
             2
         };
-        // None: the agent never sweeps, so the kernel's BTF is not read (not a kernel's lack).
-        let offsets = sweeps.then(|| Btf::kernel().and_then(|btf| btf.sock_offsets()));
+        // The offsets the sweep reads sockets at (None: the agent never sweeps, not a kernel's
+        // lack) and those the link iterator reads links at, from the kernel's BTF.
+        let kernel_btf = Btf::kernel().map_err(|error| error.to_string());
+        let offsets = sweeps.then(|| {
+            kernel_btf
+                .as_ref()
+                .map_err(Clone::clone)
+                .and_then(|btf| btf.sock_offsets().map_err(|error| error.to_string()))
+        });
+        let link_offsets = kernel_btf
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|btf| btf.link_offsets().map_err(|error| error.to_string()));
         let mut loader = EbpfLoader::new();
         loader.override_global(STAGE, &stage, true);
         let zero = SockOffsets::default();
         let found = offsets.as_ref().and_then(|offsets| offsets.as_ref().ok());
         loader.override_global(SOCK_OFFSETS, found.unwrap_or(&zero), true);
+        let no_links = LinkOffsets::default();
+        let found = link_offsets.as_ref().unwrap_or(&no_links);
+        loader.override_global(LINK_OFFSETS, found, true);
         loader.override_global(aya_log::LEVEL, &kernel_log, false);
         if let Some(pins) = &pins {
             for name in maps::PINNED {
@@ -120,13 +134,13 @@ impl Enforcer {
                 .map_err(|refused| missing.push(refused))
                 .ok(),
             Some(Err(error)) => {
-                missing.push(MissingFeature::iterator_because(error.to_string()));
+                missing.push(MissingFeature::iterator_because(error));
                 None
             }
             None => None,
         }
         .map(Arc::new);
-        let link_changes = changes::load_link_watch(&mut ebpf, &btf)
+        let link_changes = changes::load_link_watch(&mut ebpf, &btf, link_offsets.map(|_| ()))
             .map_err(|refused| missing.push(refused))
             .ok();
         maps::set_agent_pid(&mut ebpf)?;

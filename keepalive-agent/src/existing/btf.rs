@@ -5,7 +5,7 @@
 
 use std::{fs, io, path::Path};
 
-use keepalive_common::SockOffsets;
+use keepalive_common::{LinkOffsets, SockOffsets};
 
 const MAGIC: u16 = 0xeb9f;
 const KIND_STRUCT: u32 = 4;
@@ -220,6 +220,16 @@ impl Btf {
             kn_id: self.offset("kernfs_node", &["id"])?,
         })
     }
+    /// The offsets the link iterator reads a cgroup link at.
+    pub(crate) fn link_offsets(&self) -> Result<LinkOffsets, BtfError> {
+        Ok(LinkOffsets {
+            link_type: self.offset("bpf_link", &["type"])?,
+            prog: self.offset("bpf_link", &["prog"])?,
+            prog_aux: self.offset("bpf_prog", &["aux"])?,
+            prog_id: self.offset("bpf_prog_aux", &["id"])?,
+            cgroup: self.offset("bpf_cgroup_link", &["cgroup"])?,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -239,6 +249,16 @@ mod tests {
         assert!(offsets.state > offsets.family, "{offsets:?}");
         assert!(offsets.remote_ip6 > offsets.state, "{offsets:?}");
         assert!(offsets.cgroup > offsets.remote_ip6, "{offsets:?}");
+    }
+
+    #[test]
+    fn the_running_kernels_link_fields_are_found() {
+        let offsets = Btf::kernel().unwrap().link_offsets().unwrap();
+        // A link starts with its reference count and id, then its type, ops and program; a
+        // cgroup link's cgroup comes after the whole link it starts with.
+        assert!(offsets.link_type >= 12, "{offsets:?}");
+        assert!(offsets.prog > offsets.link_type, "{offsets:?}");
+        assert!(offsets.cgroup > offsets.prog, "{offsets:?}");
     }
 
     #[test]

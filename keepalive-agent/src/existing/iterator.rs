@@ -84,11 +84,7 @@ impl IteratorSweep {
         sweep: Map,
         listen: Map,
     ) -> io::Result<Self> {
-        let prog = u32::try_from(program.as_fd().as_raw_fd()).map_err(io::Error::other)?;
-        let link = bpf(
-            bpf_cmd::BPF_LINK_CREATE,
-            &[prog, 0, BPF_TRACE_ITER as u32, 0],
-        )?;
+        let link = iterator_link(program)?;
         let maps = SweepMaps {
             records: BpfHashMap::try_from(records).map_err(io::Error::other)?,
             sweep: BpfHashMap::try_from(sweep).map_err(io::Error::other)?,
@@ -147,12 +143,27 @@ impl IteratorSweep {
 
     /// One run of the iterator in the calling thread's namespace: its outcome bytes.
     fn run(&self) -> io::Result<Vec<u8>> {
-        let link = u32::try_from(self.link.as_raw_fd()).map_err(io::Error::other)?;
-        let iterator = bpf(bpf_cmd::BPF_ITER_CREATE, &[link, 0])?;
-        let mut outcomes = Vec::new();
-        fs::File::from(iterator).read_to_end(&mut outcomes)?;
-        Ok(outcomes)
+        read_iterator(&self.link)
     }
+}
+
+/// A link of the loaded iterator program `program` (aya's `IterLink` makes one iterator only;
+/// the agent reads these many times).
+pub(crate) fn iterator_link(program: &aya::programs::ProgramFd) -> io::Result<OwnedFd> {
+    let prog = u32::try_from(program.as_fd().as_raw_fd()).map_err(io::Error::other)?;
+    bpf(
+        bpf_cmd::BPF_LINK_CREATE,
+        &[prog, 0, BPF_TRACE_ITER as u32, 0],
+    )
+}
+
+/// One run of the iterator behind `link`: what its program wrote.
+pub(crate) fn read_iterator(link: &OwnedFd) -> io::Result<Vec<u8>> {
+    let link = u32::try_from(link.as_raw_fd()).map_err(io::Error::other)?;
+    let iterator = bpf(bpf_cmd::BPF_ITER_CREATE, &[link, 0])?;
+    let mut output = Vec::new();
+    fs::File::from(iterator).read_to_end(&mut output)?;
+    Ok(output)
 }
 
 /// Empties a map the sweep fills.
