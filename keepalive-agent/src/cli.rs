@@ -103,8 +103,8 @@ pub enum Command {
     /// One agent runs per pin directory: a second `run` is refused and names the running one
     /// (--take-over replaces it). Within 500 ms the agent puts back what someone else removed
     /// (a detached link, a removed pin, another program in its link; it counts those with
-    /// fentry programs or a kprobe and inotify, and asks each attachment only then); /readyz
-    /// is not ready while anything is missing.
+    /// fentry programs, a kprobe or a link iterator, and inotify, and asks each attachment only
+    /// then); /readyz is not ready while anything is missing.
     ///
     /// Kernels: Linux 5.9 or newer enforces. The lock (holding applications to locked rules)
     /// and the modes fill, cap and audit need Linux 6.1; updating connections that already
