@@ -94,6 +94,51 @@ pub fn attach_points<H: Hierarchy>(
     Ok(plan)
 }
 
+/// What a cgroup created since the last plan changes there ([`new_cgroup`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NewCgroup {
+    /// It is one more enforced cgroup (a pattern matches it, nothing above it is attached):
+    /// the plan gains it, as an attachment and an enforced cgroup, and nothing else.
+    Attach,
+    /// Outside every enforced cgroup, or inside an attachment that already covers it: the plan
+    /// is the same.
+    Nothing,
+    /// The policy names it or a cgroup below it (an enforced cgroup, a rule's): only planning
+    /// again tells.
+    Replan,
+}
+
+/// What the cgroup `path`, created since the plan whose attachments `attached` tells (by
+/// path), changes in it, without looking at the host: a new container among 10,000 costs a
+/// pattern match and a lookup per ancestor. Cgroups created together are taken shallowest
+/// first, each counted as attached once it is.
+pub fn new_cgroup(
+    policy: &Policy,
+    attached: impl Fn(&str) -> bool,
+    path: &CgroupPath,
+) -> NewCgroup {
+    let named = policy
+        .scopes
+        .iter()
+        .filter(|scope| !scope.is_pattern())
+        .chain(policy.rules.iter().flat_map(Rule::rule_cgroups));
+    if named.clone().any(|named| path.contains(named)) {
+        return NewCgroup::Replan;
+    }
+    if path.ancestors().any(&attached) {
+        return NewCgroup::Nothing;
+    }
+    let matched = policy
+        .scopes
+        .iter()
+        .any(|scope| scope.is_pattern() && scope.matches(path));
+    if matched {
+        NewCgroup::Attach
+    } else {
+        NewCgroup::Nothing
+    }
+}
+
 /// Paths without the ones nested in another.
 fn outermost(scopes: &[CgroupPath]) -> BTreeSet<CgroupPath> {
     let texts: std::collections::HashSet<&str> = scopes.iter().map(CgroupPath::as_str).collect();

@@ -101,11 +101,12 @@ impl CgroupWatch {
     fn add_roots(&mut self) {
         for root in self.roots.clone() {
             let existing = root.ancestors().find(|dir| dir.is_dir()).unwrap_or(&root);
-            self.add_tree(existing);
+            self.add_tree(existing, &mut Vec::new());
         }
     }
 
-    fn add_tree(&mut self, root: &Path) {
+    /// Watches `root` and the directories below it, which are added to `below`.
+    fn add_tree(&mut self, root: &Path, below: &mut Vec<PathBuf>) {
         let mut watches = self.inotify.get_ref().watches();
         let mut stack = vec![root.to_path_buf()];
         while let Some(dir) = stack.pop() {
@@ -113,7 +114,9 @@ impl CgroupWatch {
             let Ok(wd) = watches.add(&dir, mask) else {
                 continue; // gone already
             };
-            stack.extend(crate::cgroup::child_dirs(&dir));
+            let children = crate::cgroup::child_dirs(&dir);
+            below.extend(children.iter().cloned());
+            stack.extend(children);
             self.dirs.insert(wd, dir);
         }
     }
@@ -124,14 +127,18 @@ impl CgroupWatch {
     pub async fn changed(&mut self) -> io::Result<Change> {
         let mut buffer = [0u8; 8192];
         let mut created = Vec::new();
+        let mut removed = false;
         let mut overflowed = false;
         let dirs = &mut self.dirs;
         next_events(&mut self.inotify, &mut buffer, |wd, mask, name| {
-            if mask.contains(EventMask::CREATE)
-                && let (Some(dir), Some(name)) = (dirs.get(wd), name)
-            {
-                created.push(dir.join(name));
+            if mask.contains(EventMask::CREATE) {
+                match (dirs.get(wd), name) {
+                    (Some(dir), Some(name)) => created.push(dir.join(name)),
+                    // Where it was made is not known: only a walk tells.
+                    _ => removed = true,
+                }
             }
+            removed |= mask.intersects(EventMask::DELETE | EventMask::DELETE_SELF);
             if mask.contains(EventMask::Q_OVERFLOW) {
                 overflowed = true;
             }
@@ -140,21 +147,31 @@ impl CgroupWatch {
             }
         })
         .await?;
-        for dir in created {
-            self.add_tree(&dir);
+        // Children made before their parent's watch are found by this walk, not by an event.
+        let mut found = Vec::new();
+        for dir in &created {
+            self.add_tree(dir, &mut found);
         }
         if overflowed {
             self.add_roots();
             return Ok(Change::Overflowed);
         }
-        Ok(Change::Events)
+        if removed || created.is_empty() {
+            return Ok(Change::Events);
+        }
+        created.extend(found);
+        created.sort();
+        created.dedup();
+        Ok(Change::Created(created))
     }
 }
 
 /// What [`CgroupWatch::changed`] saw.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    /// Cgroups were created or removed.
+    /// Only these cgroups appeared (their directories), none went.
+    Created(Vec<PathBuf>),
+    /// Cgroups were removed (and maybe created): the tree must be looked at again.
     Events,
     /// The kernel's queue overflowed: events were lost.
     Overflowed,

@@ -3,7 +3,7 @@
 use crate::watch::Change;
 
 /// What the loop tells the engine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// Something changed in the policy file's directory.
     PolicyFileChanged,

@@ -19,7 +19,7 @@ use std::{
 };
 
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use self::reload::{FileVersion, Reload, load_settled, reload, report, report_sweep};
 pub use self::{
@@ -159,18 +159,34 @@ impl Agent {
     /// One batch of events: the same event twice is handled once.
     fn handle(&mut self, batch: &[Event]) {
         let mut reloaded = None;
-        if batch
+        let cgroup_changes: Vec<&Change> = batch
             .iter()
-            .any(|event| matches!(event, Event::CgroupsChanged(_)))
-        {
-            if batch.contains(&Event::CgroupsChanged(Change::Overflowed)) {
+            .filter_map(|event| match event {
+                Event::CgroupsChanged(change) => Some(change),
+                _ => None,
+            })
+            .collect();
+        if !cgroup_changes.is_empty() {
+            if cgroup_changes.contains(&&Change::Overflowed) {
                 warn!("the cgroup watch lost events (inotify queue overflow); rescanning the tree");
                 if let Ok(mut telemetry) = self.telemetry.lock() {
                     telemetry.watch_overflows += 1;
                 }
             }
             std::thread::sleep(SETTLE_CGROUPS);
-            self.follow_cgroups();
+            // Only cgroups that appeared: most often covered without walking the tree.
+            let created: Option<Vec<PathBuf>> = cgroup_changes
+                .iter()
+                .map(|change| match change {
+                    Change::Created(dirs) => Some(dirs.clone()),
+                    Change::Events | Change::Overflowed => None,
+                })
+                .collect::<Option<Vec<_>>>()
+                .map(|lists| lists.concat());
+            match created {
+                Some(created) => self.cover_cgroups(&created),
+                None => self.follow_cgroups(),
+            }
         }
         if batch.contains(&Event::ContainersChanged) {
             self.follow_containers();
@@ -196,6 +212,27 @@ impl Agent {
                 "enforcing generation {}",
                 self.enforcer.generation()
             ));
+        }
+    }
+
+    /// Attaches to the cgroups in `created` the policy covers; plans again where that takes
+    /// more than them ([`crate::Enforcer::cover_created`]).
+    fn cover_cgroups(&mut self, created: &[PathBuf]) {
+        match self.enforcer.cover_created(created) {
+            Ok(Some((applied, sweep))) => {
+                if !applied.attached.is_empty() {
+                    self.applied_again(&applied, sweep);
+                }
+            }
+            Ok(None) => self.follow_cgroups(),
+            Err(error) => {
+                // A cgroup gone while it was attached to, say: planning again sorts it out.
+                debug!(
+                    error = format!("{error:#}"),
+                    "covering new cgroups: planning again"
+                );
+                self.follow_cgroups();
+            }
         }
     }
 

@@ -48,6 +48,8 @@ pub struct Tables {
     pub ports: Vec<(PortKey, u32, Hit)>,
     /// Entries of multi-key and direction-only groups.
     pub decisions: Vec<(DecisionKey, Hit)>,
+    /// The id of each ruleset (rule indices in precedence order) the entries hold.
+    pub rulesets: BTreeMap<Vec<usize>, u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -101,9 +103,22 @@ pub fn compile(
     };
     let mut rulesets: HashMap<Vec<usize>, u32> = HashMap::new();
     for point in attach_points {
-        let record = attach_record(policy, point, generation, &mut rulesets);
-        tables.attachments.insert(point.clone(), record);
+        let record = attach_record(policy, point, generation, |list| {
+            let next = rulesets.len();
+            Some(
+                *rulesets
+                    .entry(list.to_vec())
+                    .or_insert_with(|| ruleset_id(generation, next)),
+            )
+        });
+        if let Some(record) = record {
+            tables.attachments.insert(point.clone(), record);
+        }
     }
+    tables.rulesets = rulesets
+        .iter()
+        .map(|(list, id)| (list.clone(), *id))
+        .collect();
     let mut ordered: Vec<(Vec<usize>, u32)> = rulesets.into_iter().collect();
     ordered.sort_by_key(|(_, id)| *id);
     for (list, id) in ordered {
@@ -117,14 +132,23 @@ pub fn compile(
     Ok(tables)
 }
 
+/// The record of one more attachment, at `point`, under `tables` compiled from `policy`: None
+/// when its rules make a ruleset the tables do not hold (compile the policy again).
+pub fn record_for(policy: &Policy, tables: &Tables, point: &CgroupPath) -> Option<AttachRecord> {
+    attach_record(policy, point, tables.generation, |list| {
+        tables.rulesets.get(list).copied()
+    })
+}
+
 /// The record of the attachment at `point`: its rules (the candidates before the first catch-all,
-/// which becomes the fallback) get a ruleset id, shared with attachments of the same list.
+/// which becomes the fallback) get a ruleset id from `ruleset_of`, shared with attachments of
+/// the same list (None: no id for them).
 fn attach_record(
     policy: &Policy,
     point: &CgroupPath,
     generation: u32,
-    rulesets: &mut HashMap<Vec<usize>, u32>,
-) -> AttachRecord {
+    ruleset_of: impl FnOnce(&[usize]) -> Option<u32>,
+) -> Option<AttachRecord> {
     let candidates = policy.candidates(point);
     let catch_all = candidates
         .iter()
@@ -148,12 +172,9 @@ fn attach_record(
         fallback,
     };
     if list.is_empty() {
-        return record;
+        return Some(record);
     }
-    let next = rulesets.len();
-    record.ruleset = *rulesets
-        .entry(list.clone())
-        .or_insert_with(|| ruleset_id(generation, next));
+    record.ruleset = ruleset_of(&list)?;
     let rules = Ruleset {
         policy,
         list: &list,
@@ -171,7 +192,7 @@ fn attach_record(
     if directional && locked {
         record.flags |= REMEMBER_DIRECTION;
     }
-    record
+    Some(record)
 }
 
 /// The group of a rule: the bits of the keys it uses (`DIM_*`); 0 for direction only.

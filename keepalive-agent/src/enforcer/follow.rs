@@ -2,7 +2,12 @@
 //! other rules touches only itself, its attachment, its record and its own existing connections,
 //! so covering a new container does not grow with what else the host runs.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use keepalive_common::AttachRecord;
 
 use super::{
     ApplyReport, Enforcer, EnforcerError,
@@ -11,9 +16,9 @@ use super::{
 };
 use crate::{
     cgroup::Cgroup,
-    compile::{Tables, compile},
+    compile::{self, Tables, compile},
     existing::SweepJob,
-    plan::Plan,
+    plan::{self, NewCgroup, Plan},
     policy::{CgroupPath, Policy},
 };
 
@@ -117,6 +122,87 @@ impl Enforcer {
         Ok((report, sweep))
     }
 
+    /// Covers cgroups created since the policy in force was planned (`created`: their
+    /// directories) without planning again, where [`plan::new_cgroup`] tells what each changes:
+    /// a new container among 10,000 is attached in the time of its own syscalls, not of a walk
+    /// of the tree. `None`: they need a plan ([`Self::refresh_later`]), also when one is
+    /// gone already or its rules make a ruleset the tables lack.
+    pub fn cover_created(
+        &mut self,
+        created: &[PathBuf],
+    ) -> Result<Option<(ApplyReport, Option<SweepJob>)>, EnforcerError> {
+        let (policy, new) = {
+            let Some((policy, tables)) = &self.current else {
+                return Ok(None);
+            };
+            let mut paths = Vec::new();
+            for dir in created {
+                let relative = dir.strip_prefix(&self.mount).ok();
+                let path =
+                    relative.and_then(|path| CgroupPath::parse(&path.to_string_lossy()).ok());
+                let Some(path) = path else {
+                    return Ok(None);
+                };
+                paths.push(path);
+            }
+            paths.sort_by_key(CgroupPath::depth);
+            let mut new: BTreeMap<CgroupPath, (Cgroup, AttachRecord)> = BTreeMap::new();
+            for path in paths {
+                let attached =
+                    |at: &str| tables.attachments.contains_key(at) || new.contains_key(at);
+                match plan::new_cgroup(policy, attached, &path) {
+                    NewCgroup::Replan => return Ok(None),
+                    NewCgroup::Nothing => {}
+                    NewCgroup::Attach => {
+                        let record = compile::record_for(policy, tables, &path);
+                        let cgroup = Cgroup::resolve(&self.mount, Path::new(path.as_str()));
+                        let (Some(record), Ok(cgroup)) = (record, cgroup) else {
+                            return Ok(None);
+                        };
+                        new.insert(path, (cgroup, record));
+                    }
+                }
+            }
+            (policy.clone(), new)
+        };
+        let mut attached = Vec::new();
+        for (path, (cgroup, record)) in new {
+            let attachment = Attachment::create(
+                SOCK_OPS,
+                self.program_fd(SOCK_OPS)?,
+                &cgroup,
+                self.pins.as_ref(),
+            )?;
+            self.sock_ops.insert(path.clone(), attachment);
+            maps::write_record(&mut self.ebpf, cgroup.id, &record)?;
+            if self.has_lock() {
+                let attachment = Attachment::create(
+                    SETSOCKOPT,
+                    self.program_fd(SETSOCKOPT)?,
+                    &cgroup,
+                    self.pins.as_ref(),
+                )?;
+                self.setsockopt.insert(path.clone(), attachment);
+            }
+            if let Some((_, tables)) = &mut self.current {
+                tables.attachments.insert(path, record);
+            }
+            attached.push(cgroup);
+        }
+        let sweep = (policy.existing && !attached.is_empty()).then(|| SweepJob {
+            policy,
+            mount: self.mount.clone(),
+            iterator: self.iterator.clone(),
+            scopes: attached.clone(),
+        });
+        let report = ApplyReport {
+            generation: self.generation,
+            attached,
+            ..ApplyReport::default()
+        };
+        Ok(Some((report, sweep)))
+    }
+
     /// Applies the policy in force again if the cgroups it covers changed (a cgroup matching a
     /// pattern or named by a rule appeared, or one went). `None`: nothing to do.
     pub fn refresh(&mut self) -> Result<Option<ApplyReport>, EnforcerError> {
@@ -156,7 +242,10 @@ impl Enforcer {
 
 /// Whether two compilations hold the same lookup entries (records aside).
 fn same_entries(old: &Tables, new: &Tables) -> bool {
-    old.addr == new.addr && old.ports == new.ports && old.decisions == new.decisions
+    old.addr == new.addr
+        && old.ports == new.ports
+        && old.decisions == new.decisions
+        && old.rulesets == new.rulesets
 }
 
 /// The cgroups of `changed` not inside another of them: a sweep of each covers its subtree.

@@ -161,3 +161,93 @@ fn named_plans_as_if_every_named_cgroup_existed() {
         "cgroups added by hand"
     );
 }
+
+mod new_cgroups {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn component() -> impl Strategy<Value = &'static str> {
+        prop::sample::select(vec!["a", "b", "c1", "c2"])
+    }
+
+    fn cgroup() -> impl Strategy<Value = CgroupPath> {
+        prop::collection::vec(component(), 1..4).prop_map(|parts| path(&parts.join("/")))
+    }
+
+    fn scope() -> impl Strategy<Value = String> {
+        prop::collection::vec(
+            prop::sample::select(vec!["a", "b", "c1", "c*", "*", "**"]),
+            1..4,
+        )
+        .prop_map(|parts| format!("/{}", parts.join("/")))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Deciding what a new cgroup changes without planning agrees with planning again.
+        #[test]
+        fn agrees_with_planning_again(
+            tree in prop::collection::vec(cgroup(), 0..12),
+            scopes in prop::collection::vec(scope(), 1..3),
+            rules in prop::collection::vec(
+                prop::collection::vec(prop::sample::select(vec!["a", "c1", "n"]), 1..4)
+                    .prop_map(|parts| path(&parts.join("/"))),
+                0..3,
+            ),
+            parent in prop::collection::vec(component(), 0..3),
+            leaf in prop::sample::select(vec!["n", "c9"]),
+        ) {
+            let scopes: Vec<&str> = scopes.iter().map(String::as_str).collect();
+            let rules = rules
+                .iter()
+                .enumerate()
+                .map(|(i, cgroup)| rule(&format!("r{i}"), cgroup.as_str()))
+                .collect();
+            let policy = policy(&scopes, rules);
+            let mut before = Named::default();
+            before.extend(tree);
+            // A new cgroup's parent exists; the cgroup does not yet (no cgroup of the tree
+            // has its name).
+            let new = path(&format!("{}/{leaf}", parent.join("/")));
+            before.extend([path(&parent.join("/"))]);
+            let mut after = before.clone();
+            after.extend([new.clone()]);
+            let Ok(old) = attach_points(&policy, &before);
+            let Ok(now) = attach_points(&policy, &after);
+            let mut grown = old.clone();
+            match new_cgroup(&policy, |at| old.attachments.contains_key(at), &new) {
+                NewCgroup::Replan => {}
+                NewCgroup::Nothing => prop_assert_eq!(&now, &old),
+                NewCgroup::Attach => {
+                    grown.attachments.insert(new.clone(), ());
+                    grown.enforced.insert(new.clone(), ());
+                    prop_assert_eq!(&now, &grown);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_container_under_a_pattern_is_attached_and_its_children_are_not() {
+        let p = policy(&["/k/pod*"], vec![rule("named", "/k/pod9")]);
+        let attached = |at: &str| at == "/k/pod1";
+        assert_eq!(
+            new_cgroup(&p, attached, &path("/k/pod2")),
+            NewCgroup::Attach
+        );
+        assert_eq!(
+            new_cgroup(&p, attached, &path("/k/pod1/c")),
+            NewCgroup::Nothing
+        );
+        assert_eq!(
+            new_cgroup(&p, attached, &path("/other")),
+            NewCgroup::Nothing
+        );
+        assert_eq!(
+            new_cgroup(&p, attached, &path("/k/pod9")),
+            NewCgroup::Replan
+        );
+    }
+}

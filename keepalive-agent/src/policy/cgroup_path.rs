@@ -8,6 +8,13 @@ use super::Pattern;
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CgroupPath(pub(super) String);
 
+/// Maps keyed by paths are looked up by text (the derived order and hash are the text's).
+impl std::borrow::Borrow<str> for CgroupPath {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl CgroupPath {
     /// The root of the hierarchy.
     pub fn root() -> Self {
@@ -47,15 +54,21 @@ impl CgroupPath {
     /// Whether a proper ancestor of this path is in `paths` (by text): a lookup per level, so
     /// that keeping the outermost of N paths costs N × depth, not N².
     pub fn nested_in(&self, paths: &std::collections::HashSet<&str>) -> bool {
-        if self.0 == "/" {
-            return false;
-        }
-        paths.contains("/")
-            || self
-                .0
+        self.ancestors().any(|ancestor| paths.contains(ancestor))
+    }
+
+    /// The proper ancestors, as text, from the root down (`/a/b`: `/`, `/a`).
+    pub fn ancestors(&self) -> impl Iterator<Item = &str> {
+        let below_root = (self.0 != "/").then(|| {
+            self.0
                 .match_indices('/')
                 .skip(1)
-                .any(|(end, _)| paths.contains(&self.0[..end]))
+                .map(|(end, _)| &self.0[..end])
+        });
+        (self.0 != "/")
+            .then_some("/")
+            .into_iter()
+            .chain(below_root.into_iter().flatten())
     }
 
     /// The path relative to the root, for joining to the mount point.
@@ -113,6 +126,19 @@ mod tests {
 
     fn path(text: &str) -> CgroupPath {
         CgroupPath::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"))
+    }
+
+    #[test]
+    fn ancestors_are_the_proper_ones_from_the_root_down() {
+        let list = |text: &str| {
+            path(text)
+                .ancestors()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(list("/a/b/c"), ["/", "/a", "/a/b"]);
+        assert_eq!(list("/a"), ["/"]);
+        assert!(list("/").is_empty());
     }
 
     #[test]
