@@ -10,11 +10,24 @@ use crate::TestCgroup;
 
 /// The bpf_links attached to `cgroup`: (link id, attach type).
 pub fn kernel_links(cgroup: &TestCgroup) -> Vec<(u64, String)> {
-    let out = Command::new("bpftool")
-        .args(["-j", "link", "show"])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run bpftool (Debian package bpftool): {e}"));
-    assert!(out.status.success(), "bpftool -j link show: {}", out.status);
+    // bpftool lists the link ids, then opens each: a link detached in between (another test's
+    // agent exiting) fails the whole command. That race is short; a few tries get past it.
+    let show = || {
+        Command::new("bpftool")
+            .args(["-j", "link", "show"])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run bpftool (Debian package bpftool): {e}"))
+    };
+    let out = (1..5)
+        .map(|_| show())
+        .find(|out| out.status.success())
+        .unwrap_or_else(show);
+    assert!(
+        out.status.success(),
+        "bpftool -j link show: {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     let links: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("bpftool -j link show prints JSON");
     links
