@@ -42,6 +42,11 @@ pub(crate) fn walk(
                 .filter_map(|line| line.trim().parse::<u32>().ok()),
         );
     }
+    // kernfs gives a directory 2 + its subdirectories as link count: a leaf cgroup (most of
+    // them) is not listed, its 30-odd interface files the most of what a walk would read.
+    if metadata.nlink() == 2 {
+        return Ok(());
+    }
     for child in crate::cgroup::child_dirs(dir) {
         walk(mount, &child, cgroups, pids)?;
     }
