@@ -101,7 +101,7 @@ pub enum Command {
     /// and reloads (sd_notify) and pings the watchdog when one is set.
     ///
     /// One agent runs per pin directory: a second `run` is refused and names the running one
-    /// (--take-over replaces it). Within 500 ms the agent puts back what someone else removed
+    /// (--take-over replaces it). Within a second the agent puts back what someone else removed
     /// (a detached link, a removed pin, another program in its link; it counts those with
     /// fentry programs, a kprobe or a link iterator, and inotify, and asks each attachment only
     /// then); /readyz is not ready while anything is missing.

@@ -10,8 +10,8 @@ pub enum Event {
     /// Cgroups appeared or vanished below a watched root (or events were lost).
     CgroupsChanged(Change),
     Signal(Signal),
-    /// No event for [`super::HEALTH_INTERVAL`]: time to check that enforcement is where it
-    /// should be.
+    /// No event for the health interval (`Enforcer::health_interval`): time to check that
+    /// enforcement is where it should be.
     Tick,
     /// A container engine reported containers that started, stopped or changed.
     ContainersChanged,

@@ -1,6 +1,7 @@
 //! The agent's engine: it owns the enforcer and the state and handles typed [`Event`]s, one
-//! batch at a time, on a thread of its own, and checks its attachments when none came for
-//! [`HEALTH_INTERVAL`] (its own timeout: an idle agent wakes one thread twice a second).
+//! batch at a time, on a thread of its own, and checks its attachments when none came for the
+//! enforcer's health interval (its own timeout: an idle agent wakes one thread about twice a
+//! second).
 //! `commands::run` is the thin loop that turns signals and inotify into events, and serves the
 //! metrics endpoint meanwhile: no
 //! blocking work (attaching, expanding patterns, reading a policy) ever runs on it, and the
@@ -34,9 +35,6 @@ use crate::{
     state::State,
     watch::Change,
 };
-
-/// How often the engine asks the kernel whether every attachment is still there.
-pub const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
 
 /// A container runtime makes several cgroups in a row; short, because a new container's
 /// cgroup should be covered within 20 ms among 10,000 (events that come while one is being
@@ -131,7 +129,8 @@ impl Agent {
         );
         self.queue(sweep);
         notify::ready(&format!("enforcing generation {}", applied.generation));
-        let mut next_check = Instant::now() + HEALTH_INTERVAL;
+        let interval = self.enforcer.health_interval();
+        let mut next_check = Instant::now() + interval;
         loop {
             let first = match events
                 .recv_timeout(next_check.saturating_duration_since(Instant::now()))
@@ -141,7 +140,7 @@ impl Agent {
                 Err(mpsc::RecvTimeoutError::Disconnected) => return self.stop(Signal::Terminate),
             };
             // Every batch checks the attachments: the next check is due an interval later.
-            next_check = Instant::now() + HEALTH_INTERVAL;
+            next_check = Instant::now() + interval;
             let mut batch = vec![first];
             while let Ok(event) = events.try_recv() {
                 batch.push(event);

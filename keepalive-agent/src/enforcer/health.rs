@@ -48,6 +48,12 @@ impl Enforcer {
         self.changes.watching_links()
     }
 
+    /// How often [`Self::faults_if_changed`] should run: 500 ms, 800 ms where each call walks
+    /// every link on the host (the link iterator; still within a second of a removal).
+    pub fn health_interval(&self) -> std::time::Duration {
+        self.changes.interval()
+    }
+
     /// Asks the kernel about every attachment (one link info each, and whether its pin is
     /// there).
     pub fn faults(&self) -> Vec<Fault> {
