@@ -1,26 +1,35 @@
 //! The missing-keepalive count: established connections without keepalive, per enforced scope,
 //! counted on a period by the running agent (`keepalive_connections_without_keepalive`).
 //!
-//! Cheap on purpose: one socket dump per network namespace of the scopes' processes, and no
-//! descriptor is touched. The dump reports each socket's cgroup (`INET_DIAG_CGROUP_ID`) and
-//! which of its timers is pending (`idiag_timer`). A socket counts as without keepalive when
-//! no timer is pending. That is exact for idle connections, the ones keepalive is for; a
-//! connection with data in flight shows its retransmit (or zero-window probe) timer instead,
-//! whatever its keepalive, and is counted as established but not as missing.
+//! Cheap on purpose: one read per network namespace of the scopes' processes, and no
+//! descriptor is touched. Where the kernel takes the count iterator (`ka_count`, iter/tcp,
+//! Linux 5.9 with BTF), the kernel walks its connections and reports each one's cgroup and
+//! SO_KEEPALIVE flag: exact, and about a tenth of the cost of a dump (100,000 connections:
+//! ~0.4% of a core each minute by dump). Elsewhere one socket dump (inet_diag) reports each
+//! socket's cgroup (`INET_DIAG_CGROUP_ID`) and which of its timers is pending (`idiag_timer`),
+//! and a socket counts as without keepalive when no timer is pending. That is exact for idle
+//! connections, the ones keepalive is for; a connection with data in flight shows its
+//! retransmit (or zero-window probe) timer instead, whatever its keepalive, and is counted as
+//! established but not as missing.
 
 use std::{
     collections::{BTreeMap, HashMap},
     io,
+    os::fd::OwnedFd,
     path::Path,
+    sync::Arc,
     time::Duration,
 };
+
+use keepalive_common::CountRecord;
 
 use tracing::{debug, warn};
 
 use crate::{
     existing::{
         diag::{ESTABLISHED, TIMER_OFF},
-        procs::{Holders, sockets_in, walk},
+        iterator::{iterator_link, read_iterator},
+        procs::{Holders, in_namespace, sockets_in, walk},
     },
     metrics,
     policy::CgroupPath,
@@ -38,9 +47,68 @@ pub struct Count {
     pub without_keepalive: u64,
 }
 
+/// The loaded count program's iterator link: each read in a network namespace is one
+/// [`CountRecord`] per established connection there.
+#[derive(Debug)]
+pub struct CountIterator {
+    link: OwnedFd,
+}
+
+impl CountIterator {
+    pub(crate) fn new(program: &aya::programs::ProgramFd) -> io::Result<Self> {
+        Ok(Self {
+            link: iterator_link(program)?,
+        })
+    }
+
+    /// The established connections of the calling thread's namespace: (cgroup id, whether
+    /// SO_KEEPALIVE is on).
+    fn connections(&self) -> io::Result<Vec<(u64, bool)>> {
+        Ok(records(&read_iterator(&self.link)?))
+    }
+}
+
+/// The iterator's output as (cgroup id, keepalive) pairs; a short tail is ignored.
+fn records(output: &[u8]) -> Vec<(u64, bool)> {
+    const RECORD: usize = size_of::<CountRecord>();
+    output
+        .as_chunks::<RECORD>()
+        .0
+        .iter()
+        .map(|record| {
+            let (id, rest) = record.split_at(8);
+            let id = u64::from_ne_bytes(id.try_into().unwrap_or_default());
+            let keepalive = u32::from_ne_bytes(rest[..4].try_into().unwrap_or_default());
+            (id, keepalive != 0)
+        })
+        .collect()
+}
+
+/// The established connections of the namespace `netns`: (cgroup id, whether keepalive is
+/// on), through the kernel's count where there is one, else a socket dump (keepalive: a timer
+/// is pending).
+fn connections_in(netns: &Path, counter: Option<&CountIterator>) -> io::Result<Vec<(u64, bool)>> {
+    if let Some(counter) = counter
+        && let Ok(connections) = in_namespace(netns, || counter.connections())
+    {
+        return Ok(connections);
+    }
+    let sockets = sockets_in(netns, None)?;
+    Ok(sockets
+        .iter()
+        .filter(|socket| socket.state == ESTABLISHED)
+        .map(|socket| (socket.cgroup_id, socket.timer != TIMER_OFF))
+        .collect())
+}
+
 /// Counts per scope (its text as the policy gives it, e.g. `/` or `/kubepods.slice/**`). A
-/// connection of a cgroup several scopes cover counts for the first of them.
-pub fn count(mount: &Path, scopes: &[CgroupPath]) -> io::Result<BTreeMap<String, Count>> {
+/// connection of a cgroup several scopes cover counts for the first of them. `counter`: the
+/// enforcer's count iterator, if the kernel took it.
+pub fn count(
+    mount: &Path,
+    scopes: &[CgroupPath],
+    counter: Option<&CountIterator>,
+) -> io::Result<BTreeMap<String, Count>> {
     let mut counts: BTreeMap<String, Count> = scopes
         .iter()
         .map(|scope| (scope.to_string(), Count::default()))
@@ -64,19 +132,19 @@ pub fn count(mount: &Path, scopes: &[CgroupPath]) -> io::Result<BTreeMap<String,
         })
         .collect();
     for netns in Holders::of(&pids, false).namespaces.values() {
-        let sockets = match sockets_in(netns, None) {
-            Ok(sockets) => sockets,
+        let connections = match connections_in(netns, counter) {
+            Ok(connections) => connections,
             // The namespace went away with its last process.
             Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
             Err(error) => return Err(error),
         };
-        for socket in sockets.iter().filter(|socket| socket.state == ESTABLISHED) {
-            let Some(scope) = owner.get(&socket.cgroup_id) else {
+        for (cgroup_id, keepalive) in connections {
+            let Some(scope) = owner.get(&cgroup_id) else {
                 continue;
             };
             let count = counts.entry(scope.clone()).or_default();
             count.established += 1;
-            if socket.timer == TIMER_OFF {
+            if !keepalive {
                 count.without_keepalive += 1;
             }
         }
@@ -86,7 +154,12 @@ pub fn count(mount: &Path, scopes: &[CgroupPath]) -> io::Result<BTreeMap<String,
 
 /// Counts every `period` while the agent runs, for the scopes of the policy in force, into the
 /// telemetry the metrics endpoint reads.
-pub async fn watch(shared: metrics::Shared, mount: std::path::PathBuf, period: Duration) {
+pub async fn watch(
+    shared: metrics::Shared,
+    mount: std::path::PathBuf,
+    period: Duration,
+    counter: Option<Arc<CountIterator>>,
+) {
     let mut warned = false;
     loop {
         let scopes: Option<Vec<CgroupPath>> = shared.lock().ok().and_then(|telemetry| {
@@ -105,7 +178,9 @@ pub async fn watch(shared: metrics::Shared, mount: std::path::PathBuf, period: D
             continue;
         };
         let mount = mount.clone();
-        let counted = tokio::task::spawn_blocking(move || count(&mount, &scopes)).await;
+        let counter = counter.clone();
+        let counted =
+            tokio::task::spawn_blocking(move || count(&mount, &scopes, counter.as_deref())).await;
         match counted {
             Ok(Ok(counts)) => {
                 debug!(?counts, "counted connections without keepalive");
@@ -120,5 +195,26 @@ pub async fn watch(shared: metrics::Shared, mount: std::path::PathBuf, period: D
             _ => {}
         }
         tokio::time::sleep(period).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use keepalive_common::CountRecord;
+
+    use super::records;
+
+    #[test]
+    fn records_read_as_the_kernel_writes_them() {
+        let mut output = Vec::new();
+        for (cgroup_id, keepalive) in [(7_u64, 1_u32), (1 << 40, 0)] {
+            output.extend_from_slice(&cgroup_id.to_ne_bytes());
+            output.extend_from_slice(&keepalive.to_ne_bytes());
+            output.extend_from_slice(&[0; 4]);
+        }
+        assert_eq!(output.len(), 2 * size_of::<CountRecord>());
+        // A torn tail (never written by the kernel, which writes whole records) is ignored.
+        output.push(1);
+        assert_eq!(records(&output), vec![(7, true), (1 << 40, false)]);
     }
 }

@@ -25,6 +25,9 @@ pub const PROGRAM_NAME: &str = "ka_sockops";
 pub const SETSOCKOPT_PROGRAM: &str = "ka_setsockopt";
 /// The TCP iterator program that applies the policy to connections that already exist.
 pub const SWEEP_PROGRAM: &str = "ka_sweep";
+/// The TCP iterator program that tells each established connection's cgroup and keepalive,
+/// for the missing-keepalive gauge (a [`CountRecord`] each).
+pub const COUNT_PROGRAM: &str = "ka_count";
 /// The fentry programs that count cgroup links detached or given another program, host-wide,
 /// each with the kernel function it is attached to: BPF_LINK_DETACH and BPF_LINK_UPDATE of a
 /// cgroup link (static functions reached through the link's ops table, so never inlined; both

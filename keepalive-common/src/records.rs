@@ -247,6 +247,19 @@ pub struct SockOffsets {
     pub cgroup_kn: u32,
     /// `kernfs_node.id` (u64: the cgroup id).
     pub kn_id: u32,
+    /// `sock_common.skc_flags` (`sk_flags`, unsigned long; bit `SOCK_KEEPOPEN` is SO_KEEPALIVE).
+    pub flags: u32,
+}
+
+/// What the connection count (`ka_count`) writes per established TCP socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CountRecord {
+    /// The cgroup the socket belongs to (`sk_cgrp_data`).
+    pub cgroup_id: u64,
+    /// 1 when SO_KEEPALIVE is on.
+    pub keepalive: u32,
+    pub _pad: u32,
 }
 
 /// Where the link iterator finds a cgroup link's program and cgroup in the running kernel's
@@ -272,6 +285,8 @@ mod pod {
     unsafe impl aya::Pod for super::SockOffsets {}
     // SAFETY: repr(C), only u32 fields, no padding.
     unsafe impl aya::Pod for super::LinkOffsets {}
+    // SAFETY: as above; read from the count iterator's output.
+    unsafe impl aya::Pod for super::CountRecord {}
     // SAFETY: repr(C), only u32 fields, no padding (checked by tests).
     unsafe impl aya::Pod for super::RuleRecord {}
     // SAFETY: repr(C), u32 fields and a RuleRecord, no padding (checked by tests).

@@ -8,7 +8,8 @@
 //! (`keepalive_common::enforce`).
 //!
 //! `ka_setsockopt` (cgroup/setsockopt) keeps applications from undoing a locked rule later.
-//! `ka_sweep` (iter/tcp) applies the policy to connections that existed before it took effect.
+//! `ka_sweep` (iter/tcp) applies the policy to connections that existed before it took effect;
+//! `ka_count` (iter/tcp) tells the agent's missing-keepalive gauge which connections lack it.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
@@ -23,6 +24,7 @@
 )]
 
 mod bpf_maps;
+mod count;
 mod counters;
 mod link_watch;
 mod setsockopt;

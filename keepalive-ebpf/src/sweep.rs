@@ -29,7 +29,7 @@ use keepalive_common::{
 use crate::{NO_PREALLOC, bpf_maps, socket::HelperSocket};
 
 /// `TCP_ESTABLISHED` and `TCP_LISTEN` (`<net/tcp_states.h>`).
-const TCP_ESTABLISHED: u8 = 1;
+pub(crate) const TCP_ESTABLISHED: u8 = 1;
 const TCP_LISTEN: u8 = 10;
 
 /// Cgroups the running sweep covers, each with the record of the attachment that governs it.
@@ -43,7 +43,7 @@ static KA_LISTEN: HashMap<u32, u32> = HashMap::with_max_entries(limits::LISTEN_P
 
 /// The running kernel's field offsets, set at load time from its BTF.
 #[unsafe(no_mangle)]
-static KA_SK_OFFSETS: Global<SockOffsets> = Global::new(SockOffsets {
+pub(crate) static KA_SK_OFFSETS: Global<SockOffsets> = Global::new(SockOffsets {
     family: 0,
     state: 0,
     remote_port: 0,
@@ -53,6 +53,7 @@ static KA_SK_OFFSETS: Global<SockOffsets> = Global::new(SockOffsets {
     cgroup: 0,
     cgroup_kn: 0,
     kn_id: 0,
+    flags: 0,
 });
 
 /// `struct bpf_iter_meta`.
@@ -65,9 +66,9 @@ pub(crate) struct IterMeta {
 
 /// `struct bpf_iter__tcp`, the program's context.
 #[repr(C)]
-struct IterTcp {
-    meta: *mut IterMeta,
-    sk_common: *mut c_void,
+pub(crate) struct IterTcp {
+    pub(crate) meta: *mut IterMeta,
+    pub(crate) sk_common: *mut c_void,
     uid: u32,
 }
 
@@ -140,7 +141,7 @@ extern "C" fn ka_sweep(ctx: *mut c_void) -> i32 {
 
 /// The id of the cgroup v2 the socket belongs to: `sk->sk_cgrp_data.cgroup->kn->id`.
 #[inline(always)]
-fn cgroup_id(sock: *const c_void, offsets: &SockOffsets) -> Option<u64> {
+pub(crate) fn cgroup_id(sock: *const c_void, offsets: &SockOffsets) -> Option<u64> {
     let cgroup = read::<*const c_void>(sock, offsets.cgroup)?;
     let node = read::<*const c_void>(cgroup, offsets.cgroup_kn)?;
     read::<u64>(node, offsets.kn_id)

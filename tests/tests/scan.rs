@@ -11,11 +11,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use keepalive_agent::policy::file;
+use keepalive_agent::{missing, policy::file};
+use keepalive_common::Stage;
 use keepalive_tests::{
     AgentPlaces, Netns, Placement, TestCgroup, Workload, agent_bin, connect,
     http::{self, sample},
-    probe, require_host,
+    load_enforcer, probe, require_host,
     scan::{
         TempFile, app_keepalive, decided, held, netns_inode, reported, run, scan, scan_with, text,
     },
@@ -271,6 +272,32 @@ fn the_gauge_follows_connections_as_they_open_and_close() {
     );
 }
 
+/// The gauge counts through the kernel (the count iterator: each socket's SO_KEEPALIVE) where
+/// it loads, else with a socket dump (keepalive: a timer pending): on idle connections, IPv4
+/// and IPv6, with the application's keepalive and without, both say the same.
+#[test]
+fn the_gauges_kernel_count_and_its_socket_dump_agree_on_idle_connections() {
+    require_host();
+    let root = TestCgroup::new();
+    let netns = Netns::new();
+    let place = Placement::new(&root, &netns);
+    let _v4 = connect("0.0.0.0:0", "127.0.0.1", place, place);
+    let _v6 = connect("[::]:0", "::1", place, place);
+    let _app = app_keepalive("::1", place);
+    let mount = keepalive_common::host::cgroup2_mount().unwrap();
+    let scopes = [root.scope()];
+    let dumped = missing::count(&mount, &scopes, None).unwrap();
+    let enforcer = load_enforcer(Stage::Full);
+    let counter = enforcer
+        .connection_counter()
+        .unwrap_or_else(|| panic!("the kernel refused the count iterator (iter/tcp, 5.9)"));
+    let counted = missing::count(&mount, &scopes, Some(&counter)).unwrap();
+    assert_eq!(counted, dumped);
+    // Six ends; only the application's client end has keepalive.
+    let scope = &counted[&root.scope().to_string()];
+    assert_eq!((scope.established, scope.without_keepalive), (6, 5));
+}
+
 /// Scan with fewer rights: what it cannot read is reported as unknown, never guessed.
 #[test]
 fn without_the_rights_scan_says_what_it_could_not_read() {
@@ -404,7 +431,7 @@ fn scan_time_for_many_connections() {
     }
     let started = Instant::now();
     let mount = keepalive_common::host::cgroup2_mount().unwrap();
-    let counts = keepalive_agent::missing::count(&mount, &[root.scope()]).unwrap();
+    let counts = missing::count(&mount, &[root.scope()], None).unwrap();
     let gauge = started.elapsed();
     println!(
         "scan of {connections} connections ({} sockets): --json {:?} ({} lines), table {:?}; \

@@ -178,6 +178,7 @@ fn load(
                 telemetry.clone(),
                 mount.to_path_buf(),
                 period,
+                enforcer.connection_counter(),
             ));
         }
     }

@@ -2,19 +2,21 @@
 
 use std::{collections::BTreeMap, path::Path, sync::Arc};
 
+use tracing::debug;
+
 use aya::{
     Ebpf, EbpfLoader,
     programs::{CgroupSockopt, Iter, SockOps},
 };
 use keepalive_common::{
-    CGROUPS_MAP, LINK_OFFSETS, LISTEN_MAP, LinkOffsets, PROGRAM_NAME, SETSOCKOPT_PROGRAM,
-    SOCK_OFFSETS, STAGE, SWEEP_MAP, SWEEP_PROGRAM, SockOffsets, Stage,
+    CGROUPS_MAP, COUNT_PROGRAM, LINK_OFFSETS, LISTEN_MAP, LinkOffsets, PROGRAM_NAME,
+    SETSOCKOPT_PROGRAM, SOCK_OFFSETS, STAGE, SWEEP_MAP, SWEEP_PROGRAM, SockOffsets, Stage,
 };
 
 use super::{
     Enforcer, EnforcerError, MissingFeature,
     changes::{self, Changes},
-    features,
+    features::{self, verifier_reason},
     links::{Attachment, SETSOCKOPT, SOCK_OPS},
     maps, program_error,
 };
@@ -25,6 +27,7 @@ use crate::{
         btf::Btf,
         iterator::{IteratorSweep, reopen},
     },
+    missing::CountIterator,
     policy::CgroupPath,
 };
 
@@ -79,12 +82,12 @@ impl Enforcer {
         // The offsets the sweep reads sockets at (None: the agent never sweeps, not a kernel's
         // lack) and those the link iterator reads links at, from the kernel's BTF.
         let kernel_btf = Btf::kernel().map_err(|error| error.to_string());
-        let offsets = sweeps.then(|| {
-            kernel_btf
-                .as_ref()
-                .map_err(Clone::clone)
-                .and_then(|btf| btf.sock_offsets().map_err(|error| error.to_string()))
-        });
+        let sock_offsets = kernel_btf
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|btf| btf.sock_offsets().map_err(|error| error.to_string()));
+        let counts = sock_offsets.is_ok();
+        let offsets = sweeps.then_some(sock_offsets);
         let link_offsets = kernel_btf
             .as_ref()
             .map_err(Clone::clone)
@@ -140,6 +143,15 @@ impl Enforcer {
             None => None,
         }
         .map(Arc::new);
+        // The gauge counts through the kernel where it can, else with inet_diag dumps.
+        let counter = counts
+            .then(|| count_program(&mut ebpf, &btf))
+            .and_then(|loaded| {
+                loaded
+                    .map_err(|error| debug!(%error, "the connection count iterator did not load"))
+                    .ok()
+            })
+            .map(Arc::new);
         let link_changes = changes::load_link_watch(&mut ebpf, &btf, link_offsets.map(|_| ()))
             .map_err(|refused| missing.push(refused))
             .ok();
@@ -155,6 +167,7 @@ impl Enforcer {
             generation: 0,
             missing,
             iterator,
+            counter,
             changes,
         })
     }
@@ -206,6 +219,21 @@ fn setsockopt(ebpf: &mut Ebpf) -> Result<&mut CgroupSockopt, EnforcerError> {
         .ok_or(EnforcerError::Missing(SETSOCKOPT_PROGRAM))?
         .try_into()
         .map_err(program_error(SETSOCKOPT_PROGRAM))
+}
+
+/// Loads and links the connection count program (the missing-keepalive gauge's way in).
+fn count_program(ebpf: &mut Ebpf, btf: &Result<aya::Btf, String>) -> Result<CountIterator, String> {
+    let btf = btf.as_ref().map_err(Clone::clone)?;
+    let program: &mut Iter = ebpf
+        .program_mut(COUNT_PROGRAM)
+        .ok_or_else(|| format!("the eBPF object has no {COUNT_PROGRAM}"))?
+        .try_into()
+        .map_err(|error: aya::programs::ProgramError| error.to_string())?;
+    program
+        .load("tcp", btf)
+        .map_err(|error| verifier_reason(&error))?;
+    let fd = program.fd().map_err(|error| error.to_string())?;
+    CountIterator::new(fd).map_err(|error| error.to_string())
 }
 
 /// Loads and links the sweep program: the in-kernel path for existing connections.

@@ -143,6 +143,8 @@ pub struct Enforcer {
     missing: Vec<MissingFeature>,
     /// The in-kernel path for existing connections, unless this kernel refused it.
     iterator: Option<Arc<IteratorSweep>>,
+    /// The missing-keepalive gauge's count through the kernel, unless this kernel refused it.
+    counter: Option<Arc<crate::missing::CountIterator>>,
     /// Whether an attachment may have changed behind our back since the last health check.
     changes: changes::Changes,
 }
@@ -179,6 +181,11 @@ impl Enforcer {
     /// Whether existing connections are updated in the kernel (the iterator loaded and is used).
     pub fn sweeps_in_kernel(&self) -> bool {
         self.iterator.is_some()
+    }
+
+    /// The count iterator for the missing-keepalive gauge (None: it counts with inet_diag).
+    pub fn connection_counter(&self) -> Option<Arc<crate::missing::CountIterator>> {
+        self.counter.clone()
     }
 
     /// The policy in force, if this agent applied one.

@@ -218,6 +218,7 @@ impl Btf {
             cgroup: self.offset("sock", &["sk_cgrp_data", "cgroup"])?,
             cgroup_kn: self.offset("cgroup", &["kn"])?,
             kn_id: self.offset("kernfs_node", &["id"])?,
+            flags: common("skc_flags")?,
         })
     }
     /// The offsets the link iterator reads a cgroup link at.
