@@ -32,7 +32,7 @@ use crate::{
         procs::{Holders, in_namespace, sockets_in, walk},
     },
     metrics,
-    policy::CgroupPath,
+    policy::{CgroupPath, Pattern},
 };
 
 /// The period when neither `--missing-interval` nor its variable says otherwise.
@@ -123,12 +123,17 @@ pub fn count(
     }
     pids.sort_unstable();
     pids.dedup();
-    // Each cgroup's scope, decided once.
-    let owner: HashMap<u64, String> = cgroups
+    // Each cgroup's scope, decided once, by patterns compiled once (`CgroupPath::covers`
+    // compiles its pattern each call: ~100 us, at 10,000 cgroups a second per count).
+    let patterns: Vec<(String, Pattern)> = scopes
+        .iter()
+        .map(|scope| (scope.to_string(), Pattern::new(scope)))
+        .collect();
+    let owner: HashMap<u64, &str> = cgroups
         .into_iter()
         .filter_map(|(id, path)| {
-            let scope = scopes.iter().find(|scope| scope.covers(&path))?;
-            Some((id, scope.to_string()))
+            let (scope, _) = patterns.iter().find(|(_, pattern)| pattern.covers(&path))?;
+            Some((id, scope.as_str()))
         })
         .collect();
     for netns in Holders::of(&pids, false).namespaces.values() {
@@ -142,7 +147,10 @@ pub fn count(
             let Some(scope) = owner.get(&cgroup_id) else {
                 continue;
             };
-            let count = counts.entry(scope.clone()).or_default();
+            // Every scope has its entry from the start: no allocation per connection.
+            let Some(count) = counts.get_mut(*scope) else {
+                continue;
+            };
             count.established += 1;
             if !keepalive {
                 count.without_keepalive += 1;
