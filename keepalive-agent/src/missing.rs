@@ -3,7 +3,7 @@
 //!
 //! Cheap on purpose: one read per network namespace of the scopes' processes, and no
 //! descriptor is touched. Where the kernel takes the count iterator (`ka_count`, iter/tcp,
-//! Linux 5.9 with BTF), the kernel walks its connections and reports each one's cgroup and
+//! Linux 5.15 with BTF), the kernel walks its connections and reports each one's cgroup and
 //! SO_KEEPALIVE flag: exact, and about a tenth of the cost of a dump (100,000 connections:
 //! ~0.4% of a core each minute by dump). Elsewhere one socket dump (inet_diag) reports each
 //! socket's cgroup (`INET_DIAG_CGROUP_ID`) and which of its timers is pending (`idiag_timer`),

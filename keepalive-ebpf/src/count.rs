@@ -5,7 +5,8 @@
 //! the kernel alone, and as much again to parse, every period: 100,000 connections cost 0.4%
 //! of a core. Here the kernel walks its own table and writes 16 bytes per connection
 //! (`CountRecord`); the agent adds them up per cgroup. Unlike the sweep it changes nothing,
-//! so it needs no helper but the BTF cast (Linux 5.9, like the iterator itself).
+//! so it needs no helper but the BTF cast; it reads the socket's cgroup where the sweep does,
+//! at offsets from the kernel's BTF (Linux 5.15: before, `sk_cgrp_data` packs the pointer).
 
 use core::ffi::c_void;
 
