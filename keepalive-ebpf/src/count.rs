@@ -5,9 +5,10 @@
 //! retransmit timer, whatever its keepalive), this reads SO_KEEPALIVE itself, and costs less
 //! (100,000 connections: ~80 ms per count against ~110 ms by dump, on our test machines; the
 //! kernel's walk, which takes each socket's lock, is most of both). It writes 16 bytes per
-//! connection (`CountRecord`); the agent adds them up per cgroup. Unlike the sweep it changes nothing,
-//! so it needs no helper but the BTF cast; it reads the socket's cgroup where the sweep does,
-//! at offsets from the kernel's BTF (Linux 5.15: before, `sk_cgrp_data` packs the pointer).
+//! connection (`CountRecord`); the agent adds them up per cgroup. Unlike the sweep it changes
+//! nothing, so it needs no helper but the BTF cast; it reads the socket's cgroup where the
+//! sweep does, at offsets from the kernel's BTF (Linux 5.15: before, `sk_cgrp_data` packs the
+//! pointer).
 
 use core::ffi::c_void;
 
