@@ -12,10 +12,10 @@
 
 use core::ffi::c_void;
 
-use aya_ebpf::helpers::generated::{bpf_seq_write, bpf_skc_to_tcp_sock};
+use aya_ebpf::helpers::generated::bpf_seq_write;
 use keepalive_common::CountRecord;
 
-use crate::sweep::{IterTcp, KA_SK_OFFSETS, TCP_ESTABLISHED, cgroup_id, read};
+use crate::sweep::{KA_SK_OFFSETS, TCP_ESTABLISHED, cgroup_id, read, tcp_sock_of};
 
 /// `SOCK_KEEPOPEN` in `enum sock_flags` (`<net/sock.h>`): set by SO_KEEPALIVE. Its place in
 /// the enum has not changed since Linux 2.6.
@@ -28,18 +28,9 @@ const _: () = assert!(size_of::<CountRecord>() == RECORD_LEN as usize);
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
 extern "C" fn ka_count(ctx: *mut c_void) -> i32 {
-    let ctx = ctx.cast::<IterTcp>();
-    // SAFETY: the context the kernel passed in; `sk_common` is null once the walk is done.
-    let (meta, sk) = unsafe { ((*ctx).meta, (*ctx).sk_common) };
-    if sk.is_null() {
+    let Some((meta, tcp_sock)) = tcp_sock_of(ctx) else {
         return 0;
-    }
-    // SAFETY: a socket of the iterator; null unless it is a full TCP socket (not a request or
-    // time-wait one).
-    let tcp_sock = unsafe { bpf_skc_to_tcp_sock(sk) }.cast::<c_void>();
-    if tcp_sock.is_null() {
-        return 0;
-    }
+    };
     let offsets = KA_SK_OFFSETS.load();
     if read::<u8>(tcp_sock, offsets.state) != Some(TCP_ESTABLISHED) {
         return 0;

@@ -66,10 +66,25 @@ pub(crate) struct IterMeta {
 
 /// `struct bpf_iter__tcp`, the program's context.
 #[repr(C)]
-pub(crate) struct IterTcp {
-    pub(crate) meta: *mut IterMeta,
-    pub(crate) sk_common: *mut c_void,
+struct IterTcp {
+    meta: *mut IterMeta,
+    sk_common: *mut c_void,
     uid: u32,
+}
+
+/// The iterator's metadata and the full TCP socket (`struct tcp_sock`) an iter/tcp program is
+/// called with; None at the end of the walk and for request and time-wait sockets.
+#[inline(always)]
+pub(crate) fn tcp_sock_of(ctx: *mut c_void) -> Option<(*mut IterMeta, *mut c_void)> {
+    let ctx = ctx.cast::<IterTcp>();
+    // SAFETY: the context the kernel passed in; `sk_common` is null once the walk is done.
+    let (meta, sk) = unsafe { ((*ctx).meta, (*ctx).sk_common) };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: a socket of the iterator; null unless it is a full TCP socket.
+    let tcp_sock = unsafe { bpf_skc_to_tcp_sock(sk) }.cast::<c_void>();
+    (!tcp_sock.is_null()).then_some((meta, tcp_sock))
 }
 
 /// A `T` at `offset` bytes into the kernel object at `base`.
@@ -83,18 +98,9 @@ pub(crate) fn read<T>(base: *const c_void, offset: u32) -> Option<T> {
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
 extern "C" fn ka_sweep(ctx: *mut c_void) -> i32 {
-    let ctx = ctx.cast::<IterTcp>();
-    // SAFETY: the context the kernel passed in; `sk_common` is null once the walk is done.
-    let (meta, sk) = unsafe { ((*ctx).meta, (*ctx).sk_common) };
-    if sk.is_null() {
+    let Some((meta, tcp_sock)) = tcp_sock_of(ctx) else {
         return 0;
-    }
-    // SAFETY: a socket of the iterator; null unless it is a full TCP socket (not a request or
-    // time-wait one).
-    let tcp_sock = unsafe { bpf_skc_to_tcp_sock(sk) }.cast::<c_void>();
-    if tcp_sock.is_null() {
-        return 0;
-    }
+    };
     let offsets = KA_SK_OFFSETS.load();
     let (Some(state), Some(local_port)) = (
         read::<u8>(tcp_sock, offsets.state),
