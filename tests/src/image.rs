@@ -21,6 +21,31 @@ pub fn archive() -> PathBuf {
     )
 }
 
+/// The oci-archive of the index of both architectures (env `KA_AGENT_IMAGE_INDEX`).
+pub fn index_archive() -> PathBuf {
+    std::env::var_os("KA_AGENT_IMAGE_INDEX").map_or_else(
+        || {
+            panic!(
+                "KA_AGENT_IMAGE_INDEX is not set: `cargo xtask test` builds the image and sets \
+                 it (or run `cargo xtask image` and set it to target/image/keepalive-agent.oci.tar)"
+            )
+        },
+        PathBuf::from,
+    )
+}
+
+/// The ELF machine (`e_machine`) of the executable at `path`: 62 for x86-64, 183 for aarch64.
+pub fn elf_machine(path: &Path) -> u16 {
+    let elf = fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(
+        elf.get(..4),
+        Some(b"\x7fELF".as_slice()),
+        "{}",
+        path.display()
+    );
+    u16::from_le_bytes([elf[0x12], elf[0x13]])
+}
+
 /// The name and tag the archive carries: `localhost/keepalive-agent:<version>`.
 pub fn reference() -> String {
     format!("localhost/keepalive-agent:{}", env!("CARGO_PKG_VERSION"))

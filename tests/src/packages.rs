@@ -10,26 +10,45 @@ fn from_env(var: &str, file: &str) -> PathBuf {
         || {
             panic!(
                 "{var} is not set: `cargo xtask test` builds the packages and sets it (or run \
-                 `cargo xtask dist` and set it to target/dist/{file})"
+                 `cargo xtask dist` and set it to target/dist/{}/{file})",
+                debian_arch()
             )
         },
         PathBuf::from,
     )
 }
 
-/// `target/dist/keepalive-agent_<version>-1_amd64.deb`.
+/// This machine's architecture as Debian names it: the packages under test are this machine's
+/// (in an arm64 guest, the arm64 ones).
+pub fn debian_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => panic!("no Debian architecture for {other}"),
+    }
+}
+
+/// `target/dist/<arch>/keepalive-agent_<version>-1_<arch>.deb`.
 pub fn deb() -> PathBuf {
     from_env(
         "KA_AGENT_DEB",
-        &format!("keepalive-agent_{}-1_amd64.deb", env!("CARGO_PKG_VERSION")),
+        &format!(
+            "keepalive-agent_{}-1_{}.deb",
+            env!("CARGO_PKG_VERSION"),
+            debian_arch()
+        ),
     )
 }
 
-/// `target/dist/keepalive-agent-<version>-1.x86_64.rpm`.
+/// `target/dist/<arch>/keepalive-agent-<version>-1.<uname -m>.rpm`.
 pub fn rpm() -> PathBuf {
     from_env(
         "KA_AGENT_RPM",
-        &format!("keepalive-agent-{}-1.x86_64.rpm", env!("CARGO_PKG_VERSION")),
+        &format!(
+            "keepalive-agent-{}-1.{}.rpm",
+            env!("CARGO_PKG_VERSION"),
+            std::env::consts::ARCH
+        ),
     )
 }
 

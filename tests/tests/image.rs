@@ -1,13 +1,14 @@
 //! The agent's container image that `cargo xtask image` built (env `KA_AGENT_IMAGE`): the
 //! static agent and the DaemonSet's policy, its labels, entrypoint and command, and nothing
-//! else; the agent in it runs, and enforces on new and existing connections. (Running it as a
-//! container is the engines' tests' part.)
+//! else; the agent in it runs, and enforces on new and existing connections; the OCI index
+//! (env `KA_AGENT_IMAGE_INDEX`) gives amd64 and arm64 each its own. (Running it as a container
+//! is the engines' tests' part.)
 #![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 
 use std::{fs, process::Command, time::Duration};
 
 use keepalive_tests::{
-    AgentPlaces, Netns, Placement, TestCgroup, connect, image, kernel_links,
+    AgentPlaces, Netns, Placement, TempDir, TestCgroup, connect, image, kernel_links,
     repo::{assert_agent_accepts, read},
     require_host, succeeds,
 };
@@ -37,10 +38,12 @@ fn dockerfile_cmd() -> Vec<String> {
 #[test]
 fn the_dockerfile_is_one_stage_from_scratch_and_dockerignore_lets_in_what_it_copies() {
     let dockerfile = read("deploy/Dockerfile");
-    let mut copied: Vec<&str> = dockerfile
+    let mut copied: Vec<String> = dockerfile
         .lines()
         .filter_map(|line| line.strip_prefix("COPY "))
         .map(|args| args.split_whitespace().next().unwrap())
+        // One path per architecture (the build argument), one pattern for them all.
+        .map(|path| path.replace("${TARGETARCH}", "*"))
         .collect();
     copied.sort_unstable();
     let dockerignore = read(".dockerignore");
@@ -64,8 +67,8 @@ fn the_dockerfile_is_one_stage_from_scratch_and_dockerignore_lets_in_what_it_cop
     assert_eq!(stages, ["FROM scratch"], "one stage, nothing pulled");
 }
 
-/// The largest the image archive may be. Measured: the archive of 0.1.0 is 7.8 MiB
-/// (8,153,600 bytes), nearly all of it the static agent (8,137,784 bytes, symbols kept for
+/// The largest the image archive may be. Measured: the archive of 0.1.0 is 12.4 MiB
+/// (12,994,560 bytes), nearly all of it the static agent (12,978,840 bytes, symbols kept for
 /// backtraces).
 const IMAGE_MAX_BYTES: u64 = 16 * 1024 * 1024;
 
@@ -178,6 +181,63 @@ fn the_agent_in_the_image_is_static_and_runs_from_its_policy() {
             .args(["check", "--config"])
             .arg(&policy),
     );
+}
+
+/// The OCI index holds an amd64 and an arm64 image; podman, asked for each architecture, pulls
+/// the half whose agent is that architecture's (ELF machine), with the same policy and command.
+#[test]
+fn the_index_gives_each_architecture_its_own_agent() {
+    let index = image::index_archive();
+    let store = TempDir::new();
+    let podman = |args: &[&str]| -> String {
+        let out = succeeds(
+            Command::new("podman")
+                .arg("--root")
+                .arg(store.join("root"))
+                .arg("--runroot")
+                .arg(store.join("run"))
+                .args(["--storage-driver", "vfs"])
+                .args(args),
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let source = format!("oci-archive:{}", index.display());
+    for (arch, machine) in [("amd64", 62), ("arm64", 183)] {
+        let id = podman(&["pull", "--quiet", "--arch", arch, &source]);
+        assert_eq!(
+            podman(&["image", "inspect", "--format", "{{.Architecture}}", &id]),
+            arch,
+            "podman pulled the {arch} half"
+        );
+        assert_eq!(
+            podman(&["image", "inspect", "--format", "{{json .Config.Cmd}}", &id]),
+            serde_json::to_string(&dockerfile_cmd()).unwrap()
+        );
+        let archive = store.join(format!("{arch}.tar"));
+        podman(&[
+            "save",
+            "--format",
+            "docker-archive",
+            "--output",
+            &archive.display().to_string(),
+            &id,
+        ]);
+        let unpacked = image::Unpacked::open(&archive);
+        let agent = unpacked.extract("usr/local/bin/keepalive-agent");
+        assert_eq!(
+            image::elf_machine(&agent),
+            machine,
+            "the {arch} image's agent"
+        );
+        assert!(
+            !image::is_dynamically_linked(&agent),
+            "the {arch} agent is static"
+        );
+        assert_eq!(
+            fs::read_to_string(unpacked.extract("etc/keepalive-agent/policy.toml")).unwrap(),
+            read("deploy/kubernetes/policy.toml")
+        );
+    }
 }
 
 /// The static (musl) agent loads the program, attaches, updates a connection that existed

@@ -15,6 +15,7 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 
 use crate::{
+    arch::Arch,
     cmd::run_status,
     packages, target_dir,
     toolchain::{self, Toolchain},
@@ -33,18 +34,18 @@ pub(crate) fn reference() -> String {
     format!("{NAME}:{}", env!("CARGO_PKG_VERSION"))
 }
 
-/// The Rust target of the static agent: musl links everything in (static-pie).
-pub(crate) fn static_target() -> String {
-    format!("{}-unknown-linux-musl", std::env::consts::ARCH)
-}
-
-/// Builds the static agent (what the image and the packages ship); returns its path,
+/// Builds the static agent for `arch` (what the image and the packages ship); returns its path,
 /// `target/<arch>-unknown-linux-musl/release/keepalive-agent`.
-pub(crate) fn build_static(workspace: &Path, toolchain: &Toolchain) -> anyhow::Result<PathBuf> {
+pub(crate) fn build_static(
+    workspace: &Path,
+    toolchain: &Toolchain,
+    arch: Arch,
+) -> anyhow::Result<PathBuf> {
     packages::ensure(packages::STATIC)?;
-    let target = static_target();
+    let target = arch.musl_target();
     toolchain::ensure_target(toolchain::HOST, &target)?;
-    run_status(crate::cargo(workspace, toolchain)?.args([
+    let mut cargo = crate::cargo(workspace, toolchain)?;
+    cargo.args([
         "build",
         "--locked",
         "--release",
@@ -52,7 +53,9 @@ pub(crate) fn build_static(workspace: &Path, toolchain: &Toolchain) -> anyhow::R
         "keepalive-agent",
         "--target",
         &target,
-    ]))?;
+    ]);
+    arch.cross_link(&mut cargo)?;
+    run_status(&mut cargo)?;
     let built = target_dir(workspace)
         .join(&target)
         .join("release")
@@ -65,36 +68,62 @@ pub(crate) fn build_static(workspace: &Path, toolchain: &Toolchain) -> anyhow::R
     Ok(built)
 }
 
-/// Builds the static agent and the image; returns the docker-archive's path.
+/// The image's two archives.
+#[derive(Debug)]
+pub(crate) struct Archives {
+    /// docker-archive of this host's architecture: `docker load -i`, `podman load -i`.
+    pub(crate) host: PathBuf,
+    /// oci-archive of the index of both architectures: `skopeo copy --all` to a registry, from
+    /// which each node pulls its own half.
+    pub(crate) index: PathBuf,
+}
+
+/// Builds the static agent of each architecture and the image; returns the archives.
 pub(crate) fn build(
     workspace: &Path,
     toolchain: &Toolchain,
     source: Option<&str>,
-) -> anyhow::Result<PathBuf> {
-    let built = build_static(workspace, toolchain)?;
+) -> anyhow::Result<Archives> {
     packages::ensure(packages::IMAGE)?;
     let dir = dir(workspace);
-    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    // The path deploy/Dockerfile copies from (and .dockerignore lets through).
-    let staged = dir.join("keepalive-agent");
-    fs::copy(&built, &staged)
-        .with_context(|| format!("cannot copy {} to {}", built.display(), staged.display()))?;
-    run_status(Command::new(&staged).arg("--version"))?;
+    let host = Arch::host()?;
+    for arch in Arch::ALL {
+        let built = build_static(workspace, toolchain, arch)?;
+        // The path deploy/Dockerfile copies from (and .dockerignore lets through).
+        let staged = dir.join(arch.debian()).join("keepalive-agent");
+        fs::create_dir_all(dir.join(arch.debian()))
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        fs::copy(&built, &staged)
+            .with_context(|| format!("cannot copy {} to {}", built.display(), staged.display()))?;
+        if arch == host {
+            run_status(Command::new(&staged).arg("--version"))?;
+        }
+    }
 
-    let archive = dir.join("keepalive-agent.tar");
+    let archives = Archives {
+        host: dir.join("keepalive-agent.tar"),
+        index: dir.join("keepalive-agent.oci.tar"),
+    };
     let source = source.map(str::to_string).or_else(|| origin(workspace));
-    Buildah::new(&dir.join("buildah"))?.build(workspace, &archive, source.as_deref())?;
-    let size = fs::metadata(&archive)
-        .with_context(|| format!("{} was not written", archive.display()))?
-        .len();
-    eprintln!(
-        "xtask: {} is {} ({:.1} MiB; the binary {:.1} MiB): `docker load -i` or `podman load -i` it",
-        archive.display(),
-        reference(),
-        mib(size),
-        mib(fs::metadata(&staged)?.len())
-    );
-    Ok(archive)
+    Buildah::new(&dir.join("buildah"))?.build(workspace, &archives, source.as_deref())?;
+    for (archive, what) in [
+        (&archives.host, "`docker load -i` or `podman load -i` it"),
+        (
+            &archives.index,
+            "amd64 and arm64: `skopeo copy --all oci-archive:...` it to a registry",
+        ),
+    ] {
+        let size = fs::metadata(archive)
+            .with_context(|| format!("{} was not written", archive.display()))?
+            .len();
+        eprintln!(
+            "xtask: {} is {} ({:.1} MiB): {what}",
+            archive.display(),
+            reference(),
+            mib(size),
+        );
+    }
+    Ok(archives)
 }
 
 #[expect(
@@ -129,48 +158,75 @@ impl Buildah {
         })
     }
 
-    fn command(&self, subcommand: &str) -> Command {
+    fn command(&self, subcommand: &[&str]) -> Command {
         let mut command = Command::new("buildah");
         command
             .arg("--root")
             .arg(self.dir.join("root"))
             .arg("--runroot")
             .arg(self.dir.join("run"))
-            .args(["--storage-driver", "vfs", subcommand])
+            .args(["--storage-driver", "vfs"])
+            .args(subcommand)
             .arg("--signature-policy")
             .arg(self.dir.join("policy.json"));
         command
     }
 
-    fn build(&self, workspace: &Path, archive: &Path, source: Option<&str>) -> anyhow::Result<()> {
+    /// One image per architecture, both in the manifest list `<reference>`; then the host's
+    /// image as a docker-archive tagged `<reference>` and the list as an OCI index.
+    fn build(
+        &self,
+        workspace: &Path,
+        archives: &Archives,
+        source: Option<&str>,
+    ) -> anyhow::Result<()> {
         let reference = reference();
-        let mut build = self.command("build");
-        build
-            .args(["--file", "deploy/Dockerfile", "--isolation", "chroot"])
-            .arg("--build-arg")
-            .arg(format!("VERSION={}", env!("CARGO_PKG_VERSION")))
-            .arg("--build-arg")
-            .arg(format!("REVISION={}", revision(workspace)))
-            .args(["--tag", &reference]);
-        if let Some(source) = source {
+        for arch in Arch::ALL {
+            let mut build = self.command(&["build"]);
             build
-                .arg("--label")
-                .arg(format!("org.opencontainers.image.source={source}"));
+                .args(["--file", "deploy/Dockerfile", "--isolation", "chroot"])
+                .args(["--platform", &format!("linux/{}", arch.debian())])
+                .arg("--build-arg")
+                .arg(format!("TARGETARCH={}", arch.debian()))
+                .arg("--build-arg")
+                .arg(format!("VERSION={}", env!("CARGO_PKG_VERSION")))
+                .arg("--build-arg")
+                .arg(format!("REVISION={}", revision(workspace)))
+                .arg("--iidfile")
+                .arg(self.dir.join(arch.debian()))
+                .args(["--manifest", &reference]);
+            if let Some(source) = source {
+                build
+                    .arg("--label")
+                    .arg(format!("org.opencontainers.image.source={source}"));
+            }
+            // The same bytes for the same commit: file times and the creation date are the
+            // commit's.
+            if let Some(time) = git(workspace, &["log", "-1", "--format=%ct"]) {
+                build.args(["--timestamp", &time]);
+            }
+            run_status(build.arg(".").current_dir(workspace))?;
         }
-        // The same bytes for the same commit: file times and the creation date are the
-        // commit's.
-        if let Some(time) = git(workspace, &["log", "-1", "--format=%ct"]) {
-            build.args(["--timestamp", &time]);
+        for archive in [&archives.host, &archives.index] {
+            if archive.exists() {
+                fs::remove_file(archive)
+                    .with_context(|| format!("cannot remove {}", archive.display()))?;
+            }
         }
-        run_status(build.arg(".").current_dir(workspace))?;
-        if archive.exists() {
-            fs::remove_file(archive)
-                .with_context(|| format!("cannot remove {}", archive.display()))?;
-        }
+        let host = self.dir.join(Arch::host()?.debian());
+        let host = fs::read_to_string(&host)
+            .with_context(|| format!("buildah wrote no image id to {}", host.display()))?;
+        run_status(self.command(&["push"]).arg(host.trim()).arg(format!(
+            "docker-archive:{}:{reference}",
+            archives.host.display()
+        )))?;
         run_status(
-            self.command("push")
-                .arg(&reference)
-                .arg(format!("docker-archive:{}:{reference}", archive.display())),
+            self.command(&["manifest", "push"])
+                .args(["--all", "--format", "oci", &reference])
+                .arg(format!(
+                    "oci-archive:{}:{reference}",
+                    archives.index.display()
+                )),
         )
     }
 }

@@ -4,6 +4,7 @@
     reason = "xtask reports to the developer on stderr"
 )]
 
+mod arch;
 mod cmd;
 mod dist;
 mod fuzz;
@@ -22,6 +23,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use crate::{
+    arch::Arch,
     cmd::{as_on_a_fresh_machine, run_status},
     toolchain::Toolchain,
 };
@@ -40,15 +42,22 @@ struct Cli {
 enum Task {
     /// Build the release agent at target/release/keepalive-agent (eBPF program embedded).
     Build,
-    /// Build the static agent and lay out in target/dist what a host install needs: the
+    /// Build the static agent and lay out in target/dist/<arch> what a host install needs: the
     /// binary, man pages (man/), shell completions for bash, zsh and fish (completions/),
     /// all generated from the agent's command line, the systemd unit; and the packages made
-    /// of them, keepalive-agent_<version>-1_amd64.deb and keepalive-agent-<version>-1.x86_64.rpm
+    /// of them, keepalive-agent_<version>-1_<arch>.deb and keepalive-agent-<version>-1.<arch>.rpm
     /// (reproducible: dated by SOURCE_DATE_EPOCH, else the last commit).
-    Dist,
+    Dist {
+        /// amd64 (x86_64) or arm64 (aarch64), or both; default: this host's. Another
+        /// architecture's agent is cross-built (static musl, linked by rust-lld).
+        #[arg(long, value_delimiter = ',', value_name = "ARCH")]
+        arch: Vec<String>,
+    },
     /// Build the agent's container image (deploy/Dockerfile, FROM scratch: the static agent
-    /// and the default policy) with buildah, into target/image/keepalive-agent.tar
-    /// (docker-archive, tagged localhost/keepalive-agent:<version>). Pulls nothing.
+    /// and the default policy) with buildah for amd64 and arm64: this host's architecture into
+    /// target/image/keepalive-agent.tar (docker-archive, tagged
+    /// localhost/keepalive-agent:<version>), both as an OCI index into
+    /// target/image/keepalive-agent.oci.tar. Pulls nothing.
     Image {
         /// The repository URL for the org.opencontainers.image.source label (default: the
         /// git remote `origin`, if any, without credentials).
@@ -68,10 +77,12 @@ enum Task {
     /// each test binary in the guests.
     Test {
         /// Where the tests run: `host` (this kernel: unit and privileged tests), a kernel of
-        /// the matrix booted under qemu (`5.10`, `6.1`, `6.12`) with the privileged
+        /// the matrix booted under qemu (`5.10`, `6.1`, `6.12`, and arm64's `arm64-5.10`,
+        /// `arm64-6.1`, `arm64-6.12` with the suite cross-built) with the privileged
         /// integration suite inside, or `systemd` (Debian 12's kernel and systemd as PID 1,
-        /// where the .deb is installed and its unit driven); `all` is the four guests.
-        /// Repeatable or comma-separated.
+        /// where the .deb is installed and its unit driven); `amd64` and `arm64` are an
+        /// architecture's three kernels, `all` is the eight guests. Repeatable or
+        /// comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "host")]
         kernel: Vec<String>,
         /// In the guests, run only these integration test binaries (tests/tests/NAME.rs).
@@ -80,11 +91,12 @@ enum Task {
         #[arg(last = true, value_name = "TEST ARGS")]
         test_args: Vec<String>,
     },
-    /// Boot a kernel of the matrix under qemu (the host's root read-only, pure cgroup v2) and
-    /// run a bash command in this workspace inside it, as root; `systemd` boots with systemd
-    /// as PID 1 and runs the command as a service.
+    /// Boot a kernel of the matrix under qemu (the host's root read-only, pure cgroup v2; an
+    /// arm64 kernel gets Debian 12's arm64 userland over it) and run a bash command in this
+    /// workspace inside it, as root; `systemd` boots with systemd as PID 1 and runs the command
+    /// as a service.
     Vm {
-        /// 5.10, 6.1, 6.12 or systemd.
+        /// 5.10, 6.1, 6.12, arm64-5.10, arm64-6.1, arm64-6.12 or systemd.
         #[arg(long)]
         kernel: String,
         /// The command, run by bash.
@@ -132,7 +144,13 @@ fn run(task: Task) -> anyhow::Result<()> {
     let workspace = workspace_root();
     match task {
         Task::Build => build(&workspace, &Toolchain::ensure()?, Profile::Release).map(drop),
-        Task::Dist => dist::dist(&workspace, &Toolchain::ensure()?).map(drop),
+        Task::Dist { arch } => {
+            let toolchain = Toolchain::ensure()?;
+            for arch in arches(&arch)? {
+                dist::dist(&workspace, &toolchain, arch)?;
+            }
+            Ok(())
+        }
         Task::Image { source } => {
             image::build(&workspace, &Toolchain::ensure()?, source.as_deref()).map(drop)
         }
@@ -181,7 +199,7 @@ fn test(
     let agent = build(workspace, &toolchain, Profile::Debug)?;
     // The host's tests lint, list and install the packages; the systemd guest installs the .deb.
     let packages = if targets.host || targets.systemd {
-        Some(dist::dist(workspace, &toolchain)?)
+        Some(dist::dist(workspace, &toolchain, Arch::host()?)?)
     } else {
         None
     };
@@ -196,7 +214,8 @@ fn test(
             .env("KEEPALIVE_AGENT_BIN", &agent)
             .env("KUBERNETES_VALIDATE", python.kubernetes_validate)
             .env("KUBECTL", python.kubectl)
-            .env("KA_AGENT_IMAGE", image);
+            .env("KA_AGENT_IMAGE", image.host)
+            .env("KA_AGENT_IMAGE_INDEX", image.index);
         if let Some(packages) = &packages {
             tests
                 .env("KA_AGENT_DEB", &packages.deb)
@@ -213,6 +232,7 @@ fn test(
         deb: packages.as_ref().map(|packages| packages.deb.as_path()),
         only,
         libtest_args: test_args,
+        dist: &|arch| dist::dist(workspace, &toolchain, arch),
     };
     vm::test_matrix(
         &matrix,
@@ -250,6 +270,21 @@ fn bench(workspace: &Path, quick: bool, steady: bool) -> anyhow::Result<()> {
         bench.arg("--steady");
     }
     run_status(&mut bench)
+}
+
+/// The architectures named (`amd64`, `arm64`, their `uname -m` names), or the host's.
+fn arches(names: &[String]) -> anyhow::Result<Vec<Arch>> {
+    if names.is_empty() {
+        return Ok(vec![Arch::host()?]);
+    }
+    let mut arches = Vec::new();
+    for name in names {
+        let arch = Arch::parse(name)?;
+        if !arches.contains(&arch) {
+            arches.push(arch);
+        }
+    }
+    Ok(arches)
 }
 
 /// The host requirements (root, kernel, BTF, cgroup v2), as one sentence on failure.

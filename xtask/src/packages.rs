@@ -62,9 +62,9 @@ pub(crate) const STATIC: &[Need] = &[("musl-gcc", "musl-tools")];
 /// What `cargo xtask image` needs: buildah builds the image daemonless.
 pub(crate) const IMAGE: &[Need] = &[("buildah", "buildah")];
 
-/// What `cargo xtask dist` needs besides the packaging crates: strip for the packaged binary,
+/// What `cargo xtask dist` needs besides the packaging crates and the architecture's strip:
 /// gzip (-n, reproducible) for the man pages.
-pub(crate) const DIST: &[Need] = &[("strip", "binutils"), ("gzip", "gzip")];
+pub(crate) const DIST: &[Need] = &[("gzip", "gzip")];
 
 fn present(what: &str) -> bool {
     if what.starts_with('/') {

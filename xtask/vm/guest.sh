@@ -22,6 +22,7 @@ source /ka-vm/env
 # The command itself, with its status left in /ka-vm/status; then power off.
 run_command() {
     cut -d" " -f1 /proc/uptime >/ka-vm/boot-seconds
+    uname -m >/ka-vm/machine
     export KA_VM_OUT=/ka-vm
     local init=$KA_VM_INIT
     [ "$init" = systemd ] && init=$(systemctl --version | head -n1)

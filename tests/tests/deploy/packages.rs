@@ -139,8 +139,9 @@ fn the_deb_holds_the_agent_unit_policy_as_conffile_docs_and_scripts() {
     assert_eq!(
         fields,
         format!(
-            "Package: keepalive-agent\nVersion: {}\nArchitecture: amd64\n",
-            packages::version()
+            "Package: keepalive-agent\nVersion: {}\nArchitecture: {}\n",
+            packages::version(),
+            packages::debian_arch()
         )
     );
     assert_eq!(
@@ -173,7 +174,11 @@ fn the_rpm_holds_the_agent_unit_policy_as_noreplace_config_docs_and_scriptlets()
     let query = |format: &str| stdout(Command::new("rpm").args(["-qp", "--qf", format]).arg(&rpm));
     assert_eq!(
         query("%{NAME} %{VERSION}-%{RELEASE} %{ARCH}"),
-        format!("keepalive-agent {} x86_64", packages::version())
+        format!(
+            "keepalive-agent {} {}",
+            packages::version(),
+            std::env::consts::ARCH
+        )
     );
     let files = query("[%{FILEMODES:perms} %{FILEFLAGS:fflags} %{FILENAMES}\\n]");
     let mut paths: Vec<String> = files
@@ -312,7 +317,11 @@ fn the_rpm_installs_into_a_scratch_root_and_erases_clean() {
     assert_installed_tree(root.path());
     assert_eq!(
         stdout(rpm_in_root().args(["-q", "keepalive-agent"])),
-        format!("keepalive-agent-{}.x86_64\n", packages::version())
+        format!(
+            "keepalive-agent-{}.{}\n",
+            packages::version(),
+            std::env::consts::ARCH
+        )
     );
     let listed = stdout(rpm_in_root().args(["-ql", "keepalive-agent"]));
     for path in packages::expected_files(Format::Rpm) {

@@ -11,34 +11,56 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 
-use crate::cmd::run_status;
+use crate::{arch::Arch, cmd::run_status};
 
-/// A kernel of the matrix: the name users pass to `--kernel` and the Debian suite it comes from.
+/// A kernel of the matrix: the name users pass to `--kernel`, the Debian suite it comes from
+/// and its architecture.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Kernel {
     pub(crate) name: &'static str,
     suite: &'static str,
+    pub(crate) arch: Arch,
 }
 
-/// Amazon Linux 2 (5.10), Debian 12 / AL2023 / COS (6.1), the newer LTS (6.12).
+/// Amazon Linux 2 (5.10), Debian 12 / AL2023 / COS (6.1), the newer LTS (6.12); on x86-64,
+/// then on arm64 (Graviton, Ampere, Cobalt, Axion run the same generations).
 pub(crate) const MATRIX: &[Kernel] = &[
     Kernel {
         name: "5.10",
         suite: "bullseye",
+        arch: Arch::X86_64,
     },
     Kernel {
         name: "6.1",
         suite: "bookworm",
+        arch: Arch::X86_64,
     },
     Kernel {
         name: "6.12",
         suite: "bookworm-backports",
+        arch: Arch::X86_64,
+    },
+    Kernel {
+        name: "arm64-5.10",
+        suite: "bullseye",
+        arch: Arch::Aarch64,
+    },
+    Kernel {
+        name: "arm64-6.1",
+        suite: "bookworm",
+        arch: Arch::Aarch64,
+    },
+    Kernel {
+        name: "arm64-6.12",
+        suite: "bookworm-backports",
+        arch: Arch::Aarch64,
     },
 ];
 
 /// A kernel unpacked in the cache.
 #[derive(Debug, Clone)]
 pub(crate) struct Unpacked {
+    pub(crate) arch: Arch,
     /// `uname -r` of the kernel.
     pub(crate) release: String,
     /// The Debian package version it came from.
@@ -50,7 +72,7 @@ pub(crate) struct Unpacked {
 
 /// Resolves the suite's current kernel, and downloads and unpacks it unless the cache has it.
 pub(crate) fn fetch(kernel: Kernel, cache: &Path) -> anyhow::Result<Unpacked> {
-    let apt = Apt::new(kernel.suite, &cache.join("apt").join(kernel.suite))?;
+    let apt = Apt::new(kernel.suite, kernel.arch, cache)?;
     let package = apt.image_package()?;
     let dir = cache.join(&package);
     let done = dir.join("unpacked");
@@ -68,6 +90,7 @@ pub(crate) fn fetch(kernel: Kernel, cache: &Path) -> anyhow::Result<Unpacked> {
         .to_owned();
     let version = fs::read_to_string(dir.join("version")).unwrap_or_default();
     Ok(Unpacked {
+        arch: kernel.arch,
         vmlinuz: dir.join("root/boot").join(format!("vmlinuz-{release}")),
         modules: dir.join("root/lib/modules").join(&release),
         version: version.trim().to_owned(),
@@ -88,7 +111,7 @@ const SYSTEMD_SUITE: &str = "bookworm-backports";
 
 /// bookworm-backports' systemd unpacked into the cache (once per version): its `root/`.
 pub(crate) fn fetch_systemd(cache: &Path) -> anyhow::Result<PathBuf> {
-    let apt = Apt::new(SYSTEMD_SUITE, &cache.join("apt").join(SYSTEMD_SUITE))?;
+    let apt = Apt::new(SYSTEMD_SUITE, Arch::X86_64, cache)?;
     let version = apt.candidate("systemd")?;
     let dir = cache.join(format!("systemd-{version}"));
     let root = dir.join("root");
@@ -108,6 +131,91 @@ pub(crate) fn fetch_systemd(cache: &Path) -> anyhow::Result<PathBuf> {
             }
         }
         fs::write(&done, "").context("cannot mark systemd unpacked")?;
+    }
+    Ok(root)
+}
+
+/// What a guest of another architecture than the host's runs besides the test binaries: the
+/// programs the suite and `vm/guest.sh` call (bash, ip, ss, nft, conntrack, bpftool, python3,
+/// mount, modprobe for the kernel's module autoloading), with their dependencies; and busybox
+/// for the initramfs.
+const ROOT_PACKAGES: &[&str] = &[
+    "bash",
+    "dash",
+    "coreutils",
+    "util-linux",
+    "mount",
+    "procps",
+    "kmod",
+    "hostname",
+    "findutils",
+    "grep",
+    "sed",
+    "gawk",
+    "tar",
+    "gzip",
+    "libc-bin",
+    "iproute2",
+    "nftables",
+    "conntrack",
+    "bpftool",
+    "python3",
+    // deploy.rs installs the packages.
+    "dpkg",
+    "rpm",
+    "busybox-static",
+];
+const ROOT_SUITE: &str = "bookworm";
+
+/// Debian 12's userland of `arch` unpacked into the cache (once per set of package versions):
+/// [`ROOT_PACKAGES`] and what they depend on, extracted without their maintainer scripts
+/// (which would need the architecture's CPU) into a merged-/usr root. The guest lays it over
+/// the host's root, whose workspace and test binaries then show through.
+pub(crate) fn fetch_root(arch: Arch, cache: &Path) -> anyhow::Result<PathBuf> {
+    let apt = Apt::new(ROOT_SUITE, arch, cache)?;
+    let debs = apt.download_with_dependencies(ROOT_PACKAGES)?;
+    let mut names: Vec<String> = debs
+        .iter()
+        .filter_map(|deb| deb.file_name()?.to_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    let dir = cache.join(format!("root-{ROOT_SUITE}-{}", arch.debian()));
+    let root = dir.join("root");
+    // Lists the packages unpacked: any new version (a point release) unpacks anew.
+    let done = dir.join("unpacked");
+    let unpacked = names.join("\n");
+    if fs::read_to_string(&done).ok().as_deref() != Some(unpacked.as_str()) {
+        let _ignored = fs::remove_dir_all(&dir);
+        fs::create_dir_all(root.join("usr"))
+            .with_context(|| format!("cannot create {}", root.display()))?;
+        eprintln!(
+            "xtask: unpacking Debian {ROOT_SUITE}'s {} userland ({} packages)",
+            arch.debian(),
+            debs.len()
+        );
+        // Merged /usr, as Debian 12 installs it; tar keeps these links.
+        for dir in ["bin", "sbin", "lib"] {
+            fs::create_dir_all(root.join("usr").join(dir))?;
+            std::os::unix::fs::symlink(format!("usr/{dir}"), root.join(dir))
+                .with_context(|| format!("cannot link {dir} in {}", root.display()))?;
+        }
+        // The list in a file: a command line of 150 paths says nothing in the log.
+        let list = dir.join("packages");
+        let paths: Vec<String> = debs.iter().map(|deb| deb.display().to_string()).collect();
+        fs::write(&list, paths.join("\n") + "\n").context("cannot write the package list")?;
+        run_status(
+            Command::new("sh")
+                .arg("-c")
+                .arg(
+                    "while read -r deb; do dpkg-deb --fsys-tarfile \"$deb\" \
+                     | tar -x --keep-directory-symlink -C \"$1\" || exit; done <\"$2\"",
+                )
+                .arg("sh")
+                .arg(&root)
+                .arg(&list),
+        )
+        .context("cannot unpack the guest's userland")?;
+        fs::write(&done, unpacked).context("cannot mark the root unpacked")?;
     }
     Ok(root)
 }
@@ -138,14 +246,21 @@ fn unpack(dir: &Path) -> anyhow::Result<()> {
     fs::remove_file(&deb).context("cannot remove the downloaded package")
 }
 
-/// apt with a sources list of one suite and package lists of its own.
+/// apt with a sources list of one suite and architecture, and package lists of its own.
 #[derive(Debug)]
 struct Apt {
     options: Vec<String>,
+    arch: Arch,
+    state: PathBuf,
 }
 
 impl Apt {
-    fn new(suite: &str, state: &Path) -> anyhow::Result<Self> {
+    /// Its state in `<cache>/apt/<suite>` (x86-64) or `<cache>/apt/<suite>-<arch>`.
+    fn new(suite: &str, arch: Arch, cache: &Path) -> anyhow::Result<Self> {
+        let state = match arch {
+            Arch::X86_64 => cache.join("apt").join(suite),
+            Arch::Aarch64 => cache.join("apt").join(format!("{suite}-{}", arch.debian())),
+        };
         let lists = state.join("lists");
         let archives = state.join("cache/archives");
         let empty = state.join("empty");
@@ -156,7 +271,8 @@ impl Apt {
         fs::write(
             &sources,
             format!(
-                "deb [signed-by={KEYRING}] {} {suite} main\n",
+                "deb [arch={} signed-by={KEYRING}] {} {suite} main\n",
+                arch.debian(),
                 host_mirror()?
             ),
         )?;
@@ -169,8 +285,14 @@ impl Apt {
             option("Dir::State::Lists", &lists),
             option("Dir::Cache", &state.join("cache")),
             "APT::Sandbox::User=root".to_owned(),
+            format!("APT::Architecture={}", arch.debian()),
+            format!("APT::Architectures={}", arch.debian()),
         ];
-        let apt = Self { options };
+        let apt = Self {
+            options,
+            arch,
+            state: state.clone(),
+        };
         run_status(apt.command("apt-get").args(["update", "-qq"]))
             .with_context(|| format!("cannot read Debian {suite}'s package lists"))?;
         Ok(apt)
@@ -184,17 +306,15 @@ impl Apt {
         command
     }
 
-    /// The `linux-image-<release>` that the suite's `linux-image-amd64` depends on.
+    /// The `linux-image-<release>` that the suite's `linux-image-<arch>` depends on.
     fn image_package(&self) -> anyhow::Result<String> {
+        let meta = format!("linux-image-{}", self.arch.debian());
         let out = self
             .command("apt-cache")
-            .args(["depends", "linux-image-amd64"])
+            .args(["depends", &meta])
             .output()
             .context("apt-cache depends")?;
-        ensure!(
-            out.status.success(),
-            "apt-cache depends linux-image-amd64 failed"
-        );
+        ensure!(out.status.success(), "apt-cache depends {meta} failed");
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .find_map(|line| {
@@ -203,7 +323,7 @@ impl Apt {
                     .starts_with("linux-image-")
                     .then(|| package.to_owned())
             })
-            .context("linux-image-amd64 depends on no linux-image package")
+            .with_context(|| format!("{meta} depends on no linux-image package"))
     }
 
     /// The version apt would install of `package` from this suite.
@@ -220,6 +340,41 @@ impl Apt {
             .filter(|version| *version != "(none)")
             .map(str::to_owned)
             .with_context(|| format!("no {package} in this suite"))
+    }
+
+    /// Downloads `packages` and everything they depend on into apt's archive cache, as if
+    /// installing them on an empty system; returns the .deb files.
+    fn download_with_dependencies(&self, packages: &[&str]) -> anyhow::Result<Vec<PathBuf>> {
+        let status = self.state.join("empty-status");
+        fs::write(&status, "").context("cannot write an empty dpkg status")?;
+        // Nothing is installed, and the host's dpkg is not this one: no dpkg state, no lock.
+        let apt_get = || {
+            let mut command = self.command("apt-get");
+            command
+                .arg("-o")
+                .arg(format!("Dir::State::status={}", status.display()))
+                .args(["-o", "Debug::NoLocking=true"]);
+            command
+        };
+        run_status(
+            apt_get()
+                .args(["install", "-qq", "--yes", "--download-only"])
+                .args(["--no-install-recommends"])
+                .args(packages),
+        )
+        .context("cannot download the guest's userland")?;
+        // Earlier versions of these packages go: what is left is what apt just chose.
+        run_status(apt_get().args(["autoclean", "-qq"]))?;
+        let archives = self.state.join("cache/archives");
+        let mut debs: Vec<PathBuf> = fs::read_dir(&archives)
+            .with_context(|| format!("cannot list {}", archives.display()))?
+            .flatten()
+            .map(|entry| entry.path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "deb"))
+            .collect();
+        debs.sort();
+        ensure!(!debs.is_empty(), "apt downloaded no packages");
+        Ok(debs)
     }
 
     fn download(&self, package: &str, into: &Path) -> anyhow::Result<()> {

@@ -15,6 +15,7 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 
 use super::debian::Unpacked;
+use crate::arch::Arch;
 
 const INIT: &str = include_str!("../../vm/init.sh");
 const GUEST: &str = include_str!("../../vm/guest.sh");
@@ -52,9 +53,16 @@ pub(crate) struct Outcome {
 }
 
 /// Boots `kernel` with `init`, runs `command` in `cwd` inside it, and waits at most `deadline`.
-/// `env`: more variables for `vm/guest.sh`.
+/// `env`: more variables for `vm/guest.sh`. `userland`: for a kernel of another architecture
+/// than the host's, a root of that architecture laid over the host's (whose workspace and
+/// test binaries show through).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "each is one thing the guest is made of; a struct would only rename them"
+)]
 pub(crate) fn run(
     kernel: &Unpacked,
+    userland: Option<&Path>,
     init: Init,
     env: &[(&str, &Path)],
     out: &Path,
@@ -62,7 +70,11 @@ pub(crate) fn run(
     command: &str,
     deadline: Duration,
 ) -> anyhow::Result<Outcome> {
-    let initrd = initramfs(kernel)?;
+    let busybox = userland.map_or_else(
+        || PathBuf::from("/bin/busybox"),
+        |root| root.join("usr/bin/busybox"),
+    );
+    let initrd = initramfs(kernel, &busybox)?;
     let _ignored = fs::remove_dir_all(out);
     fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     fs::write(out.join("guest.sh"), GUEST)?;
@@ -82,34 +94,45 @@ pub(crate) fn run(
     fs::write(out.join("env"), vars)?;
 
     let started = Instant::now();
-    let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args([
-        "-accel",
-        "tcg,thread=multi",
-        "-cpu",
-        "max",
-        "-machine",
-        "q35",
-    ])
-    .args(["-smp", "2", "-m", "3G", "-nic", "none", "-no-reboot"])
-    .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
-    .arg("-kernel")
-    .arg(&kernel.vmlinuz)
-    .arg("-initrd")
-    .arg(&initrd)
-    .args([
-        "-append",
-        "console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off",
-    ])
-    .arg("-virtfs")
-    .arg("local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap")
-    .arg("-virtfs")
-    .arg(format!(
-        "local,path={},mount_tag=out,security_model=none",
-        out.display()
-    ))
-    .stdin(Stdio::null());
-    let mut child = qemu.spawn().context("cannot start qemu-system-x86_64")?;
+    let mut qemu = Command::new(qemu_program(kernel.arch));
+    qemu.args(["-accel", "tcg,thread=multi"])
+        .args(machine(kernel.arch))
+        .args(["-smp", "2", "-m", "3G", "-nic", "none", "-no-reboot"])
+        .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
+        .arg("-kernel")
+        .arg(&kernel.vmlinuz)
+        .arg("-initrd")
+        .arg(&initrd)
+        .arg("-append")
+        .arg(format!(
+            "console={} quiet loglevel=3 panic=-1 mitigations=off{}",
+            match kernel.arch {
+                Arch::X86_64 => "ttyS0",
+                Arch::Aarch64 => "ttyAMA0",
+            },
+            if userland.is_some() {
+                " ka_vm_userland"
+            } else {
+                ""
+            }
+        ))
+        .arg("-virtfs")
+        .arg("local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap")
+        .arg("-virtfs")
+        .arg(format!(
+            "local,path={},mount_tag=out,security_model=none",
+            out.display()
+        ))
+        .stdin(Stdio::null());
+    if let Some(root) = userland {
+        qemu.arg("-virtfs").arg(format!(
+            "local,path={},mount_tag=userland,security_model=none,readonly=on,multidevs=remap",
+            root.display()
+        ));
+    }
+    let mut child = qemu
+        .spawn()
+        .with_context(|| format!("cannot start {}", qemu_program(kernel.arch)))?;
     loop {
         if child.try_wait()?.is_some() {
             break;
@@ -136,9 +159,28 @@ pub(crate) fn run(
     })
 }
 
-/// `initrd.gz` beside the kernel: busybox as `/bin/busybox`, `vm/init.sh` as `/init`, the
-/// boot modules (decompressed: busybox's insmod reads plain .ko) and their load order.
-fn initramfs(kernel: &Unpacked) -> anyhow::Result<PathBuf> {
+/// The qemu that emulates `arch`.
+pub(crate) const fn qemu_program(arch: Arch) -> &'static str {
+    match arch {
+        Arch::X86_64 => "qemu-system-x86_64",
+        Arch::Aarch64 => "qemu-system-aarch64",
+    }
+}
+
+/// The emulated machine and CPU.
+const fn machine(arch: Arch) -> [&'static str; 4] {
+    match arch {
+        Arch::X86_64 => ["-machine", "q35", "-cpu", "max"],
+        // Pointer authentication with QEMU's own cheap algorithm: the architected one (QARMA)
+        // costs much of TCG's time.
+        Arch::Aarch64 => ["-machine", "virt", "-cpu", "max,pauth-impdef=on"],
+    }
+}
+
+/// `initrd.gz` beside the kernel: `busybox` (of the kernel's architecture) as `/bin/busybox`,
+/// `vm/init.sh` as `/init`, the boot modules (decompressed: busybox's insmod reads plain .ko)
+/// and their load order.
+fn initramfs(kernel: &Unpacked, busybox: &Path) -> anyhow::Result<PathBuf> {
     let dir = kernel
         .modules
         .ancestors()
@@ -151,10 +193,10 @@ fn initramfs(kernel: &Unpacked) -> anyhow::Result<PathBuf> {
     for sub in ["bin", "modules", "proc", "sys", "dev"] {
         fs::create_dir_all(tree.join(sub))?;
     }
-    let busybox = Path::new("/bin/busybox");
     ensure!(
         busybox.exists(),
-        "/bin/busybox is missing (Debian package busybox-static)"
+        "{} is missing (Debian package busybox-static)",
+        busybox.display()
     );
     fs::copy(busybox, tree.join("bin/busybox")).context("cannot copy busybox")?;
     fs::write(tree.join("init"), INIT)?;

@@ -19,7 +19,7 @@ use anyhow::{Context as _, bail};
 use self::debian::Kernel;
 pub(crate) use self::debian::MATRIX;
 use self::guest::{Init, Systemd};
-use crate::packages;
+use crate::{arch::Arch, packages};
 
 /// What a guest may take before it is stopped: the suite takes about 5 minutes under emulation.
 const SUITE_DEADLINE: Duration = Duration::from_secs(25 * 60);
@@ -48,13 +48,20 @@ pub(crate) struct Targets {
     pub(crate) systemd: bool,
 }
 
-/// `host`, a kernel of the matrix (`5.10`, `6.1`, `6.12`), `systemd`, or `all` (the three
-/// kernels and systemd), any number.
+/// `host`, a kernel of the matrix (`5.10`, `6.1`, `6.12`, `arm64-5.10`, `arm64-6.1`,
+/// `arm64-6.12`), `systemd`, `amd64` or `arm64` (that architecture's three kernels), or `all`
+/// (the six kernels and systemd), any number.
 pub(crate) fn targets(names: &[String]) -> anyhow::Result<Targets> {
     let mut targets = Targets {
         host: false,
         kernels: Vec::new(),
         systemd: false,
+    };
+    let of = |arch: Arch| {
+        MATRIX
+            .iter()
+            .copied()
+            .filter(move |kernel| kernel.arch == arch)
     };
     for name in names {
         match name.as_str() {
@@ -64,11 +71,13 @@ pub(crate) fn targets(names: &[String]) -> anyhow::Result<Targets> {
                 targets.kernels.extend(MATRIX);
                 targets.systemd = true;
             }
+            "amd64" => targets.kernels.extend(of(Arch::X86_64)),
+            "arm64" => targets.kernels.extend(of(Arch::Aarch64)),
             other => match MATRIX.iter().find(|kernel| kernel.name == other) {
                 Some(kernel) => targets.kernels.push(*kernel),
                 None => bail!(
-                    "--kernel {other}: not a kernel of the matrix; use host, all, systemd, or one \
-                     of {}",
+                    "--kernel {other}: not a kernel of the matrix; use host, all, amd64, arm64, \
+                     systemd, or one of {}",
                     MATRIX
                         .iter()
                         .map(|kernel| kernel.name)
@@ -78,8 +87,21 @@ pub(crate) fn targets(names: &[String]) -> anyhow::Result<Targets> {
             },
         }
     }
-    targets.kernels.dedup();
+    let mut seen = Vec::new();
+    targets.kernels.retain(|kernel| {
+        let new = !seen.contains(kernel);
+        seen.push(*kernel);
+        new
+    });
     Ok(targets)
+}
+
+/// The test binaries of one architecture that run in its kernels' guests, and its agent.
+#[derive(Debug)]
+struct Suite {
+    selected: Vec<suite::Binary>,
+    /// The agent, and the packages where they are tested there.
+    env: Vec<(&'static str, PathBuf)>,
 }
 
 /// One guest's run of the suite.
@@ -87,6 +109,8 @@ pub(crate) fn targets(names: &[String]) -> anyhow::Result<Targets> {
 struct Report {
     kernel: Kernel,
     init: Init,
+    /// `uname -m` in the guest.
+    machine: String,
     release: String,
     version: String,
     boot_secs: String,
@@ -108,6 +132,8 @@ pub(crate) struct Matrix<'a> {
     pub(crate) only: &'a [String],
     /// Arguments for each test binary.
     pub(crate) libtest_args: &'a [String],
+    /// `cargo xtask dist` for another architecture, whose guests install its packages.
+    pub(crate) dist: &'a dyn Fn(Arch) -> anyhow::Result<crate::dist::Packages>,
 }
 
 /// Runs the integration suite in a guest of each kernel, then the systemd tests in the systemd
@@ -119,33 +145,81 @@ pub(crate) fn test_matrix(
     systemd: bool,
 ) -> anyhow::Result<()> {
     packages::ensure(PACKAGES)?;
-    let binaries = test_binaries(cargo()?)?;
-    let mut selected = Vec::new();
+    let host = Arch::host()?;
+    let mut suites: Vec<(Arch, Suite)> = Vec::new();
     let mut systemd_tests = Vec::new();
-    for (name, binary) in binaries {
-        if name == SYSTEMD_TESTS {
-            systemd_tests.push((name, binary));
+    for arch in Arch::ALL {
+        let wanted = kernels.iter().any(|kernel| kernel.arch == arch);
+        if !wanted && !(systemd && arch == host) {
             continue;
         }
-        if !matrix.only.is_empty() && !matrix.only.contains(&name) {
-            continue;
+        if arch != host {
+            packages::ensure(&[(guest::qemu_program(arch), "qemu-system-arm")])?;
         }
-        if let Some(reason) = suite::host_only(&name) {
-            if !kernels.is_empty() {
-                eprintln!("xtask: not in the guests: {name}: {reason}");
+        let mut env = Vec::new();
+        if arch == host {
+            env.push(("KEEPALIVE_AGENT_BIN", matrix.agent.to_path_buf()));
+        } else {
+            // Another architecture's guests test what ships: the packages' static agent, and
+            // install the packages.
+            let packages = (matrix.dist)(arch)?;
+            env.push(("KEEPALIVE_AGENT_BIN", packages.agent));
+            env.push(("KA_AGENT_DEB", packages.deb));
+            env.push(("KA_AGENT_RPM", packages.rpm));
+        }
+        let binaries = test_binaries(cargo()?, arch)?;
+        let (package_tests, package_filters) = suite::FOREIGN_PACKAGE_TESTS;
+        let mut selected: Vec<suite::Binary> = Vec::new();
+        for (name, binary) in binaries {
+            if name == SYSTEMD_TESTS {
+                if arch == host {
+                    systemd_tests.push((name, binary, &[][..]));
+                }
+                continue;
             }
-            continue;
+            if !matrix.only.is_empty() && !matrix.only.contains(&name) {
+                continue;
+            }
+            if arch != host && name == package_tests {
+                selected.push((name, binary, package_filters));
+                continue;
+            }
+            let skipped = suite::host_only(&name).or_else(|| {
+                (arch != host)
+                    .then(|| suite::same_on_every_architecture(&name))
+                    .flatten()
+            });
+            if let Some(reason) = skipped {
+                if wanted {
+                    eprintln!(
+                        "xtask: not in the {} guests: {name}: {reason}",
+                        arch.debian()
+                    );
+                }
+                continue;
+            }
+            selected.push((name, binary, &[]));
         }
-        selected.push((name, binary));
+        suites.push((arch, Suite { selected, env }));
     }
-    let mut runs: Vec<(Kernel, Init, String)> = kernels
-        .iter()
-        .map(|kernel| {
-            let env = [("KEEPALIVE_AGENT_BIN", matrix.agent)];
-            let script = suite::script(&selected, &env, matrix.libtest_args);
-            (*kernel, Init::Script, script)
-        })
-        .collect();
+    let suite_of = |arch: Arch| {
+        suites
+            .iter()
+            .find(|(built, _)| *built == arch)
+            .map(|(_, suite)| suite)
+            .context("no test binaries were built for this architecture")
+    };
+    let mut runs: Vec<(Kernel, Init, String)> = Vec::new();
+    for kernel in kernels {
+        let suite = suite_of(kernel.arch)?;
+        let env: Vec<(&str, &Path)> = suite
+            .env
+            .iter()
+            .map(|(name, value)| (*name, value.as_path()))
+            .collect();
+        let script = suite::script(&suite.selected, &env, matrix.libtest_args);
+        runs.push((*kernel, Init::Script, script));
+    }
     if systemd {
         let deb = matrix
             .deb
@@ -163,6 +237,11 @@ pub(crate) fn test_matrix(
     let mut reports = Vec::new();
     for (kernel, init, script) in runs {
         let unpacked = debian::fetch(kernel, &cache)?;
+        let userland = if kernel.arch == host {
+            None
+        } else {
+            Some(debian::fetch_root(kernel.arch, &cache)?)
+        };
         let systemd_root = match init {
             Init::Systemd(Systemd::Backports) => Some(debian::fetch_systemd(&cache)?),
             _ => None,
@@ -179,6 +258,7 @@ pub(crate) fn test_matrix(
         let out = vm_dir(matrix.workspace).join(&label);
         let outcome = guest::run(
             &unpacked,
+            userland.as_deref(),
             init,
             &env,
             &out,
@@ -186,20 +266,22 @@ pub(crate) fn test_matrix(
             &script,
             SUITE_DEADLINE,
         )?;
+        let machine = read(&outcome.out, "machine");
         let (runs, counts) = suite::results(&outcome.out);
         let expected = if matches!(init, Init::Systemd(_)) {
             &systemd_tests
         } else {
-            &selected
+            &suite_of(kernel.arch)?.selected
         };
         let failed_binaries: Vec<String> = expected
             .iter()
-            .filter(|(name, _)| !runs.iter().any(|(ran, rc, _)| ran == name && *rc == 0))
-            .map(|(name, _)| name.clone())
+            .filter(|(name, ..)| !runs.iter().any(|(ran, rc, _)| ran == name && *rc == 0))
+            .map(|(name, ..)| name.clone())
             .collect();
         reports.push(Report {
             kernel,
             init,
+            machine: machine.clone(),
             release: unpacked.release,
             version: unpacked.version,
             boot_secs: read(&outcome.out, "boot-seconds"),
@@ -212,7 +294,10 @@ pub(crate) fn test_matrix(
                     "bookworm-backports' systemd as PID 1".to_owned()
                 }
             },
-            ok: outcome.status == Some(0) && failed_binaries.is_empty(),
+            // A guest of the wrong architecture proves nothing of its own.
+            ok: outcome.status == Some(0)
+                && failed_binaries.is_empty()
+                && machine == kernel.arch.uname(),
             failed_binaries,
         });
         eprintln!("xtask: {label} guest done in {} s", outcome.wall.as_secs());
@@ -252,15 +337,16 @@ fn print_summary(reports: &[Report]) {
 
 fn summary(reports: &[Report]) -> String {
     let mut text = String::from(
-        "\nkernel matrix\n| kernel | release (Debian package) | boot s | suite s | passed | failed | \
-         ignored | kernel features |\n|---|---|---:|---:|---:|---:|---:|---|\n",
+        "\nkernel matrix\n| kernel | machine | release (Debian package) | boot s | suite s | passed | \
+         failed | ignored | kernel features |\n|---|---|---|---:|---:|---:|---:|---:|---|\n",
     );
     let (mut passed, mut failed) = (0, 0);
     for report in reports {
         let _ = writeln!(
             text,
-            "| {} | {} ({}) | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} ({}) | {} | {} | {} | {} | {} | {} |",
             guest_label(report.kernel, report.init),
+            report.machine,
             report.release,
             report.version,
             report.boot_secs,
@@ -275,6 +361,19 @@ fn summary(reports: &[Report]) -> String {
     }
     for (name, reason) in suite::HOST_ONLY {
         let _ = writeln!(text, "not run in the guests: {name}: {reason}");
+    }
+    let foreign = Arch::host().ok();
+    if reports
+        .iter()
+        .any(|report| Some(report.kernel.arch) != foreign)
+    {
+        for (name, reason) in suite::SAME_ON_EVERY_ARCHITECTURE {
+            let _ = writeln!(
+                text,
+                "not run in the guests of another architecture: {name}: {reason} (the same code \
+                 as on x86-64)"
+            );
+        }
     }
     let _ = writeln!(
         text,
@@ -300,9 +399,16 @@ pub(crate) fn run_command(
     packages::ensure(PACKAGES)?;
     let cache = crate::toolchain::cache_dir()?.join("kernels");
     let unpacked = debian::fetch(kernel, &cache)?;
+    let userland = if kernel.arch == Arch::host()? {
+        None
+    } else {
+        packages::ensure(&[(guest::qemu_program(kernel.arch), "qemu-system-arm")])?;
+        Some(debian::fetch_root(kernel.arch, &cache)?)
+    };
     let out = vm_dir(workspace).join(format!("{}-command", guest_label(kernel, init)));
     let outcome = guest::run(
         &unpacked,
+        userland.as_deref(),
         init,
         &[],
         &out,
@@ -323,16 +429,24 @@ pub(crate) fn run_command(
     }
 }
 
-/// The integration test binaries (tests/tests/*.rs), built, by name.
-fn test_binaries(mut cargo: Command) -> anyhow::Result<Vec<(String, PathBuf)>> {
+/// The integration test binaries (tests/tests/*.rs) built for `arch`, by name. Another
+/// architecture's are static musl binaries in the release profile: they share their
+/// dependencies with the static agent `cargo xtask dist` built, and run faster under emulation.
+fn test_binaries(mut cargo: Command, arch: Arch) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    cargo.args([
+        "test",
+        "--locked",
+        "--no-run",
+        "--package",
+        "keepalive-tests",
+    ]);
+    if arch != Arch::host()? {
+        let target = arch.musl_target();
+        crate::toolchain::ensure_target(crate::toolchain::HOST, &target)?;
+        arch.cross_link(&mut cargo)?;
+        cargo.args(["--release", "--target", &target]);
+    }
     let out = cargo
-        .args([
-            "test",
-            "--locked",
-            "--no-run",
-            "--package",
-            "keepalive-tests",
-        ])
         .args(["--tests", "--message-format=json-render-diagnostics"])
         .stderr(std::process::Stdio::inherit())
         .output()

@@ -28,6 +28,53 @@ pub(crate) const HOST_ONLY: &[(&str, &str)] = &[
     ),
 ];
 
+/// What runs in the guests of another architecture than the host's from a binary of
+/// [`HOST_ONLY`]: the tests that install that architecture's packages (cross-built by
+/// `cargo xtask dist --arch`) into scratch roots with its dpkg and rpm, and run its agent.
+pub(crate) const FOREIGN_PACKAGE_TESTS: (&str, &[&str]) = (
+    "deploy",
+    &[
+        "packages::the_deb_installs_into_a_scratch_root",
+        "packages::the_rpm_installs_into_a_scratch_root",
+    ],
+);
+
+/// Test binaries that the guests of another architecture than the host's do not run, with the
+/// reason: what they prove is the agent's own user-space behaviour, the same Rust code on every
+/// architecture, run on the host and in every x86-64 guest; emulation time is CI's budget.
+pub(crate) const SAME_ON_EVERY_ARCHITECTURE: &[(&str, &str)] = &[
+    (
+        "cli",
+        "the command line, man pages and completions the agent prints",
+    ),
+    (
+        "containers",
+        "cgroups followed by pattern as they come and go",
+    ),
+    (
+        "hostile",
+        "input chosen to hurt the agent's parsers, endpoint and queues",
+    ),
+    (
+        "observability",
+        "the metrics endpoint, probes and log formats",
+    ),
+    ("operations", "pins, status, detach and one-sentence errors"),
+    ("under_load", "the agent under reload and restart churn"),
+];
+
+/// The reason `test` does not run in another architecture's guests, if it does not.
+pub(crate) fn same_on_every_architecture(test: &str) -> Option<&'static str> {
+    SAME_ON_EVERY_ARCHITECTURE
+        .iter()
+        .find(|(name, _)| *name == test)
+        .map(|(_, reason)| *reason)
+}
+
+/// Random policies the kernel model's property test tries in each guest (tests/tests/
+/// kernel_model.rs: 256 on the host).
+const GUEST_MODEL_CASES: &str = "64";
+
 /// The reason `test` does not run in the guests, if it does not.
 pub(crate) fn host_only(test: &str) -> Option<&'static str> {
     HOST_ONLY
@@ -36,28 +83,33 @@ pub(crate) fn host_only(test: &str) -> Option<&'static str> {
         .map(|(_, reason)| *reason)
 }
 
+/// A test binary of a guest's suite, and the filters that select some of its tests (all when
+/// empty).
+pub(crate) type Binary = (String, std::path::PathBuf, &'static [&'static str]);
+
 /// A bash script that exports `env`, then runs each test binary one test at a time (the guest
 /// has 2 emulated CPUs), teeing its output to /ka-vm/<name>.log and its exit status to
 /// /ka-vm/results.
-pub(crate) fn script(
-    binaries: &[(String, std::path::PathBuf)],
-    env: &[(&str, &Path)],
-    args: &[String],
-) -> String {
-    let mut script = String::from("set -u\nstatus=0\n");
+pub(crate) fn script(binaries: &[Binary], env: &[(&str, &Path)], args: &[String]) -> String {
+    let mut script = format!("set -u\nstatus=0\nexport KA_MODEL_CASES={GUEST_MODEL_CASES}\n");
     for (name, value) in env {
         let _ = writeln!(script, "export {name}={}", shell_quote(value));
     }
     let extra: Vec<String> = args.iter().map(|arg| shell_quote(Path::new(arg))).collect();
-    for (name, binary) in binaries {
+    for (name, binary, filters) in binaries {
+        let filters: Vec<String> = filters
+            .iter()
+            .map(|filter| shell_quote(Path::new(filter)))
+            .collect();
         let _ = writeln!(
             script,
             "echo 'ka-vm: == {name}'\nstart=$(date +%s)\n\
-             {} --test-threads=1 {} 2>&1 | tee /ka-vm/{name}.log\n\
+             {} --test-threads=1 {} {} 2>&1 | tee /ka-vm/{name}.log\n\
              rc=${{PIPESTATUS[0]}}\n\
              echo \"{name} $rc $(( $(date +%s) - start ))\" >>/ka-vm/results\n\
              [ \"$rc\" = 0 ] || status=1",
             shell_quote(binary),
+            filters.join(" "),
             extra.join(" ")
         );
     }
