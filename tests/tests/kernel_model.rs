@@ -345,12 +345,23 @@ fn check(
     })
 }
 
+/// Random policies per run: 256, or `KA_MODEL_CASES`. The kernel-matrix guests run 64 each
+/// (`cargo xtask test --kernel`): the program is the same bytecode on every kernel, and each
+/// guest proves its kernel verifies and runs it; the host's run explores the 256.
+fn cases() -> u32 {
+    std::env::var("KA_MODEL_CASES").map_or(256, |cases| {
+        cases
+            .parse()
+            .unwrap_or_else(|_| panic!("KA_MODEL_CASES={cases}: not a number of cases"))
+    })
+}
+
 #[test]
 fn kernel_decisions_on_real_connections_equal_the_reference_model() {
     keepalive_tests::require_host();
     let world = std::cell::RefCell::new(World::new());
     let mut runner = TestRunner::new(Config {
-        cases: 256,
+        cases: cases(),
         failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
             "proptest-regressions/kernel_model.txt",
         ))),
