@@ -35,7 +35,7 @@ const VERSION: &str = env!("CARGO_PKG_VERSION");
 const REVISION: &str = "1";
 
 /// Where the packages are.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Packages {
     pub(crate) deb: PathBuf,
     pub(crate) rpm: PathBuf,

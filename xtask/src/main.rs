@@ -196,14 +196,10 @@ fn test(
     }
     packages::ensure(packages::TEST)?;
     let toolchain = Toolchain::ensure()?;
-    let agent = build(workspace, &toolchain, Profile::Debug)?;
-    // The host's tests lint, list and install the packages; the systemd guest installs the .deb.
-    let packages = if targets.host || targets.systemd {
-        Some(dist::dist(workspace, &toolchain, Arch::host()?)?)
-    } else {
-        None
-    };
+    // The host's tests lint, list and install the packages; the guests run their agent.
+    let packages = dist::dist(workspace, &toolchain, Arch::host()?)?;
     if targets.host {
+        let agent = build(workspace, &toolchain, Profile::Debug)?;
         let python = packages::ensure_python_tools(&toolchain::cache_dir()?)?;
         // The tests check the image and run the agent as a container from it.
         let image = image::build(workspace, &toolchain, None)?;
@@ -215,24 +211,26 @@ fn test(
             .env("KUBERNETES_VALIDATE", python.kubernetes_validate)
             .env("KUBECTL", python.kubectl)
             .env("KA_AGENT_IMAGE", image.host)
-            .env("KA_AGENT_IMAGE_INDEX", image.index);
-        if let Some(packages) = &packages {
-            tests
-                .env("KA_AGENT_DEB", &packages.deb)
-                .env("KA_AGENT_RPM", &packages.rpm);
-        }
+            .env("KA_AGENT_IMAGE_INDEX", image.index)
+            .env("KA_AGENT_DEB", &packages.deb)
+            .env("KA_AGENT_RPM", &packages.rpm);
         run_status(&mut as_on_a_fresh_machine(&tests))?;
     }
     if targets.kernels.is_empty() && !targets.systemd {
         return Ok(());
     }
+    let host = Arch::host()?;
     let matrix = vm::Matrix {
         workspace,
-        agent: &agent,
-        deb: packages.as_ref().map(|packages| packages.deb.as_path()),
         only,
         libtest_args: test_args,
-        dist: &|arch| dist::dist(workspace, &toolchain, arch),
+        dist: &|arch| {
+            if arch == host {
+                Ok(packages.clone())
+            } else {
+                dist::dist(workspace, &toolchain, arch)
+            }
+        },
     };
     vm::test_matrix(
         &matrix,

@@ -124,15 +124,12 @@ struct Report {
 /// The guests' part of `cargo xtask test`.
 pub(crate) struct Matrix<'a> {
     pub(crate) workspace: &'a Path,
-    /// The debug agent the suite runs.
-    pub(crate) agent: &'a Path,
-    /// The .deb the systemd guest installs.
-    pub(crate) deb: Option<&'a Path>,
     /// In the kernel guests, just these test binaries (all when empty).
     pub(crate) only: &'a [String],
     /// Arguments for each test binary.
     pub(crate) libtest_args: &'a [String],
-    /// `cargo xtask dist` for another architecture, whose guests install its packages.
+    /// `cargo xtask dist` for an architecture: its guests run the packages' agent, the systemd
+    /// guests install the .deb, another architecture's guests install both packages.
     pub(crate) dist: &'a dyn Fn(Arch) -> anyhow::Result<crate::dist::Packages>,
 }
 
@@ -156,17 +153,13 @@ pub(crate) fn test_matrix(
         if arch != host {
             packages::ensure(&[(guest::qemu_program(arch), "qemu-system-arm")])?;
         }
-        let mut env = Vec::new();
-        if arch == host {
-            env.push(("KEEPALIVE_AGENT_BIN", matrix.agent.to_path_buf()));
-        } else {
-            // Another architecture's guests test what ships: the packages' static agent, and
-            // install the packages.
-            let packages = (matrix.dist)(arch)?;
-            env.push(("KEEPALIVE_AGENT_BIN", packages.agent));
-            env.push(("KA_AGENT_DEB", packages.deb));
-            env.push(("KA_AGENT_RPM", packages.rpm));
-        }
+        // The guests test what ships: the packages' static release agent.
+        let packages = (matrix.dist)(arch)?;
+        let env = vec![
+            ("KEEPALIVE_AGENT_BIN", packages.agent),
+            ("KA_AGENT_DEB", packages.deb),
+            ("KA_AGENT_RPM", packages.rpm),
+        ];
         let binaries = test_binaries(cargo()?, arch)?;
         let (package_tests, package_filters) = suite::FOREIGN_PACKAGE_TESTS;
         let mut selected: Vec<suite::Binary> = Vec::new();
@@ -221,10 +214,12 @@ pub(crate) fn test_matrix(
         runs.push((*kernel, Init::Script, script));
     }
     if systemd {
-        let deb = matrix
-            .deb
-            .context("the systemd guests need the .deb (cargo xtask dist)")?;
-        let env = [("KEEPALIVE_AGENT_BIN", matrix.agent), ("KA_AGENT_DEB", deb)];
+        let suite = suite_of(host)?;
+        let env: Vec<(&str, &Path)> = suite
+            .env
+            .iter()
+            .map(|(name, value)| (*name, value.as_path()))
+            .collect();
         // Its tests are #[ignore]d elsewhere: they need systemd as PID 1.
         let mut args = vec!["--include-ignored".to_owned()];
         args.extend(matrix.libtest_args.iter().cloned());
@@ -367,6 +362,13 @@ fn summary(reports: &[Report]) -> String {
         .iter()
         .any(|report| Some(report.kernel.arch) != foreign)
     {
+        let (name, filters) = suite::FOREIGN_PACKAGE_TESTS;
+        let _ = writeln!(
+            text,
+            "in the guests of another architecture, from {name}: {} (that architecture's \
+             packages)",
+            filters.join(", ")
+        );
         for (name, reason) in suite::SAME_ON_EVERY_ARCHITECTURE {
             let _ = writeln!(
                 text,
@@ -429,23 +431,23 @@ pub(crate) fn run_command(
     }
 }
 
-/// The integration test binaries (tests/tests/*.rs) built for `arch`, by name. Another
-/// architecture's are static musl binaries in the release profile: they share their
-/// dependencies with the static agent `cargo xtask dist` built, and run faster under emulation.
+/// The integration test binaries (tests/tests/*.rs) built for `arch`, by name: static musl
+/// binaries in the release profile, as the agent the packages ship (they share its
+/// dependencies' build, and run two to three times faster under emulation than a debug build).
 fn test_binaries(mut cargo: Command, arch: Arch) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let target = arch.musl_target();
+    crate::toolchain::ensure_target(crate::toolchain::HOST, &target)?;
+    arch.cross_link(&mut cargo)?;
     cargo.args([
         "test",
         "--locked",
         "--no-run",
         "--package",
         "keepalive-tests",
+        "--release",
+        "--target",
+        &target,
     ]);
-    if arch != Arch::host()? {
-        let target = arch.musl_target();
-        crate::toolchain::ensure_target(crate::toolchain::HOST, &target)?;
-        arch.cross_link(&mut cargo)?;
-        cargo.args(["--release", "--target", &target]);
-    }
     let out = cargo
         .args(["--tests", "--message-format=json-render-diagnostics"])
         .stderr(std::process::Stdio::inherit())
