@@ -5,6 +5,8 @@ use std::process::Command;
 
 use anyhow::bail;
 
+use crate::{packages, toolchain};
+
 /// x86-64 or arm64.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Arch {
@@ -66,15 +68,21 @@ impl Arch {
         })
     }
 
-    /// Points cargo at a linker for this target when it is not the host's: rust-lld links a
-    /// static musl binary of another architecture without a cross C toolchain (Debian has no
-    /// aarch64 musl gcc). No dependency of the agent compiles C for the target.
-    pub(crate) fn cross_link(self, cargo: &mut Command) -> anyhow::Result<()> {
+    /// Makes `cargo` (the pinned host toolchain's) build static musl binaries of this
+    /// architecture: installs the target's standard library and musl-tools (should a dependency
+    /// compile C) when missing, passes `--target`, and for another architecture than the host's
+    /// links with rust-lld, which needs no cross C toolchain (Debian has no aarch64 musl gcc;
+    /// no dependency of the agent compiles C for the target). Returns the target.
+    pub(crate) fn static_target(self, cargo: &mut Command) -> anyhow::Result<String> {
+        packages::ensure(packages::STATIC)?;
+        let target = self.musl_target();
+        toolchain::ensure_target(toolchain::HOST, &target)?;
+        cargo.args(["--target", &target]);
         if self != Self::host()? {
-            let triple = self.musl_target().to_uppercase().replace('-', "_");
+            let triple = target.to_uppercase().replace('-', "_");
             cargo.env(format!("CARGO_TARGET_{triple}_LINKER"), "rust-lld");
         }
-        Ok(())
+        Ok(target)
     }
 }
 

@@ -14,12 +14,7 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 
-use crate::{
-    arch::Arch,
-    cmd::run_status,
-    packages, target_dir,
-    toolchain::{self, Toolchain},
-};
+use crate::{arch::Arch, cmd::run_status, packages, target_dir, toolchain::Toolchain};
 
 /// The image's name; the tag is the workspace version.
 pub(crate) const NAME: &str = "localhost/keepalive-agent";
@@ -41,9 +36,6 @@ pub(crate) fn build_static(
     toolchain: &Toolchain,
     arch: Arch,
 ) -> anyhow::Result<PathBuf> {
-    packages::ensure(packages::STATIC)?;
-    let target = arch.musl_target();
-    toolchain::ensure_target(toolchain::HOST, &target)?;
     let mut cargo = crate::cargo(workspace, toolchain)?;
     cargo.args([
         "build",
@@ -51,10 +43,8 @@ pub(crate) fn build_static(
         "--release",
         "--package",
         "keepalive-agent",
-        "--target",
-        &target,
     ]);
-    arch.cross_link(&mut cargo)?;
+    let target = arch.static_target(&mut cargo)?;
     run_status(&mut cargo)?;
     let built = target_dir(workspace)
         .join(&target)
@@ -90,9 +80,9 @@ pub(crate) fn build(
     for arch in Arch::ALL {
         let built = build_static(workspace, toolchain, arch)?;
         // The path deploy/Dockerfile copies from (and .dockerignore lets through).
-        let staged = dir.join(arch.debian()).join("keepalive-agent");
-        fs::create_dir_all(dir.join(arch.debian()))
-            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let stage = dir.join(arch.debian());
+        fs::create_dir_all(&stage).with_context(|| format!("cannot create {}", stage.display()))?;
+        let staged = stage.join("keepalive-agent");
         fs::copy(&built, &staged)
             .with_context(|| format!("cannot copy {} to {}", built.display(), staged.display()))?;
         if arch == host {

@@ -104,6 +104,16 @@ struct Suite {
     env: Vec<(&'static str, PathBuf)>,
 }
 
+impl Suite {
+    /// Its variables as [`suite::script`] takes them.
+    fn env(&self) -> Vec<(&str, &Path)> {
+        self.env
+            .iter()
+            .map(|(name, value)| (*name, value.as_path()))
+            .collect()
+    }
+}
+
 /// One guest's run of the suite.
 #[derive(Debug)]
 struct Report {
@@ -205,21 +215,11 @@ pub(crate) fn test_matrix(
     let mut runs: Vec<(Kernel, Init, String)> = Vec::new();
     for kernel in kernels {
         let suite = suite_of(kernel.arch)?;
-        let env: Vec<(&str, &Path)> = suite
-            .env
-            .iter()
-            .map(|(name, value)| (*name, value.as_path()))
-            .collect();
-        let script = suite::script(&suite.selected, &env, matrix.libtest_args);
+        let script = suite::script(&suite.selected, &suite.env(), matrix.libtest_args);
         runs.push((*kernel, Init::Script, script));
     }
     if systemd {
-        let suite = suite_of(host)?;
-        let env: Vec<(&str, &Path)> = suite
-            .env
-            .iter()
-            .map(|(name, value)| (*name, value.as_path()))
-            .collect();
+        let env = suite_of(host)?.env();
         // Its tests are #[ignore]d elsewhere: they need systemd as PID 1.
         let mut args = vec!["--include-ignored".to_owned()];
         args.extend(matrix.libtest_args.iter().cloned());
@@ -357,10 +357,10 @@ fn summary(reports: &[Report]) -> String {
     for (name, reason) in suite::HOST_ONLY {
         let _ = writeln!(text, "not run in the guests: {name}: {reason}");
     }
-    let foreign = Arch::host().ok();
+    let host = Arch::host().ok();
     if reports
         .iter()
-        .any(|report| Some(report.kernel.arch) != foreign)
+        .any(|report| Some(report.kernel.arch) != host)
     {
         let (name, filters) = suite::FOREIGN_PACKAGE_TESTS;
         let _ = writeln!(
@@ -435,9 +435,6 @@ pub(crate) fn run_command(
 /// binaries in the release profile, as the agent the packages ship (they share its
 /// dependencies' build, and run two to three times faster under emulation than a debug build).
 fn test_binaries(mut cargo: Command, arch: Arch) -> anyhow::Result<Vec<(String, PathBuf)>> {
-    let target = arch.musl_target();
-    crate::toolchain::ensure_target(crate::toolchain::HOST, &target)?;
-    arch.cross_link(&mut cargo)?;
     cargo.args([
         "test",
         "--locked",
@@ -445,9 +442,8 @@ fn test_binaries(mut cargo: Command, arch: Arch) -> anyhow::Result<Vec<(String, 
         "--package",
         "keepalive-tests",
         "--release",
-        "--target",
-        &target,
     ]);
+    arch.static_target(&mut cargo)?;
     let out = cargo
         .args(["--tests", "--message-format=json-render-diagnostics"])
         .stderr(std::process::Stdio::inherit())

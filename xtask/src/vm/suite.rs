@@ -65,10 +65,7 @@ pub(crate) const SAME_ON_EVERY_ARCHITECTURE: &[(&str, &str)] = &[
 
 /// The reason `test` does not run in another architecture's guests, if it does not.
 pub(crate) fn same_on_every_architecture(test: &str) -> Option<&'static str> {
-    SAME_ON_EVERY_ARCHITECTURE
-        .iter()
-        .find(|(name, _)| *name == test)
-        .map(|(_, reason)| *reason)
+    reason(SAME_ON_EVERY_ARCHITECTURE, test)
 }
 
 /// Random policies the kernel model's property test tries in each guest (tests/tests/
@@ -77,8 +74,12 @@ const GUEST_MODEL_CASES: &str = "64";
 
 /// The reason `test` does not run in the guests, if it does not.
 pub(crate) fn host_only(test: &str) -> Option<&'static str> {
-    HOST_ONLY
-        .iter()
+    reason(HOST_ONLY, test)
+}
+
+/// `test`'s reason in a list of (binary, reason).
+fn reason(list: &[(&str, &'static str)], test: &str) -> Option<&'static str> {
+    list.iter()
         .find(|(name, _)| *name == test)
         .map(|(_, reason)| *reason)
 }
