@@ -10,6 +10,7 @@ mod dist;
 mod fuzz;
 mod image;
 mod packages;
+mod suite;
 mod toolchain;
 mod vm;
 
@@ -72,9 +73,10 @@ enum Task {
         agent_args: Vec<String>,
     },
     /// Install what the tests need, then run every test: unit and privileged (as root). On
-    /// the host it also builds the image (as `image` does) for the tests that check it.
-    /// Arguments after `--` go to `cargo test` on the host (e.g. a test name filter) and to
-    /// each test binary in the guests.
+    /// the host it also builds the image (as `image` does) for the tests that check it. The
+    /// privileged suite (tests/tests/suite) is one binary run module by module, each in a
+    /// process of its own. Arguments after `--` go to libtest, for the unit tests and each
+    /// module's run (e.g. a test name filter, `--nocapture`).
     Test {
         /// Where the tests run: `host` (this kernel: unit and privileged tests), a kernel of
         /// the matrix booted under qemu (`5.10`, `6.1`, `6.12`, and arm64's `arm64-5.10`,
@@ -85,7 +87,7 @@ enum Task {
         /// comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "host")]
         kernel: Vec<String>,
-        /// In the guests, run only these integration test binaries (tests/tests/NAME.rs).
+        /// Run only these modules of the suite (tests/tests/suite/NAME.rs), and no unit tests.
         #[arg(long, value_name = "NAME", value_delimiter = ',')]
         only: Vec<String>,
         #[arg(last = true, value_name = "TEST ARGS")]
@@ -203,18 +205,47 @@ fn test(
         let python = packages::ensure_python_tools(&toolchain::cache_dir()?)?;
         // The tests check the image and run the agent as a container from it.
         let image = image::build(workspace, &toolchain, None)?;
-        let mut tests = cargo(workspace, &toolchain)?;
-        tests
-            .args(["test", "--locked", "--no-fail-fast"])
-            .args(test_args)
-            .env("KEEPALIVE_AGENT_BIN", &agent)
-            .env("KUBERNETES_VALIDATE", python.kubernetes_validate)
-            .env("KUBECTL", python.kubectl)
-            .env("KA_AGENT_IMAGE", image.host)
-            .env("KA_AGENT_IMAGE_INDEX", image.index)
-            .env("KA_AGENT_DEB", &packages.deb)
-            .env("KA_AGENT_RPM", &packages.rpm);
-        run_status(&mut as_on_a_fresh_machine(&tests))?;
+        // Unit tests: every crate's library and binaries (the suite alone needs root).
+        if only.is_empty() {
+            let mut units = cargo(workspace, &toolchain)?;
+            units
+                .args([
+                    "test",
+                    "--locked",
+                    "--no-fail-fast",
+                    "--lib",
+                    "--bins",
+                    "--",
+                ])
+                .args(test_args);
+            run_status(&mut units)?;
+        }
+        let mut build_suite = cargo(workspace, &toolchain)?;
+        build_suite.arg("test");
+        let suite_binary = suite::build(build_suite)?;
+        let modules = suite::modules(workspace)?;
+        let mut failed = Vec::new();
+        for module in suite::select(only, &modules)? {
+            eprintln!("xtask: suite: {module}");
+            let mut tests = Command::new(&suite_binary);
+            tests
+                .args(suite::only(&module, &modules))
+                .args(test_args)
+                .current_dir(workspace.join("tests"))
+                .env("KEEPALIVE_AGENT_BIN", &agent)
+                .env("KUBERNETES_VALIDATE", &python.kubernetes_validate)
+                .env("KUBECTL", &python.kubectl)
+                .env("KA_AGENT_IMAGE", &image.host)
+                .env("KA_AGENT_IMAGE_INDEX", &image.index)
+                .env("KA_AGENT_DEB", &packages.deb)
+                .env("KA_AGENT_RPM", &packages.rpm);
+            if run_status(&mut as_on_a_fresh_machine(&tests)).is_err() {
+                failed.push(module);
+            }
+        }
+        if !failed.is_empty() {
+            anyhow::bail!("the suite failed on the host: {}", failed.join(", "));
+        }
     }
     if targets.kernels.is_empty() && !targets.systemd {
         return Ok(());

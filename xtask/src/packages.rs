@@ -36,7 +36,7 @@ pub(crate) const TEST: &[Need] = &[
     ("bash", "bash"),
     // The LD_PRELOAD peer the benchmark compares against.
     ("/usr/lib/libkeepalive.so", "libkeepalive0"),
-    // Real container engines for tests/tests/engines.rs (started by the tests, state in
+    // Real container engines for tests/tests/suite/engines.rs (started by the tests, state in
     // temporary directories); images are imported from a busybox-static rootfs.
     ("dockerd", "docker.io"),
     ("containerd", "containerd"),
@@ -45,7 +45,7 @@ pub(crate) const TEST: &[Need] = &[
     ("podman", "podman"),
     ("/bin/busybox", "busybox-static"),
     // The packages `cargo xtask dist` makes are linted, listed and installed into scratch
-    // roots (tests/tests/deploy.rs).
+    // roots (tests/tests/suite/deploy.rs).
     ("lintian", "lintian"),
     ("rpmlint", "rpmlint"),
     ("rpm", "rpm"),

@@ -37,7 +37,8 @@ pub(crate) const PACKAGES: &[packages::Need] = &[
 /// The systemd guest's kernel: Debian 12's, as the systemd of the host root (252) is.
 const SYSTEMD_KERNEL: Kernel = MATRIX[1];
 
-/// The test binary (tests/tests/systemd.rs) that runs in the systemd guest, and only there.
+/// The suite's module (tests/tests/suite/systemd.rs) that runs in the systemd guest, and only
+/// there.
 const SYSTEMD_TESTS: &str = "systemd";
 
 /// Where the tests run: this host, guests of the matrix, the systemd guest.
@@ -96,10 +97,10 @@ pub(crate) fn targets(names: &[String]) -> anyhow::Result<Targets> {
     Ok(targets)
 }
 
-/// The test binaries of one architecture that run in its kernels' guests, and its agent.
+/// The suite's modules that run in the guests of one architecture's kernels, and its agent.
 #[derive(Debug)]
 struct Suite {
-    selected: Vec<suite::Binary>,
+    selected: Vec<suite::Run>,
     /// The agent, and the packages where they are tested there.
     env: Vec<(&'static str, PathBuf)>,
 }
@@ -126,7 +127,7 @@ struct Report {
     boot_secs: String,
     suite_secs: u64,
     counts: suite::Counts,
-    failed_binaries: Vec<String>,
+    failed_modules: Vec<String>,
     features: String,
     ok: bool,
 }
@@ -134,9 +135,9 @@ struct Report {
 /// The guests' part of `cargo xtask test`.
 pub(crate) struct Matrix<'a> {
     pub(crate) workspace: &'a Path,
-    /// In the kernel guests, just these test binaries (all when empty).
+    /// Just these modules of the suite (all when empty).
     pub(crate) only: &'a [String],
-    /// Arguments for each test binary.
+    /// libtest's arguments for each module's run.
     pub(crate) libtest_args: &'a [String],
     /// `cargo xtask dist` for an architecture: its guests run the packages' agent, the systemd
     /// guests install the .deb, another architecture's guests install both packages.
@@ -153,6 +154,7 @@ pub(crate) fn test_matrix(
 ) -> anyhow::Result<()> {
     packages::ensure(PACKAGES)?;
     let host = Arch::host()?;
+    let modules = crate::suite::modules(matrix.workspace)?;
     let mut suites: Vec<(Arch, Suite)> = Vec::new();
     let mut systemd_tests = Vec::new();
     for arch in Arch::ALL {
@@ -170,13 +172,15 @@ pub(crate) fn test_matrix(
             ("KA_AGENT_DEB", packages.deb),
             ("KA_AGENT_RPM", packages.rpm),
         ];
-        let binaries = test_binaries(cargo()?, arch)?;
+        let binary = suite_binary(cargo()?, arch)?;
         let (package_tests, package_filters) = suite::FOREIGN_PACKAGE_TESTS;
-        let mut selected: Vec<suite::Binary> = Vec::new();
-        for (name, binary) in binaries {
+        let mut selected: Vec<suite::Run> = Vec::new();
+        for name in &modules {
+            let mut args = crate::suite::only(name, &modules);
+            let name = name.clone();
             if name == SYSTEMD_TESTS {
                 if arch == host {
-                    systemd_tests.push((name, binary, &[][..]));
+                    systemd_tests.push((name, binary.clone(), args));
                 }
                 continue;
             }
@@ -184,7 +188,8 @@ pub(crate) fn test_matrix(
                 continue;
             }
             if arch != host && name == package_tests {
-                selected.push((name, binary, package_filters));
+                args.extend(package_filters.iter().map(|filter| (*filter).to_owned()));
+                selected.push((name, binary.clone(), args));
                 continue;
             }
             let skipped = suite::host_only(&name).or_else(|| {
@@ -201,7 +206,7 @@ pub(crate) fn test_matrix(
                 }
                 continue;
             }
-            selected.push((name, binary, &[]));
+            selected.push((name, binary.clone(), args));
         }
         suites.push((arch, Suite { selected, env }));
     }
@@ -210,7 +215,7 @@ pub(crate) fn test_matrix(
             .iter()
             .find(|(built, _)| *built == arch)
             .map(|(_, suite)| suite)
-            .context("no test binaries were built for this architecture")
+            .context("the suite was not built for this architecture")
     };
     let mut runs: Vec<(Kernel, Init, String)> = Vec::new();
     for kernel in kernels {
@@ -268,7 +273,7 @@ pub(crate) fn test_matrix(
         } else {
             &suite_of(kernel.arch)?.selected
         };
-        let failed_binaries: Vec<String> = expected
+        let failed_modules: Vec<String> = expected
             .iter()
             .filter(|(name, ..)| !runs.iter().any(|(ran, rc, _)| ran == name && *rc == 0))
             .map(|(name, ..)| name.clone())
@@ -291,9 +296,9 @@ pub(crate) fn test_matrix(
             },
             // A guest of the wrong architecture proves nothing of its own.
             ok: outcome.status == Some(0)
-                && failed_binaries.is_empty()
+                && failed_modules.is_empty()
                 && machine == kernel.arch.uname(),
-            failed_binaries,
+            failed_modules,
         });
         eprintln!("xtask: {label} guest done in {} s", outcome.wall.as_secs());
     }
@@ -303,10 +308,10 @@ pub(crate) fn test_matrix(
             "the suite failed in the {} guest ({}): {}",
             guest_label(failed.kernel, failed.init),
             failed.release,
-            if failed.failed_binaries.is_empty() {
+            if failed.failed_modules.is_empty() {
                 "the guest did not report".to_owned()
             } else {
-                failed.failed_binaries.join(", ")
+                failed.failed_modules.join(", ")
             }
         );
     }
@@ -431,49 +436,13 @@ pub(crate) fn run_command(
     }
 }
 
-/// The integration test binaries (tests/tests/*.rs) built for `arch`, by name: static musl
-/// binaries in the release profile, as the agent the packages ship (they share its
-/// dependencies' build, and run two to three times faster under emulation than a debug build).
-fn test_binaries(mut cargo: Command, arch: Arch) -> anyhow::Result<Vec<(String, PathBuf)>> {
-    cargo.args([
-        "test",
-        "--locked",
-        "--no-run",
-        "--package",
-        "keepalive-tests",
-        "--release",
-    ]);
+/// The integration suite built for `arch`: a static musl binary in the release profile, as the
+/// agent the packages ship (they share its dependencies' build, and it runs two to three times
+/// faster under emulation than a debug build).
+fn suite_binary(mut cargo: Command, arch: Arch) -> anyhow::Result<PathBuf> {
+    cargo.args(["test", "--release"]);
     arch.static_target(&mut cargo)?;
-    let out = cargo
-        .args(["--tests", "--message-format=json-render-diagnostics"])
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("cannot build the test binaries")?;
-    if !out.status.success() {
-        bail!("building the test binaries failed");
-    }
-    let mut binaries = Vec::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        let target = &message["target"];
-        let is_test = target["kind"]
-            .as_array()
-            .is_some_and(|kinds| kinds.iter().any(|kind| kind == "test"));
-        if let (true, Some(name), Some(path)) = (
-            is_test,
-            target["name"].as_str(),
-            message["executable"].as_str(),
-        ) {
-            binaries.push((name.to_owned(), PathBuf::from(path)));
-        }
-    }
-    binaries.sort();
-    if binaries.is_empty() {
-        bail!("cargo built no integration test binaries");
-    }
-    Ok(binaries)
+    crate::suite::build(cargo)
 }
 
 fn vm_dir(workspace: &Path) -> PathBuf {

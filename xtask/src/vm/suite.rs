@@ -1,12 +1,12 @@
-//! The privileged integration suite inside a guest: which test binaries run there, which do
+//! The privileged integration suite inside a guest: which of its modules run there, which do
 //! not and why, the script that runs them, and what their output says.
 
 use std::{fmt::Write as _, fs, path::Path};
 
 use super::guest::shell_quote;
 
-/// Test binaries (tests/tests/<name>.rs) that do not run in the guests, with the reason. Every
-/// other one runs, whole.
+/// Modules of the suite (tests/tests/suite/<name>.rs) that do not run in the guests, with the
+/// reason. Every other one runs, whole.
 pub(crate) const HOST_ONLY: &[(&str, &str)] = &[
     (
         "deploy",
@@ -28,7 +28,7 @@ pub(crate) const HOST_ONLY: &[(&str, &str)] = &[
     ),
 ];
 
-/// What runs in the guests of another architecture than the host's from a binary of
+/// What runs in the guests of another architecture than the host's from a module of
 /// [`HOST_ONLY`]: the tests that install that architecture's packages (cross-built by
 /// `cargo xtask dist --arch`) into scratch roots with its dpkg and rpm, and run its agent.
 pub(crate) const FOREIGN_PACKAGE_TESTS: (&str, &[&str]) = (
@@ -39,7 +39,7 @@ pub(crate) const FOREIGN_PACKAGE_TESTS: (&str, &[&str]) = (
     ],
 );
 
-/// Test binaries that the guests of another architecture than the host's do not run, with the
+/// Modules that the guests of another architecture than the host's do not run, with the
 /// reason: what they prove is the agent's own user-space behaviour, the same Rust code on every
 /// architecture, run on the host and in every x86-64 guest; emulation time is CI's budget.
 pub(crate) const SAME_ON_EVERY_ARCHITECTURE: &[(&str, &str)] = &[
@@ -68,7 +68,7 @@ pub(crate) fn same_on_every_architecture(test: &str) -> Option<&'static str> {
     reason(SAME_ON_EVERY_ARCHITECTURE, test)
 }
 
-/// Random policies the kernel model's property test tries in each guest (tests/tests/
+/// Random policies the kernel model's property test tries in each guest (tests/tests/suite/
 /// kernel_model.rs: 256 on the host).
 const GUEST_MODEL_CASES: &str = "64";
 
@@ -77,27 +77,27 @@ pub(crate) fn host_only(test: &str) -> Option<&'static str> {
     reason(HOST_ONLY, test)
 }
 
-/// `test`'s reason in a list of (binary, reason).
+/// `test`'s reason in a list of (module, reason).
 fn reason(list: &[(&str, &'static str)], test: &str) -> Option<&'static str> {
     list.iter()
         .find(|(name, _)| *name == test)
         .map(|(_, reason)| *reason)
 }
 
-/// A test binary of a guest's suite, and the filters that select some of its tests (all when
-/// empty).
-pub(crate) type Binary = (String, std::path::PathBuf, &'static [&'static str]);
+/// A module of a guest's suite: its name, the suite's binary, and the arguments that run it
+/// (the other modules skipped, and filters where only some of its tests run).
+pub(crate) type Run = (String, std::path::PathBuf, Vec<String>);
 
-/// A bash script that exports `env`, then runs each test binary one test at a time (the guest
-/// has 2 emulated CPUs), teeing its output to /ka-vm/<name>.log and its exit status to
+/// A bash script that exports `env`, then runs each module one test at a time (the guest has 2
+/// emulated CPUs), teeing its output to /ka-vm/<name>.log and its exit status to
 /// /ka-vm/results.
-pub(crate) fn script(binaries: &[Binary], env: &[(&str, &Path)], args: &[String]) -> String {
+pub(crate) fn script(runs: &[Run], env: &[(&str, &Path)], args: &[String]) -> String {
     let mut script = format!("set -u\nstatus=0\nexport KA_MODEL_CASES={GUEST_MODEL_CASES}\n");
     for (name, value) in env {
         let _ = writeln!(script, "export {name}={}", shell_quote(value));
     }
     let extra: Vec<String> = args.iter().map(|arg| shell_quote(Path::new(arg))).collect();
-    for (name, binary, filters) in binaries {
+    for (name, binary, filters) in runs {
         let filters: Vec<String> = filters
             .iter()
             .map(|filter| shell_quote(Path::new(filter)))
@@ -126,7 +126,7 @@ pub(crate) struct Counts {
     pub(crate) ignored: u32,
 }
 
-/// Per binary: (name, exit status, seconds), and the totals of its log.
+/// Per module: (name, exit status, seconds), and the totals of its log.
 pub(crate) fn results(out: &Path) -> (Vec<(String, i32, u64)>, Counts) {
     let mut runs = Vec::new();
     let mut counts = Counts::default();

@@ -1,6 +1,5 @@
 //! The policy engine against the real kernel as the policy changes: applications that try to
 //! undo it, connections that already existed, new cgroups followed, and reloads under load.
-#![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 
 use keepalive_common::{
     Outcome, Stage,

@@ -4,7 +4,6 @@
 //! token and the image is the one `cargo xtask image` tags; the
 //! systemd unit passes systemd-analyze verify and holds its security exposure to a threshold;
 //! the packages `cargo xtask dist` makes (`packages`).
-#![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 
 #[path = "deploy/packages.rs"]
 mod packages;

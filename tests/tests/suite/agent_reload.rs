@@ -1,6 +1,5 @@
 //! The agent binary with a policy file: live reloads on change and on SIGHUP, bad files
 //! refused with the running policy kept, and `check`.
-#![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 
 use std::{
     fs,
@@ -121,7 +120,7 @@ fn file_changes_reload_live_and_bad_files_leave_the_running_policy() {
 fn check_validates_without_loading_and_names_file_line_field_and_range() {
     let dir = TempDir::new();
     let good = dir.join("good.toml");
-    fs::write(&good, include_str!("../../examples/policy.toml")).unwrap();
+    fs::write(&good, include_str!("../../../examples/policy.toml")).unwrap();
     let out = succeeds(
         Command::new(agent_bin())
             .args(["check", "--config"])

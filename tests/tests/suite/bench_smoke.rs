@@ -1,6 +1,5 @@
 //! `cargo xtask bench --quick` end to end: every measurement step runs and the three reports
 //! are written. The figures of a quick run mean nothing and are not asserted.
-#![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 
 use std::fs;
 

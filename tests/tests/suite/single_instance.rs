@@ -1,7 +1,6 @@
 //! One agent per set of pins, and enforcement that heals: a second `run` is refused and names
 //! the first, `--take-over` hands over without a gap, a SIGKILLed agent's successor starts,
 //! `detach` stops a running agent first, and what someone else removes or replaces comes back.
-#![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 #![expect(clippy::print_stderr, reason = "the closing note's figures")]
 
 use std::{

@@ -1,7 +1,6 @@
 //! The article's promise on a network of our own: two namespaces joined by a veth pair, a
 //! client in the enforced cgroup beside a plain one, and a server that later vanishes without
 //! a word: the enforced client learns it, the plain one waits forever.
-#![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,6 @@
 //! cgroups and network namespaces: some whose application set keepalive itself, some without,
 //! IPv4 and IPv6. Scan's values must be what getsockopt reads on each socket, its rule what
 //! `Policy::decide` says, and explain's rule the one the running agent counts.
-#![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 
 use std::{
     collections::HashMap,
@@ -386,7 +385,7 @@ fn without_the_rights_scan_says_what_it_could_not_read() {
 /// Scan time for many connections: `KA_SCAN_CONNECTIONS` (default 10,000) loopback
 /// connections, both ends held by processes of 5,000 connections each (the host's hard
 /// descriptor limit is 20,000 per process). Run by hand:
-/// `cargo xtask test -- --test scan -- --ignored --nocapture scan_time`.
+/// `cargo xtask test --only scan -- --ignored --nocapture scan_time`.
 #[test]
 #[ignore = "a measurement, run by hand"]
 #[expect(

@@ -1,7 +1,6 @@
 //! Connections that existed before the policy, reached by both paths: the TCP iterator program
 //! in the kernel (from 5.15) and descriptors (pidfd_getfd, every kernel). Each connection is
 //! read back from the kernel; the two paths must leave the same values.
-#![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 
 use std::time::Duration;
 

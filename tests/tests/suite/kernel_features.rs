@@ -2,7 +2,6 @@
 //! known to offer. The agent decides by loading (the verifier's answer); this test holds that
 //! answer to the kernel's release, so a program that stops loading on a kernel that should
 //! take it fails here instead of quietly running without the lock.
-#![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 
 use keepalive_common::{Stage, host::parse_kernel_version};
 use keepalive_tests::{load_enforcer, require_host};

@@ -1,7 +1,6 @@
 //! The command line as an operator meets it: the man pages and shell completions generated
 //! from it (rendered by `man`, driven through bash's completion machinery), `--version`, the
 //! `KEEPALIVE_AGENT_*` environment fallbacks and the typed options. Needs no root.
-#![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 
 use std::{
     fs,

@@ -1,7 +1,6 @@
 //! The agent binary under load and churn: 20,000 connections from several processes while the
 //! policy is reloaded over and over, while the agent is SIGKILLed and restarted, and thousands
 //! of short-lived cgroups that must leave nothing behind.
-#![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 
 use std::{collections::BTreeMap, fs, path::Path, time::Duration};
 

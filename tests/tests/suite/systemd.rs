@@ -8,7 +8,6 @@
 //! drop-in (Type=notify, ExecReload=kill -HUP): `systemctl start` waits for READY=1, and
 //! `systemctl reload` returns once the signal is sent. From 253 the unit is notify-reload, and
 //! reload returns once the agent has applied the policy.
-#![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 
 use std::{
     fs,

@@ -2,7 +2,6 @@
 //! endpoint past the descriptor limit, a burst of cgroups past inotify's queue, cgroup names
 //! built against the pattern matcher, and probes and signals during a sweep of 30,000
 //! existing connections.
-#![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 #![expect(clippy::print_stderr, reason = "the closing note's figures")]
 
 use std::{

@@ -3,7 +3,6 @@
 //! end of each connection the values the kernel gave it (getsockopt) and the counter it
 //! bumped must be what `Policy::decide` says. Shrunk counterexamples are kept in
 //! `proptest-regressions/kernel_model.txt` and replayed first on every run.
-#![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 
 use std::{
     net::{IpAddr, TcpStream},

@@ -1,4 +1,4 @@
-//! The .deb and the .rpm `cargo xtask dist` made (part of the `deploy` test binary): lintian and
+//! The .deb and the .rpm `cargo xtask dist` made (the suite's `deploy` module): lintian and
 //! rpmlint find no error, every warning left is explained below; each package holds exactly
 //! the files it must, the policy as a configuration file kept on upgrade, the maintainer
 //! scripts of deploy/packaging; each installs into a scratch root and removes cleanly.

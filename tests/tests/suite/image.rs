@@ -3,7 +3,6 @@
 //! else; the agent in it runs, and enforces on new and existing connections; the OCI index
 //! (env `KA_AGENT_IMAGE_INDEX`) gives amd64 and arm64 each its own. (Running it as a container
 //! is the engines' tests' part.)
-#![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 
 use std::{fs, process::Command, time::Duration};
 

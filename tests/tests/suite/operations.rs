@@ -1,6 +1,5 @@
 //! Operating the agent binary: pinned state across SIGKILL and restarts, `status`, `detach`,
 //! and one-sentence errors.
-#![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 
 use std::{process::Command, time::Duration};
 

@@ -1,7 +1,6 @@
 //! The policy engine against the real kernel: each match key, each mode and precedence.
 //! Changes of policy, connections that already existed and applications that try to undo the
 //! policy are in `policy_changes.rs`.
-#![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 
 use keepalive_agent::enforcer::features;
 use keepalive_common::{Outcome, Stage};

@@ -2,7 +2,6 @@
 //! missing, unreadable, directory and world-writable ones) gets one clear error from `check`,
 //! is refused by a running agent with its policy untouched, and nothing panics. The agent's
 //! pins are root's alone, and its metrics listen on loopback unless told otherwise.
-#![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 
 use std::{
     fs,

@@ -1,7 +1,6 @@
 //! The real program in the running kernel, attached to a throwaway cgroup; workloads are child
 //! processes in that cgroup, inside a fresh network namespace; results are read back from the
 //! kernel (getsockopt through pidfd_getfd, `ss -tno`).
-#![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 
 use std::time::Duration;
 

@@ -1,7 +1,6 @@
 //! Real container engines (dockerd, containerd, podman), started by the tests: rules keyed by
 //! container labels, resolved by the agent through the engines' APIs, hold on the sockets of
 //! real containers, read back from the containers' own processes.
-#![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 
 use std::{path::PathBuf, time::Duration};
 

@@ -1,7 +1,6 @@
 //! The article's firewall: client - router - server, the router a stateful firewall that only
 //! lets tracked flows through and forgets a flow after a few idle seconds. Unmodified clients
 //! (no setsockopt) keep their idle connection through it with the agent and lose it without.
-#![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 
 use std::time::Duration;
 

@@ -1,7 +1,6 @@
 //! Container hosts: cgroups chosen by pattern, followed as they come and go, and the unified
 //! cgroup v2 layout (this machine is hybrid; the agent gets a mount namespace where cgroup2 is
 //! at /sys/fs/cgroup).
-#![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 #![expect(clippy::print_stderr, reason = "the measurement's figures")]
 
 use std::time::{Duration, Instant};

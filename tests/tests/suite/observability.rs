@@ -1,6 +1,5 @@
 //! What an operator sees: the Prometheus endpoint (checked by promtool on a real scrape),
 //! probes, JSON logs, and systemd readiness.
-#![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
 
 use std::{
     io::Write as _,
