@@ -13,7 +13,6 @@ pub mod existing;
 pub mod instance;
 pub mod logs;
 pub mod metrics;
-pub mod missing;
 pub mod notify;
 pub mod plan;
 pub mod policy;
@@ -21,6 +20,7 @@ pub mod snapshot;
 pub mod sockopt;
 pub mod state;
 pub mod watch;
+pub mod without_keepalive;
 
 pub use cgroup::Cgroup;
 pub use enforcer::{Counters, Enforcer, Outcomes, ProgramStats};

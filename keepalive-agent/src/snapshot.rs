@@ -101,7 +101,7 @@ pub struct AgentTelemetry {
     pub programs: Vec<ProgramRuns>,
     /// The last count of connections without keepalive, per enforced scope (None: not
     /// counted yet, or never: `--missing-interval 0`).
-    pub missing_keepalive: Option<BTreeMap<String, crate::missing::Count>>,
+    pub missing_keepalive: Option<BTreeMap<String, crate::without_keepalive::Count>>,
 }
 
 /// The kernel's accounting of one of the agent's programs (with `--program-stats`).

@@ -1,4 +1,4 @@
-//! The agent's engine: it owns the enforcer and the state and handles typed [`Event`]s, one
+//! The agent: it owns the enforcer and the state and handles typed [`Event`]s, one
 //! batch at a time, on a thread of its own, and checks its attachments when none came for the
 //! enforcer's health interval (its own timeout: an idle agent wakes one thread about twice a
 //! second).
@@ -8,7 +8,6 @@
 //! sweep of existing connections runs on a third thread.
 
 mod config;
-mod containers;
 mod events;
 mod reload;
 
@@ -41,7 +40,7 @@ use crate::{
 /// covered are taken together by the next batch anyway).
 const SETTLE_CGROUPS: Duration = Duration::from_millis(2);
 
-/// The engine.
+/// The agent: the enforcer, the state, and what it follows.
 #[derive(Debug)]
 pub struct Agent {
     enforcer: Enforcer,
@@ -102,6 +101,40 @@ impl Agent {
     pub fn with_containers(mut self, inventory: crate::containers::Inventory) -> Self {
         self.containers = inventory;
         self
+    }
+
+    /// Remembers `policy` as read and returns it with its container rules resolved against the
+    /// containers known now.
+    fn resolve(&mut self, policy: &Policy) -> Policy {
+        self.unresolved = Some(policy.clone());
+        self.containers.resolve(policy)
+    }
+
+    /// Containers started, stopped or changed: applies the policy again if a rule now
+    /// resolves to other cgroups.
+    fn follow_containers(&mut self) {
+        let (Some(unresolved), Some(current)) = (&self.unresolved, self.enforcer.policy()) else {
+            return;
+        };
+        let resolved = self.containers.resolve(unresolved);
+        if current == &resolved {
+            return;
+        }
+        crate::containers::log_changes(current, &resolved);
+        match self.enforcer.apply_later(&resolved) {
+            Ok((applied, sweep)) => {
+                if let Some(state) = &mut self.state {
+                    let fresh = State::new(&resolved, &self.config.source(), applied.generation);
+                    state.applied_at = fresh.applied_at;
+                    state.rules = fresh.rules;
+                }
+                self.applied_again(&applied, sweep);
+            }
+            Err(failed) => error!(
+                error = format!("{failed:#}"),
+                "cannot apply the policy to the containers' cgroups"
+            ),
+        }
     }
 
     /// Applies the first policy, then handles events until one says stop.

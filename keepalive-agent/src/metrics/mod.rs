@@ -38,7 +38,7 @@ pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
 const MIN_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
-/// What the engine shares with the endpoint.
+/// What the agent shares with the endpoint.
 #[derive(Debug, Clone, Default)]
 pub struct Telemetry {
     /// The state of the policy in force (None until the first apply: not ready).
@@ -55,8 +55,9 @@ pub struct Telemetry {
     pub watch_overflows: u64,
     /// Whether the last reload applied (or kept) a policy; false after a refused one.
     pub last_reload_ok: bool,
-    /// The last count of connections without keepalive per scope ([`crate::missing`]).
-    pub missing_keepalive: Option<std::collections::BTreeMap<String, crate::missing::Count>>,
+    /// The last count of connections without keepalive per scope ([`crate::without_keepalive`]).
+    pub missing_keepalive:
+        Option<std::collections::BTreeMap<String, crate::without_keepalive::Count>>,
 }
 
 pub type Shared = Arc<Mutex<Telemetry>>;
@@ -100,7 +101,7 @@ pub async fn serve(listener: TcpListener, shared: Shared, maps_dir: PathBuf) {
         if let Ok(mut queue) = waiting.lock() {
             queue.push_back((next_id, close));
         }
-        let connection = Connection {
+        let connection = ScrapeSlot {
             id: next_id,
             waiting: waiting.clone(),
             _active: active.clone(),
@@ -127,14 +128,14 @@ fn close_oldest(waiting: &Waiting) -> bool {
     oldest.is_some_and(|(_, close)| close.send(()).is_ok())
 }
 
-/// One connection's place among the open and the waiting ones.
-struct Connection {
+/// One scraper's connection: its place among the open and the waiting ones.
+struct ScrapeSlot {
     id: u64,
     waiting: Waiting,
     _active: Arc<()>,
 }
 
-impl Connection {
+impl ScrapeSlot {
     /// The request is in: this connection is no longer one to close for room.
     fn received(&self) {
         if let Ok(mut queue) = self.waiting.lock() {
@@ -143,7 +144,7 @@ impl Connection {
     }
 }
 
-impl Drop for Connection {
+impl Drop for ScrapeSlot {
     fn drop(&mut self) {
         self.received();
     }
@@ -151,7 +152,7 @@ impl Drop for Connection {
 
 async fn answer(
     mut stream: TcpStream,
-    connection: &Connection,
+    connection: &ScrapeSlot,
     shared: &Shared,
     maps_dir: &std::path::Path,
 ) -> std::io::Result<()> {

@@ -151,7 +151,7 @@ fn agent(
     )
 }
 
-/// The last count of [`crate::missing`], per enforced scope.
+/// The last count of [`crate::without_keepalive`], per enforced scope.
 fn missing_keepalive(w: &mut DescriptorEncoder<'_>, snapshot: &Snapshot) -> fmt::Result {
     let Some(counts) = snapshot
         .agent
