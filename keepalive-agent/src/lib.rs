@@ -19,6 +19,7 @@ pub mod policy;
 pub mod snapshot;
 pub mod sockopt;
 pub mod state;
+pub mod sys;
 pub mod watch;
 pub mod without_keepalive;
 

@@ -282,8 +282,8 @@ fn missing(
     let mut missing: Vec<String> = links
         .iter()
         .filter_map(|(name, id, pin)| {
-            let attached = crate::bpffs::open_pinned(pin)
-                .and_then(|link| crate::bpffs::cgroup_link_info(std::os::fd::AsFd::as_fd(&link)))
+            let attached = crate::sys::open_pinned(pin)
+                .and_then(|link| crate::sys::cgroup_link_info(std::os::fd::AsFd::as_fd(&link)))
                 .is_ok_and(|info| info.cgroup_id == *id);
             if attached {
                 return None;

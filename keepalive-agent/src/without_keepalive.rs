@@ -15,7 +15,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     io,
-    os::fd::OwnedFd,
+    os::fd::{AsFd as _, OwnedFd},
     path::Path,
     sync::Arc,
     time::Duration,
@@ -28,11 +28,11 @@ use tracing::{debug, warn};
 use crate::{
     existing::{
         diag::{ESTABLISHED, TIMER_OFF},
-        iterator::{iterator_link, read_iterator},
         procs::{Holders, in_namespace, sockets_in, walk},
     },
     metrics,
     policy::{CgroupPath, Pattern},
+    sys::{iterator_link, read_iterator},
 };
 
 /// The period when neither `--missing-interval` nor its variable says otherwise.
@@ -57,14 +57,14 @@ pub struct CountIterator {
 impl CountIterator {
     pub(crate) fn new(program: &aya::programs::ProgramFd) -> io::Result<Self> {
         Ok(Self {
-            link: iterator_link(program)?,
+            link: iterator_link(program.as_fd())?,
         })
     }
 
     /// The established connections of the calling thread's namespace: (cgroup id, whether
     /// SO_KEEPALIVE is on).
     fn connections(&self) -> io::Result<Vec<(u64, bool)>> {
-        Ok(records(&read_iterator(&self.link)?))
+        Ok(records(&read_iterator(self.link.as_fd())?))
     }
 }
 
