@@ -16,7 +16,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     io,
     os::fd::{AsFd as _, OwnedFd},
-    path::Path,
+    path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
@@ -27,8 +27,8 @@ use tracing::{debug, warn};
 
 use crate::{
     existing::{
-        diag::{ESTABLISHED, TIMER_OFF},
-        procs::{Holders, in_namespace, sockets_in, walk},
+        diag::TIMER_OFF,
+        procs::{Population, established_in, in_namespace},
     },
     metrics,
     policy::{CgroupPath, Pattern},
@@ -93,11 +93,9 @@ fn connections_in(netns: &Path, counter: Option<&CountIterator>) -> io::Result<V
     {
         return Ok(connections);
     }
-    let sockets = sockets_in(netns, None)?;
-    Ok(sockets
-        .iter()
-        .filter(|socket| socket.state == ESTABLISHED)
-        .map(|socket| (socket.cgroup_id, socket.timer != TIMER_OFF))
+    Ok(established_in(netns, None)?
+        .into_iter()
+        .map(|(socket, _)| (socket.cgroup_id, socket.timer != TIMER_OFF))
         .collect())
 }
 
@@ -113,16 +111,13 @@ pub fn count(
         .iter()
         .map(|scope| (scope.to_string(), Count::default()))
         .collect();
-    let mut cgroups = HashMap::new();
-    let mut pids = Vec::new();
-    for scope in scopes {
-        let root = mount.join(scope.literal_prefix().relative());
-        if root.is_dir() {
-            walk(mount, &root, &mut cgroups, &mut pids)?;
-        }
-    }
-    pids.sort_unstable();
-    pids.dedup();
+    let roots: Vec<PathBuf> = scopes
+        .iter()
+        .map(|scope| mount.join(scope.literal_prefix().relative()))
+        .filter(|root| root.is_dir())
+        .collect();
+    let Population { cgroups, holders } =
+        Population::walk(mount, roots.iter().map(PathBuf::as_path), false)?;
     // Each cgroup's scope, decided once, by patterns compiled once (`CgroupPath::covers`
     // compiles its pattern each call: ~100 us, at 10,000 cgroups a second per count).
     let patterns: Vec<(String, Pattern)> = scopes
@@ -136,7 +131,7 @@ pub fn count(
             Some((id, scope.as_str()))
         })
         .collect();
-    for netns in Holders::of(&pids, false).namespaces.values() {
+    for netns in holders.namespaces.values() {
         let connections = match connections_in(netns, counter) {
             Ok(connections) => connections,
             // The namespace went away with its last process.
@@ -164,7 +159,7 @@ pub fn count(
 /// telemetry the metrics endpoint reads.
 pub async fn watch(
     shared: metrics::Shared,
-    mount: std::path::PathBuf,
+    mount: PathBuf,
     period: Duration,
     counter: Option<Arc<CountIterator>>,
 ) {

@@ -20,7 +20,7 @@ use keepalive_common::{AttachRecord, limits};
 
 use super::{
     Sweep,
-    procs::{Holders, in_namespace, walk},
+    procs::{Population, in_namespace},
 };
 use crate::{cgroup::Cgroup, policy::CgroupPath};
 
@@ -74,12 +74,11 @@ impl IteratorSweep {
     /// Applies the policy in force to the established connections of the cgroups below
     /// `scopes`, in every namespace their processes are in that the agent can enter.
     pub fn sweep(&self, mount: &Path, scopes: &[&Cgroup]) -> io::Result<Sweep> {
-        let mut cgroups: HashMap<u64, CgroupPath> = HashMap::new();
-        let mut pids: Vec<u32> = Vec::new();
-        for scope in scopes {
-            walk(mount, &scope.path, &mut cgroups, &mut pids)?;
-        }
-        let holders = Holders::of(&pids, false);
+        let Population { cgroups, holders } = Population::walk(
+            mount,
+            scopes.iter().map(|scope| scope.path.as_path()),
+            false,
+        )?;
         let mut maps = self
             .maps
             .lock()

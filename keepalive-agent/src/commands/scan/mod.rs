@@ -24,7 +24,7 @@ use crate::{
     containers::{ContainerInfo, Containers},
     existing::{
         diag::DiagSocket,
-        procs::{FdSocket, Holders, duplicate, established, pidfd, sockets_in, walk},
+        procs::{FdSocket, Population, duplicate, established_in, pidfd},
     },
     policy::{CgroupPath, Connection, Direction, Policy},
 };
@@ -124,11 +124,11 @@ pub fn scan(
     filters: &[CgroupPath],
     engines: &impl Containers,
 ) -> anyhow::Result<Report> {
-    let mut cgroups = HashMap::new();
-    let mut pids = Vec::new();
-    walk(mount, mount, &mut cgroups, &mut pids)
+    let Population {
+        cgroups,
+        mut holders,
+    } = Population::walk(mount, [mount], true)
         .with_context(|| format!("cannot read the cgroup tree at {}", mount.display()))?;
-    let mut holders = Holders::of(&pids, true);
     holders.add_mounted_namespaces();
     let mut report = Report {
         namespaces: holders.namespaces.len(),
@@ -146,7 +146,7 @@ pub fn scan(
         containers: HashMap::new(),
     };
     for (&netns, path) in &holders.namespaces {
-        let sockets = match sockets_in(path, None) {
+        let sockets = match established_in(path, None) {
             Ok(sockets) => sockets,
             Err(error) => {
                 report.skipped.push(format!(
@@ -157,10 +157,10 @@ pub fn scan(
                 continue;
             }
         };
-        for (socket, direction) in established(&sockets) {
+        for (socket, direction) in &sockets {
             report
                 .entries
-                .extend(scanner.entry(netns, socket, direction));
+                .extend(scanner.entry(netns, socket, *direction));
         }
     }
     report.entries.sort_by(|a, b| {
