@@ -30,7 +30,6 @@ use crate::{
         diag::TIMER_OFF,
         procs::{Population, established_in, in_namespace},
     },
-    metrics,
     policy::{CgroupPath, Pattern},
     sys::{iterator_link, read_iterator},
 };
@@ -158,7 +157,7 @@ pub fn count(
 /// Counts every `period` while the agent runs, for the scopes of the policy in force, into the
 /// telemetry the metrics endpoint reads.
 pub async fn watch(
-    shared: metrics::Shared,
+    shared: crate::status::Shared,
     mount: PathBuf,
     period: Duration,
     counter: Option<Arc<CountIterator>>,
@@ -188,7 +187,7 @@ pub async fn watch(
             Ok(Ok(counts)) => {
                 debug!(?counts, "counted connections without keepalive");
                 if let Ok(mut telemetry) = shared.lock() {
-                    telemetry.missing_keepalive = Some(counts);
+                    telemetry.agent.missing_keepalive = Some(counts);
                 }
             }
             Ok(Err(error)) if !warned => {

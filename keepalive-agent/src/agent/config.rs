@@ -46,7 +46,7 @@ impl Config {
     /// `command line`.
     pub fn source(&self) -> String {
         self.file.as_ref().map_or_else(
-            || crate::state::COMMAND_LINE.to_string(),
+            || crate::status::state::COMMAND_LINE.to_string(),
             |path| path.display().to_string(),
         )
     }

@@ -29,9 +29,9 @@ pub use self::{
 use crate::{
     enforcer::{ApplyReport, Enforcer, Fault},
     existing::SweepJob,
-    metrics, notify,
+    notify,
     policy::{CgroupPath, Policy},
-    state::State,
+    status::State,
     watch::Change,
 };
 
@@ -49,7 +49,7 @@ pub struct Agent {
     state: Option<State>,
     /// The state as last written to the state file (unchanged, it is not written again).
     written: Option<State>,
-    telemetry: metrics::Shared,
+    telemetry: crate::status::Shared,
     /// The version of the file last refused: events in its directory (an editor's temporary
     /// files, a ConfigMap's symlink swap) do not read, log and count it again; SIGHUP does.
     refused: Option<FileVersion>,
@@ -78,7 +78,7 @@ impl Agent {
         enforcer: Enforcer,
         config: Config,
         mount: PathBuf,
-        telemetry: metrics::Shared,
+        telemetry: crate::status::Shared,
         roots: watch::Sender<Vec<PathBuf>>,
     ) -> Self {
         Self {
@@ -202,7 +202,7 @@ impl Agent {
             if cgroup_changes.contains(&&Change::Overflowed) {
                 warn!("the cgroup watch lost events (inotify queue overflow); rescanning the tree");
                 if let Ok(mut telemetry) = self.telemetry.lock() {
-                    telemetry.watch_overflows += 1;
+                    telemetry.agent.watch_overflows += 1;
                 }
             }
             std::thread::sleep(SETTLE_CGROUPS);
@@ -379,7 +379,7 @@ impl Agent {
                     self.applied_again(&applied, sweep);
                 }
                 if let Ok(mut telemetry) = self.telemetry.lock() {
-                    telemetry.healed += u64::try_from(self.faults.len()).unwrap_or(u64::MAX);
+                    telemetry.agent.healed += u64::try_from(self.faults.len()).unwrap_or(u64::MAX);
                 }
                 self.faults = self.enforcer.faults().into_iter().collect();
             }
@@ -399,9 +399,8 @@ impl Agent {
 
     /// The state file for `status`, and the numbers for the metrics endpoint.
     fn publish(&mut self, refused: Option<bool>) {
-        let faults: Vec<String> = self.faults.iter().map(Fault::to_string).collect();
         if let Some(state) = &mut self.state {
-            state.faults.clone_from(&faults);
+            state.faults = self.faults.iter().map(Fault::to_string).collect();
             if self.written.as_ref() != Some(state) {
                 match state.write(&self.config.state_dir) {
                     Ok(()) => self.written = Some(state.clone()),
@@ -413,11 +412,10 @@ impl Agent {
         }
         if let Ok(mut shared) = self.telemetry.lock() {
             shared.state.clone_from(&self.state);
-            shared.attached = self.enforcer.attachments().count();
-            shared.programs = self.enforcer.program_ids();
-            shared.faults = faults;
+            shared.agent.attached_cgroups = self.enforcer.attachments().count();
+            shared.program_ids = self.enforcer.program_ids();
             if let Some(refused) = refused {
-                shared.last_reload_ok = !refused;
+                shared.agent.last_reload_ok = !refused;
             }
         }
     }

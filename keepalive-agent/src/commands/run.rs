@@ -74,7 +74,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let telemetry = metrics::Shared::default();
+    let telemetry = crate::status::Shared::default();
     let listener = bind(&args).await?;
     let _stats = match args.program_stats {
         true => {
@@ -159,7 +159,7 @@ fn load(
     args: &RunArgs,
     mount: &Path,
     listener: Option<tokio::net::TcpListener>,
-    telemetry: &metrics::Shared,
+    telemetry: &crate::status::Shared,
 ) -> anyhow::Result<Enforcer> {
     // The sweep program only where existing connections may go through it.
     let in_kernel_sweeps = !args.no_existing && args.existing_via != ExistingVia::Descriptors;
