@@ -1,5 +1,6 @@
-//! The missing-keepalive count: established connections without keepalive, per enforced scope,
-//! counted on a period by the running agent (`keepalive_connections_without_keepalive`).
+//! The count of established connections without keepalive, per enforced scope, taken on a
+//! period by the running agent ([`crate::status::count_without_keepalive`]) for the gauge
+//! `keepalive_connections_without_keepalive`.
 //!
 //! Cheap on purpose: one read per network namespace of the scopes' processes, and no
 //! descriptor is touched. Where the kernel takes the count iterator (`ka_count`, iter/tcp,
@@ -17,13 +18,10 @@ use std::{
     io,
     os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
-    sync::Arc,
     time::Duration,
 };
 
 use keepalive_common::CountRecord;
-
-use tracing::{debug, warn};
 
 use crate::{
     existing::{
@@ -152,52 +150,6 @@ pub fn count(
         }
     }
     Ok(counts)
-}
-
-/// Counts every `period` while the agent runs, for the scopes of the policy in force, into the
-/// telemetry the metrics endpoint reads.
-pub async fn watch(
-    shared: crate::status::Shared,
-    mount: PathBuf,
-    period: Duration,
-    counter: Option<Arc<CountIterator>>,
-) {
-    let mut warned = false;
-    loop {
-        let scopes: Option<Vec<CgroupPath>> = shared.lock().ok().and_then(|telemetry| {
-            let state = telemetry.state.as_ref()?;
-            Some(
-                state
-                    .scopes
-                    .iter()
-                    .filter_map(|scope| CgroupPath::parse(scope).ok())
-                    .collect(),
-            )
-        });
-        let Some(scopes) = scopes else {
-            // No policy yet: look again soon rather than a whole period later.
-            tokio::time::sleep(period.min(Duration::from_millis(200))).await;
-            continue;
-        };
-        let mount = mount.clone();
-        let counter = counter.clone();
-        let counted =
-            tokio::task::spawn_blocking(move || count(&mount, &scopes, counter.as_deref())).await;
-        match counted {
-            Ok(Ok(counts)) => {
-                debug!(?counts, "counted connections without keepalive");
-                if let Ok(mut telemetry) = shared.lock() {
-                    telemetry.agent.missing_keepalive = Some(counts);
-                }
-            }
-            Ok(Err(error)) if !warned => {
-                warned = true;
-                warn!(%error, "cannot count connections without keepalive; retrying each period");
-            }
-            _ => {}
-        }
-        tokio::time::sleep(period).await;
-    }
 }
 
 #[cfg(test)]

@@ -181,7 +181,7 @@ fn load(
         tokio::spawn(metrics::serve(listener, telemetry.clone(), pins.maps()));
         if args.missing_interval > 0 {
             let period = std::time::Duration::from_secs(args.missing_interval);
-            tokio::spawn(crate::without_keepalive::watch(
+            tokio::spawn(crate::status::count_without_keepalive(
                 telemetry.clone(),
                 mount.to_path_buf(),
                 period,

@@ -3,9 +3,19 @@
 //! running agent has. `/readyz` answers from it, `/metrics` from the [`super::Snapshot`] made
 //! of it.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tracing::{debug, warn};
 
 use super::{AgentTelemetry, state::State};
+use crate::{
+    policy::CgroupPath,
+    without_keepalive::{CountIterator, count},
+};
 
 /// What the running agent shares with its endpoint and its count of connections without
 /// keepalive: the state of the policy in force (with the faults) and its own figures.
@@ -33,5 +43,51 @@ impl Telemetry {
         } else {
             Err(format!("enforcement missing: {}", state.faults.join("; ")))
         }
+    }
+}
+
+/// Counts every `period` while the agent runs, for the scopes of the policy in force, into the
+/// telemetry the metrics endpoint reads.
+pub async fn count_without_keepalive(
+    shared: Shared,
+    mount: PathBuf,
+    period: Duration,
+    counter: Option<Arc<CountIterator>>,
+) {
+    let mut warned = false;
+    loop {
+        let scopes: Option<Vec<CgroupPath>> = shared.lock().ok().and_then(|telemetry| {
+            let state = telemetry.state.as_ref()?;
+            Some(
+                state
+                    .scopes
+                    .iter()
+                    .filter_map(|scope| CgroupPath::parse(scope).ok())
+                    .collect(),
+            )
+        });
+        let Some(scopes) = scopes else {
+            // No policy yet: look again soon rather than a whole period later.
+            tokio::time::sleep(period.min(Duration::from_millis(200))).await;
+            continue;
+        };
+        let mount = mount.clone();
+        let counter = counter.clone();
+        let counted =
+            tokio::task::spawn_blocking(move || count(&mount, &scopes, counter.as_deref())).await;
+        match counted {
+            Ok(Ok(counts)) => {
+                debug!(?counts, "counted connections without keepalive");
+                if let Ok(mut telemetry) = shared.lock() {
+                    telemetry.agent.missing_keepalive = Some(counts);
+                }
+            }
+            Ok(Err(error)) if !warned => {
+                warned = true;
+                warn!(%error, "cannot count connections without keepalive; retrying each period");
+            }
+            _ => {}
+        }
+        tokio::time::sleep(period).await;
     }
 }

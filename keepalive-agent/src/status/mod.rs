@@ -22,7 +22,7 @@ use keepalive_common::{Outcome, Stat};
 use serde::{Serialize, Serializer, ser::SerializeMap as _};
 
 pub use self::{
-    live::{Shared, Telemetry},
+    live::{Shared, Telemetry, count_without_keepalive},
     state::{RuleState, State},
 };
 use crate::{
