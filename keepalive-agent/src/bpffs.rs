@@ -1,137 +1,18 @@
-//! bpf_links to cgroups, pinned in bpffs, and the few `bpf(2)` commands aya does not expose for
-//! them (create a cgroup link for any program type, pin it, open a pin, swap its program).
-//!
-//! Why not aya's link API (aya 0.16): a `SockOpsLink` converts to an `FdLink` that
-//! `FdLink::pin` pins and `PinnedLink::from_pin` opens, but neither gives its descriptor back
-//! (no `AsFd`), and the agent needs it for what aya has no call for: swapping a pinned link's
-//! program (BPF_LINK_UPDATE) and asking which cgroup a link is attached to (aya's `LinkInfo`
-//! has no cgroup id). A `CgroupSockoptLink` does not convert to an `FdLink` at all, so aya
-//! cannot pin it. One raw path for both programs, rather than aya for half of one.
+//! The agent's directory in bpffs, where its maps and links are pinned: mounted if needed,
+//! root only. The `bpf(2)` commands that pin, open and update links are in [`crate::sys`].
 //!
 //! Pinned, a link outlives the agent (even SIGKILL): enforcement stays, and the next agent
 //! opens the pins and swaps its own programs in (BPF_LINK_UPDATE, atomic), without a second
 //! attachment and without a moment where connections go unenforced.
 
 use std::{
-    ffi::CString,
     fs, io,
     os::unix::fs::PermissionsExt as _,
-    os::{
-        fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
-        unix::ffi::OsStrExt as _,
-    },
     path::{Path, PathBuf},
 };
 
-const BPF_OBJ_PIN: libc::c_long = 6;
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-const BPF_LINK_CREATE: libc::c_long = 28;
-const BPF_LINK_UPDATE: libc::c_long = 29;
 /// `BPF_FS_MAGIC` from include/uapi/linux/magic.h.
 const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
-
-fn bpf(cmd: libc::c_long, attr: &mut [u64]) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is a zero-padded `union bpf_attr` prefix of the given size.
-    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), size_of_val(attr)) };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
-fn owned(fd: libc::c_long) -> io::Result<OwnedFd> {
-    let fd = i32::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
-    // SAFETY: a descriptor the kernel just returned to us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn fd_u32(fd: BorrowedFd<'_>) -> u64 {
-    u64::from(u32::try_from(fd.as_raw_fd()).unwrap_or(u32::MAX))
-}
-
-/// Two u32 fields in one u64 word of `bpf_attr`, in memory order.
-fn pair(first: u64, second: u64) -> u64 {
-    u64::from_ne_bytes({
-        let mut bytes = [0u8; 8];
-        bytes[..4].copy_from_slice(&u32::try_from(first).unwrap_or(u32::MAX).to_ne_bytes());
-        bytes[4..].copy_from_slice(&u32::try_from(second).unwrap_or(u32::MAX).to_ne_bytes());
-        bytes
-    })
-}
-
-/// A bpf_link attaching `program` to the cgroup open as `cgroup` (multi-program, like every
-/// cgroup link). aya lacks: a link it pins for cgroup/setsockopt (`CgroupSockoptLink`).
-pub fn link_cgroup(
-    program: BorrowedFd<'_>,
-    cgroup: BorrowedFd<'_>,
-    attach_type: u32,
-) -> io::Result<OwnedFd> {
-    // link_create: prog_fd, target_fd, attach_type, flags.
-    let mut attr = [
-        pair(fd_u32(program), fd_u32(cgroup)),
-        pair(u64::from(attach_type), 0),
-        0,
-        0,
-    ];
-    owned(bpf(BPF_LINK_CREATE, &mut attr)?)
-}
-
-fn c_path(path: &Path) -> io::Result<CString> {
-    CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
-}
-
-/// Pins a BPF object (here: a link) at `path` in bpffs. aya lacks: pinning a cgroup/setsockopt
-/// link.
-pub fn pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
-    let path = c_path(path)?;
-    // obj: pathname (u64), bpf_fd, file_flags.
-    let mut attr = [path.as_ptr() as u64, pair(fd_u32(fd), 0), 0];
-    bpf(BPF_OBJ_PIN, &mut attr).map(drop)
-}
-
-/// Opens a pinned BPF object. aya lacks: the descriptor of a `PinnedLink`.
-pub fn open_pinned(path: &Path) -> io::Result<OwnedFd> {
-    let c = c_path(path)?;
-    let mut attr = [c.as_ptr() as u64, 0, 0];
-    owned(bpf(BPF_OBJ_GET, &mut attr)?)
-}
-
-/// Swaps the program of a link, atomically. aya lacks: BPF_LINK_UPDATE.
-pub fn update_link(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<()> {
-    // link_update: link_fd, new_prog_fd, flags, old_prog_fd.
-    let mut attr = [pair(fd_u32(link), fd_u32(program)), 0];
-    bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
-}
-
-/// What the kernel says a cgroup link is attached to now (aya's `LinkInfo` does not give the
-/// cgroup).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CgroupLinkInfo {
-    /// The program the link runs.
-    pub program_id: u32,
-    /// The cgroup it is attached to; 0 once detached (`bpftool link detach`, cgroup removed).
-    pub cgroup_id: u64,
-}
-
-/// Reads a cgroup link's program and cgroup from the kernel (BPF_OBJ_GET_INFO_BY_FD).
-pub fn cgroup_link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> {
-    // struct bpf_link_info: type, id, prog_id (u32 each), then the union at offset 16, whose
-    // cgroup member is cgroup_id (u64), attach_type (u32).
-    let mut info = [0u64; 8];
-    let mut attr = [
-        pair(fd_u32(link), u64::try_from(size_of_val(&info)).unwrap_or(0)),
-        info.as_mut_ptr() as u64,
-    ];
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
-    let [a, b, c, d, ..] = info[1].to_ne_bytes();
-    Ok(CgroupLinkInfo {
-        program_id: u32::from_ne_bytes([a, b, c, d]),
-        cgroup_id: info[2],
-    })
-}
 
 fn is_bpffs(path: &Path) -> io::Result<bool> {
     let f_type = rustix::fs::statfs(path)?.f_type;

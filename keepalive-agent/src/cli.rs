@@ -313,7 +313,7 @@ pub struct RunArgs {
 
     /// Seconds between counts of established connections without keepalive in the enforced
     /// cgroups (the gauge keepalive_connections_without_keepalive); 0: never count.
-    #[arg(long, value_name = "SECS", default_value_t = crate::missing::DEFAULT_INTERVAL.as_secs(),
+    #[arg(long, value_name = "SECS", default_value_t = crate::without_keepalive::DEFAULT_INTERVAL.as_secs(),
           env = "KEEPALIVE_AGENT_MISSING_INTERVAL")]
     pub missing_interval: u64,
 
@@ -321,7 +321,7 @@ pub struct RunArgs {
     pub places: Places,
 
     #[command(flatten)]
-    pub engines: Box<crate::containers::EngineArgs>,
+    pub engines: Box<crate::commands::engines::EngineArgs>,
 }
 
 #[derive(Debug, Args)]

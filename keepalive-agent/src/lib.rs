@@ -13,14 +13,14 @@ pub mod existing;
 pub mod instance;
 pub mod logs;
 pub mod metrics;
-pub mod missing;
 pub mod notify;
 pub mod plan;
 pub mod policy;
-pub mod snapshot;
 pub mod sockopt;
-pub mod state;
+pub mod status;
+pub mod sys;
 pub mod watch;
+pub mod without_keepalive;
 
 pub use cgroup::Cgroup;
 pub use enforcer::{Counters, Enforcer, Outcomes, ProgramStats};

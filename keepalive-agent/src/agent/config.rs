@@ -1,4 +1,4 @@
-//! What the engine is told to do, as `commands::run` parsed it from the command line: no clap
+//! What the agent is told to do, as `commands::run` parsed it from the command line: no clap
 //! types below this point, and the cgroups the user named already read
 //! ([`crate::cgroup::named`]).
 
@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use crate::policy::{CgroupPath, Policy, Values, file};
 
-/// The engine's configuration.
+/// The agent's configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     /// The policy file, read again on every reload; without one, `values` enforced on
@@ -46,7 +46,7 @@ impl Config {
     /// `command line`.
     pub fn source(&self) -> String {
         self.file.as_ref().map_or_else(
-            || crate::state::COMMAND_LINE.to_string(),
+            || crate::status::state::COMMAND_LINE.to_string(),
             |path| path.display().to_string(),
         )
     }

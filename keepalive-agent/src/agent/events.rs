@@ -1,8 +1,8 @@
-//! What the loop tells the engine: typed events, and the signals among them.
+//! What the loop tells the agent: typed events, and the signals among them.
 
 use crate::watch::Change;
 
-/// What the loop tells the engine.
+/// What the loop tells the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// Something changed in the policy file's directory.

@@ -1,4 +1,4 @@
-//! The agent's engine: it owns the enforcer and the state and handles typed [`Event`]s, one
+//! The agent: it owns the enforcer and the state and handles typed [`Event`]s, one
 //! batch at a time, on a thread of its own, and checks its attachments when none came for the
 //! enforcer's health interval (its own timeout: an idle agent wakes one thread about twice a
 //! second).
@@ -8,7 +8,6 @@
 //! sweep of existing connections runs on a third thread.
 
 mod config;
-mod containers;
 mod events;
 mod reload;
 
@@ -30,9 +29,9 @@ pub use self::{
 use crate::{
     enforcer::{ApplyReport, Enforcer, Fault},
     existing::SweepJob,
-    metrics, notify,
+    notify,
     policy::{CgroupPath, Policy},
-    state::State,
+    status::State,
     watch::Change,
 };
 
@@ -41,7 +40,7 @@ use crate::{
 /// covered are taken together by the next batch anyway).
 const SETTLE_CGROUPS: Duration = Duration::from_millis(2);
 
-/// The engine.
+/// The agent: the enforcer, the state, and what it follows.
 #[derive(Debug)]
 pub struct Agent {
     enforcer: Enforcer,
@@ -50,7 +49,7 @@ pub struct Agent {
     state: Option<State>,
     /// The state as last written to the state file (unchanged, it is not written again).
     written: Option<State>,
-    telemetry: metrics::Shared,
+    telemetry: crate::status::Shared,
     /// The version of the file last refused: events in its directory (an editor's temporary
     /// files, a ConfigMap's symlink swap) do not read, log and count it again; SIGHUP does.
     refused: Option<FileVersion>,
@@ -79,7 +78,7 @@ impl Agent {
         enforcer: Enforcer,
         config: Config,
         mount: PathBuf,
-        telemetry: metrics::Shared,
+        telemetry: crate::status::Shared,
         roots: watch::Sender<Vec<PathBuf>>,
     ) -> Self {
         Self {
@@ -102,6 +101,40 @@ impl Agent {
     pub fn with_containers(mut self, inventory: crate::containers::Inventory) -> Self {
         self.containers = inventory;
         self
+    }
+
+    /// Remembers `policy` as read and returns it with its container rules resolved against the
+    /// containers known now.
+    fn resolve(&mut self, policy: &Policy) -> Policy {
+        self.unresolved = Some(policy.clone());
+        self.containers.resolve(policy)
+    }
+
+    /// Containers started, stopped or changed: applies the policy again if a rule now
+    /// resolves to other cgroups.
+    fn follow_containers(&mut self) {
+        let (Some(unresolved), Some(current)) = (&self.unresolved, self.enforcer.policy()) else {
+            return;
+        };
+        let resolved = self.containers.resolve(unresolved);
+        if current == &resolved {
+            return;
+        }
+        crate::containers::log_changes(current, &resolved);
+        match self.enforcer.apply_later(&resolved) {
+            Ok((applied, sweep)) => {
+                if let Some(state) = &mut self.state {
+                    let fresh = State::new(&resolved, &self.config.source(), applied.generation);
+                    state.applied_at = fresh.applied_at;
+                    state.rules = fresh.rules;
+                }
+                self.applied_again(&applied, sweep);
+            }
+            Err(failed) => error!(
+                error = format!("{failed:#}"),
+                "cannot apply the policy to the containers' cgroups"
+            ),
+        }
     }
 
     /// Applies the first policy, then handles events until one says stop.
@@ -169,7 +202,7 @@ impl Agent {
             if cgroup_changes.contains(&&Change::Overflowed) {
                 warn!("the cgroup watch lost events (inotify queue overflow); rescanning the tree");
                 if let Ok(mut telemetry) = self.telemetry.lock() {
-                    telemetry.watch_overflows += 1;
+                    telemetry.agent.watch_overflows += 1;
                 }
             }
             std::thread::sleep(SETTLE_CGROUPS);
@@ -346,7 +379,7 @@ impl Agent {
                     self.applied_again(&applied, sweep);
                 }
                 if let Ok(mut telemetry) = self.telemetry.lock() {
-                    telemetry.healed += u64::try_from(self.faults.len()).unwrap_or(u64::MAX);
+                    telemetry.agent.healed += u64::try_from(self.faults.len()).unwrap_or(u64::MAX);
                 }
                 self.faults = self.enforcer.faults().into_iter().collect();
             }
@@ -366,9 +399,8 @@ impl Agent {
 
     /// The state file for `status`, and the numbers for the metrics endpoint.
     fn publish(&mut self, refused: Option<bool>) {
-        let faults: Vec<String> = self.faults.iter().map(Fault::to_string).collect();
         if let Some(state) = &mut self.state {
-            state.faults.clone_from(&faults);
+            state.faults = self.faults.iter().map(Fault::to_string).collect();
             if self.written.as_ref() != Some(state) {
                 match state.write(&self.config.state_dir) {
                     Ok(()) => self.written = Some(state.clone()),
@@ -380,11 +412,10 @@ impl Agent {
         }
         if let Ok(mut shared) = self.telemetry.lock() {
             shared.state.clone_from(&self.state);
-            shared.attached = self.enforcer.attachments().count();
-            shared.programs = self.enforcer.program_ids();
-            shared.faults = faults;
+            shared.agent.attached_cgroups = self.enforcer.attachments().count();
+            shared.program_ids = self.enforcer.program_ids();
             if let Some(refused) = refused {
-                shared.last_reload_ok = !refused;
+                shared.agent.last_reload_ok = !refused;
             }
         }
     }

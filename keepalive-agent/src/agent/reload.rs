@@ -33,7 +33,7 @@ pub(super) enum Reload {
 /// read, and not replaced during it: a writer that truncates and then writes in place is never
 /// caught half-way, and the version read is known. A file rewritten without pause is read
 /// after ten rounds anyway, and checked like any other (its version unknown). Blocking: runs
-/// on the engine's thread.
+/// on the agent's thread.
 pub(super) fn load_settled(config: &Config) -> (anyhow::Result<Policy>, Option<FileVersion>) {
     let Some(file) = &config.file else {
         return (config.policy(), None);

@@ -10,7 +10,7 @@ use crate::{
     bpffs::PinDir,
     cli::DetachArgs,
     instance::{HAND_OVER_TIMEOUT, InstanceLock, holder},
-    state::State,
+    status::State,
 };
 
 pub fn detach(args: &DetachArgs) -> anyhow::Result<String> {

@@ -42,7 +42,7 @@ pub struct ExplainArgs {
     /// Where the engines listen, asked once when a rule selects containers (`labels`,
     /// `container`): such a rule applies to the cgroups of those running now.
     #[command(flatten)]
-    pub engines: Box<crate::containers::EngineArgs>,
+    pub engines: Box<super::engines::EngineArgs>,
 }
 
 /// `--direction`.
@@ -73,11 +73,11 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<String> {
         let _ = writeln!(out, "note: {note}");
     }
     let policy = if source.policy.selects_containers() {
-        let (listed, notes) = super::scan::containers::engines(&args.engines)?;
+        let (listed, notes) = crate::containers::ask_once(&args.engines.sockets())?;
         for note in &notes {
             let _ = writeln!(out, "note: {note}");
         }
-        listed.resolve(&source.policy)
+        crate::containers::resolve(&source.policy, &listed.0)
     } else {
         source.policy.clone()
     };

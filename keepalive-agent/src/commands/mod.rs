@@ -2,6 +2,7 @@
 
 pub mod check;
 pub mod detach;
+pub mod engines;
 pub mod explain;
 pub mod generate;
 pub mod run;

@@ -1,5 +1,5 @@
 //! `keepalive-agent run`: start-up, then the thin event loop. Signals, the policy file's and the
-//! cgroup tree's inotify watches and a health timer become [`Event`]s for the engine
+//! cgroup tree's inotify watches and a health timer become [`Event`]s for the agent
 //! ([`crate::agent::Agent`]), which runs on a thread of its own; this loop and the metrics
 //! endpoint never wait for it.
 
@@ -74,7 +74,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let telemetry = metrics::Shared::default();
+    let telemetry = crate::status::Shared::default();
     let listener = bind(&args).await?;
     let _stats = match args.program_stats {
         true => {
@@ -91,9 +91,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let (events, queue) = std::sync::mpsc::channel();
     let inventory = crate::containers::Inventory::default();
-    crate::containers::spawn(&args.engines, &inventory, &events);
+    let containers_changed = events.clone();
+    crate::containers::spawn(
+        &args.engines.sockets(),
+        &inventory,
+        std::sync::Arc::new(move |_changed| {
+            let _ignored = containers_changed.send(Event::ContainersChanged);
+        }),
+    );
     let agent = Agent::new(enforcer, config, mount, telemetry, roots).with_containers(inventory);
-    let mut engine = tokio::task::spawn_blocking(move || agent.run(&policy, queue));
+    let mut agent_thread = tokio::task::spawn_blocking(move || agent.run(&policy, queue));
     let mut watchdog = notify::Watchdog::from_env();
     loop {
         let event = tokio::select! {
@@ -114,17 +121,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             // The loop turning is what the service manager's watchdog checks.
             () = watchdog.ping() => continue,
-            ended = &mut engine => return ended.context("the engine failed")?,
+            ended = &mut agent_thread => return ended.context("the agent failed")?,
         };
         let stop = matches!(event, Event::Signal(signal) if signal.stops());
         if events.send(event).is_err() || stop {
             break;
         }
     }
-    engine.await.context("the engine failed")?
+    agent_thread.await.context("the agent failed")?
 }
 
-/// The engine's [`Config`] from the command line: the cgroups named read once, here.
+/// The agent's [`Config`] from the command line: the cgroups named read once, here.
 pub fn config(args: &RunArgs, mount: &Path) -> anyhow::Result<Config> {
     Ok(Config {
         file: args.config.clone(),
@@ -152,7 +159,7 @@ fn load(
     args: &RunArgs,
     mount: &Path,
     listener: Option<tokio::net::TcpListener>,
-    telemetry: &metrics::Shared,
+    telemetry: &crate::status::Shared,
 ) -> anyhow::Result<Enforcer> {
     // The sweep program only where existing connections may go through it.
     let in_kernel_sweeps = !args.no_existing && args.existing_via != ExistingVia::Descriptors;
@@ -174,7 +181,7 @@ fn load(
         tokio::spawn(metrics::serve(listener, telemetry.clone(), pins.maps()));
         if args.missing_interval > 0 {
             let period = std::time::Duration::from_secs(args.missing_interval);
-            tokio::spawn(crate::missing::watch(
+            tokio::spawn(crate::status::count_without_keepalive(
                 telemetry.clone(),
                 mount.to_path_buf(),
                 period,

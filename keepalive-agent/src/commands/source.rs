@@ -8,7 +8,7 @@ use anyhow::Context as _;
 
 use crate::{
     policy::{CgroupPath, Policy, Values, file},
-    state::{self, State},
+    status::state::{self, State},
 };
 
 /// `--state-dir` of `scan` and `explain`.

@@ -4,7 +4,7 @@
 
 use std::{fmt::Write as _, path::Path};
 
-use crate::{cli::StatusArgs, snapshot::Snapshot};
+use crate::{cli::StatusArgs, status::Snapshot};
 
 /// The status, from the pins and the state file.
 pub fn collect(args: &StatusArgs, cgroup2_mount: &Path) -> anyhow::Result<Snapshot> {
@@ -112,7 +112,7 @@ mod tests {
     use super::*;
     use crate::{
         enforcer::Outcomes,
-        snapshot::{Attachment, PolicyInForce, RuleCounters},
+        status::{Attachment, PolicyInForce, RuleCounters},
     };
 
     fn snapshot() -> Snapshot {

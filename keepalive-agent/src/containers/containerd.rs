@@ -13,8 +13,7 @@ use containerd_client::{
     with_namespace,
 };
 
-use super::{Ended, EngineError, Sink, cgroup_of, connected};
-use crate::policy::Container;
+use super::{Container, Ended, EngineError, Sink, cgroup_of, connected};
 
 const ENGINE: &str = "containerd";
 /// Kubernetes names the container in this label (CRI).

@@ -8,8 +8,7 @@ use bollard::{
 };
 use futures_util::StreamExt as _;
 
-use super::{Ended, EngineError, Sink, cgroup_of, connected};
-use crate::policy::Container;
+use super::{Container, Ended, EngineError, Sink, cgroup_of, connected};
 
 /// Seconds a request may take (the event stream itself is not bounded).
 const TIMEOUT_SECS: u64 = 30;

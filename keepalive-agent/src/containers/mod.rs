@@ -1,13 +1,19 @@
-//! Containers as their engines know them: the Docker Engine API (Docker, and podman's
-//! compatible service) through bollard, and containerd's API (namespace `k8s.io`, where
-//! kubelet's CRI plugin puts pods) through containerd-client. Each engine is followed live:
-//! its event stream, and on each event the engine's list again (cheap, and nothing is missed
-//! if an event is). Each container maps to the cgroup of its init process (/proc/PID/cgroup:
-//! the agent needs the host's PID and cgroup namespaces). An engine without a socket gives no
-//! containers; one that goes away is retried with back-off, logged once.
+//! Containers, in one place: the engines that report them, the inventory `run` follows, the list
+//! `scan` and `explain` ask once ([`listed`]), and the resolution of rules that select
+//! containers to their cgroups ([`resolve`]).
+//!
+//! The engines: the Docker Engine API (Docker, and podman's compatible service) through
+//! bollard, and containerd's API (namespace `k8s.io`, where kubelet's CRI plugin puts pods)
+//! through containerd-client. Each engine is followed live: its event stream, and on each event
+//! the engine's list again (cheap, and nothing is missed if an event is). Each container maps
+//! to the cgroup of its init process (/proc/PID/cgroup: the agent needs the host's PID and
+//! cgroup namespaces). An engine without a socket gives no containers; one that goes away is
+//! retried with back-off, logged once.
 
 mod containerd;
 mod docker;
+pub mod listed;
+pub mod resolve;
 
 use std::{
     collections::BTreeMap,
@@ -16,54 +22,48 @@ use std::{
     time::Duration,
 };
 
-use clap::Args;
 use tracing::{debug, info, warn};
 
-use crate::{
-    agent::Event,
-    policy::{CgroupPath, Container},
+pub use self::{
+    listed::{ContainerInfo, Containers, Listed, ask_once},
+    resolve::{log_changes, resolve},
 };
+use crate::policy::{CgroupPath, Policy};
+
+/// A container as an engine reports it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Container {
+    /// `docker`, `podman`, `containerd`.
+    pub engine: String,
+    pub id: String,
+    /// Docker and podman: its name; containerd: the `io.kubernetes.container.name` label,
+    /// else its id.
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// Where its processes are, as /proc/PID/cgroup shows it.
+    pub cgroup: CgroupPath,
+}
 
 /// Where the engines listen.
-#[derive(Debug, Clone, Args)]
-pub struct EngineArgs {
-    /// Docker Engine API socket, for rules with `labels` or `container`. A missing socket is
-    /// fine: no containers from it, and it is looked for again.
-    #[arg(
-        long,
-        value_name = "PATH",
-        default_value = "/run/docker.sock",
-        env = "KEEPALIVE_AGENT_DOCKER_SOCKET"
-    )]
-    pub docker_socket: PathBuf,
-
-    /// podman's Docker-compatible API socket (`podman system service`).
-    #[arg(
-        long,
-        value_name = "PATH",
-        default_value = "/run/podman/podman.sock",
-        env = "KEEPALIVE_AGENT_PODMAN_SOCKET"
-    )]
-    pub podman_socket: PathBuf,
-
-    /// containerd's API socket; its containers in --containerd-namespace are followed.
-    #[arg(
-        long,
-        value_name = "PATH",
-        default_value = "/run/containerd/containerd.sock",
-        env = "KEEPALIVE_AGENT_CONTAINERD_SOCKET"
-    )]
-    pub containerd_socket: PathBuf,
-
-    /// containerd namespace to follow (`k8s.io`: Kubernetes' CRI plugin).
-    #[arg(
-        long,
-        value_name = "NAME",
-        default_value = "k8s.io",
-        env = "KEEPALIVE_AGENT_CONTAINERD_NAMESPACE"
-    )]
+#[derive(Debug, Clone)]
+pub struct Sockets {
+    /// The Docker Engine API's socket.
+    pub docker: PathBuf,
+    /// podman's Docker-compatible API socket.
+    pub podman: PathBuf,
+    /// containerd's API socket, and the namespace whose containers are followed.
+    pub containerd: PathBuf,
     pub containerd_namespace: String,
 }
+
+/// An engine reported containers that started, stopped or changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Changed {
+    pub engine: &'static str,
+}
+
+/// Where [`Changed`] goes: called from the engines' tasks.
+pub type OnChange = Arc<dyn Fn(Changed) + Send + Sync>;
 
 /// The containers every engine reports now, shared by the engines' tasks and the agent.
 #[derive(Debug, Clone, Default)]
@@ -73,13 +73,23 @@ pub struct Inventory {
 
 impl Inventory {
     /// Every container known now, sorted.
-    pub fn snapshot(&self) -> Vec<Container> {
+    pub fn all(&self) -> Vec<Container> {
         let Ok(engines) = self.engines.lock() else {
             return Vec::new();
         };
         let mut all: Vec<Container> = engines.values().flatten().cloned().collect();
         all.sort();
         all
+    }
+
+    /// `policy` with its rules that select containers resolved against the containers known
+    /// now ([`resolve()`]).
+    pub fn resolve(&self, policy: &Policy) -> Policy {
+        if policy.selects_containers() {
+            resolve(policy, &self.all())
+        } else {
+            policy.clone()
+        }
     }
 
     /// Replaces what `engine` reports; whether anything changed.
@@ -98,17 +108,17 @@ impl Inventory {
     }
 }
 
-/// Where an engine's containers go: the inventory, and an event for the agent.
-#[derive(Debug, Clone)]
+/// Where an engine's containers go: the inventory, and a [`Changed`] when they changed.
+#[derive(Clone)]
 struct Sink {
     inventory: Inventory,
-    events: std::sync::mpsc::Sender<Event>,
+    on_change: OnChange,
 }
 
 impl Sink {
-    fn set(&self, engine: &str, containers: Vec<Container>) {
+    fn set(&self, engine: &'static str, containers: Vec<Container>) {
         if self.inventory.set(engine, containers) {
-            let _ignored = self.events.send(Event::ContainersChanged);
+            (self.on_change)(Changed { engine });
         }
     }
 }
@@ -130,14 +140,14 @@ const BACK_OFF_FIRST: Duration = Duration::from_millis(250);
 const BACK_OFF_MAX: Duration = Duration::from_secs(10);
 
 /// Follows every engine, each on a task of its own, until the runtime stops.
-pub fn spawn(args: &EngineArgs, inventory: &Inventory, events: &std::sync::mpsc::Sender<Event>) {
+pub fn spawn(sockets: &Sockets, inventory: &Inventory, on_change: OnChange) {
     let sink = Sink {
         inventory: inventory.clone(),
-        events: events.clone(),
+        on_change,
     };
     for (engine, socket) in [
-        ("docker", args.docker_socket.clone()),
-        ("podman", args.podman_socket.clone()),
+        ("docker", sockets.docker.clone()),
+        ("podman", sockets.podman.clone()),
     ] {
         let sink = sink.clone();
         tokio::spawn(follow(engine, socket.clone(), move || {
@@ -145,8 +155,8 @@ pub fn spawn(args: &EngineArgs, inventory: &Inventory, events: &std::sync::mpsc:
         }));
     }
     let (socket, namespace) = (
-        args.containerd_socket.clone(),
-        args.containerd_namespace.clone(),
+        sockets.containerd.clone(),
+        sockets.containerd_namespace.clone(),
     );
     tokio::spawn(follow("containerd", socket.clone(), move || {
         containerd::session(socket.clone(), namespace.clone(), sink.clone())
@@ -156,7 +166,7 @@ pub fn spawn(args: &EngineArgs, inventory: &Inventory, events: &std::sync::mpsc:
 /// Every engine's running containers, asked once (for `scan`): an engine without a socket
 /// gives none; one that fails or does not answer within `LIST_ONCE_TIMEOUT` is named in the
 /// returned notes and gives none.
-pub async fn list_once(args: &EngineArgs) -> (Vec<Container>, Vec<String>) {
+pub async fn list_once(sockets: &Sockets) -> (Vec<Container>, Vec<String>) {
     let mut all = Vec::new();
     let mut notes = Vec::new();
     let mut keep =
@@ -172,21 +182,18 @@ pub async fn list_once(args: &EngineArgs) -> (Vec<Container>, Vec<String>) {
                 )),
             }
         };
-    for (engine, socket) in [
-        ("docker", &args.docker_socket),
-        ("podman", &args.podman_socket),
-    ] {
+    for (engine, socket) in [("docker", &sockets.docker), ("podman", &sockets.podman)] {
         if socket.exists() {
             let listed =
                 tokio::time::timeout(LIST_ONCE_TIMEOUT, docker::list_once(engine, socket)).await;
             keep(engine, socket, listed);
         }
     }
-    let socket = &args.containerd_socket;
+    let socket = &sockets.containerd;
     if socket.exists() {
         let listed = tokio::time::timeout(
             LIST_ONCE_TIMEOUT,
-            containerd::list_once(socket, &args.containerd_namespace),
+            containerd::list_once(socket, &sockets.containerd_namespace),
         )
         .await;
         keep("containerd", socket, listed);

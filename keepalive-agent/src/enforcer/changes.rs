@@ -13,7 +13,12 @@
 //! host, but in the kernel, without a syscall or the cgroup mutex per link. Where the kernel
 //! refuses that too, every check is a change: each link is asked every 500 ms.
 
-use std::{io, os::fd::OwnedFd, path::PathBuf, time::Duration};
+use std::{
+    io,
+    os::fd::{AsFd as _, OwnedFd},
+    path::PathBuf,
+    time::Duration,
+};
 
 use aya::{
     Ebpf,
@@ -27,7 +32,7 @@ use keepalive_common::{
 };
 
 use super::{MissingFeature, features::verifier_reason};
-use crate::existing::iterator::{iterator_link, read_iterator};
+use crate::sys::{iterator_link, read_iterator};
 
 /// How often the health check runs where its signals cost the same whatever the host holds.
 const CHECK_EVERY: Duration = Duration::from_millis(500);
@@ -251,14 +256,14 @@ fn link_walk(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<OwnedFd, String> {
         .load("bpf_link", btf)
         .map_err(|error| verifier_reason(&error))?;
     let fd = program.fd().map_err(|error| error.to_string())?;
-    let link = iterator_link(fd).map_err(|error| error.to_string())?;
+    let link = iterator_link(fd.as_fd()).map_err(|error| error.to_string())?;
     walked(&link).map_err(|error| error.to_string())?;
     Ok(link)
 }
 
 /// One walk of the link iterator: the number of attached links running the agent's programs.
 fn walked(link: &OwnedFd) -> io::Result<u64> {
-    let output = read_iterator(link)?;
+    let output = read_iterator(link.as_fd())?;
     let count = output
         .first_chunk::<8>()
         .ok_or_else(|| io::Error::other("the link iterator wrote no count"))?;

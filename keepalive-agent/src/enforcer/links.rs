@@ -11,10 +11,7 @@ use std::{
 use aya_obj::generated::bpf_attach_type::{BPF_CGROUP_SETSOCKOPT, BPF_CGROUP_SOCK_OPS};
 
 use super::EnforcerError;
-use crate::{
-    bpffs::{self, PinDir},
-    cgroup::Cgroup,
-};
+use crate::{bpffs::PinDir, cgroup::Cgroup, sys};
 
 /// One program's link to one cgroup.
 #[derive(Debug)]
@@ -112,8 +109,7 @@ impl Attachment {
             cgroup: cgroup.to_string(),
             source,
         };
-        let fd =
-            bpffs::link_cgroup(program, dir.as_fd(), hook.attach_type).map_err(attach_error)?;
+        let fd = sys::link_cgroup(program, dir.as_fd(), hook.attach_type).map_err(attach_error)?;
         match pins {
             None => Ok(Self {
                 cgroup: cgroup.clone(),
@@ -124,7 +120,7 @@ impl Attachment {
                 let path = pins.link(hook.pin_name, cgroup.id);
                 // A stale pin of a removed cgroup's id would be in the way.
                 let _ignored = fs::remove_file(&path);
-                bpffs::pin(fd.as_fd(), &path).map_err(attach_error)?;
+                sys::pin(fd.as_fd(), &path).map_err(attach_error)?;
                 Ok(Self {
                     cgroup: cgroup.clone(),
                     link: Held::pinned(fd),
@@ -146,8 +142,8 @@ impl Attachment {
             cgroup: cgroup.to_string(),
             source,
         };
-        let link = bpffs::open_pinned(&pin).map_err(attach_error)?;
-        bpffs::update_link(link.as_fd(), program).map_err(attach_error)?;
+        let link = sys::open_pinned(&pin).map_err(attach_error)?;
+        sys::update_link(link.as_fd(), program).map_err(attach_error)?;
         Ok(Self {
             cgroup,
             link: Held::pinned(link),
@@ -176,7 +172,7 @@ impl Attachment {
                 }
                 self.ask(held.fd.as_fd(), program_id)
             }
-            (None, Some(pin)) => match bpffs::open_pinned(pin) {
+            (None, Some(pin)) => match sys::open_pinned(pin) {
                 Ok(fd) => self.ask(fd.as_fd(), program_id),
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
                     Ok(self.unless_cgroup_gone("pin removed"))
@@ -193,7 +189,7 @@ impl Attachment {
         link: BorrowedFd<'_>,
         program_id: u32,
     ) -> Result<Option<&'static str>, Unanswered> {
-        match bpffs::cgroup_link_info(link) {
+        match sys::cgroup_link_info(link) {
             Err(_) => Err(Unanswered),
             Ok(info) if info.cgroup_id != self.cgroup.id => {
                 Ok(self.unless_cgroup_gone("link detached"))

@@ -27,8 +27,8 @@ use crate::{
         btf::Btf,
         iterator::{IteratorSweep, reopen},
     },
-    missing::CountIterator,
     policy::CgroupPath,
+    without_keepalive::CountIterator,
 };
 
 /// The compiled programs, built by build.rs.

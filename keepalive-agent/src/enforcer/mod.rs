@@ -144,7 +144,7 @@ pub struct Enforcer {
     /// The in-kernel path for existing connections, unless this kernel refused it.
     iterator: Option<Arc<IteratorSweep>>,
     /// The missing-keepalive gauge's count through the kernel, unless this kernel refused it.
-    counter: Option<Arc<crate::missing::CountIterator>>,
+    counter: Option<Arc<crate::without_keepalive::CountIterator>>,
     /// Whether an attachment may have changed behind our back since the last health check.
     changes: changes::Changes,
 }
@@ -184,7 +184,7 @@ impl Enforcer {
     }
 
     /// The count iterator for the missing-keepalive gauge (None: it counts with inet_diag).
-    pub fn connection_counter(&self) -> Option<Arc<crate::missing::CountIterator>> {
+    pub fn connection_counter(&self) -> Option<Arc<crate::without_keepalive::CountIterator>> {
         self.counter.clone()
     }
 

@@ -9,20 +9,18 @@
 
 use std::{
     collections::HashMap,
-    fs,
-    io::{self, Read as _},
-    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
+    io,
+    os::fd::{AsFd as _, OwnedFd},
     path::Path,
     sync::Mutex,
 };
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use aya_obj::generated::{bpf_attach_type::BPF_TRACE_ITER, bpf_cmd};
 use keepalive_common::{AttachRecord, limits};
 
 use super::{
     Sweep,
-    procs::{Holders, in_namespace, walk},
+    procs::{Population, in_namespace},
 };
 use crate::{cgroup::Cgroup, policy::CgroupPath};
 
@@ -52,29 +50,6 @@ pub(crate) fn reopen(map: &Map) -> io::Result<Map> {
     ))
 }
 
-/// `bpf(2)` with an attribute of `words` (the fields the command reads, the rest zero).
-fn bpf(command: bpf_cmd, words: &[u32]) -> io::Result<OwnedFd> {
-    let mut attr = [0u32; 16];
-    attr[..words.len()].copy_from_slice(words);
-    // SAFETY: the attribute is a zeroed buffer of the size passed, laid out as the command's
-    // struct of u32 fields (link_create: prog_fd, target_fd, attach_type, flags; iter_create:
-    // link_fd, flags).
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            command as libc::c_long,
-            attr.as_mut_ptr(),
-            size_of_val(&attr),
-        )
-    };
-    let fd = i32::try_from(fd).map_err(|_| io::Error::other("bpf(2) returned no descriptor"))?;
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a descriptor the kernel just returned, owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 impl IteratorSweep {
     /// Links the loaded program `program` (an iter/tcp program); `records`, `sweep` and
     /// `listen` are its maps.
@@ -84,7 +59,7 @@ impl IteratorSweep {
         sweep: Map,
         listen: Map,
     ) -> io::Result<Self> {
-        let link = iterator_link(program)?;
+        let link = crate::sys::iterator_link(program.as_fd())?;
         let maps = SweepMaps {
             records: BpfHashMap::try_from(records).map_err(io::Error::other)?,
             sweep: BpfHashMap::try_from(sweep).map_err(io::Error::other)?,
@@ -99,12 +74,11 @@ impl IteratorSweep {
     /// Applies the policy in force to the established connections of the cgroups below
     /// `scopes`, in every namespace their processes are in that the agent can enter.
     pub fn sweep(&self, mount: &Path, scopes: &[&Cgroup]) -> io::Result<Sweep> {
-        let mut cgroups: HashMap<u64, CgroupPath> = HashMap::new();
-        let mut pids: Vec<u32> = Vec::new();
-        for scope in scopes {
-            walk(mount, &scope.path, &mut cgroups, &mut pids)?;
-        }
-        let holders = Holders::of(&pids, false);
+        let Population { cgroups, holders } = Population::walk(
+            mount,
+            scopes.iter().map(|scope| scope.path.as_path()),
+            false,
+        )?;
         let mut maps = self
             .maps
             .lock()
@@ -143,27 +117,8 @@ impl IteratorSweep {
 
     /// One run of the iterator in the calling thread's namespace: its outcome bytes.
     fn run(&self) -> io::Result<Vec<u8>> {
-        read_iterator(&self.link)
+        crate::sys::read_iterator(self.link.as_fd())
     }
-}
-
-/// A link of the loaded iterator program `program` (aya's `IterLink` makes one iterator only;
-/// the agent reads these many times).
-pub(crate) fn iterator_link(program: &aya::programs::ProgramFd) -> io::Result<OwnedFd> {
-    let prog = u32::try_from(program.as_fd().as_raw_fd()).map_err(io::Error::other)?;
-    bpf(
-        bpf_cmd::BPF_LINK_CREATE,
-        &[prog, 0, BPF_TRACE_ITER as u32, 0],
-    )
-}
-
-/// One run of the iterator behind `link`: what its program wrote.
-pub(crate) fn read_iterator(link: &OwnedFd) -> io::Result<Vec<u8>> {
-    let link = u32::try_from(link.as_raw_fd()).map_err(io::Error::other)?;
-    let iterator = bpf(bpf_cmd::BPF_ITER_CREATE, &[link, 0])?;
-    let mut output = Vec::new();
-    fs::File::from(iterator).read_to_end(&mut output)?;
-    Ok(output)
 }
 
 /// Empties a map the sweep fills.

@@ -19,15 +19,15 @@ pub(crate) mod diag;
 pub mod iterator;
 pub(crate) mod procs;
 
-use std::{collections::HashMap, io, path::Path, sync::Arc};
+use std::{io, path::Path, sync::Arc};
 
 use keepalive_common::{Outcome, enforce::apply};
 
 pub use self::procs::steal_fd;
-use self::procs::{FdSocket, Holders, established, sockets_in, walk};
+use self::procs::{FdSocket, Population, established_in};
 use crate::{
     cgroup::Cgroup,
-    policy::{CgroupPath, Connection, Policy},
+    policy::{Connection, Policy},
 };
 
 /// What a sweep found and did.
@@ -102,12 +102,8 @@ impl SweepJob {
 
 /// Applies `policy` to the established connections of the processes in `scopes`.
 pub fn sweep(policy: &Policy, mount: &Path, scopes: &[&Cgroup]) -> io::Result<Sweep> {
-    let mut cgroups: HashMap<u64, CgroupPath> = HashMap::new();
-    let mut pids: Vec<u32> = Vec::new();
-    for scope in scopes {
-        walk(mount, &scope.path, &mut cgroups, &mut pids)?;
-    }
-    let holders = Holders::of(&pids, true);
+    let Population { cgroups, holders } =
+        Population::walk(mount, scopes.iter().map(|scope| scope.path.as_path()), true)?;
     let mut sweep = Sweep {
         namespaces: holders.namespaces.len(),
         unlisted: holders.unlisted,
@@ -115,8 +111,7 @@ pub fn sweep(policy: &Policy, mount: &Path, scopes: &[&Cgroup]) -> io::Result<Sw
     };
     let ids: Vec<u64> = cgroups.keys().copied().collect();
     for netns in holders.namespaces.values() {
-        let sockets = sockets_in(netns, Some(&ids))?;
-        for (socket, direction) in established(&sockets) {
+        for (socket, direction) in established_in(netns, Some(&ids))? {
             let Some(cgroup) = cgroups.get(&socket.cgroup_id) else {
                 continue;
             };

@@ -1,6 +1,7 @@
-//! What the sweep, `scan` and the missing-keepalive count share: the cgroup tree with its
-//! processes, who holds which socket, the network namespaces, and a socket's options read or
-//! set through a duplicate of its owner's descriptor.
+//! What the sweep (both ways), `scan` and the count of connections without keepalive share:
+//! one walk from cgroups to the established connections of their processes ([`Population`],
+//! then [`established_in`] each namespace), and a socket's options read or set through a
+//! duplicate of its owner's descriptor.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -22,8 +23,39 @@ use crate::{
     sockopt,
 };
 
+/// The cgroups below some roots, and the network namespaces their processes are in (with who
+/// holds which socket, when asked): where the established connections of those cgroups are.
+#[derive(Debug)]
+pub(crate) struct Population {
+    /// Cgroup id -> path, for every cgroup below the roots.
+    pub(crate) cgroups: HashMap<u64, CgroupPath>,
+    pub(crate) holders: Holders,
+}
+
+impl Population {
+    /// Walks each of `roots` (cgroup directories below `mount`); with `sockets`, lists the
+    /// processes' socket descriptors too.
+    pub(crate) fn walk<'a>(
+        mount: &Path,
+        roots: impl IntoIterator<Item = &'a Path>,
+        sockets: bool,
+    ) -> io::Result<Self> {
+        let mut cgroups = HashMap::new();
+        let mut pids = Vec::new();
+        for root in roots {
+            walk(mount, root, &mut cgroups, &mut pids)?;
+        }
+        pids.sort_unstable();
+        pids.dedup();
+        Ok(Self {
+            cgroups,
+            holders: Holders::of(&pids, sockets),
+        })
+    }
+}
+
 /// Every cgroup below `dir` (id -> path) and the processes in them.
-pub(crate) fn walk(
+fn walk(
     mount: &Path,
     dir: &Path,
     cgroups: &mut HashMap<u64, CgroupPath>,
@@ -169,16 +201,21 @@ impl Holders {
     }
 }
 
-/// The established sockets of one namespace's list, each with its direction: one whose local
-/// port a listener of the namespace holds counts as inbound, any other as outbound.
-pub(crate) fn established(sockets: &[DiagSocket]) -> Vec<(&DiagSocket, Direction)> {
+/// The established TCP connections of the namespace `netns` (a `/proc/PID/ns/net` or
+/// `/run/netns` file), of the cgroups `only` when given, each with its direction: one whose
+/// local port a listener of the namespace holds counts as inbound, any other as outbound.
+pub(crate) fn established_in(
+    netns: &Path,
+    only: Option<&[u64]>,
+) -> io::Result<Vec<(DiagSocket, Direction)>> {
+    let sockets = in_namespace(netns, || diag::tcp_sockets(only))?;
     let listening: HashSet<(IpAddr, u16)> = sockets
         .iter()
         .filter(|socket| socket.state == diag::LISTEN)
         .map(|socket| (socket.local, socket.local_port))
         .collect();
-    sockets
-        .iter()
+    Ok(sockets
+        .into_iter()
         .filter(|socket| socket.state == diag::ESTABLISHED)
         .map(|socket| {
             let inbound = listening.iter().any(|(addr, port)| {
@@ -186,12 +223,7 @@ pub(crate) fn established(sockets: &[DiagSocket]) -> Vec<(&DiagSocket, Direction
             });
             (socket, Direction::from_outbound(!inbound))
         })
-        .collect()
-}
-
-/// The TCP sockets of the namespace `netns` (a `/proc/PID/ns/net` or `/run/netns` file).
-pub(crate) fn sockets_in(netns: &Path, only: Option<&[u64]>) -> io::Result<Vec<DiagSocket>> {
-    in_namespace(netns, || diag::tcp_sockets(only))
+        .collect())
 }
 
 /// `work` run in the network namespace `netns`, on a helper thread that entered it. The

@@ -27,7 +27,7 @@ use tokio::{
 use tracing::{debug, warn};
 
 pub use self::render::render;
-use crate::state::State;
+use crate::status::Shared;
 
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 32;
@@ -37,29 +37,6 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
 const MIN_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
-
-/// What the engine shares with the endpoint.
-#[derive(Debug, Clone, Default)]
-pub struct Telemetry {
-    /// The state of the policy in force (None until the first apply: not ready).
-    pub state: Option<State>,
-    /// Cgroups the sock_ops program is attached to.
-    pub attached: usize,
-    /// Ids of the agent's programs, for their kernel accounting.
-    pub programs: Vec<u32>,
-    /// Where enforcement is missing though it should be there (not ready while any).
-    pub faults: Vec<String>,
-    /// Attachments removed by someone else and put back.
-    pub healed: u64,
-    /// Times the cgroup watch lost events and the tree was scanned again.
-    pub watch_overflows: u64,
-    /// Whether the last reload applied (or kept) a policy; false after a refused one.
-    pub last_reload_ok: bool,
-    /// The last count of connections without keepalive per scope ([`crate::missing`]).
-    pub missing_keepalive: Option<std::collections::BTreeMap<String, crate::missing::Count>>,
-}
-
-pub type Shared = Arc<Mutex<Telemetry>>;
 
 /// Binds the endpoint (errors here are the agent's: a busy port is reported at start).
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -100,7 +77,7 @@ pub async fn serve(listener: TcpListener, shared: Shared, maps_dir: PathBuf) {
         if let Ok(mut queue) = waiting.lock() {
             queue.push_back((next_id, close));
         }
-        let connection = Connection {
+        let connection = ScrapeSlot {
             id: next_id,
             waiting: waiting.clone(),
             _active: active.clone(),
@@ -127,14 +104,14 @@ fn close_oldest(waiting: &Waiting) -> bool {
     oldest.is_some_and(|(_, close)| close.send(()).is_ok())
 }
 
-/// One connection's place among the open and the waiting ones.
-struct Connection {
+/// One scraper's connection: its place among the open and the waiting ones.
+struct ScrapeSlot {
     id: u64,
     waiting: Waiting,
     _active: Arc<()>,
 }
 
-impl Connection {
+impl ScrapeSlot {
     /// The request is in: this connection is no longer one to close for room.
     fn received(&self) {
         if let Ok(mut queue) = self.waiting.lock() {
@@ -143,7 +120,7 @@ impl Connection {
     }
 }
 
-impl Drop for Connection {
+impl Drop for ScrapeSlot {
     fn drop(&mut self) {
         self.received();
     }
@@ -151,7 +128,7 @@ impl Drop for Connection {
 
 async fn answer(
     mut stream: TcpStream,
-    connection: &Connection,
+    connection: &ScrapeSlot,
     shared: &Shared,
     maps_dir: &std::path::Path,
 ) -> std::io::Result<()> {
@@ -226,28 +203,14 @@ fn respond(method: &str, path: &str, shared: &Shared) -> (&'static str, &'static
     }
 }
 
-/// Ready: a policy is in force and every attachment it needs is in the kernel.
+/// `/readyz`: [`Telemetry::readiness`].
 fn readiness(shared: &Shared) -> (&'static str, &'static str, String) {
-    let Ok(telemetry) = shared.lock() else {
-        return (
-            "503 Service Unavailable",
-            "text/plain",
-            "telemetry unavailable\n".into(),
-        );
-    };
-    if telemetry.state.is_none() {
-        return (
-            "503 Service Unavailable",
-            "text/plain",
-            "no policy applied yet\n".into(),
-        );
+    let ready = shared.lock().map_or_else(
+        |_| Err("telemetry unavailable".to_owned()),
+        |telemetry| telemetry.readiness(),
+    );
+    match ready {
+        Ok(()) => ("200 OK", "text/plain", "ready\n".into()),
+        Err(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n")),
     }
-    if !telemetry.faults.is_empty() {
-        return (
-            "503 Service Unavailable",
-            "text/plain",
-            format!("enforcement missing: {}\n", telemetry.faults.join("; ")),
-        );
-    }
-    ("200 OK", "text/plain", "ready\n".into())
 }

@@ -15,7 +15,7 @@ use prometheus_client::{
 };
 
 use super::Shared;
-use crate::snapshot::{PolicyInForce, RuleCounters, Snapshot};
+use crate::status::{PolicyInForce, RuleCounters, Snapshot};
 
 /// The `Content-Type` of the exposition text.
 pub(super) const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
@@ -136,7 +136,7 @@ fn agent(
         agent.watch_overflows,
     )?;
     // By program name: the id changes with every start, so it is no label.
-    let program = |program: &crate::snapshot::ProgramRuns| [("program", program.name.clone())];
+    let program = |program: &crate::status::ProgramRuns| [("program", program.name.clone())];
     counters(
         w,
         "keepalive_program_runs",
@@ -151,7 +151,7 @@ fn agent(
     )
 }
 
-/// The last count of [`crate::missing`], per enforced scope.
+/// The last count of [`crate::without_keepalive`], per enforced scope.
 fn missing_keepalive(w: &mut DescriptorEncoder<'_>, snapshot: &Snapshot) -> fmt::Result {
     let Some(counts) = snapshot
         .agent

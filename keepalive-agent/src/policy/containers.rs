@@ -1,8 +1,8 @@
 //! Rules that select containers by what their engine knows of them: `labels` (all must match)
-//! and `container` (a glob on the container's name). The agent resolves such a rule to the
-//! cgroups of the matching containers ([`Policy::resolve`]); from then on it is a rule of those
-//! cgroups, as specific as each of them ([`Policy::candidates`]). Matching no container, it
-//! applies to nothing.
+//! and `container` (a glob on the container's name), as the policy file writes them. They are
+//! resolved to the cgroups of the matching containers in [`crate::containers`]; from then on
+//! such a rule is a rule of those cgroups, as specific as each of them
+//! ([`Policy::candidates`]). Matching no container, it applies to nothing.
 
 use std::{collections::BTreeMap, fmt, ops::Range};
 
@@ -11,20 +11,6 @@ use toml::{Spanned, Value};
 
 use super::{CgroupPath, Policy, Rule};
 
-/// A container as an engine reports it.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Container {
-    /// `docker`, `podman`, `containerd`.
-    pub engine: String,
-    pub id: String,
-    /// Docker and podman: its name; containerd: the `io.kubernetes.container.name` label,
-    /// else its id.
-    pub name: String,
-    pub labels: BTreeMap<String, String>,
-    /// Where its processes are, as /proc/PID/cgroup shows it.
-    pub cgroup: CgroupPath,
-}
-
 /// What a rule's `labels` and `container` keys ask for.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Selector {
@@ -32,18 +18,6 @@ pub struct Selector {
     pub labels: BTreeMap<String, String>,
     /// A glob on the container name (`*`, `?`, `[...]`).
     pub name: Option<Glob>,
-}
-
-impl Selector {
-    pub fn matches(&self, container: &Container) -> bool {
-        self.labels
-            .iter()
-            .all(|(key, value)| container.labels.get(key) == Some(value))
-            && self
-                .name
-                .as_ref()
-                .is_none_or(|glob| glob.compile_matcher().is_match(&container.name))
-    }
 }
 
 impl fmt::Display for Selector {
@@ -98,27 +72,6 @@ impl Policy {
     /// Whether any rule selects containers (the agent then follows the engines).
     pub fn selects_containers(&self) -> bool {
         self.rules.iter().any(|rule| rule.containers.is_some())
-    }
-
-    /// The policy with each container rule resolved to the cgroups of the `containers` it
-    /// matches (inside its `cgroup`, when it has one too).
-    pub fn resolve(&self, containers: &[Container]) -> Self {
-        let mut resolved = self.clone();
-        for rule in &mut resolved.rules {
-            let within = rule.cgroup.clone();
-            if let Some(selection) = &mut rule.containers {
-                let mut cgroups: Vec<CgroupPath> = containers
-                    .iter()
-                    .filter(|container| selection.selector.matches(container))
-                    .map(|container| container.cgroup.clone())
-                    .filter(|cgroup| within.as_ref().is_none_or(|within| within.contains(cgroup)))
-                    .collect();
-                cgroups.sort();
-                cgroups.dedup();
-                selection.cgroups = cgroups;
-            }
-        }
-        resolved
     }
 }
 

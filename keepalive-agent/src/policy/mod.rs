@@ -14,7 +14,7 @@ mod values;
 use std::{fmt, net::IpAddr};
 
 pub use cgroup_path::CgroupPath;
-pub use containers::{Container, Selection, Selector};
+pub use containers::{Selection, Selector};
 pub use explain::{KeyChecks, Step, Trace};
 pub use keepalive_common::Mode;
 use keepalive_common::{RULE_LOCK, RULE_USER_TIMEOUT, RuleRecord, limits};

@@ -21,7 +21,7 @@ pub fn connected_sockets(cgroup: &CgroupPath) -> Vec<Keepalive> {
                 .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"));
             let fd = entry.file_name().to_string_lossy().parse::<i32>().ok();
             if let (true, Some(fd)) = (is_socket, fd)
-                && let Some(socket) = steal(pid, fd)
+                && let Ok(socket) = keepalive_agent::existing::steal_fd(pid, fd)
                 && is_connected_tcp(&socket)
             {
                 found.push(Keepalive::of(&socket));
@@ -91,19 +91,4 @@ fn pids_below(dir: &Path) -> Vec<u32> {
         }
     }
     pids
-}
-
-/// A duplicate of another process's descriptor (pidfd_getfd), None if it is gone.
-fn steal(pid: u32, fd: i32) -> Option<std::os::fd::OwnedFd> {
-    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-    let pid = i32::try_from(pid).ok()?;
-    // SAFETY: plain system calls; the descriptors are checked before they are owned.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
-        let pidfd = OwnedFd::from_raw_fd(i32::try_from(pidfd).ok().filter(|fd| *fd >= 0)?);
-        let stolen = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
-        Some(OwnedFd::from_raw_fd(
-            i32::try_from(stolen).ok().filter(|fd| *fd >= 0)?,
-        ))
-    }
 }

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use keepalive_agent::{missing, policy::file};
+use keepalive_agent::{policy::file, without_keepalive};
 use keepalive_common::{Stage, host::parse_kernel_version};
 use keepalive_tests::{
     AgentPlaces, Netns, Placement, TestCgroup, Workload, agent_bin, connect,
@@ -286,7 +286,7 @@ fn the_gauges_kernel_count_and_its_socket_dump_agree_on_idle_connections() {
     let _app = app_keepalive("::1", place);
     let mount = keepalive_common::host::cgroup2_mount().unwrap();
     let scopes = [root.scope()];
-    let dumped = missing::count(&mount, &scopes, None).unwrap();
+    let dumped = without_keepalive::count(&mount, &scopes, None).unwrap();
     // Six ends; only the application's client end has keepalive.
     let scope = &dumped[&root.scope().to_string()];
     assert_eq!((scope.established, scope.without_keepalive), (6, 5));
@@ -301,7 +301,7 @@ fn the_gauges_kernel_count_and_its_socket_dump_agree_on_idle_connections() {
         );
         return;
     };
-    let counted = missing::count(&mount, &scopes, Some(&counter)).unwrap();
+    let counted = without_keepalive::count(&mount, &scopes, Some(&counter)).unwrap();
     assert_eq!(counted, dumped);
     let scope = &counted[&root.scope().to_string()];
     assert_eq!((scope.established, scope.without_keepalive), (6, 5));
@@ -440,7 +440,7 @@ fn scan_time_for_many_connections() {
     }
     let started = Instant::now();
     let mount = keepalive_common::host::cgroup2_mount().unwrap();
-    let counts = missing::count(&mount, &[root.scope()], None).unwrap();
+    let counts = without_keepalive::count(&mount, &[root.scope()], None).unwrap();
     let gauge = started.elapsed();
     println!(
         "scan of {connections} connections ({} sockets): --json {:?} ({} lines), table {:?}; \

@@ -263,7 +263,7 @@ fn thousands_of_short_lived_cgroups_leave_nothing_behind() {
     agent.expect_log("attached", LOG_WAIT);
     let baseline = held(&places);
     // sock_ops, and the lock where the kernel loads it (6.1 on; the agent's state says).
-    let state = keepalive_agent::state::State::read(&places.state_dir()).unwrap();
+    let state = keepalive_agent::status::State::read(&places.state_dir()).unwrap();
     let lock = !features::lacks(&state.missing_features, features::LOCK);
     assert_eq!(
         baseline,

@@ -4,7 +4,6 @@
 //! through a duplicate of the owner's descriptor, and the verdict is `Policy::decide` plus the
 //! kernel's mode code run against a copy of the options ([`judge`]).
 
-pub mod containers;
 pub mod judge;
 mod render;
 
@@ -18,16 +17,14 @@ use std::{
 use anyhow::Context as _;
 use clap::Args;
 
+use self::judge::{Options, Verdict, judge};
 pub use self::render::{json_lines, table};
-use self::{
-    containers::{ContainerInfo, Containers},
-    judge::{Options, Verdict, judge},
-};
 use super::source::{self, StateDir};
 use crate::{
+    containers::{ContainerInfo, Containers},
     existing::{
         diag::DiagSocket,
-        procs::{FdSocket, Holders, duplicate, established, pidfd, sockets_in, walk},
+        procs::{FdSocket, Population, duplicate, established_in, pidfd},
     },
     policy::{CgroupPath, Connection, Direction, Policy},
 };
@@ -54,7 +51,7 @@ pub struct ScanArgs {
 
     /// Where the engines listen: scan names each connection's container and its labels.
     #[command(flatten)]
-    pub engines: Box<crate::containers::EngineArgs>,
+    pub engines: Box<crate::commands::engines::EngineArgs>,
 }
 
 /// One established connection, as seen from one of its ends.
@@ -104,9 +101,9 @@ pub fn run(args: &ScanArgs, out: &mut impl io::Write) -> anyhow::Result<()> {
         .iter()
         .map(|arg| crate::cgroup::named(&mount, arg))
         .collect::<Result<Vec<_>, _>>()?;
-    let (engines, engine_notes) = containers::engines(&args.engines)?;
+    let (engines, engine_notes) = crate::containers::ask_once(&args.engines.sockets())?;
     // Rules that select containers apply to the cgroups of those running now, as in `run`.
-    let policy = engines.resolve(&source.policy);
+    let policy = crate::containers::resolve(&source.policy, &engines.0);
     let mut report = scan(&policy, &mount, &filters, &engines)?;
     report.policy = source.description;
     report.notes = source.notes;
@@ -127,11 +124,11 @@ pub fn scan(
     filters: &[CgroupPath],
     engines: &impl Containers,
 ) -> anyhow::Result<Report> {
-    let mut cgroups = HashMap::new();
-    let mut pids = Vec::new();
-    walk(mount, mount, &mut cgroups, &mut pids)
+    let Population {
+        cgroups,
+        mut holders,
+    } = Population::walk(mount, [mount], true)
         .with_context(|| format!("cannot read the cgroup tree at {}", mount.display()))?;
-    let mut holders = Holders::of(&pids, true);
     holders.add_mounted_namespaces();
     let mut report = Report {
         namespaces: holders.namespaces.len(),
@@ -149,7 +146,7 @@ pub fn scan(
         containers: HashMap::new(),
     };
     for (&netns, path) in &holders.namespaces {
-        let sockets = match sockets_in(path, None) {
+        let sockets = match established_in(path, None) {
             Ok(sockets) => sockets,
             Err(error) => {
                 report.skipped.push(format!(
@@ -160,10 +157,10 @@ pub fn scan(
                 continue;
             }
         };
-        for (socket, direction) in established(&sockets) {
+        for (socket, direction) in &sockets {
             report
                 .entries
-                .extend(scanner.entry(netns, socket, direction));
+                .extend(scanner.entry(netns, socket, *direction));
         }
     }
     report.entries.sort_by(|a, b| {

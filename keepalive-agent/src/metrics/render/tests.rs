@@ -2,7 +2,7 @@ use super::*;
 use crate::{
     enforcer::Outcomes,
     policy::{Action, Policy, Rule, Values},
-    state::State,
+    status::State,
 };
 
 #[test]
@@ -70,7 +70,7 @@ fn exposition_names_counters_with_total_in_help_type_and_samples() {
             action: String::new(),
             counters: outcomes,
         }],
-        agent: Some(crate::snapshot::AgentTelemetry::default()),
+        agent: Some(crate::status::AgentTelemetry::default()),
     };
     let text = exposition(snapshot).unwrap_or_default();
     for line in [

@@ -1,7 +1,10 @@
 use std::{net::IpAddr, path::Path};
 
 use super::*;
-use crate::policy::{Connection, Decision, Direction, file::parse};
+use crate::{
+    containers::{Container, resolve},
+    policy::{Connection, Decision, Direction, file::parse},
+};
 
 const PAYMENTS: &str = r#"
 [agent]
@@ -128,7 +131,7 @@ fn a_label_rule_applies_to_the_cgroups_of_matching_containers_only() {
             &[("io.kubernetes.pod.namespace", "shop")],
         ),
     ];
-    let policy = parsed(PAYMENTS).resolve(&containers);
+    let policy = resolve(&parsed(PAYMENTS), &containers);
     assert_eq!(
         policy.rules[0].rule_cgroups(),
         [&CgroupPath::parse("/docker/aaa").unwrap_or_else(|e| panic!("{e}"))]
@@ -146,7 +149,7 @@ fn a_label_rule_matching_no_container_applies_to_nothing() {
         "/docker/bbb",
         &[("io.kubernetes.pod.namespace", "shop")],
     )];
-    let policy = parsed(PAYMENTS).resolve(&containers);
+    let policy = resolve(&parsed(PAYMENTS), &containers);
     let Some(selection) = policy.rules[0].containers.as_ref() else {
         panic!("no selection in {policy:?}");
     };
@@ -190,7 +193,7 @@ idle = "20s"
         container("pgbouncer", "/kubepods/pod1/ccc", &[]),
         container("web", "/kubepods/pod1/ddd", &[]),
     ];
-    let policy = policy.resolve(&containers);
+    let policy = resolve(&policy, &containers);
     // Deeper than the pod's rule and the kubepods rule, though later in the file.
     assert_eq!(
         policy.decide(&conn("/kubepods/pod1/ccc")),
@@ -218,7 +221,7 @@ idle = "11s"
         container("a", "/kubepods/pod1/aaa", &[("app", "db")]),
         container("b", "/docker/bbb", &[("app", "db")]),
     ];
-    let policy = policy.resolve(&containers);
+    let policy = resolve(&policy, &containers);
     assert_eq!(
         policy.decide(&conn("/kubepods/pod1/aaa")),
         Decision::Rule(0)
@@ -241,7 +244,7 @@ fn compiled_tables_agree_with_the_reference_for_resolved_rules() {
             &[("io.kubernetes.pod.namespace", "shop")],
         ),
     ];
-    let policy = parsed(PAYMENTS).resolve(&containers);
+    let policy = resolve(&parsed(PAYMENTS), &containers);
     let points: Vec<CgroupPath> = ["/docker/aaa", "/docker/bbb"]
         .iter()
         .map(|path| CgroupPath::parse(path).unwrap_or_else(|e| panic!("{e}")))

@@ -1,46 +1,42 @@
 //! The floor for this job: a sock_ops program with no policy at all that sets the four options
 //! on both established callbacks, the way the agent's program does (TCP values first,
-//! `SO_KEEPALIVE` last). Assembled here from raw instructions and loaded with the `bpf(2)`
-//! system call, so it never enters the agent's object or its production load.
+//! `SO_KEEPALIVE` last). Assembled here from raw instructions and loaded through the agent's
+//! `sys` module (aya loads ELF objects only), so it never enters the agent's object or its
+//! production load.
 
 use std::{
-    os::fd::{AsRawFd, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, OwnedFd},
     path::Path,
     time::Duration,
 };
 
+use keepalive_agent::sys;
 use keepalive_tests::{Netns, Placement, TestCgroup, Workload};
 
 use crate::Bench;
 
-/// `bpf(2)` commands and constants from `linux/bpf.h` (stable UAPI).
-const BPF_PROG_LOAD: i64 = 5;
-const BPF_OBJ_GET_INFO_BY_FD: i64 = 15;
-const BPF_LINK_CREATE: i64 = 28;
+/// Constants from `linux/bpf.h` (stable UAPI).
 const BPF_PROG_TYPE_SOCK_OPS: u32 = 13;
 const BPF_CGROUP_SOCK_OPS: u32 = 3;
 const BPF_FUNC_SETSOCKOPT: i32 = 49;
 const ACTIVE_ESTABLISHED: i32 = 4;
 const PASSIVE_ESTABLISHED: i32 = 5;
 
-/// One `struct bpf_insn`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-struct Insn {
-    code: u8,
-    /// dst in the low nibble, src in the high one.
-    regs: u8,
-    off: i16,
-    imm: i32,
-}
-
-const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
-    Insn {
+/// One `struct bpf_insn` (code, dst and src registers in one byte, offset, immediate) as the
+/// 8 bytes the kernel reads.
+const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+    let off = off.to_ne_bytes();
+    let imm = imm.to_ne_bytes();
+    u64::from_ne_bytes([
         code,
-        regs: dst | (src << 4),
-        off,
-        imm,
-    }
+        dst | (src << 4),
+        off[0],
+        off[1],
+        imm[0],
+        imm[1],
+        imm[2],
+        imm[3],
+    ])
 }
 
 const MOV64_REG: u8 = 0xbf;
@@ -63,7 +59,7 @@ const OPTIONS: [(i32, i32, i32); 4] = [
 
 /// `r6 = ctx; if op is not an established callback, return 1; else bpf_setsockopt(ctx, level,
 /// name, &value, 4)` for each option; return 1.
-fn program() -> Vec<Insn> {
+fn program() -> Vec<u64> {
     let per_option = 8;
     let skip = i16::try_from(OPTIONS.len() * per_option).unwrap_or(i16::MAX);
     let mut code = vec![
@@ -88,57 +84,6 @@ fn program() -> Vec<Insn> {
     code
 }
 
-/// The prefix of `union bpf_attr` for `BPF_PROG_LOAD`; the kernel zero-fills the rest.
-#[repr(C)]
-#[derive(Debug, Default)]
-struct ProgLoad {
-    prog_type: u32,
-    insn_cnt: u32,
-    insns: u64,
-    license: u64,
-    log_level: u32,
-    log_size: u32,
-    log_buf: u64,
-    kern_version: u32,
-    prog_flags: u32,
-    prog_name: [u8; 16],
-}
-
-#[repr(C)]
-#[derive(Debug, Default)]
-struct LinkCreate {
-    prog_fd: u32,
-    target_fd: u32,
-    attach_type: u32,
-    flags: u32,
-}
-
-#[repr(C)]
-#[derive(Debug, Default)]
-struct GetInfo {
-    bpf_fd: u32,
-    info_len: u32,
-    info: u64,
-}
-
-/// `bpf(cmd, attr)`, returning the new descriptor.
-fn bpf<T>(cmd: i64, attr: &mut T) -> std::io::Result<i64> {
-    let size = size_of::<T>();
-    // SAFETY: `attr` is a #[repr(C)] prefix of `union bpf_attr` of `size` bytes, alive for the
-    // call; every pointer inside points to memory that outlives it.
-    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size) };
-    if ret < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(ret)
-}
-
-fn owned(fd: i64) -> OwnedFd {
-    let fd = i32::try_from(fd).unwrap_or_else(|_| panic!("bpf(2) returned {fd}"));
-    // SAFETY: a descriptor the kernel just returned to us, owned by nobody else.
-    unsafe { OwnedFd::from_raw_fd(fd) }
-}
-
 /// The program loaded and attached to one cgroup; dropping it detaches and unloads it.
 #[derive(Debug)]
 pub(crate) struct FloorProgram {
@@ -150,43 +95,14 @@ pub(crate) struct FloorProgram {
 
 impl FloorProgram {
     pub(crate) fn attach(cgroup: &Path) -> Self {
-        let code = program();
-        let license = c"GPL";
-        let mut log = vec![0u8; 64 * 1024];
-        let mut name = [0u8; 16];
-        name[..8].copy_from_slice(b"ka_floor");
-        let mut load = ProgLoad {
-            prog_type: BPF_PROG_TYPE_SOCK_OPS,
-            insn_cnt: u32::try_from(code.len()).unwrap_or(u32::MAX),
-            insns: code.as_ptr() as u64,
-            license: license.as_ptr() as u64,
-            log_level: 1,
-            log_size: u32::try_from(log.len()).unwrap_or(u32::MAX),
-            log_buf: log.as_mut_ptr() as u64,
-            prog_name: name,
-            ..ProgLoad::default()
-        };
-        let program = bpf(BPF_PROG_LOAD, &mut load)
-            .map(owned)
-            .unwrap_or_else(|e| {
-                let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
-                panic!(
-                    "load the floor program: {e}\n{}",
-                    String::from_utf8_lossy(&log[..end])
-                )
-            });
+        let program = sys::load_program(BPF_PROG_TYPE_SOCK_OPS, "ka_floor", &program())
+            .unwrap_or_else(|(e, log)| panic!("load the floor program: {e}\n{log}"));
         let dir = std::fs::File::open(cgroup)
             .unwrap_or_else(|e| panic!("open {}: {e}", cgroup.display()));
-        let mut create = LinkCreate {
-            prog_fd: raw(&program),
-            target_fd: raw(&dir),
-            attach_type: BPF_CGROUP_SOCK_OPS,
-            flags: 0,
-        };
-        let link = bpf(BPF_LINK_CREATE, &mut create)
-            .map(owned)
+        let link = sys::link_cgroup(program.as_fd(), dir.as_fd(), BPF_CGROUP_SOCK_OPS)
             .unwrap_or_else(|e| panic!("attach the floor program to {}: {e}", cgroup.display()));
-        let id = program_id(&program);
+        let id = sys::program_id(program.as_fd())
+            .unwrap_or_else(|e| panic!("read the floor program's id: {e}"));
         Self {
             _link: link,
             program,
@@ -203,23 +119,6 @@ impl FloorProgram {
             .unwrap_or_else(|| panic!("the floor program (id {}) is not loaded", self.id));
         (info.run_time(), info.run_count())
     }
-}
-
-fn raw(fd: &impl AsRawFd) -> u32 {
-    u32::try_from(fd.as_raw_fd()).unwrap_or(u32::MAX)
-}
-
-/// The program's id: the first two fields of `struct bpf_prog_info` (type, id).
-fn program_id(program: &OwnedFd) -> u32 {
-    let mut head = [0u32; 2];
-    let mut get = GetInfo {
-        bpf_fd: raw(program),
-        info_len: 8,
-        info: head.as_mut_ptr() as u64,
-    };
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut get)
-        .unwrap_or_else(|e| panic!("read the floor program's id: {e}"));
-    head[1]
 }
 
 /// Panics unless both ends of a connection in `cgroup` (where the floor program is attached)

@@ -1,10 +1,17 @@
-//! One picture of what is enforced, taken once and rendered three ways: `status --json` (this
-//! type, serialised), the `status` table (`commands/status.rs`) and the Prometheus endpoint
-//! (`metrics/render.rs`). `status` takes it from the pins and the state file, the running
-//! agent's endpoint from its own telemetry and the pinned maps.
+//! The agent's status, one model: the [`State`] of the policy in force (the running agent
+//! keeps it, with the faults it has not repaired, and writes it to the state file:
+//! [`state`]), the running agent's [`Telemetry`] (that state and its own figures, shared with
+//! the endpoint: [`live`]), and the [`Snapshot`] taken of either and rendered three ways:
+//! `status --json` (this type, serialised), the `status` table (`commands/status.rs`) and the
+//! Prometheus endpoint (`metrics/render.rs`); `/readyz` answers [`Telemetry::readiness`].
+//! `status` takes its snapshot from the pins and the state file, the endpoint from the agent's
+//! telemetry and the pinned maps.
 //!
 //! A new figure is a field here, filled in [`Snapshot::from_pins`] and/or
 //! [`Snapshot::from_agent`], and a line where it is rendered.
+
+mod live;
+pub mod state;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -14,11 +21,13 @@ use std::{
 use keepalive_common::{Outcome, Stat};
 use serde::{Serialize, Serializer, ser::SerializeMap as _};
 
+pub use self::{
+    live::{Shared, Telemetry, count_without_keepalive},
+    state::{RuleState, State},
+};
 use crate::{
     bpffs::PinDir,
     enforcer::{Counters, MissingFeature, Outcomes, PinnedMaps},
-    metrics::Telemetry,
-    state::{RuleState, State},
 };
 
 /// What is enforced, where, and what it counted.
@@ -97,11 +106,11 @@ pub struct AgentTelemetry {
     pub watch_overflows: u64,
     /// Whether the last reload applied (or kept) a policy.
     pub last_reload_ok: bool,
-    /// The kernel's accounting of the agent's programs.
+    /// The kernel's accounting of the agent's programs (filled when a snapshot is taken).
     pub programs: Vec<ProgramRuns>,
     /// The last count of connections without keepalive, per enforced scope (None: not
     /// counted yet, or never: `--missing-interval 0`).
-    pub missing_keepalive: Option<BTreeMap<String, crate::missing::Count>>,
+    pub missing_keepalive: Option<BTreeMap<String, crate::without_keepalive::Count>>,
 }
 
 /// The kernel's accounting of one of the agent's programs (with `--program-stats`).
@@ -119,8 +128,7 @@ impl Snapshot {
         let pins = PinDir::at(bpffs);
         let state = State::read(state_dir);
         let holder = crate::instance::holder(&pins.root);
-        let running =
-            holder.is_some() || state.as_ref().is_some_and(|s| crate::state::alive(s.pid));
+        let running = holder.is_some() || state.as_ref().is_some_and(|s| state::alive(s.pid));
         let links = pins.pinned_links();
         let by_id = if links.is_empty() {
             HashMap::new()
@@ -179,7 +187,7 @@ impl Snapshot {
             pins: maps_dir.parent().unwrap_or(maps_dir).to_path_buf(),
             agent_running: true,
             agent_pid: Some(std::process::id()),
-            missing: telemetry.faults.clone(),
+            missing: state.map(|state| state.faults.clone()).unwrap_or_default(),
             policy: state.map(PolicyInForce::from),
             missing_features: state
                 .map(|s| s.missing_features.clone())
@@ -189,12 +197,8 @@ impl Snapshot {
             counters,
             rules,
             agent: Some(AgentTelemetry {
-                attached_cgroups: telemetry.attached,
-                healed: telemetry.healed,
-                watch_overflows: telemetry.watch_overflows,
-                last_reload_ok: telemetry.last_reload_ok,
-                programs: program_runs(&telemetry.programs),
-                missing_keepalive: telemetry.missing_keepalive.clone(),
+                programs: program_runs(&telemetry.program_ids),
+                ..telemetry.agent.clone()
             }),
         })
     }
@@ -282,8 +286,8 @@ fn missing(
     let mut missing: Vec<String> = links
         .iter()
         .filter_map(|(name, id, pin)| {
-            let attached = crate::bpffs::open_pinned(pin)
-                .and_then(|link| crate::bpffs::cgroup_link_info(std::os::fd::AsFd::as_fd(&link)))
+            let attached = crate::sys::open_pinned(pin)
+                .and_then(|link| crate::sys::cgroup_link_info(std::os::fd::AsFd::as_fd(&link)))
                 .is_ok_and(|info| info.cgroup_id == *id);
             if attached {
                 return None;

@@ -1,13 +1,11 @@
-//! Which container a cgroup belongs to, where a container engine knows: the one seam between
-//! `scan` and the engines, asked once per scan. Without an engine every answer is `None`, and
-//! `scan` shows the cgroup alone.
+//! The containers the engines list when asked once (`scan`, `explain`), and which container a
+//! cgroup belongs to. Without an engine every answer is `None`, and `scan` shows the cgroup
+//! alone.
 
 use std::collections::BTreeMap;
 
-use crate::{
-    containers::EngineArgs,
-    policy::{CgroupPath, Container, Policy},
-};
+use super::{Container, Sockets};
+use crate::policy::CgroupPath;
 
 /// A container as `scan` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,24 +38,13 @@ impl Containers for Listed {
     }
 }
 
-impl Listed {
-    /// `policy` with its rules that select containers resolved to these containers' cgroups.
-    pub fn resolve(&self, policy: &Policy) -> Policy {
-        if policy.selects_containers() {
-            policy.resolve(&self.0)
-        } else {
-            policy.clone()
-        }
-    }
-}
-
-/// Asks the engines once for their running containers (see [`crate::containers::list_once`]),
-/// with notes for those that failed.
-pub fn engines(args: &EngineArgs) -> anyhow::Result<(Listed, Vec<String>)> {
+/// Asks the engines once for their running containers (see [`super::list_once`]), with notes
+/// for those that failed.
+pub fn ask_once(sockets: &Sockets) -> anyhow::Result<(Listed, Vec<String>)> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (containers, notes) = runtime.block_on(crate::containers::list_once(args));
+    let (containers, notes) = runtime.block_on(super::list_once(sockets));
     Ok((Listed(containers), notes))
 }
 

@@ -1,5 +1,6 @@
-//! The missing-keepalive count: established connections without keepalive, per enforced scope,
-//! counted on a period by the running agent (`keepalive_connections_without_keepalive`).
+//! The count of established connections without keepalive, per enforced scope, taken on a
+//! period by the running agent ([`crate::status::count_without_keepalive`]) for the gauge
+//! `keepalive_connections_without_keepalive`.
 //!
 //! Cheap on purpose: one read per network namespace of the scopes' processes, and no
 //! descriptor is touched. Where the kernel takes the count iterator (`ka_count`, iter/tcp,
@@ -15,24 +16,20 @@
 use std::{
     collections::{BTreeMap, HashMap},
     io,
-    os::fd::OwnedFd,
-    path::Path,
-    sync::Arc,
+    os::fd::{AsFd as _, OwnedFd},
+    path::{Path, PathBuf},
     time::Duration,
 };
 
 use keepalive_common::CountRecord;
 
-use tracing::{debug, warn};
-
 use crate::{
     existing::{
-        diag::{ESTABLISHED, TIMER_OFF},
-        iterator::{iterator_link, read_iterator},
-        procs::{Holders, in_namespace, sockets_in, walk},
+        diag::TIMER_OFF,
+        procs::{Population, established_in, in_namespace},
     },
-    metrics,
     policy::{CgroupPath, Pattern},
+    sys::{iterator_link, read_iterator},
 };
 
 /// The period when neither `--missing-interval` nor its variable says otherwise.
@@ -57,14 +54,14 @@ pub struct CountIterator {
 impl CountIterator {
     pub(crate) fn new(program: &aya::programs::ProgramFd) -> io::Result<Self> {
         Ok(Self {
-            link: iterator_link(program)?,
+            link: iterator_link(program.as_fd())?,
         })
     }
 
     /// The established connections of the calling thread's namespace: (cgroup id, whether
     /// SO_KEEPALIVE is on).
     fn connections(&self) -> io::Result<Vec<(u64, bool)>> {
-        Ok(records(&read_iterator(&self.link)?))
+        Ok(records(&read_iterator(self.link.as_fd())?))
     }
 }
 
@@ -93,11 +90,9 @@ fn connections_in(netns: &Path, counter: Option<&CountIterator>) -> io::Result<V
     {
         return Ok(connections);
     }
-    let sockets = sockets_in(netns, None)?;
-    Ok(sockets
-        .iter()
-        .filter(|socket| socket.state == ESTABLISHED)
-        .map(|socket| (socket.cgroup_id, socket.timer != TIMER_OFF))
+    Ok(established_in(netns, None)?
+        .into_iter()
+        .map(|(socket, _)| (socket.cgroup_id, socket.timer != TIMER_OFF))
         .collect())
 }
 
@@ -113,16 +108,13 @@ pub fn count(
         .iter()
         .map(|scope| (scope.to_string(), Count::default()))
         .collect();
-    let mut cgroups = HashMap::new();
-    let mut pids = Vec::new();
-    for scope in scopes {
-        let root = mount.join(scope.literal_prefix().relative());
-        if root.is_dir() {
-            walk(mount, &root, &mut cgroups, &mut pids)?;
-        }
-    }
-    pids.sort_unstable();
-    pids.dedup();
+    let roots: Vec<PathBuf> = scopes
+        .iter()
+        .map(|scope| mount.join(scope.literal_prefix().relative()))
+        .filter(|root| root.is_dir())
+        .collect();
+    let Population { cgroups, holders } =
+        Population::walk(mount, roots.iter().map(PathBuf::as_path), false)?;
     // Each cgroup's scope, decided once, by patterns compiled once (`CgroupPath::covers`
     // compiles its pattern each call: ~100 us, at 10,000 cgroups a second per count).
     let patterns: Vec<(String, Pattern)> = scopes
@@ -136,7 +128,7 @@ pub fn count(
             Some((id, scope.as_str()))
         })
         .collect();
-    for netns in Holders::of(&pids, false).namespaces.values() {
+    for netns in holders.namespaces.values() {
         let connections = match connections_in(netns, counter) {
             Ok(connections) => connections,
             // The namespace went away with its last process.
@@ -158,52 +150,6 @@ pub fn count(
         }
     }
     Ok(counts)
-}
-
-/// Counts every `period` while the agent runs, for the scopes of the policy in force, into the
-/// telemetry the metrics endpoint reads.
-pub async fn watch(
-    shared: metrics::Shared,
-    mount: std::path::PathBuf,
-    period: Duration,
-    counter: Option<Arc<CountIterator>>,
-) {
-    let mut warned = false;
-    loop {
-        let scopes: Option<Vec<CgroupPath>> = shared.lock().ok().and_then(|telemetry| {
-            let state = telemetry.state.as_ref()?;
-            Some(
-                state
-                    .scopes
-                    .iter()
-                    .filter_map(|scope| CgroupPath::parse(scope).ok())
-                    .collect(),
-            )
-        });
-        let Some(scopes) = scopes else {
-            // No policy yet: look again soon rather than a whole period later.
-            tokio::time::sleep(period.min(Duration::from_millis(200))).await;
-            continue;
-        };
-        let mount = mount.clone();
-        let counter = counter.clone();
-        let counted =
-            tokio::task::spawn_blocking(move || count(&mount, &scopes, counter.as_deref())).await;
-        match counted {
-            Ok(Ok(counts)) => {
-                debug!(?counts, "counted connections without keepalive");
-                if let Ok(mut telemetry) = shared.lock() {
-                    telemetry.missing_keepalive = Some(counts);
-                }
-            }
-            Ok(Err(error)) if !warned => {
-                warned = true;
-                warn!(%error, "cannot count connections without keepalive; retrying each period");
-            }
-            _ => {}
-        }
-        tokio::time::sleep(period).await;
-    }
 }
 
 #[cfg(test)]
