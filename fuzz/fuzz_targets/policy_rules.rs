@@ -62,8 +62,6 @@ fn policy(spec: &Spec) -> Policy {
         .take(24)
         .enumerate()
         .map(|(i, rule)| Rule {
-            name: format!("rule {}", i + 1),
-            line: 0,
             cgroup: rule.cgroup.and_then(cgroup),
             remote: rule
                 .remote
@@ -79,15 +77,17 @@ fn policy(spec: &Spec) -> Policy {
             remote_ports: ranges(&rule.remote_ports),
             local_ports: ranges(&rule.local_ports),
             direction: rule.direction.map(Direction::from_outbound),
-            containers: None,
-            action: Action {
-                mode: Mode::ALL[usize::from(rule.mode) % Mode::ALL.len()],
-                values: Values {
-                    idle_secs: u32::from(rule.idle % 32767) + 1,
-                    ..Values::default()
+            ..Rule::new(
+                format!("rule {}", i + 1),
+                Action {
+                    mode: Mode::ALL[usize::from(rule.mode) % Mode::ALL.len()],
+                    values: Values {
+                        idle_secs: u32::from(rule.idle % 32767) + 1,
+                        ..Values::default()
+                    },
+                    lock: rule.mode & 0x80 != 0,
                 },
-                lock: rule.mode & 0x80 != 0,
-            },
+            )
         })
         .collect();
     Policy {

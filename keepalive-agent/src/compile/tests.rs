@@ -66,8 +66,6 @@ fn port_ranges_split_into_exact_disjoint_prefixes() {
 
 fn rule(cgroup: Option<&str>, remote: &[&str], remote_ports: &[(u16, u16)], idle: u32) -> Rule {
     Rule {
-        name: format!("r{idle}"),
-        line: 0,
         cgroup: cgroup.map(path),
         remote: remote
             .iter()
@@ -77,13 +75,13 @@ fn rule(cgroup: Option<&str>, remote: &[&str], remote_ports: &[(u16, u16)], idle
             .iter()
             .map(|&(first, last)| PortRange { first, last })
             .collect(),
-        local_ports: Vec::new(),
-        direction: None,
-        containers: None,
-        action: Action::enforce(Values {
-            idle_secs: idle,
-            ..Values::default()
-        }),
+        ..Rule::new(
+            format!("r{idle}"),
+            Action::enforce(Values {
+                idle_secs: idle,
+                ..Values::default()
+            }),
+        )
     }
 }
 

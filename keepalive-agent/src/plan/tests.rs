@@ -7,15 +7,8 @@ fn path(text: &str) -> CgroupPath {
 
 fn rule(name: &str, cgroup: &str) -> Rule {
     Rule {
-        name: name.into(),
-        line: 0,
         cgroup: Some(path(cgroup)),
-        remote: Vec::new(),
-        remote_ports: Vec::new(),
-        local_ports: Vec::new(),
-        direction: None,
-        containers: None,
-        action: Action::enforce(Values::default()),
+        ..Rule::new(name, Action::enforce(Values::default()))
     }
 }
 

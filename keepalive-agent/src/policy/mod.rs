@@ -119,6 +119,22 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// A rule named `name` that does `action` everywhere its policy reaches: no cgroup, no
+    /// match keys, no containers (set those with struct update syntax).
+    pub fn new(name: impl Into<String>, action: Action) -> Self {
+        Self {
+            name: name.into(),
+            line: 0,
+            cgroup: None,
+            remote: Vec::new(),
+            remote_ports: Vec::new(),
+            local_ports: Vec::new(),
+            direction: None,
+            containers: None,
+            action,
+        }
+    }
+
     /// Whether it matches on anything besides its cgroup.
     pub fn has_match_keys(&self) -> bool {
         !self.remote.is_empty()

@@ -19,15 +19,8 @@ fn values(idle: u32) -> Values {
 
 fn rule(name: &str, cgroup: Option<&str>) -> Rule {
     Rule {
-        name: name.into(),
-        line: 0,
         cgroup: cgroup.map(path),
-        remote: Vec::new(),
-        remote_ports: Vec::new(),
-        local_ports: Vec::new(),
-        direction: None,
-        containers: None,
-        action: Action::enforce(values(10)),
+        ..Rule::new(name, Action::enforce(values(10)))
     }
 }
 

@@ -186,8 +186,6 @@ fn policy(world: &World, rules: &[RuleSpec], scopes: usize) -> Policy {
             .iter()
             .enumerate()
             .map(|(i, spec)| Rule {
-                name: format!("rule {}", i + 1),
-                line: 0,
                 cgroup: spec.cgroup.map(|k| world.path(k)),
                 remote: spec
                     .remote
@@ -197,12 +195,14 @@ fn policy(world: &World, rules: &[RuleSpec], scopes: usize) -> Policy {
                 remote_ports: spec.remote_ports.iter().map(range).collect(),
                 local_ports: spec.local_ports.iter().map(range).collect(),
                 direction: spec.direction.map(Direction::from_outbound),
-                containers: None,
-                action: Action {
-                    mode: Mode::ALL[spec.mode],
-                    values: values(100 + u32::try_from(i).unwrap()),
-                    lock: false,
-                },
+                ..Rule::new(
+                    format!("rule {}", i + 1),
+                    Action {
+                        mode: Mode::ALL[spec.mode],
+                        values: values(100 + u32::try_from(i).unwrap()),
+                        lock: false,
+                    },
+                )
             })
             .collect(),
         existing: false,

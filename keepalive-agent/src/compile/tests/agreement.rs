@@ -51,8 +51,6 @@ fn any_rule() -> impl Strategy<Value = Rule> {
     )
         .prop_map(
             |(cgroup, remote, remote_ports, local_ports, outbound, mode, idle, lock)| Rule {
-                name: String::new(),
-                line: 0,
                 cgroup: cgroup.map(path),
                 remote: remote
                     .iter()
@@ -61,15 +59,17 @@ fn any_rule() -> impl Strategy<Value = Rule> {
                 remote_ports,
                 local_ports,
                 direction: outbound.map(Direction::from_outbound),
-                containers: None,
-                action: Action {
-                    mode,
-                    values: Values {
-                        idle_secs: idle,
-                        ..Values::default()
+                ..Rule::new(
+                    String::new(),
+                    Action {
+                        mode,
+                        values: Values {
+                            idle_secs: idle,
+                            ..Values::default()
+                        },
+                        lock,
                     },
-                    lock,
-                },
+                )
             },
         )
 }

@@ -10,17 +10,7 @@ fn rules_sharing_the_last_slot_are_one_series() {
     let limit = keepalive_common::limits::COUNTED_SLOTS as usize;
     let mut policy = Policy::enforce(Values::default(), vec![crate::CgroupPath::root()]);
     policy.rules = (0..limit + 5)
-        .map(|i| Rule {
-            name: format!("r{i}"),
-            line: 0,
-            cgroup: None,
-            remote: Vec::new(),
-            remote_ports: Vec::new(),
-            local_ports: Vec::new(),
-            direction: None,
-            containers: None,
-            action: Action::enforce(Values::default()),
-        })
+        .map(|i| Rule::new(format!("r{i}"), Action::enforce(Values::default())))
         .collect();
     let rules: Vec<RuleCounters> = State::new(&policy, "test", 1)
         .rules

@@ -11,20 +11,13 @@ use keepalive_agent::{
 };
 
 fn rule(i: usize) -> Rule {
-    Rule {
-        name: format!("rule {}", i + 1),
-        line: 0,
-        cgroup: None,
-        remote: Vec::new(),
-        remote_ports: Vec::new(),
-        local_ports: Vec::new(),
-        direction: None,
-        containers: None,
-        action: Action::enforce(Values {
+    Rule::new(
+        format!("rule {}", i + 1),
+        Action::enforce(Values {
             idle_secs: 30 + u32::try_from(i % 200).unwrap_or(0),
             ..Values::default()
         }),
-    }
+    )
 }
 
 fn cidr(text: &str) -> Cidr {
