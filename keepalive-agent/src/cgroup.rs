@@ -1,4 +1,4 @@
-//! cgroup v2 directories: resolving what the user names, and their ids.
+//! cgroup v2 directories: finding what the user names, and their ids.
 
 use std::{
     fmt, fs, io,
@@ -33,7 +33,7 @@ pub enum CgroupError {
 /// The one reading of a cgroup the user names (`--cgroup` of run, scan and explain): a path
 /// inside the hierarchy (`/`, `system.slice/x.service`, as /proc/PID/cgroup prints them), or a
 /// filesystem path under the cgroup2 `mount`, as a [`CgroupPath`]. Whether it exists is
-/// [`Cgroup::resolve`]'s question.
+/// [`Cgroup::find`]'s question.
 pub fn named(mount: &Path, arg: &Path) -> Result<CgroupPath, CgroupError> {
     let bad = |reason: String| CgroupError::BadName {
         arg: arg.to_path_buf(),
@@ -65,10 +65,10 @@ impl fmt::Display for Cgroup {
 }
 
 impl Cgroup {
-    /// Resolves a user-given cgroup: a path inside the hierarchy (`/`, `system.slice`,
+    /// Finds a user-given cgroup: a path inside the hierarchy (`/`, `system.slice`,
     /// `/kubepods.slice/pod1`, as /proc/PID/cgroup prints them) or a filesystem path under the
     /// cgroup2 mount (`/sys/fs/cgroup/system.slice`).
-    pub fn resolve(mount: &Path, arg: &Path) -> Result<Self, CgroupError> {
+    pub fn find(mount: &Path, arg: &Path) -> Result<Self, CgroupError> {
         let path = if arg.starts_with(mount) {
             arg.to_path_buf()
         } else {
@@ -175,7 +175,7 @@ mod tests {
     #[test]
     fn a_plain_directory_is_not_a_cgroup() {
         let dir = std::env::temp_dir();
-        let error = Cgroup::resolve(Path::new("/"), &dir).err();
+        let error = Cgroup::find(Path::new("/"), &dir).err();
         assert!(
             matches!(error, Some(CgroupError::NotCgroup2 { .. })),
             "{error:?}"
@@ -184,7 +184,7 @@ mod tests {
 
     #[test]
     fn a_missing_cgroup_names_what_was_tried() {
-        let error = Cgroup::resolve(Path::new("/nonexistent-mount"), Path::new("/a/b"))
+        let error = Cgroup::find(Path::new("/nonexistent-mount"), Path::new("/a/b"))
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();

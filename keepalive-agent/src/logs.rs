@@ -13,7 +13,7 @@ pub fn init(format: LogFormat, level: Option<LogLevel>) {
         Some(level) => EnvFilter::new(level.directive()),
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
-    let format = resolve(format, stderr_is_journal());
+    let format = effective(format, stderr_is_journal());
     let (journald, journal_error) = match format {
         LogFormat::Journald => match tracing_journald::layer() {
             Ok(layer) => (
@@ -61,7 +61,7 @@ fn priorities() -> tracing_journald::PriorityMappings {
 }
 
 /// `auto` made concrete: the journal when stderr is connected to it, else text.
-fn resolve(format: LogFormat, journal: bool) -> LogFormat {
+fn effective(format: LogFormat, journal: bool) -> LogFormat {
     match format {
         LogFormat::Auto if journal => LogFormat::Journald,
         LogFormat::Auto => LogFormat::Text,
@@ -93,9 +93,9 @@ mod tests {
 
     #[test]
     fn auto_is_the_journal_only_when_stderr_is_connected_to_it() {
-        assert_eq!(resolve(LogFormat::Auto, true), LogFormat::Journald);
-        assert_eq!(resolve(LogFormat::Auto, false), LogFormat::Text);
-        assert_eq!(resolve(LogFormat::Json, true), LogFormat::Json);
-        assert_eq!(resolve(LogFormat::Text, true), LogFormat::Text);
+        assert_eq!(effective(LogFormat::Auto, true), LogFormat::Journald);
+        assert_eq!(effective(LogFormat::Auto, false), LogFormat::Text);
+        assert_eq!(effective(LogFormat::Json, true), LogFormat::Json);
+        assert_eq!(effective(LogFormat::Text, true), LogFormat::Text);
     }
 }

@@ -9,13 +9,13 @@ use crate::policy::{CgroupPath, Policy, Rule};
 
 /// The cgroups that exist, as the planner sees them.
 pub trait Hierarchy {
-    /// What an existing cgroup resolves to (the enforcer: [`crate::Cgroup`]).
+    /// What an existing cgroup is found as (the enforcer: [`crate::Cgroup`]).
     type Cgroup: Clone;
     type Error;
     /// The existing cgroups `pattern` matches.
     fn expand(&self, pattern: &CgroupPath) -> Vec<CgroupPath>;
     /// `path` if it exists, None if it does not.
-    fn resolve(&self, path: &CgroupPath) -> Result<Option<Self::Cgroup>, Self::Error>;
+    fn find(&self, path: &CgroupPath) -> Result<Option<Self::Cgroup>, Self::Error>;
 }
 
 /// Where a policy attaches.
@@ -27,7 +27,7 @@ pub struct Plan<C> {
     /// sweep.
     pub enforced: BTreeMap<CgroupPath, C>,
     /// (who named it, cgroup) of enforced cgroups and rule cgroups that do not exist (now).
-    pub missing: Vec<(String, CgroupPath)>,
+    pub absent: Vec<(String, CgroupPath)>,
 }
 
 impl<C> Default for Plan<C> {
@@ -35,7 +35,7 @@ impl<C> Default for Plan<C> {
         Self {
             attachments: BTreeMap::new(),
             enforced: BTreeMap::new(),
-            missing: Vec::new(),
+            absent: Vec::new(),
         }
     }
 }
@@ -48,7 +48,7 @@ impl<C> Plan<C> {
 }
 
 /// The attachments of `policy` over `hierarchy`: enforced cgroups with patterns expanded, those
-/// nested in another dropped (they add nothing), those that do not exist reported missing; then
+/// nested in another dropped (they add nothing), those that do not exist reported absent; then
 /// each rule cgroup inside an enforced one, if it exists. Rules whose cgroup does not exist are
 /// reported, not fatal (containers come and go).
 pub fn attach_points<H: Hierarchy>(
@@ -65,8 +65,8 @@ pub fn attach_points<H: Hierarchy>(
     }
     let mut plan = Plan::default();
     for scope in outermost(&scopes) {
-        let Some(cgroup) = hierarchy.resolve(&scope)? else {
-            plan.missing.push(("enforced cgroup".into(), scope));
+        let Some(cgroup) = hierarchy.find(&scope)? else {
+            plan.absent.push(("enforced cgroup".into(), scope));
             continue;
         };
         plan.attachments.insert(scope.clone(), cgroup.clone());
@@ -84,11 +84,11 @@ pub fn attach_points<H: Hierarchy>(
         {
             continue;
         }
-        match hierarchy.resolve(cgroup)? {
-            Some(resolved) => {
-                plan.attachments.insert(cgroup.clone(), resolved);
+        match hierarchy.find(cgroup)? {
+            Some(found) => {
+                plan.attachments.insert(cgroup.clone(), found);
             }
-            None => plan.missing.push((rule.name.clone(), cgroup.clone())),
+            None => plan.absent.push((rule.name.clone(), cgroup.clone())),
         }
     }
     Ok(plan)
@@ -196,7 +196,7 @@ impl Hierarchy for Named {
             .collect()
     }
 
-    fn resolve(&self, _path: &CgroupPath) -> Result<Option<()>, Self::Error> {
+    fn find(&self, _path: &CgroupPath) -> Result<Option<()>, Self::Error> {
         Ok(Some(()))
     }
 }

@@ -36,7 +36,7 @@ impl TestCgroup {
     fn create(mount: &Path, path: &Path) -> Self {
         fs::create_dir(path)
             .unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", path.display()));
-        let cgroup = Cgroup::resolve(mount, path)
+        let cgroup = Cgroup::find(mount, path)
             .unwrap_or_else(|e| panic!("cannot resolve new cgroup {}: {e}", path.display()));
         Self { cgroup }
     }

@@ -114,7 +114,7 @@ pub(super) fn reload(loaded: anyhow::Result<Policy>, enforcer: &mut Enforcer) ->
     }
 }
 
-/// Logs the attachments an apply made and removed, and the rules whose cgroup is missing.
+/// Logs the attachments an apply made and removed, and the rules whose cgroup is absent.
 pub(super) fn report(applied: &ApplyReport, policy: &Policy) {
     for cgroup in &applied.attached {
         info!(cgroup = %cgroup.name, id = cgroup.id, default = %policy.default, rules = policy.rules.len(), "attached");
@@ -122,7 +122,7 @@ pub(super) fn report(applied: &ApplyReport, policy: &Policy) {
     for cgroup in &applied.detached {
         info!(cgroup = %cgroup.name, id = cgroup.id, "detached");
     }
-    for (rule, cgroup) in &applied.missing {
+    for (rule, cgroup) in &applied.absent {
         warn!(rule, cgroup = %cgroup, "cgroup does not exist (yet); it is covered as soon as it does");
     }
     for sentence in &applied.unsupported {

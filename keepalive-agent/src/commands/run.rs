@@ -62,7 +62,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = config(&args, &mount)?;
     let policy = config.policy()?;
     for scope in policy.scopes.iter().filter(|scope| !scope.is_pattern()) {
-        crate::cgroup::Cgroup::resolve(&mount, Path::new(scope.as_str()))?;
+        crate::cgroup::Cgroup::find(&mount, Path::new(scope.as_str()))?;
     }
     let _lock = lock(&args)?;
 
@@ -154,7 +154,8 @@ pub fn config(args: &RunArgs, mount: &Path) -> anyhow::Result<Config> {
 }
 
 /// The programs loaded (or taken over from an earlier agent's pins), the metrics endpoint and
-/// the missing-keepalive count served from their maps, and the kernel's log records forwarded.
+/// the count of connections without keepalive served from their maps, and the kernel's log
+/// records forwarded.
 fn load(
     args: &RunArgs,
     mount: &Path,

@@ -19,8 +19,8 @@ pub fn json(status: &Snapshot) -> anyhow::Result<String> {
 /// The status as a table for people.
 pub fn table(status: &Snapshot) -> String {
     let mut out = String::new();
-    if !status.missing.is_empty() {
-        let _ = writeln!(out, "enforcement missing: {}", status.missing.join("; "));
+    if !status.faults.is_empty() {
+        let _ = writeln!(out, "enforcement missing: {}", status.faults.join("; "));
     }
     if status.attached.is_empty() {
         let _ = writeln!(
@@ -122,7 +122,7 @@ mod tests {
             pins: "/sys/fs/bpf/keepalive-agent".into(),
             agent_running: true,
             agent_pid: Some(42),
-            missing: Vec::new(),
+            faults: Vec::new(),
             policy: Some(PolicyInForce {
                 source: "/etc/keepalive-agent/policy.toml".into(),
                 generation: 3,

@@ -43,7 +43,7 @@ impl Enforcer {
         let Plan {
             attachments: points,
             enforced: scopes,
-            missing,
+            absent,
         } = plan;
 
         let mut keep: BTreeSet<u32> = self
@@ -66,7 +66,7 @@ impl Enforcer {
         })?;
         let report = ApplyReport {
             generation,
-            missing,
+            absent,
             unsupported: self.unsupported(policy),
             attached: self.attach_and_write(&points, &tables)?,
             ..ApplyReport::default()

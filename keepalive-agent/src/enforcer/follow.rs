@@ -73,7 +73,7 @@ impl Enforcer {
         let Plan {
             attachments: points,
             enforced: scopes,
-            missing,
+            absent,
         } = plan;
         let detached = self.detach_where(SOCK_OPS, |path, id| {
             points.get(path).is_none_or(|cgroup| cgroup.id != id)
@@ -116,7 +116,7 @@ impl Enforcer {
             generation: self.generation,
             attached,
             detached,
-            missing,
+            absent,
             ..ApplyReport::default()
         };
         Ok((report, sweep))
@@ -155,7 +155,7 @@ impl Enforcer {
                     NewCgroup::Nothing => {}
                     NewCgroup::Attach => {
                         let record = compile::record_for(policy, tables, &path);
-                        let cgroup = Cgroup::resolve(&self.mount, Path::new(path.as_str()));
+                        let cgroup = Cgroup::find(&self.mount, Path::new(path.as_str()));
                         let (Some(record), Ok(cgroup)) = (record, cgroup) else {
                             return Ok(None);
                         };

@@ -28,7 +28,7 @@ impl Enforcer {
 struct Mounted<'a> {
     mount: &'a Path,
     /// The ids of the cgroups a pattern's walk found ([`crate::cgroup::child_cgroups`]):
-    /// resolving them costs no syscall, where [`Cgroup::resolve`] of a name takes six (10,000
+    /// finding them costs no syscall, where [`Cgroup::find`] of a name takes six (10,000
     /// cgroups: most of a plan's time).
     walked: RefCell<HashMap<CgroupPath, u64>>,
 }
@@ -68,7 +68,7 @@ impl Hierarchy for Mounted<'_> {
         found
     }
 
-    fn resolve(&self, path: &CgroupPath) -> Result<Option<Cgroup>, EnforcerError> {
+    fn find(&self, path: &CgroupPath) -> Result<Option<Cgroup>, EnforcerError> {
         if let Some(&id) = self.walked.borrow().get(path) {
             return Ok(Some(Cgroup {
                 path: self.mount.join(path.relative()),
@@ -76,7 +76,7 @@ impl Hierarchy for Mounted<'_> {
                 id,
             }));
         }
-        match Cgroup::resolve(self.mount, Path::new(path.as_str())) {
+        match Cgroup::find(self.mount, Path::new(path.as_str())) {
             Ok(cgroup) => Ok(Some(cgroup)),
             // Removed since (a container ended): nothing to do there now.
             Err(CgroupError::NotFound { .. }) => Ok(None),

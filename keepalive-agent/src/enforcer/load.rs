@@ -165,7 +165,7 @@ impl Enforcer {
             setsockopt: BTreeMap::new(),
             current: None,
             generation: 0,
-            missing,
+            missing_features: missing,
             iterator,
             counter,
             changes,
@@ -186,7 +186,7 @@ impl Enforcer {
             };
             let cgroup = by_id
                 .get(&id)
-                .and_then(|path| Cgroup::resolve(&self.mount, path).ok());
+                .and_then(|path| Cgroup::find(&self.mount, path).ok());
             let Some(cgroup) = cgroup else {
                 // The cgroup is gone, and with it the attachment: drop the pin.
                 let _ignored = std::fs::remove_file(&pin);
@@ -221,7 +221,7 @@ fn setsockopt(ebpf: &mut Ebpf) -> Result<&mut CgroupSockopt, EnforcerError> {
         .map_err(program_error(SETSOCKOPT_PROGRAM))
 }
 
-/// Loads and links the connection count program (the missing-keepalive gauge's way in).
+/// Loads and links the connection count program (the way in for the gauge of connections without keepalive).
 fn count_program(ebpf: &mut Ebpf, btf: &Result<aya::Btf, String>) -> Result<CountIterator, String> {
     let btf = btf.as_ref().map_err(Clone::clone)?;
     let program: &mut Iter = ebpf

@@ -117,7 +117,7 @@ pub struct ApplyReport {
     pub detached: Vec<Cgroup>,
     /// Rules whose cgroup does not exist (now): (rule name, cgroup). They take effect once the
     /// policy is applied again with the cgroup present.
-    pub missing: Vec<(String, CgroupPath)>,
+    pub absent: Vec<(String, CgroupPath)>,
     /// The connections that already existed, when the policy asks for them: what was done, or
     /// why the sweep failed (the policy is in force for new connections either way).
     pub existing: Option<Result<Sweep, String>>,
@@ -140,10 +140,11 @@ pub struct Enforcer {
     current: Option<(Policy, Tables)>,
     generation: u32,
     /// Optional parts this kernel refused; the rest works without them.
-    missing: Vec<MissingFeature>,
+    missing_features: Vec<MissingFeature>,
     /// The in-kernel path for existing connections, unless this kernel refused it.
     iterator: Option<Arc<IteratorSweep>>,
-    /// The missing-keepalive gauge's count through the kernel, unless this kernel refused it.
+    /// The count of connections without keepalive through the kernel, unless this kernel
+    /// refused it.
     counter: Option<Arc<crate::without_keepalive::CountIterator>>,
     /// Whether an attachment may have changed behind our back since the last health check.
     changes: changes::Changes,
@@ -152,18 +153,18 @@ pub struct Enforcer {
 impl Enforcer {
     /// The optional parts this kernel refused to load, each with what follows.
     pub fn missing_features(&self) -> &[MissingFeature] {
-        &self.missing
+        &self.missing_features
     }
 
     /// One sentence per rule of `policy` (the default first) that this kernel cannot carry out
     /// whole ([`features::unsupported`]).
     pub fn unsupported(&self, policy: &Policy) -> Vec<String> {
-        features::unsupported(policy, &self.missing)
+        features::unsupported(policy, &self.missing_features)
     }
 
     /// Whether this kernel refused `feature` ([`features::LOCK`], [`features::READS`]).
     pub fn lacks(&self, feature: &str) -> bool {
-        features::lacks(&self.missing, feature)
+        features::lacks(&self.missing_features, feature)
     }
 
     /// Whether the lock (the cgroup/setsockopt hook holding applications to locked rules)
@@ -183,7 +184,8 @@ impl Enforcer {
         self.iterator.is_some()
     }
 
-    /// The count iterator for the missing-keepalive gauge (None: it counts with inet_diag).
+    /// The count iterator for the gauge of connections without keepalive (None: it counts
+    /// with inet_diag).
     pub fn connection_counter(&self) -> Option<Arc<crate::without_keepalive::CountIterator>> {
         self.counter.clone()
     }

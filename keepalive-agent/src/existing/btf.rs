@@ -144,7 +144,7 @@ impl Btf {
     }
 
     /// The struct or union `id` refers to, through typedefs and qualifiers.
-    fn resolve(&self, mut id: u32) -> Option<Type> {
+    fn concrete(&self, mut id: u32) -> Option<Type> {
         for _ in 0..16 {
             let ty = *self.types.get(id as usize)?;
             match ty.kind {
@@ -177,7 +177,7 @@ impl Btf {
                 return Some((bits, type_id));
             }
             if member.is_empty() {
-                let inner = self.resolve(type_id)?;
+                let inner = self.concrete(type_id)?;
                 if let Some((inner_bits, id)) = self.member(inner, name) {
                     return Some((bits + inner_bits, id));
                 }
@@ -195,7 +195,7 @@ impl Btf {
             let (member_bits, id) = self.member(ty, name).ok_or_else(missing)?;
             bits += member_bits;
             if i + 1 < path.len() {
-                ty = self.resolve(id).ok_or_else(missing)?;
+                ty = self.concrete(id).ok_or_else(missing)?;
             }
         }
         if bits % 8 != 0 {

@@ -67,7 +67,7 @@ impl Collector for Exposition {
         rules(w, &snapshot.rules)?;
         program_counters(w, snapshot)?;
         agent(w, snapshot, policy)?;
-        missing_keepalive(w, snapshot)
+        without_keepalive(w, snapshot)
     }
 }
 
@@ -121,7 +121,7 @@ fn agent(
         w,
         "keepalive_enforcement_missing",
         "Attachments the agent believes in that the kernel lacks (not ready while above 0).",
-        count(snapshot.missing.len()),
+        count(snapshot.faults.len()),
     )?;
     counter(
         w,
@@ -152,11 +152,11 @@ fn agent(
 }
 
 /// The last count of [`crate::without_keepalive`], per enforced scope.
-fn missing_keepalive(w: &mut DescriptorEncoder<'_>, snapshot: &Snapshot) -> fmt::Result {
+fn without_keepalive(w: &mut DescriptorEncoder<'_>, snapshot: &Snapshot) -> fmt::Result {
     let Some(counts) = snapshot
         .agent
         .as_ref()
-        .and_then(|agent| agent.missing_keepalive.as_ref())
+        .and_then(|agent| agent.without_keepalive.as_ref())
     else {
         return Ok(());
     };

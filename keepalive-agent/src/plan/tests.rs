@@ -19,7 +19,7 @@ fn policy(scopes: &[&str], rules: Vec<Rule>) -> Policy {
     }
 }
 
-/// A host whose cgroups are `existing`; resolving `broken` fails.
+/// A host whose cgroups are `existing`; finding `broken` fails.
 struct Host {
     existing: Vec<&'static str>,
     broken: Option<&'static str>,
@@ -37,7 +37,7 @@ impl Hierarchy for Host {
             .collect()
     }
 
-    fn resolve(&self, cgroup: &CgroupPath) -> Result<Option<String>, String> {
+    fn find(&self, cgroup: &CgroupPath) -> Result<Option<String>, String> {
         if self.broken == Some(cgroup.as_str()) {
             return Err(format!("cannot read {cgroup}"));
         }
@@ -63,7 +63,7 @@ fn nested_enforced_cgroups_attach_once_at_the_outermost() {
     assert_eq!(keys(&plan.enforced), ["/a", "/c"]);
     assert_eq!(keys(&plan.attachments), ["/a", "/c"]);
     assert_eq!(plan.attachments[&path("/a")], "id of /a");
-    assert!(plan.missing.is_empty());
+    assert!(plan.absent.is_empty());
 }
 
 #[test]
@@ -93,7 +93,7 @@ fn cgroups_that_do_not_exist_are_reported_not_fatal() {
         attach_points(&policy(&["/a", "/z"], rules), &host).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(keys(&plan.attachments), ["/a"]);
     assert_eq!(
-        plan.missing,
+        plan.absent,
         [
             ("enforced cgroup".to_string(), path("/z")),
             ("gone".to_string(), path("/a/x")),
@@ -123,9 +123,9 @@ fn patterns_expand_to_the_cgroups_that_exist() {
     assert_eq!(keys(&plan.enforced), ["/k/pod1", "/k/pod2"]);
     assert_eq!(keys(&plan.attachments), ["/k/pod1", "/k/pod1/c", "/k/pod2"]);
     assert!(
-        plan.missing.is_empty(),
-        "a rule cgroup under no match is outside, not missing: {:?}",
-        plan.missing
+        plan.absent.is_empty(),
+        "a rule cgroup under no match is outside, not absent: {:?}",
+        plan.absent
     );
 }
 

@@ -79,7 +79,7 @@ pub async fn count_without_keepalive(
             Ok(Ok(counts)) => {
                 debug!(?counts, "counted connections without keepalive");
                 if let Ok(mut telemetry) = shared.lock() {
-                    telemetry.agent.missing_keepalive = Some(counts);
+                    telemetry.agent.without_keepalive = Some(counts);
                 }
             }
             Ok(Err(error)) if !warned => {

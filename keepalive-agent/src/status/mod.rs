@@ -37,8 +37,10 @@ pub struct Snapshot {
     pub pins: PathBuf,
     pub agent_running: bool,
     pub agent_pid: Option<u32>,
-    /// Where enforcement is missing though it should be there.
-    pub missing: Vec<String>,
+    /// Where enforcement is missing though it should be there (attachments removed by
+    /// someone else); `missing` in `status --json`.
+    #[serde(rename = "missing")]
+    pub faults: Vec<String>,
     /// The policy in force (None: no agent state).
     pub policy: Option<PolicyInForce>,
     /// Optional parts this kernel lacks.
@@ -110,7 +112,7 @@ pub struct AgentTelemetry {
     pub programs: Vec<ProgramRuns>,
     /// The last count of connections without keepalive, per enforced scope (None: not
     /// counted yet, or never: `--missing-interval 0`).
-    pub missing_keepalive: Option<BTreeMap<String, crate::without_keepalive::Count>>,
+    pub without_keepalive: Option<BTreeMap<String, crate::without_keepalive::Count>>,
 }
 
 /// The kernel's accounting of one of the agent's programs (with `--program-stats`).
@@ -154,7 +156,7 @@ impl Snapshot {
             None => (0, None, Vec::new()),
         };
         Ok(Self {
-            missing: missing(&links, &by_id, mount, state.as_ref(), running),
+            faults: faults(&links, &by_id, mount, state.as_ref(), running),
             attached: attachments(&links, &by_id, mount),
             agent_pid: holder.or(state.as_ref().map(|state| state.pid)),
             policy: state.as_ref().map(PolicyInForce::from),
@@ -187,7 +189,7 @@ impl Snapshot {
             pins: maps_dir.parent().unwrap_or(maps_dir).to_path_buf(),
             agent_running: true,
             agent_pid: Some(std::process::id()),
-            missing: state.map(|state| state.faults.clone()).unwrap_or_default(),
+            faults: state.map(|state| state.faults.clone()).unwrap_or_default(),
             policy: state.map(PolicyInForce::from),
             missing_features: state
                 .map(|s| s.missing_features.clone())
@@ -276,14 +278,14 @@ fn in_hierarchy(path: &Path, mount: &Path) -> String {
 
 /// Where enforcement is missing: pinned links the kernel no longer has attached (checked
 /// here), and what the running agent found missing and has not put back yet.
-fn missing(
+fn faults(
     links: &[(String, u64, PathBuf)],
     by_id: &HashMap<u64, PathBuf>,
     mount: &Path,
     state: Option<&State>,
     running: bool,
 ) -> Vec<String> {
-    let mut missing: Vec<String> = links
+    let mut faults: Vec<String> = links
         .iter()
         .filter_map(|(name, id, pin)| {
             let attached = crate::sys::open_pinned(pin)
@@ -300,11 +302,11 @@ fn missing(
         })
         .collect();
     if running && let Some(state) = state {
-        missing.extend(state.faults.iter().cloned());
+        faults.extend(state.faults.iter().cloned());
     }
-    missing.sort();
-    missing.dedup();
-    missing
+    faults.sort();
+    faults.dedup();
+    faults
 }
 
 /// The kernel's accounting of the programs with these ids, by program name.

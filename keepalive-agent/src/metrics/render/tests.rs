@@ -39,7 +39,7 @@ fn exposition_names_counters_with_total_in_help_type_and_samples() {
         pins: "/sys/fs/bpf/keepalive-agent".into(),
         agent_running: true,
         agent_pid: Some(1),
-        missing: Vec::new(),
+        faults: Vec::new(),
         policy: Some(PolicyInForce {
             source: "command line".into(),
             generation: 2,
