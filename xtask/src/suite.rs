@@ -24,23 +24,26 @@ pub(crate) fn modules(workspace: &Path) -> anyhow::Result<Vec<String>> {
     let mut modules = Vec::new();
     for entry in fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
         let path = entry?.path();
-        if let (Some("rs"), Some(name)) = (
+        let (Some("rs"), Some(name)) = (
             path.extension().and_then(|ext| ext.to_str()),
             path.file_stem().and_then(|stem| stem.to_str()),
-        ) && name != "main"
-        {
-            if !main
-                .lines()
-                .any(|line| line.trim() == format!("mod {name};"))
-            {
-                bail!(
-                    "{} is not a module of {} (`mod {name};`): its tests would never run",
-                    path.display(),
-                    main_rs.display()
-                );
-            }
-            modules.push(name.to_owned());
+        ) else {
+            continue;
+        };
+        if name == "main" {
+            continue;
         }
+        if !main
+            .lines()
+            .any(|line| line.trim() == format!("mod {name};"))
+        {
+            bail!(
+                "{} is not a module of {} (`mod {name};`): its tests would never run",
+                path.display(),
+                main_rs.display()
+            );
+        }
+        modules.push(name.to_owned());
     }
     modules.sort();
     // `--skip NAME::` skips every test whose path contains it: no module's name may end
