@@ -87,9 +87,7 @@ struct Best {
 impl Best {
     #[inline(always)]
     fn take(&mut self, hit: Option<Hit>) {
-        if let Some(hit) = hit
-            && hit.index < self.index
-        {
+        if let Some(hit) = hit.filter(|hit| hit.index < self.index) {
             self.index = hit.index;
             self.record = hit.record;
         }
