@@ -65,6 +65,17 @@ pub enum LogFormat {
     Journald,
 }
 
+impl From<LogFormat> for crate::logs::Format {
+    fn from(format: LogFormat) -> Self {
+        match format {
+            LogFormat::Auto => Self::Auto,
+            LogFormat::Text => Self::Text,
+            LogFormat::Json => Self::Json,
+            LogFormat::Journald => Self::Journald,
+        }
+    }
+}
+
 /// `--log-level`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogLevel {

@@ -5,17 +5,26 @@ use std::{io::IsTerminal as _, os::fd::AsFd as _};
 
 use tracing_subscriber::{EnvFilter, layer::SubscriberExt as _, util::SubscriberInitExt as _};
 
-use crate::cli::{LogFormat, LogLevel};
+/// How log records are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// The journal when stderr is connected to it, else text.
+    Auto,
+    Text,
+    Json,
+    Journald,
+}
 
-/// Installs the global subscriber (and forwards `log` records, aya-log's among them).
-pub fn init(format: LogFormat, level: Option<LogLevel>) {
+/// Installs the global subscriber (and forwards `log` records, aya-log's among them). `level`:
+/// a tracing filter directive (`debug`), else RUST_LOG, else `info`.
+pub fn init(format: Format, level: Option<&str>) {
     let filter = match level {
-        Some(level) => EnvFilter::new(level.directive()),
+        Some(level) => EnvFilter::new(level),
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
     let format = effective(format, stderr_is_journal());
     let (journald, journal_error) = match format {
-        LogFormat::Journald => match tracing_journald::layer() {
+        Format::Journald => match tracing_journald::layer() {
             Ok(layer) => (
                 Some(
                     layer
@@ -26,14 +35,14 @@ pub fn init(format: LogFormat, level: Option<LogLevel>) {
             ),
             Err(error) => (None, Some(error)),
         },
-        LogFormat::Auto | LogFormat::Text | LogFormat::Json => (None, None),
+        Format::Auto | Format::Text | Format::Json => (None, None),
     };
-    let text = (journald.is_none() && format != LogFormat::Json).then(|| {
+    let text = (journald.is_none() && format != Format::Json).then(|| {
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .with_ansi(std::io::stderr().is_terminal())
     });
-    let json = (format == LogFormat::Json).then(|| {
+    let json = (format == Format::Json).then(|| {
         tracing_subscriber::fmt::layer()
             .json()
             .with_writer(std::io::stderr)
@@ -61,10 +70,10 @@ fn priorities() -> tracing_journald::PriorityMappings {
 }
 
 /// `auto` made concrete: the journal when stderr is connected to it, else text.
-fn effective(format: LogFormat, journal: bool) -> LogFormat {
+fn effective(format: Format, journal: bool) -> Format {
     match format {
-        LogFormat::Auto if journal => LogFormat::Journald,
-        LogFormat::Auto => LogFormat::Text,
+        Format::Auto if journal => Format::Journald,
+        Format::Auto => Format::Text,
         other => other,
     }
 }
@@ -93,9 +102,9 @@ mod tests {
 
     #[test]
     fn auto_is_the_journal_only_when_stderr_is_connected_to_it() {
-        assert_eq!(effective(LogFormat::Auto, true), LogFormat::Journald);
-        assert_eq!(effective(LogFormat::Auto, false), LogFormat::Text);
-        assert_eq!(effective(LogFormat::Json, true), LogFormat::Json);
-        assert_eq!(effective(LogFormat::Text, true), LogFormat::Text);
+        assert_eq!(effective(Format::Auto, true), Format::Journald);
+        assert_eq!(effective(Format::Auto, false), Format::Text);
+        assert_eq!(effective(Format::Json, true), Format::Json);
+        assert_eq!(effective(Format::Text, true), Format::Text);
     }
 }

@@ -20,7 +20,10 @@ fn main() -> ExitCode {
             };
         }
     };
-    logs::init(cli.log_format, cli.log_level);
+    logs::init(
+        cli.log_format.into(),
+        cli.log_level.map(keepalive_agent::cli::LogLevel::directive),
+    );
     let result = match cli.command {
         Command::Check(args) => commands::check::check(&args).map(|summary| print(&summary)),
         Command::Scan(args) => {
