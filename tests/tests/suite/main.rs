@@ -20,6 +20,7 @@ mod image;
 mod kernel_features;
 mod kernel_model;
 mod middlebox;
+mod monitoring;
 mod observability;
 mod on_the_wire;
 mod operations;

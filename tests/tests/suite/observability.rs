@@ -152,7 +152,27 @@ fn metrics_count_connections_and_reloads_and_pass_promtool() {
     );
 
     promtool_check(&metrics);
+    every_queried_metric_is_exported(&metrics);
     drop(agent);
+}
+
+/// Every metric of the agent's that the alert rules and the dashboard query (deploy/) is in
+/// `metrics`, a real scrape: a renamed metric cannot leave an alert that never fires.
+fn every_queried_metric_is_exported(metrics: &str) {
+    let exported: std::collections::HashSet<&str> = metrics
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.split(['{', ' ']).next())
+        .collect();
+    let queried = super::monitoring::queried_metrics();
+    assert!(!queried.is_empty());
+    for name in &queried {
+        assert!(
+            exported.contains(name.as_str()),
+            "the alert rules or the dashboard query {name}, which the agent does not export:\n\
+             {metrics}"
+        );
+    }
 }
 
 #[test]

@@ -22,6 +22,11 @@ pub(crate) const HOST_ONLY: &[(&str, &str)] = &[
          guest's root is a read-only 9p share with a tmpfs overlay",
     ),
     (
+        "monitoring",
+        "checks the alert rules with promtool and the PrometheusRule with kubectl kustomize, \
+         not the kernel",
+    ),
+    (
         "bench_smoke",
         "runs the benchmark end to end; its figures under emulation mean nothing, and the host \
          run proves the steps",
