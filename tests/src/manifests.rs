@@ -1,6 +1,7 @@
 //! The Kubernetes manifests as a cluster would get them: rendered by a real `kubectl kustomize`
-//! (the pinned kubectl `cargo xtask test` installs, env `KUBECTL`), validated offline by
-//! `kubernetes-validate` (env `KUBERNETES_VALIDATE`), and read back as JSON for the tests.
+//! (the pinned kubectl `cargo xtask test` installs, env `KUBECTL`) or by Helm's own engine (the
+//! pinned helm-python-sdk in the same virtualenv), validated offline by `kubernetes-validate`
+//! (env `KUBERNETES_VALIDATE`), and read back as JSON for the tests.
 
 use std::{
     fs,
@@ -36,34 +37,80 @@ pub fn render(dir: &Path) -> String {
     String::from_utf8(out.stdout).expect("kubectl's output is UTF-8")
 }
 
-/// The documents of a rendered multi-document YAML, parsed by the PyYAML that ships with
-/// kubernetes-validate (in its virtualenv).
-pub fn parse(yaml: &str) -> Vec<Value> {
+/// The Python of the tests' virtualenv (kubernetes-validate's, with PyYAML and the Helm SDK).
+fn python() -> PathBuf {
     let validate = tool("KUBERNETES_VALIDATE", "kubernetes-validate");
-    let python = validate
+    validate
         .parent()
         .filter(|dir| !dir.as_os_str().is_empty())
-        .map_or_else(|| PathBuf::from("python3"), |dir| dir.join("python3"));
+        .map_or_else(|| PathBuf::from("python3"), |dir| dir.join("python3"))
+}
+
+/// Runs `script` in [`python`] with `input` on stdin; its stdout, or a panic with `what` and
+/// its stderr.
+fn run_python(script: &str, input: &str, what: &str) -> Vec<u8> {
+    let python = python();
     let mut child = Command::new(&python)
-        .args([
-            "-c",
-            "import json, sys, yaml; json.dump(list(yaml.safe_load_all(sys.stdin)), sys.stdout)",
-        ])
+        .args(["-c", script])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
     {
         use std::io::Write as _;
         let mut stdin = child.stdin.take().expect("stdin");
-        stdin.write_all(yaml.as_bytes()).expect("write YAML");
+        stdin.write_all(input.as_bytes()).expect("write to python");
     }
     let out = child.wait_with_output().expect("wait for python");
-    assert!(out.status.success(), "PyYAML could not parse:\n{yaml}");
-    match serde_json::from_slice(&out.stdout).expect("JSON from python") {
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// The documents of a rendered multi-document YAML, parsed by the PyYAML that ships with
+/// kubernetes-validate (in its virtualenv).
+pub fn parse(yaml: &str) -> Vec<Value> {
+    let out = run_python(
+        "import json, sys, yaml; json.dump(list(yaml.safe_load_all(sys.stdin)), sys.stdout)",
+        yaml,
+        &format!("PyYAML could not parse:\n{yaml}"),
+    );
+    match serde_json::from_slice(&out).expect("JSON from python") {
         Value::Array(documents) => documents,
         other => panic!("not a list of documents: {other}"),
     }
+}
+
+/// The chart at `chart` rendered by Helm's own engine (the pinned helm-python-sdk) with
+/// `values`, as release `keepalive-agent` in namespace `keepalive-agent`: its non-empty
+/// manifests as one multi-document YAML.
+pub fn helm_render(chart: &Path, values: &Value) -> String {
+    let input = serde_json::json!({ "chart": chart, "values": values });
+    let out = run_python(
+        "import json, sys, helm_python as helm\nhelm.disable_logging()\n\
+         given = json.load(sys.stdin)\n\
+         out = helm.Chart.load(given['chart']).render(given['values'], \
+         name='keepalive-agent', namespace='keepalive-agent')\n\
+         print('---\\n'.join(text for _, text in sorted(out.items()) if text.strip()))",
+        &input.to_string(),
+        &format!("helm render {} with {values}", chart.display()),
+    );
+    String::from_utf8(out).expect("Helm's output is UTF-8")
+}
+
+/// `helm lint` of the chart at `chart` by the pinned Helm SDK: (errors, messages).
+pub fn helm_lint(chart: &Path) -> Value {
+    let out = run_python(
+        "import json, sys, helm_python as helm\nhelm.disable_logging()\n\
+         json.dump(helm.lint(sys.stdin.read().strip()), sys.stdout)",
+        &chart.to_string_lossy(),
+        "helm lint",
+    );
+    serde_json::from_slice(&out).expect("JSON from helm lint")
 }
 
 /// `kubernetes-validate --strict` on a rendered file: passes, and every document is checked

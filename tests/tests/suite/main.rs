@@ -15,6 +15,7 @@ mod deploy;
 mod enforcement;
 mod engines;
 mod existing;
+mod helm;
 mod hostile;
 mod image;
 mod kernel_features;

@@ -22,6 +22,10 @@ pub(crate) const HOST_ONLY: &[(&str, &str)] = &[
          guest's root is a read-only 9p share with a tmpfs overlay",
     ),
     (
+        "helm",
+        "renders and lints the Helm chart with Helm's engine on the host, not the kernel",
+    ),
+    (
         "monitoring",
         "checks the alert rules with promtool and the PrometheusRule with kubectl kustomize, \
          not the kernel",
