@@ -25,8 +25,8 @@ use keepalive_common::CountRecord;
 
 use crate::{
     existing::{
-        diag::TIMER_OFF,
-        procs::{Population, established_in, in_namespace},
+        diag::{ESTABLISHED, TIMER_OFF},
+        procs::{Population, in_namespace, sockets_in},
     },
     policy::{CgroupPath, Pattern},
     sys::{iterator_link, read_iterator},
@@ -90,9 +90,11 @@ fn connections_in(netns: &Path, counter: Option<&CountIterator>) -> io::Result<V
     {
         return Ok(connections);
     }
-    Ok(established_in(netns, None)?
-        .into_iter()
-        .map(|(socket, _)| (socket.cgroup_id, socket.timer != TIMER_OFF))
+    // A count needs no direction: the dump's established sockets as they are.
+    Ok(sockets_in(netns, None)?
+        .iter()
+        .filter(|socket| socket.state == ESTABLISHED)
+        .map(|socket| (socket.cgroup_id, socket.timer != TIMER_OFF))
         .collect())
 }
 

@@ -1,7 +1,7 @@
 //! What the sweep (both ways), `scan` and the count of connections without keepalive share:
 //! one walk from cgroups to the established connections of their processes ([`Population`],
-//! then [`established_in`] each namespace), and a socket's options read or set through a
-//! duplicate of its owner's descriptor.
+//! then [`sockets_in`] each namespace, with directions: [`established_in`]), and a socket's
+//! options read or set through a duplicate of its owner's descriptor.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -208,7 +208,7 @@ pub(crate) fn established_in(
     netns: &Path,
     only: Option<&[u64]>,
 ) -> io::Result<Vec<(DiagSocket, Direction)>> {
-    let sockets = in_namespace(netns, || diag::tcp_sockets(only))?;
+    let sockets = sockets_in(netns, only)?;
     let listening: HashSet<(IpAddr, u16)> = sockets
         .iter()
         .filter(|socket| socket.state == diag::LISTEN)
@@ -224,6 +224,12 @@ pub(crate) fn established_in(
             (socket, Direction::from_outbound(!inbound))
         })
         .collect())
+}
+
+/// The TCP sockets of the namespace `netns`, listening and established (of the cgroups `only`
+/// when given), in one dump: for a caller that needs no direction.
+pub(crate) fn sockets_in(netns: &Path, only: Option<&[u64]>) -> io::Result<Vec<DiagSocket>> {
+    in_namespace(netns, || diag::tcp_sockets(only))
 }
 
 /// `work` run in the network namespace `netns`, on a helper thread that entered it. The
