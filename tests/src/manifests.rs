@@ -139,6 +139,36 @@ pub fn validate(yaml: &str, documents: usize) {
     assert_eq!(stdout.matches(" passed ").count(), documents, "{stdout}");
 }
 
+/// An overlay in a temporary directory that uses the base (deploy/kubernetes) and
+/// `components` of it, rendered: its YAML and its documents.
+pub fn overlay(components: &[&str]) -> (String, Vec<Value>) {
+    let temp = crate::TempDir::new();
+    let dir = temp.path();
+    // kustomize takes relative paths only: up to `/`, then down to the base.
+    let up = "../".repeat(dir.components().count() - 1);
+    let kubernetes = crate::repo::root().join("deploy/kubernetes");
+    let base = Path::new(&up).join(
+        kubernetes
+            .strip_prefix("/")
+            .expect("the repository's path is absolute"),
+    );
+    let mut kustomization = format!(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {}\n\
+         components:\n",
+        base.display()
+    );
+    for component in components {
+        kustomization += &format!(
+            "  - {}\n",
+            base.join("components").join(component).display()
+        );
+    }
+    fs::write(dir.join("kustomization.yaml"), kustomization).expect("write the overlay");
+    let yaml = render(dir);
+    let documents = parse(&yaml);
+    (yaml, documents)
+}
+
 /// The only document of `kind` (and `name`, if given).
 pub fn find<'a>(documents: &'a [Value], kind: &str, name: Option<&str>) -> &'a Value {
     let found: Vec<&Value> = documents

@@ -187,32 +187,9 @@ fn the_daemonset_runs_the_built_image_without_a_token_unconfined() {
     assert_eq!(containerd["readOnly"], true);
 }
 
-/// An overlay in a temporary directory that uses the base and `components`, rendered.
-fn overlay(components: &[&str]) -> (String, Vec<Value>) {
-    let temp = TempDir::new();
-    let dir = temp.path();
-    // kustomize takes relative paths only: up to `/`, then down to the base.
-    let up = "../".repeat(dir.components().count() - 1);
-    let base = Path::new(&up).join(repo().join("deploy/kubernetes").strip_prefix("/").unwrap());
-    let mut kustomization = format!(
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {}\ncomponents:\n",
-        base.display()
-    );
-    for component in components {
-        kustomization += &format!(
-            "  - {}\n",
-            base.join("components").join(component).display()
-        );
-    }
-    fs::write(dir.join("kustomization.yaml"), kustomization).unwrap();
-    let yaml = manifests::render(dir);
-    let documents = manifests::parse(&yaml);
-    (yaml, documents)
-}
-
 #[test]
 fn the_servicemonitor_component_scrapes_the_metrics_service() {
-    let (_, documents) = overlay(&["servicemonitor"]);
+    let (_, documents) = manifests::overlay(&["servicemonitor"]);
     let monitor = manifests::find(&documents, "ServiceMonitor", Some("keepalive-agent"));
     assert_eq!(monitor["metadata"]["namespace"], "keepalive-agent");
     let service = manifests::find(&documents, "Service", Some("keepalive-agent-metrics"));
@@ -230,7 +207,7 @@ fn the_servicemonitor_component_scrapes_the_metrics_service() {
 
 #[test]
 fn the_docker_component_mounts_the_socket_directory_and_parses() {
-    let (yaml, documents) = overlay(&["docker"]);
+    let (yaml, documents) = manifests::overlay(&["docker"]);
     manifests::validate(&yaml, documents.len());
     let container = agent_container(&documents);
     let args = strings(&container["args"]);

@@ -60,28 +60,15 @@ fn the_chart_lints_and_its_defaults_render_the_kustomize_base_workload() {
         let helm = manifests::find(&documents, kind, Some(name));
         let kustomize = manifests::find(&base, kind, Some(name));
         assert_eq!(helm["metadata"]["namespace"], "keepalive-agent");
-        let (helm, kustomize) = if kind == "DaemonSet" {
-            // The pod's own labels carry the release too; everything else is the same.
-            (
-                (&helm["spec"]["template"]["spec"], &helm["spec"]["selector"]),
-                (
-                    &kustomize["spec"]["template"]["spec"],
-                    &kustomize["spec"]["selector"],
-                ),
-            )
-        } else if kind == "Service" {
-            (
-                (&helm["spec"], &Value::Null),
-                (&kustomize["spec"], &Value::Null),
-            )
-        } else {
-            (
-                (&helm["data"], &Value::Null),
-                (&kustomize["data"], &Value::Null),
-            )
+        // The pod's own labels carry the release too; everything else is the same.
+        let compared = |doc: &Value| match kind {
+            "DaemonSet" => json!([doc["spec"]["template"]["spec"], doc["spec"]["selector"]]),
+            "Service" => doc["spec"].clone(),
+            _ => doc["data"].clone(),
         };
         assert_eq!(
-            helm, kustomize,
+            compared(helm),
+            compared(kustomize),
             "{kind} {name}: the chart's defaults and the kustomize base differ"
         );
     }

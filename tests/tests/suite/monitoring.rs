@@ -6,7 +6,7 @@
 use std::process::Command;
 
 use keepalive_tests::{
-    TempDir, manifests,
+    manifests,
     repo::{read, root as repo},
     succeeds,
 };
@@ -74,23 +74,7 @@ fn the_alert_rules_pass_promtool_and_each_alert_has_a_unit_test() {
 
 #[test]
 fn the_prometheusrule_component_carries_the_rules_file_verbatim() {
-    let temp = TempDir::new();
-    let dir = temp.path();
-    // kustomize takes relative paths only: up to `/`, then down to the base.
-    let up = "../".repeat(dir.components().count() - 1);
-    let base =
-        std::path::Path::new(&up).join(repo().join("deploy/kubernetes").strip_prefix("/").unwrap());
-    std::fs::write(
-        dir.join("kustomization.yaml"),
-        format!(
-            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - \
-             {}\ncomponents:\n  - {}\n",
-            base.display(),
-            base.join("components/prometheusrule").display()
-        ),
-    )
-    .unwrap();
-    let documents = manifests::parse(&manifests::render(dir));
+    let (_, documents) = manifests::overlay(&["prometheusrule"]);
     let rule = manifests::find(&documents, "PrometheusRule", Some("keepalive-agent"));
     assert_eq!(rule["metadata"]["namespace"], "keepalive-agent");
     let file = &manifests::parse(&read(RULES))[0];

@@ -155,6 +155,7 @@ pub(crate) fn test_matrix(
     packages::ensure(PACKAGES)?;
     let host = Arch::host()?;
     let modules = crate::suite::modules(matrix.workspace)?;
+    let selected_modules = crate::suite::select(matrix.only, &modules)?;
     let mut suites: Vec<(Arch, Suite)> = Vec::new();
     let mut systemd_tests = Vec::new();
     for arch in Arch::ALL {
@@ -184,7 +185,7 @@ pub(crate) fn test_matrix(
                 }
                 continue;
             }
-            if !matrix.only.is_empty() && !matrix.only.contains(&name) {
+            if !selected_modules.contains(&name) {
                 continue;
             }
             if arch != host && name == package_tests {
