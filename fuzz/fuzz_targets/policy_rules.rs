@@ -95,6 +95,7 @@ fn policy(spec: &Spec) -> Policy {
         default: Action::enforce(Values::default()),
         rules,
         existing: false,
+        annotations: None,
     }
 }
 

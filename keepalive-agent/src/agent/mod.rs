@@ -62,6 +62,8 @@ pub struct Agent {
     /// resolved against it).
     containers: crate::containers::Inventory,
     unresolved: Option<Policy>,
+    /// Pods whose annotations are refused now, with the reason (each logged and counted once).
+    refused_pods: BTreeSet<(String, String)>,
 }
 
 /// Where a policy's cgroups (patterns, rule cgroups) can appear.
@@ -94,6 +96,7 @@ impl Agent {
             sweeps: spawn_sweeper(),
             containers: crate::containers::Inventory::default(),
             unresolved: None,
+            refused_pods: BTreeSet::new(),
         }
     }
 
@@ -107,16 +110,47 @@ impl Agent {
     /// containers known now.
     fn resolve(&mut self, policy: &Policy) -> Policy {
         self.unresolved = Some(policy.clone());
+        self.refuse_annotations(policy);
         self.containers.resolve(policy)
+    }
+
+    /// Logs and counts each pod whose annotations `policy` refuses, once per pod and reason.
+    fn refuse_annotations(&mut self, policy: &Policy) {
+        if policy.annotations.is_none() {
+            return;
+        }
+        let containers = self.containers.all();
+        let refused = crate::containers::refused_annotations(policy, &containers);
+        let now: BTreeSet<(String, String)> = refused
+            .iter()
+            .map(|(pod, why)| (pod.id.clone(), why.clone()))
+            .collect();
+        let mut fresh = 0;
+        for (pod, why) in &refused {
+            if !self.refused_pods.contains(&(pod.id.clone(), why.clone())) {
+                warn!(pod = pod.name, cgroup = %pod.cgroup, reason = why, "refusing the pod's keepalive annotations; it keeps what the policy gives it");
+                fresh += 1;
+            }
+        }
+        if fresh > 0
+            && let Ok(mut telemetry) = self.telemetry.lock()
+        {
+            telemetry.agent.annotations_refused += fresh;
+        }
+        self.refused_pods = now;
     }
 
     /// Containers started, stopped or changed: applies the policy again if a rule now
     /// resolves to other cgroups.
     fn follow_containers(&mut self) {
-        let (Some(unresolved), Some(current)) = (&self.unresolved, self.enforcer.policy()) else {
+        let Some(unresolved) = self.unresolved.clone() else {
             return;
         };
-        let resolved = self.containers.resolve(unresolved);
+        self.refuse_annotations(&unresolved);
+        let Some(current) = self.enforcer.policy() else {
+            return;
+        };
+        let resolved = self.containers.resolve(&unresolved);
         if current == &resolved {
             return;
         }

@@ -13,16 +13,20 @@ use containerd_client::{
     with_namespace,
 };
 
-use super::{Container, Ended, EngineError, Sink, cgroup_of, connected};
+use super::{Container, Ended, EngineError, Sink, cgroup_of, connected, cri};
 
 const ENGINE: &str = "containerd";
 /// Kubernetes names the container in this label (CRI).
 const NAME_LABEL: &str = "io.kubernetes.container.name";
 /// `Status::Running` of containerd's task types.
 const RUNNING: i32 = 2;
+/// The CRI plugin marks each container `sandbox` (a pod's pause container, which carries the
+/// pod's labels) or `container` (an application's).
+const KIND_LABEL: &str = "io.cri-containerd.kind";
 
 /// One connection: subscribe to the namespace's events, list, then list again on each
-/// container or task event.
+/// container or task event. The list holds the pods the CRI plugin serves on the same socket
+/// ([`cri::pods`]), the plugin's sandboxes not as containers: their labels are the pod's.
 pub(super) async fn session(socket: PathBuf, namespace: String, sink: Sink) -> Ended {
     let mut up = false;
     let result = run(&socket, &namespace, &sink, &mut up).await;
@@ -69,8 +73,16 @@ pub(super) async fn list_once(
     list(&channel, namespace).await
 }
 
-/// The namespace's containers whose task runs, each at the cgroup of its init process.
+/// The namespace's containers whose task runs, each at the cgroup of its init process, and the
+/// pods of the CRI plugin (none without it).
 async fn list(channel: &Channel, namespace: &str) -> Result<Vec<Container>, EngineError> {
+    let mut containers = running(channel, namespace).await?;
+    containers.extend(cri::pods(channel, ENGINE).await?.unwrap_or_default());
+    Ok(containers)
+}
+
+/// The namespace's containers whose task runs, pods' sandboxes aside.
+async fn running(channel: &Channel, namespace: &str) -> Result<Vec<Container>, EngineError> {
     let tasks = TasksClient::new(channel.clone())
         .list(with_namespace!(ListTasksRequest::default(), namespace))
         .await?
@@ -91,6 +103,13 @@ async fn list(channel: &Channel, namespace: &str) -> Result<Vec<Container>, Engi
         let Some(container) = all.iter().find(|container| container.id == id) else {
             continue;
         };
+        if container
+            .labels
+            .get(KIND_LABEL)
+            .is_some_and(|kind| kind == "sandbox")
+        {
+            continue;
+        }
         let Some(cgroup) = cgroup_of(i64::from(task.pid)) else {
             continue;
         };
@@ -99,16 +118,17 @@ async fn list(channel: &Channel, namespace: &str) -> Result<Vec<Container>, Engi
             .iter()
             .map(|(key, value)| (key.clone(), value.clone()))
             .collect();
-        containers.push(Container {
-            engine: ENGINE.to_string(),
-            id: container.id.clone(),
-            name: labels
-                .get(NAME_LABEL)
-                .cloned()
-                .unwrap_or_else(|| container.id.clone()),
+        let name = labels
+            .get(NAME_LABEL)
+            .cloned()
+            .unwrap_or_else(|| container.id.clone());
+        containers.push(Container::new(
+            ENGINE,
+            container.id.clone(),
+            name,
             labels,
             cgroup,
-        });
+        ));
     }
     Ok(containers)
 }

@@ -109,13 +109,7 @@ async fn list(
             }
         };
         if let Some(cgroup) = cgroup {
-            containers.push(Container {
-                engine: engine.to_string(),
-                id,
-                name,
-                labels,
-                cgroup,
-            });
+            containers.push(Container::new(engine, id, name, labels, cgroup));
         }
     }
     Ok(containers)

@@ -53,13 +53,13 @@ mod tests {
     use super::*;
 
     fn container(name: &str, cgroup: &str) -> Container {
-        Container {
-            engine: "docker".into(),
-            id: name.into(),
-            name: name.into(),
-            labels: BTreeMap::from([("app".into(), name.into())]),
-            cgroup: CgroupPath::parse(cgroup).unwrap_or_else(|e| panic!("{e}")),
-        }
+        Container::new(
+            "docker",
+            name.into(),
+            name.into(),
+            BTreeMap::from([("app".into(), name.into())]),
+            CgroupPath::parse(cgroup).unwrap_or_else(|e| panic!("{e}")),
+        )
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! retried with back-off, logged once.
 
 mod containerd;
+pub mod cri;
 mod docker;
 pub mod listed;
 pub mod resolve;
@@ -26,22 +27,58 @@ use tracing::{debug, info, warn};
 
 pub use self::{
     listed::{ContainerInfo, Containers, Listed, ask_once},
-    resolve::{log_changes, resolve},
+    resolve::{log_changes, refused_annotations, resolve},
 };
 use crate::policy::{CgroupPath, Policy};
 
-/// A container as an engine reports it.
+/// A container as an engine reports it, or a pod as the CRI does.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Container {
     /// `docker`, `podman`, `containerd`.
     pub engine: String,
+    pub kind: Kind,
+    /// A pod: its sandbox's id.
     pub id: String,
     /// Docker and podman: its name; containerd: the `io.kubernetes.container.name` label,
-    /// else its id.
+    /// else its id; a pod: `namespace/name`.
     pub name: String,
+    /// A pod: the pod's labels (and the kubelet's `io.kubernetes.pod.*`).
     pub labels: BTreeMap<String, String>,
-    /// Where its processes are, as /proc/PID/cgroup shows it.
+    /// A pod's annotations; a container's are not read (empty).
+    pub annotations: BTreeMap<String, String>,
+    /// Where its processes are, as /proc/PID/cgroup shows it; a pod: the pod's cgroup, parent
+    /// of its containers'.
     pub cgroup: CgroupPath,
+}
+
+/// What an engine reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    /// An application's container (never a pod's sandbox).
+    Container,
+    /// A Kubernetes pod, through the CRI.
+    Pod,
+}
+
+impl Container {
+    /// A container of `engine`, with no annotations.
+    pub fn new(
+        engine: &str,
+        id: String,
+        name: String,
+        labels: BTreeMap<String, String>,
+        cgroup: CgroupPath,
+    ) -> Self {
+        Self {
+            engine: engine.to_string(),
+            kind: Kind::Container,
+            id,
+            name,
+            labels,
+            annotations: BTreeMap::new(),
+            cgroup,
+        }
+    }
 }
 
 /// Where the engines listen.

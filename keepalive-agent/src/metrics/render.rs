@@ -135,6 +135,12 @@ fn agent(
         "Times the cgroup watch lost events (inotify queue overflow) and the tree was scanned again.",
         agent.watch_overflows,
     )?;
+    counter(
+        w,
+        "keepalive_annotations_refused",
+        "Pods whose keepalive annotations the policy refused (malformed, not allowed or out of bounds): they keep what the policy gives them.",
+        agent.annotations_refused,
+    )?;
     // By program name: the id changes with every start, so it is no label.
     let program = |program: &crate::status::ProgramRuns| [("program", program.name.clone())];
     counters(

@@ -1,8 +1,9 @@
 //! Rules that select containers by what their engine knows of them: `labels` (all must match)
-//! and `container` (a glob on the container's name), as the policy file writes them. They are
-//! resolved to the cgroups of the matching containers in [`crate::containers`]; from then on
-//! such a rule is a rule of those cgroups, as specific as each of them
-//! ([`Policy::candidates`]). Matching no container, it applies to nothing.
+//! and `container` (a glob on the container's name), or Kubernetes pods by their labels
+//! (`pod_labels`), as the policy file writes them. They are resolved to the cgroups of the
+//! matching containers or pods in [`crate::containers`]; from then on such a rule is a rule of
+//! those cgroups, as specific as each of them ([`Policy::candidates`]). Matching nothing, it
+//! applies to nothing.
 
 use std::{collections::BTreeMap, fmt, ops::Range};
 
@@ -11,13 +12,16 @@ use toml::{Spanned, Value};
 
 use super::{CgroupPath, Policy, Rule};
 
-/// What a rule's `labels` and `container` keys ask for.
+/// What a rule's `labels` and `container` keys ask for, or its `pod_labels`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Selector {
     /// Every one must be present with this value.
     pub labels: BTreeMap<String, String>,
     /// A glob on the container name (`*`, `?`, `[...]`).
     pub name: Option<Glob>,
+    /// Not empty: the rule selects pods with every one of these labels, not containers (the
+    /// two others are then empty).
+    pub pod_labels: BTreeMap<String, String>,
 }
 
 impl fmt::Display for Selector {
@@ -30,6 +34,11 @@ impl fmt::Display for Selector {
         if let Some(name) = &self.name {
             parts.push(format!("container {}", name.glob()));
         }
+        parts.extend(
+            self.pod_labels
+                .iter()
+                .map(|(key, value)| format!("pod {key}={value}")),
+        );
         f.write_str(&parts.join(", "))
     }
 }
@@ -69,36 +78,69 @@ impl Rule {
 }
 
 impl Policy {
-    /// Whether any rule selects containers (the agent then follows the engines).
+    /// Whether any rule selects containers or pods, or pods may annotate (the agent then
+    /// follows the engines).
     pub fn selects_containers(&self) -> bool {
-        self.rules.iter().any(|rule| rule.containers.is_some())
+        self.annotations.is_some() || self.rules.iter().any(|rule| rule.containers.is_some())
     }
 }
 
 /// A problem at a place in the file.
 type Located = (Range<usize>, String);
 
-const LABELS_FORM: &str = "write a table of label = value strings, like labels = { \"io.kubernetes.pod.namespace\" = \"payments\" }";
+const LABELS_FORM: &str = "write a table of label = value strings, like { \"io.kubernetes.pod.namespace\" = \"payments\" }";
 
-/// The selector of a rule's `labels` and `container` keys, None without either.
-pub(super) fn selector(
-    labels: Option<&Spanned<Value>>,
-    container: Option<&Spanned<String>>,
-    owner: &str,
-) -> Result<Option<Selector>, Located> {
-    if labels.is_none() && container.is_none() {
-        return Ok(None);
-    }
-    let labels = match labels {
-        Some(labels) => label_table(labels, owner)?,
-        None => BTreeMap::new(),
-    };
-    let name = container.map(|glob| name_glob(glob, owner)).transpose()?;
-    Ok(Some(Selector { labels, name }))
+/// A rule's selector keys, as the file has them.
+pub(super) struct SelectorKeys<'a> {
+    pub labels: Option<&'a Spanned<Value>>,
+    pub container: Option<&'a Spanned<String>>,
+    pub pod_labels: Option<&'a Spanned<Value>>,
 }
 
-fn label_table(value: &Spanned<Value>, owner: &str) -> Result<BTreeMap<String, String>, Located> {
-    let error = |message: String| (value.span(), format!("{owner}: field `labels`: {message}"));
+/// The selector of a rule's `labels` and `container` keys, or of its `pod_labels`; None
+/// without any.
+pub(super) fn selector(keys: &SelectorKeys<'_>, owner: &str) -> Result<Option<Selector>, Located> {
+    if let Some(pod_labels) = keys.pod_labels {
+        if keys.labels.is_some() || keys.container.is_some() {
+            return Err((
+                pod_labels.span(),
+                format!(
+                    "{owner}: field `pod_labels`: a rule selects pods (`pod_labels`) or \
+                     containers (`labels`, `container`), not both: the pod's labels are on the \
+                     pod, not on its containers; write two rules"
+                ),
+            ));
+        }
+        return Ok(Some(Selector {
+            labels: BTreeMap::new(),
+            name: None,
+            pod_labels: label_table(pod_labels, "pod_labels", owner)?,
+        }));
+    }
+    if keys.labels.is_none() && keys.container.is_none() {
+        return Ok(None);
+    }
+    let labels = match keys.labels {
+        Some(labels) => label_table(labels, "labels", owner)?,
+        None => BTreeMap::new(),
+    };
+    let name = keys
+        .container
+        .map(|glob| name_glob(glob, owner))
+        .transpose()?;
+    Ok(Some(Selector {
+        labels,
+        name,
+        pod_labels: BTreeMap::new(),
+    }))
+}
+
+fn label_table(
+    value: &Spanned<Value>,
+    field: &str,
+    owner: &str,
+) -> Result<BTreeMap<String, String>, Located> {
+    let error = |message: String| (value.span(), format!("{owner}: field `{field}`: {message}"));
     let Value::Table(table) = value.get_ref() else {
         return Err(error(format!(
             "{} is not a table: {LABELS_FORM}",

@@ -5,6 +5,7 @@
 //! Modules: [`raw`] is the file's shape (serde) and its conversion into a [`Policy`];
 //! [`fields`] checks one value each (modes, durations, seconds, CIDRs, port ranges).
 
+mod annotations;
 mod fields;
 mod raw;
 mod trust;

@@ -3,6 +3,7 @@
 //! [`Policy::decide`] is the reference: a plain scan, written for reading. The kernel gets the
 //! same answer from lookup tables ([`crate::compile`]); tests hold the two to each other.
 
+mod annotations;
 mod cgroup_path;
 mod containers;
 mod explain;
@@ -13,6 +14,7 @@ mod values;
 
 use std::{fmt, net::IpAddr};
 
+pub use annotations::Annotations;
 pub use cgroup_path::CgroupPath;
 pub use containers::{Selection, Selector};
 pub use explain::{KeyChecks, Step, Trace};
@@ -116,6 +118,9 @@ pub struct Rule {
     /// The containers it selects (`labels`, `container`) and the cgroups they resolved to.
     pub containers: Option<Selection>,
     pub action: Action,
+    /// A rule made of a pod's annotations (at the pod's cgroup): it comes before the policy's
+    /// rules of the same cgroup.
+    pub annotated: bool,
 }
 
 impl Rule {
@@ -132,6 +137,7 @@ impl Rule {
             direction: None,
             containers: None,
             action,
+            annotated: false,
         }
     }
 
@@ -180,6 +186,8 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     /// Apply the policy to connections that already exist when it takes effect.
     pub existing: bool,
+    /// What pods may set through their annotations (`[annotations]`); None: nothing.
+    pub annotations: Option<Annotations>,
 }
 
 impl Policy {
@@ -190,13 +198,15 @@ impl Policy {
             default: Action::enforce(values),
             rules: Vec::new(),
             existing: true,
+            annotations: None,
         }
     }
 
     /// The precedence, in one place: a connection outside every scope is not touched.
     /// Otherwise the candidates are the rules whose cgroup (or the cgroup of a container they
-    /// select) is the connection's cgroup or an ancestor, most specific cgroup first (file
-    /// order within a cgroup), then the rules without a cgroup or containers (file order). The
+    /// select) is the connection's cgroup or an ancestor, most specific cgroup first (a pod's
+    /// annotations, then file order within a cgroup), then the rules without a cgroup or
+    /// containers (file order). The
     /// first candidate whose keys all match decides; if none does, the default applies.
     pub fn decide(&self, conn: &Connection) -> Decision {
         // One walk for deciding and for explaining (`Policy::trace`).
@@ -224,9 +234,9 @@ impl Policy {
             .enumerate()
             .filter_map(|(i, rule)| Some((rule.depth_for(cgroup)?, i)))
             .collect();
-        // Deepest first; stable, so file order within one depth (one cgroup: a path of the
-        // connection's ancestry has one cgroup per depth).
-        scoped.sort_by_key(|&(depth, _)| std::cmp::Reverse(depth));
+        // Deepest first, a pod's annotations first within one depth; stable, so file order
+        // after them (one cgroup: a path of the connection's ancestry has one cgroup per depth).
+        scoped.sort_by_key(|&(depth, i)| (std::cmp::Reverse(depth), !self.rules[i].annotated));
         let unscoped = (0..self.rules.len()).filter(|&i| self.rules[i].unscoped());
         scoped.into_iter().map(|(_, i)| i).chain(unscoped).collect()
     }

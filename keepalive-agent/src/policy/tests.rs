@@ -90,6 +90,7 @@ fn most_specific_cgroup_first_then_file_order_then_unscoped() {
             rule("other", Some("/c")),
         ],
         existing: true,
+        annotations: None,
     };
     let names = |cgroup: &str| -> Vec<&str> {
         policy
@@ -123,6 +124,7 @@ fn first_matching_rule_decides() {
         default: Action::enforce(values(60)),
         rules: vec![db, exempt],
         existing: true,
+        annotations: None,
     };
     let out = Direction::Outbound;
     assert_eq!(

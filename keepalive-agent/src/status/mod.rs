@@ -106,6 +106,8 @@ pub struct AgentTelemetry {
     pub healed: u64,
     /// Times the cgroup watch lost events and the tree was scanned again.
     pub watch_overflows: u64,
+    /// Pods whose keepalive annotations the policy refused (each pod and reason once).
+    pub annotations_refused: u64,
     /// Whether the last reload applied (or kept) a policy.
     pub last_reload_ok: bool,
     /// The kernel's accounting of the agent's programs (filled when a snapshot is taken).

@@ -31,16 +31,16 @@ fn refused(text: &str) -> String {
 }
 
 fn container(name: &str, cgroup: &str, labels: &[(&str, &str)]) -> Container {
-    Container {
-        engine: "docker".into(),
-        id: format!("id-{name}"),
-        name: name.into(),
-        labels: labels
+    Container::new(
+        "docker",
+        format!("id-{name}"),
+        name.into(),
+        labels
             .iter()
             .map(|(key, value)| ((*key).to_string(), (*value).to_string()))
             .collect(),
-        cgroup: CgroupPath::parse(cgroup).unwrap_or_else(|e| panic!("{e}")),
-    }
+        CgroupPath::parse(cgroup).unwrap_or_else(|e| panic!("{e}")),
+    )
 }
 
 fn conn(cgroup: &str) -> Connection {
@@ -252,4 +252,144 @@ fn compiled_tables_agree_with_the_reference_for_resolved_rules() {
     let tables = crate::compile::compile(&policy, &points, 1).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(tables.attachments[&points[0]].fallback.idle_secs, 11);
     assert_eq!(tables.attachments[&points[1]].fallback.idle_secs, 60);
+}
+
+const PODS: &str = r#"
+[agent]
+cgroups = ["/kubepods"]
+
+[default]
+idle = "60s"
+
+[annotations]
+prefix = "keepalive.example.com"
+idle = ["10s", "5m"]
+
+[[rule]]
+name = "pgbouncer"
+pod_labels = { app = "pgbouncer" }
+idle = "13s"
+interval = "3s"
+"#;
+
+fn pod(name: &str, labels: &[(&str, &str)], annotations: &[(&str, &str)]) -> Container {
+    let mut pod = container(name, &format!("/kubepods/pod{name}"), labels);
+    pod.kind = crate::containers::Kind::Pod;
+    pod.annotations = annotations
+        .iter()
+        .map(|(key, value)| ((*key).to_string(), (*value).to_string()))
+        .collect();
+    pod
+}
+
+fn idle_of(policy: &Policy, cgroup: &str) -> u32 {
+    policy
+        .action(policy.decide(&conn(cgroup)))
+        .unwrap_or_else(|| panic!("{cgroup} is outside"))
+        .values
+        .idle_secs
+}
+
+#[test]
+fn a_pod_label_rule_reaches_the_pod_cgroup_and_every_container_below_it() {
+    let pods = [
+        pod("a", &[("app", "pgbouncer")], &[]),
+        pod("b", &[("app", "web")], &[]),
+        // An application container carrying the label itself is not a pod.
+        container("c", "/kubepods/podc/app", &[("app", "pgbouncer")]),
+    ];
+    let policy = resolve(&parsed(PODS), &pods);
+    assert_eq!(
+        policy.rules[0].rule_cgroups(),
+        [&CgroupPath::parse("/kubepods/poda").unwrap_or_else(|e| panic!("{e}"))]
+    );
+    assert_eq!(idle_of(&policy, "/kubepods/poda/app"), 13);
+    assert_eq!(idle_of(&policy, "/kubepods/podb/app"), 60);
+    assert_eq!(idle_of(&policy, "/kubepods/podc/app"), 60);
+    // A container rule does not see pods' labels.
+    let by_container =
+        parsed("[[rule]]\nname = \"r\"\nlabels = { app = \"pgbouncer\" }\nidle = \"13s\"\n");
+    assert!(
+        resolve(&by_container, &pods[..1]).rules[0]
+            .rule_cgroups()
+            .is_empty()
+    );
+}
+
+#[test]
+fn annotations_within_bounds_come_first_and_keep_the_rest_of_the_pods_rule() {
+    let pods = [
+        pod(
+            "a",
+            &[("app", "pgbouncer")],
+            &[("keepalive.example.com/idle", "20s")],
+        ),
+        pod(
+            "b",
+            &[("app", "web")],
+            &[("keepalive.example.com/idle", "2s")],
+        ),
+        pod("c", &[], &[("keepalive.example.com/idle", "30s")]),
+    ];
+    let unresolved = parsed(PODS);
+    let policy = resolve(&unresolved, &pods);
+    assert_eq!(idle_of(&policy, "/kubepods/poda/app"), 20);
+    let Decision::Rule(i) = policy.decide(&conn("/kubepods/poda/app")) else {
+        panic!("the default decided")
+    };
+    assert_eq!(policy.rules[i].name, "pod a");
+    assert_eq!(
+        policy.rules[i].action.values.interval_secs, 3,
+        "what the annotation does not name comes from the pod's rule"
+    );
+    assert_eq!(idle_of(&policy, "/kubepods/podb/app"), 60, "refused");
+    assert_eq!(idle_of(&policy, "/kubepods/podc/app"), 30);
+    let refused = crate::containers::refused_annotations(&unresolved, &pods);
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].0.name, "b");
+    assert!(refused[0].1.contains("10s..=300s"), "{}", refused[0].1);
+}
+
+#[test]
+fn pod_labels_and_annotations_errors_name_the_field() {
+    for (text, expected) in [
+        (
+            "[[rule]]\npod_labels = { app = \"x\" }\nlabels = { a = \"b\" }\n",
+            "field `pod_labels`: a rule selects pods",
+        ),
+        (
+            "[[rule]]\npod_labels = {}\n",
+            "field `pod_labels`: the table is empty",
+        ),
+        (
+            "[annotations]\nprefix = \"Keepalive\"\nidle = [\"10s\", \"5m\"]\n",
+            "field `prefix`: \"Keepalive\" is not a DNS name",
+        ),
+        (
+            "[annotations]\nprefix = \"k.example.com\"\nidle = [\"5m\", \"10s\"]\n",
+            "field `idle`: the lowest (300 s) is above the highest (10 s)",
+        ),
+        (
+            "[annotations]\nprefix = \"k.example.com\"\ncount = [1]\n",
+            "field `count`: write the lowest and the highest",
+        ),
+        (
+            "[annotations]\nprefix = \"k.example.com\"\ncount = [0, 5]\n",
+            "count = 0 is out of range",
+        ),
+        (
+            "[annotations]\nprefix = \"k.example.com\"\n",
+            "allows pods nothing",
+        ),
+        (
+            "[annotations]\nprefix = \"k.example.com\"\nmodes = [\"sometimes\"]\n",
+            "\"sometimes\" is not a mode",
+        ),
+    ] {
+        let error = refused(text);
+        assert!(
+            error.contains(expected),
+            "{text}: expected {expected:?} in: {error}"
+        );
+    }
 }

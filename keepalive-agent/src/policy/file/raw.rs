@@ -8,6 +8,7 @@ use toml::{Spanned, Value};
 
 use super::{
     Located,
+    annotations::RawAnnotations,
     fields::{cidrs, integer, milliseconds, parse_mode, port_ranges, seconds},
 };
 use crate::policy::{Action, CgroupPath, Direction, Field, Policy, Rule, Values};
@@ -19,6 +20,7 @@ pub(super) struct RawFile {
     default: Option<RawValues>,
     #[serde(default)]
     rule: Vec<Spanned<RawRule>>,
+    annotations: Option<Spanned<RawAnnotations>>,
 }
 
 #[derive(Deserialize)]
@@ -51,6 +53,7 @@ struct RawRule {
     direction: Option<Spanned<String>>,
     labels: Option<Spanned<Value>>,
     container: Option<Spanned<String>>,
+    pod_labels: Option<Spanned<Value>>,
     mode: Option<Spanned<String>>,
     idle: Option<Spanned<Value>>,
     interval: Option<Spanned<Value>>,
@@ -102,11 +105,19 @@ impl RawFile {
                 ),
             ));
         }
+        let annotations = self
+            .annotations
+            .map(|raw| {
+                let at = raw.span();
+                raw.into_inner().into_annotations(at)
+            })
+            .transpose()?;
         Ok(Policy {
             scopes,
             default,
             rules,
             existing,
+            annotations,
         })
     }
 }
@@ -207,14 +218,16 @@ impl RawRule {
                 )),
             })
             .transpose()?;
-        let containers = crate::policy::containers::selector(
-            self.labels.as_ref(),
-            self.container.as_ref(),
-            &owner,
-        )?
-        .map(|selector| crate::policy::Selection {
-            selector,
-            cgroups: Vec::new(),
+        let keys = crate::policy::containers::SelectorKeys {
+            labels: self.labels.as_ref(),
+            container: self.container.as_ref(),
+            pod_labels: self.pod_labels.as_ref(),
+        };
+        let containers = crate::policy::containers::selector(&keys, &owner)?.map(|selector| {
+            crate::policy::Selection {
+                selector,
+                cgroups: Vec::new(),
+            }
         });
         let values = RawValues {
             mode: self.mode,
@@ -234,6 +247,7 @@ impl RawRule {
             local_ports,
             direction,
             containers,
+            annotated: false,
         })
     }
 }
