@@ -19,11 +19,13 @@ use keepalive_agent::CgroupPath;
 
 mod agent_container;
 mod containers;
+mod cri;
 mod inspect;
 mod setup;
 mod sockets;
 
 pub use agent_container::agent_container_args;
+pub use cri::TestPod;
 pub use inspect::{engine_options, expect_explain, expect_scan};
 pub use setup::busybox_rootfs;
 use setup::{
@@ -58,6 +60,8 @@ pub struct Engine {
     root: PathBuf,
     daemon: Child,
     containers: Vec<String>,
+    /// Pod sandboxes it runs through the CRI.
+    pods: Vec<String>,
     /// Cgroup directories the engine creates for its containers' parent, in every hierarchy
     /// (v1 controllers too), that did not exist before it started: removed on drop.
     new_parents: Vec<PathBuf>,
@@ -140,19 +144,24 @@ impl Engine {
     /// A containerd of its own (CRI plugin off: the tests use namespace `k8s.io` directly,
     /// with the labels kubelet would give).
     pub fn containerd() -> Self {
-        let root = make_root();
-        let config = root.join("config.toml");
-        std::fs::write(
-            &config,
+        Self::containerd_with(|root| {
             format!(
                 "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n\
                  disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
                  [grpc]\naddress = \"{0}/containerd.sock\"\n\
                  [ttrpc]\naddress = \"{0}/containerd.sock.ttrpc\"\n",
                 root.display()
-            ),
-        )
-        .unwrap_or_else(|e| panic!("cannot write {}: {e}", config.display()));
+            )
+        })
+    }
+
+    /// containerd with the configuration `config` gives for its state directory.
+    fn containerd_with(config: impl Fn(&std::path::Path) -> String) -> Self {
+        let root = make_root();
+        let text = config(&root);
+        let config = root.join("config.toml");
+        std::fs::write(&config, text)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", config.display()));
         let daemon = spawn(
             Command::new("containerd").arg("--config").arg(&config),
             &root,
@@ -168,6 +177,7 @@ impl Engine {
             root,
             daemon,
             containers: Vec::new(),
+            pods: Vec::new(),
             new_parents: absent_parents(),
         };
         engine.wait_answering();
@@ -294,6 +304,9 @@ impl Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
+        for sandbox in std::mem::take(&mut self.pods) {
+            self.remove_pod_quietly(&sandbox);
+        }
         for id in std::mem::take(&mut self.containers) {
             self.remove_quietly(&id);
         }

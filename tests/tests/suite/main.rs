@@ -25,6 +25,7 @@ mod monitoring;
 mod observability;
 mod on_the_wire;
 mod operations;
+mod pods;
 mod policy;
 mod policy_changes;
 mod scan;

@@ -22,6 +22,10 @@ pub(crate) const HOST_ONLY: &[(&str, &str)] = &[
          guest's root is a read-only 9p share with a tmpfs overlay",
     ),
     (
+        "pods",
+        "starts containerd with its CRI plugin and its state on disk, as `engines` does",
+    ),
+    (
         "helm",
         "renders and lints the Helm chart with Helm's engine on the host, not the kernel",
     ),

@@ -1,0 +1,220 @@
+//! Kubernetes pods as the kubelet makes them through containerd's CRI plugin: rules by pod
+//! labels reach the pod's app container (not only its sandbox), pod annotations set values
+//! within the policy's bounds, and refusals are counted. Every value is read back from the
+//! sockets the app container's own processes hold.
+
+use std::time::Duration;
+
+use keepalive_tests::{
+    AgentPlaces, TestCgroup, Workload, agent_bin,
+    engines::{Engine, TestPod, connected_sockets, engine_options, expect_idle},
+    http::{get_within, metrics_addr},
+    poll, require_host, unique_name,
+};
+
+const LOG_WAIT: Duration = Duration::from_secs(30);
+const PREFIX: &str = "keepalive.example.com";
+
+/// A listener on `port` and a client connected to it over loopback (host network: each pod
+/// its own port), both holding their sockets open.
+fn serve_and_connect(port: u16) -> String {
+    format!("sleep 100000 | nc -l -p {port} & sleep 0.3; sleep 100000 | nc 127.0.0.1 {port} & wait")
+}
+
+/// The issue's policy: the pods' parent enforced with idle 60 s, pods labelled
+/// app=pgbouncer 13 s, annotations allowed for idle 10 s..5 min.
+fn policy(scope: &str) -> String {
+    format!(
+        r#"[agent]
+cgroups = ["{scope}"]
+
+[default]
+idle = "60s"
+
+[annotations]
+prefix = "{PREFIX}"
+idle = ["10s", "5m"]
+
+[[rule]]
+name = "pgbouncer"
+pod_labels = {{ app = "pgbouncer" }}
+idle = "13s"
+"#
+    )
+}
+
+/// A policy file, removed on drop.
+struct PolicyFile(std::path::PathBuf);
+
+impl PolicyFile {
+    fn new(text: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("{}.toml", unique_name()));
+        std::fs::write(&path, text).unwrap();
+        Self(path)
+    }
+
+    fn arg(&self) -> String {
+        self.0.display().to_string()
+    }
+}
+
+impl Drop for PolicyFile {
+    fn drop(&mut self) {
+        let _ignored = std::fs::remove_file(&self.0);
+    }
+}
+
+fn spawn_agent(places: &AgentPlaces, config: &PolicyFile, engine: &Engine) -> Workload {
+    let mut args: Vec<String> = vec!["run".into(), "--config".into(), config.arg()];
+    args.extend(engine_options(places, engine));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    places.spawn(agent_bin(), &refs)
+}
+
+/// The value of a counter on the agent's endpoint (0 when absent).
+fn counter(addr: &str, name: &str) -> f64 {
+    let (_, body) = get_within(addr, "/metrics", LOG_WAIT);
+    body.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn run_pod(
+    engine: &mut Engine,
+    parent: &TestCgroup,
+    name: &str,
+    labels: &[(&str, &str)],
+    annotations: &[(&str, &str)],
+    port: u16,
+) -> TestPod {
+    engine.run_pod(
+        name,
+        &parent.scope(),
+        labels,
+        annotations,
+        &serve_and_connect(port),
+    )
+}
+
+/// The done-when of issue 26: a pod labelled app=pgbouncer holds idle 13 on its app
+/// container's client and server sockets, a neighbour the default, a pod annotated idle 20 s
+/// holds 20, one annotated 2 s the default with the refusal counted; pods made before and after
+/// the agent starts.
+#[test]
+fn pods_get_the_rule_of_their_labels_and_their_annotations_within_bounds() {
+    require_host();
+    let pods = TestCgroup::new();
+    let mut containerd = Engine::containerd_cri();
+    let pgbouncer = run_pod(
+        &mut containerd,
+        &pods,
+        "pgbouncer",
+        &[("app", "pgbouncer")],
+        &[],
+        18001,
+    );
+    let web = run_pod(&mut containerd, &pods, "web", &[("app", "web")], &[], 18002);
+    let mut seen = Vec::new();
+    let connected = poll(LOG_WAIT, || {
+        seen = connected_sockets(&pgbouncer.cgroup);
+        (seen.len() >= 2).then_some(())
+    });
+    assert!(connected.is_some(), "the pgbouncer pod's sockets: {seen:?}");
+    assert!(
+        seen.iter().all(|socket| !socket.enabled),
+        "keepalive before the agent: {seen:?}"
+    );
+
+    let places = AgentPlaces::new();
+    let config = PolicyFile::new(&policy(pods.scope().as_str()));
+    let agent = spawn_agent(&places, &config, &containerd);
+    let addr = metrics_addr(&agent, LOG_WAIT);
+    agent.expect_log("following the container engine", LOG_WAIT);
+    expect_idle(
+        "the pgbouncer pod, made before the agent",
+        &pgbouncer.cgroup,
+        2,
+        13,
+    );
+    expect_idle("its neighbour", &web.cgroup, 2, 60);
+
+    let after = run_pod(
+        &mut containerd,
+        &pods,
+        "pgbouncer-after",
+        &[("app", "pgbouncer")],
+        &[],
+        18003,
+    );
+    expect_idle("a pgbouncer pod made after the agent", &after.cgroup, 2, 13);
+    let idle = format!("{PREFIX}/idle");
+    let annotated = run_pod(
+        &mut containerd,
+        &pods,
+        "annotated",
+        &[("app", "web")],
+        &[(&idle, "20s")],
+        18004,
+    );
+    expect_idle("a pod annotated idle 20 s", &annotated.cgroup, 2, 20);
+    let before = counter(&addr, "keepalive_annotations_refused_total");
+    let refused = run_pod(
+        &mut containerd,
+        &pods,
+        "too-eager",
+        &[("app", "web")],
+        &[(&idle, "2s")],
+        18005,
+    );
+    expect_idle("a pod annotated idle 2 s (refused)", &refused.cgroup, 2, 60);
+    let counted = poll(LOG_WAIT, || {
+        (counter(&addr, "keepalive_annotations_refused_total") >= before + 1.0).then_some(())
+    });
+    assert!(counted.is_some(), "the refusal is not counted");
+    agent.expect_log("refusing the pod's keepalive annotations", LOG_WAIT);
+    drop(agent);
+}
+
+/// A pod recreated with other labels gets the rule of its new labels, and the runtime
+/// restarting is followed through.
+#[test]
+fn recreated_pods_and_a_restarted_runtime_are_followed() {
+    require_host();
+    let pods = TestCgroup::new();
+    let mut containerd = Engine::containerd_cri();
+    let places = AgentPlaces::new();
+    let config = PolicyFile::new(&policy(pods.scope().as_str()));
+    let agent = spawn_agent(&places, &config, &containerd);
+    agent.expect_log("following the container engine", LOG_WAIT);
+    let first = run_pod(&mut containerd, &pods, "db", &[("app", "web")], &[], 18011);
+    expect_idle("the pod as first made", &first.cgroup, 2, 60);
+    containerd.remove_pod(&first);
+    let second = run_pod(
+        &mut containerd,
+        &pods,
+        "db",
+        &[("app", "pgbouncer")],
+        &[],
+        18012,
+    );
+    expect_idle("the pod recreated as pgbouncer", &second.cgroup, 2, 13);
+
+    containerd.restart_containerd();
+    agent.expect_log("lost the container engine", LOG_WAIT);
+    agent.expect_log("following the container engine", LOG_WAIT);
+    let third = run_pod(
+        &mut containerd,
+        &pods,
+        "after-restart",
+        &[("app", "pgbouncer")],
+        &[],
+        18013,
+    );
+    expect_idle(
+        "a pgbouncer pod made after the restart",
+        &third.cgroup,
+        2,
+        13,
+    );
+    drop(agent);
+}
