@@ -167,13 +167,15 @@ pub fn render(policy: &Policy, conn: &Connection, description: &str) -> String {
     out
 }
 
-/// `line N, cgroup X` or `line N, any cgroup`.
+/// `line N, cgroup X`, `line N, any cgroup`, or `the pod's annotations, cgroup X`.
 fn place(rule: &Rule) -> String {
     let cgroup = rule.cgroup.as_ref().map_or_else(
         || "any cgroup".to_string(),
         |cgroup| format!("cgroup {cgroup}"),
     );
-    if rule.line == 0 {
+    if rule.annotated {
+        format!("the pod's annotations, {cgroup}")
+    } else if rule.line == 0 {
         cgroup
     } else {
         format!("line {}, {cgroup}", rule.line)

@@ -68,16 +68,13 @@ pub fn expect_explain(
     places: &AgentPlaces,
     config: &str,
     engine: &Engine,
-    container: &TestContainer,
+    cgroup: &keepalive_agent::CgroupPath,
     value: &str,
 ) {
     let mut args: Vec<String> = ["explain", "--config", config, "--remote", "127.0.0.1:8000"]
         .map(String::from)
         .to_vec();
-    args.extend([
-        "--cgroup".to_string(),
-        container.cgroup.as_str().to_string(),
-    ]);
+    args.extend(["--cgroup".to_string(), cgroup.as_str().to_string()]);
     args.extend(engine_options(places, engine));
     let out = std::process::Command::new(agent_bin())
         .args(&args)
@@ -86,8 +83,7 @@ pub fn expect_explain(
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && text.contains(&format!("decided by: rule {value:?}")),
-        "explain of container {}: {text}{}",
-        container.id,
+        "explain of cgroup {cgroup}: {text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -171,7 +171,7 @@ fn scenario(mut engine: Engine, scope: &str, parent: Option<&str>) {
         &places,
         &config.display().to_string(),
         &engine,
-        &before_pay,
+        &before_pay.cgroup,
         "payments",
     );
 

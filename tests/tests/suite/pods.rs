@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use keepalive_tests::{
     AgentPlaces, TestCgroup, Workload, agent_bin,
-    engines::{Engine, TestPod, connected_sockets, engine_options, expect_idle},
+    engines::{Engine, TestPod, connected_sockets, engine_options, expect_explain, expect_idle},
     http::{get_within, metrics_addr},
     poll, require_host, unique_name,
 };
@@ -77,6 +77,39 @@ fn counter(addr: &str, name: &str) -> f64 {
     body.lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0.0)
+}
+
+/// `scan --json` of a pod's cgroup says `rule` decided for each of its connections.
+fn expect_scan_rule(
+    places: &AgentPlaces,
+    config: &PolicyFile,
+    engine: &Engine,
+    pod: &TestPod,
+    rule: &str,
+) {
+    let mut args: Vec<String> = vec![
+        "scan".into(),
+        "--json".into(),
+        "--config".into(),
+        config.arg(),
+        "--cgroup".into(),
+        pod.cgroup.as_str().to_string(),
+    ];
+    args.extend(engine_options(places, engine));
+    let out = keepalive_tests::agent_succeeds(&args);
+    let connections: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .filter(|object| object.get("local").is_some())
+        .collect();
+    assert!(
+        connections.len() >= 2
+            && connections
+                .iter()
+                .all(|connection| connection["rule"] == rule),
+        "scan of pod {}: expected rule {rule:?} on each connection: {connections:#?}",
+        pod.name
+    );
 }
 
 fn run_pod(
@@ -157,6 +190,21 @@ fn pods_get_the_rule_of_their_labels_and_their_annotations_within_bounds() {
         18004,
     );
     expect_idle("a pod annotated idle 20 s", &annotated.cgroup, 2, 20);
+    expect_explain(
+        &places,
+        &config.arg(),
+        &containerd,
+        &annotated.cgroup,
+        "pod default/annotated",
+    );
+    expect_scan_rule(
+        &places,
+        &config,
+        &containerd,
+        &annotated,
+        "pod default/annotated",
+    );
+    expect_scan_rule(&places, &config, &containerd, &pgbouncer, "pgbouncer");
     let before = counter(&addr, "keepalive_annotations_refused_total");
     let refused = run_pod(
         &mut containerd,
