@@ -17,7 +17,7 @@ const RULE_TESTS: &str = "deploy/prometheus/keepalive-agent.rules.test.yml";
 const DASHBOARD: &str = "deploy/grafana/keepalive-agent.json";
 
 /// The alerts the rules must have: what an operator of the agent is paged or warned for.
-const ALERTS: [&str; 7] = [
+const ALERTS: [&str; 8] = [
     "KeepaliveAgentDown",
     "KeepaliveAgentNotReady",
     "KeepaliveEnforcementMissing",
@@ -25,6 +25,7 @@ const ALERTS: [&str; 7] = [
     "KeepaliveKernelFeatureMissing",
     "KeepaliveSetsockoptErrors",
     "KeepaliveConnectionsWithoutKeepalive",
+    "KeepaliveAnnotationsRefused",
 ];
 
 fn promtool() -> Command {
