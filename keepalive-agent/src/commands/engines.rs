@@ -26,7 +26,8 @@ pub struct EngineArgs {
     )]
     pub podman_socket: PathBuf,
 
-    /// containerd's API socket; its containers in --containerd-namespace are followed.
+    /// containerd's API socket; its containers in --containerd-namespace are followed, and the
+    /// pods its CRI plugin serves there.
     #[arg(
         long,
         value_name = "PATH",
@@ -43,6 +44,15 @@ pub struct EngineArgs {
         env = "KEEPALIVE_AGENT_CONTAINERD_NAMESPACE"
     )]
     pub containerd_namespace: String,
+
+    /// A runtime followed through the CRI alone (CRI-O): its pods and containers.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/run/crio/crio.sock",
+        env = "KEEPALIVE_AGENT_CRIO_SOCKET"
+    )]
+    pub crio_socket: PathBuf,
 }
 
 impl EngineArgs {
@@ -53,6 +63,7 @@ impl EngineArgs {
             podman: self.podman_socket.clone(),
             containerd: self.containerd_socket.clone(),
             containerd_namespace: self.containerd_namespace.clone(),
+            crio: self.crio_socket.clone(),
         }
     }
 }

@@ -26,7 +26,7 @@ const KIND_LABEL: &str = "io.cri-containerd.kind";
 
 /// One connection: subscribe to the namespace's events, list, then list again on each
 /// container or task event. The list holds the pods the CRI plugin serves on the same socket
-/// ([`cri::pods`]), the plugin's sandboxes not as containers: their labels are the pod's.
+/// ([`cri::Cri::pods`]), the plugin's sandboxes not as containers: their labels are the pod's.
 pub(super) async fn session(socket: PathBuf, namespace: String, sink: Sink) -> Ended {
     let mut up = false;
     let result = run(&socket, &namespace, &sink, &mut up).await;
@@ -48,7 +48,8 @@ async fn run(
     let mut client = EventsClient::new(channel.clone());
     let subscribed = tokio::spawn(async move { client.subscribe(request).await });
     tokio::task::yield_now().await;
-    let containers = list(&channel, namespace).await?;
+    let mut cri = cri::Cri::new(&channel, ENGINE);
+    let containers = list(&channel, namespace, &mut cri).await?;
     connected(ENGINE, socket, containers.len());
     *up = true;
     sink.set(ENGINE, containers);
@@ -58,7 +59,7 @@ async fn run(
         .into_inner();
     while let Some(envelope) = events.message().await? {
         if envelope.topic.starts_with("/tasks/") || envelope.topic.starts_with("/containers/") {
-            sink.set(ENGINE, list(&channel, namespace).await?);
+            sink.set(ENGINE, list(&channel, namespace, &mut cri).await?);
         }
     }
     Err(EngineError::Ended)
@@ -70,14 +71,18 @@ pub(super) async fn list_once(
     namespace: &str,
 ) -> Result<Vec<Container>, EngineError> {
     let channel = containerd_client::connect(socket).await?;
-    list(&channel, namespace).await
+    list(&channel, namespace, &mut cri::Cri::new(&channel, ENGINE)).await
 }
 
 /// The namespace's containers whose task runs, each at the cgroup of its init process, and the
 /// pods of the CRI plugin (none without it).
-async fn list(channel: &Channel, namespace: &str) -> Result<Vec<Container>, EngineError> {
+async fn list(
+    channel: &Channel,
+    namespace: &str,
+    cri: &mut cri::Cri,
+) -> Result<Vec<Container>, EngineError> {
     let mut containers = running(channel, namespace).await?;
-    containers.extend(cri::pods(channel, ENGINE).await?.unwrap_or_default());
+    containers.extend(cri.pods().await?.unwrap_or_default());
     Ok(containers)
 }
 

@@ -3,12 +3,14 @@
 //! containers to their cgroups ([`resolve`]).
 //!
 //! The engines: the Docker Engine API (Docker, and podman's compatible service) through
-//! bollard, and containerd's API (namespace `k8s.io`, where kubelet's CRI plugin puts pods)
-//! through containerd-client. Each engine is followed live: its event stream, and on each event
-//! the engine's list again (cheap, and nothing is missed if an event is). Each container maps
-//! to the cgroup of its init process (/proc/PID/cgroup: the agent needs the host's PID and
-//! cgroup namespaces). An engine without a socket gives no containers; one that goes away is
-//! retried with back-off, logged once.
+//! bollard, containerd's API (namespace `k8s.io`, where kubelet's CRI plugin puts pods)
+//! through containerd-client with the pods of its CRI plugin, and a runtime that serves only
+//! the CRI (CRI-O) through the same CRI client ([`cri`]). Each engine is followed live: its
+//! event stream, and on each event the engine's list again (cheap, and nothing is missed if an
+//! event is). Each container maps to the cgroup of its init process (/proc/PID/cgroup: the
+//! agent needs the host's PID and cgroup namespaces), each pod to its pod's cgroup. An engine
+//! without a socket gives no containers; one that goes away is retried with back-off, logged
+//! once.
 
 mod containerd;
 pub mod cri;
@@ -91,6 +93,8 @@ pub struct Sockets {
     /// containerd's API socket, and the namespace whose containers are followed.
     pub containerd: PathBuf,
     pub containerd_namespace: String,
+    /// A runtime followed through the CRI alone (CRI-O).
+    pub crio: PathBuf,
 }
 
 /// An engine reported containers that started, stopped or changed.
@@ -195,8 +199,13 @@ pub fn spawn(sockets: &Sockets, inventory: &Inventory, on_change: OnChange) {
         sockets.containerd.clone(),
         sockets.containerd_namespace.clone(),
     );
+    let containerd_sink = sink.clone();
     tokio::spawn(follow("containerd", socket.clone(), move || {
-        containerd::session(socket.clone(), namespace.clone(), sink.clone())
+        containerd::session(socket.clone(), namespace.clone(), containerd_sink.clone())
+    }));
+    let socket = sockets.crio.clone();
+    tokio::spawn(follow(cri::CRI_ONLY, socket.clone(), move || {
+        cri::session(socket.clone(), sink.clone())
     }));
 }
 
@@ -234,6 +243,11 @@ pub async fn list_once(sockets: &Sockets) -> (Vec<Container>, Vec<String>) {
         )
         .await;
         keep("containerd", socket, listed);
+    }
+    let socket = &sockets.crio;
+    if socket.exists() {
+        let listed = tokio::time::timeout(LIST_ONCE_TIMEOUT, cri::list_once(socket)).await;
+        keep(cri::CRI_ONLY, socket, listed);
     }
     all.sort();
     (all, notes)

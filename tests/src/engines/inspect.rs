@@ -15,7 +15,12 @@ pub fn engine_options(places: &AgentPlaces, engine: &Engine) -> Vec<String> {
         .to_string();
     let own = engine.socket_option();
     let mut args = Vec::new();
-    for option in ["--docker-socket", "--podman-socket", "--containerd-socket"] {
+    for option in [
+        "--docker-socket",
+        "--podman-socket",
+        "--containerd-socket",
+        "--crio-socket",
+    ] {
         let socket = if option == own[0] {
             own[1].clone()
         } else {

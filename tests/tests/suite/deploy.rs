@@ -205,24 +205,28 @@ fn the_servicemonitor_component_scrapes_the_metrics_service() {
     );
 }
 
+/// The components for nodes whose runtime is Docker (cri-dockerd) or CRI-O: each points the
+/// agent at the runtime's socket inside a read-only mount of its directory, and validates.
 #[test]
-fn the_docker_component_mounts_the_socket_directory_and_parses() {
-    let (yaml, documents) = manifests::overlay(&["docker"]);
-    manifests::validate(&yaml, documents.len());
-    let container = agent_container(&documents);
-    let args = strings(&container["args"]);
-    let socket = args
-        .iter()
-        .find_map(|arg| arg.strip_prefix("--docker-socket="))
-        .unwrap_or_else(|| panic!("no --docker-socket in {args:?}"));
-    let mounts = container["volumeMounts"].as_array().unwrap();
-    assert!(
-        mounts.iter().any(|mount| {
-            mount["readOnly"] == true
-                && Path::new(socket).parent() == mount["mountPath"].as_str().map(Path::new)
-        }),
-        "{socket} is not in a read-only mount: {mounts:?}"
-    );
+fn the_runtime_components_mount_the_socket_directory_and_parse() {
+    for (component, option) in [("docker", "--docker-socket="), ("crio", "--crio-socket=")] {
+        let (yaml, documents) = manifests::overlay(&[component]);
+        manifests::validate(&yaml, documents.len());
+        let container = agent_container(&documents);
+        let args = strings(&container["args"]);
+        let socket = args
+            .iter()
+            .find_map(|arg| arg.strip_prefix(option))
+            .unwrap_or_else(|| panic!("{component}: no {option} in {args:?}"));
+        let mounts = container["volumeMounts"].as_array().unwrap();
+        assert!(
+            mounts.iter().any(|mount| {
+                mount["readOnly"] == true
+                    && Path::new(socket).parent() == mount["mountPath"].as_str().map(Path::new)
+            }),
+            "{component}: {socket} is not in a read-only mount: {mounts:?}"
+        );
+    }
 }
 
 /// The highest `systemd-analyze security` exposure the unit may have (0 is best, 10 worst).

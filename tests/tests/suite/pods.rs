@@ -71,6 +71,26 @@ fn spawn_agent(places: &AgentPlaces, config: &PolicyFile, engine: &Engine) -> Wo
     places.spawn(agent_bin(), &refs)
 }
 
+/// The agent following `engine` through the CRI alone, as it follows CRI-O (`--crio-socket`),
+/// containerd's own API out of reach.
+fn spawn_agent_cri_only(places: &AgentPlaces, config: &PolicyFile, engine: &Engine) -> Workload {
+    let mut args: Vec<String> = vec!["run".into(), "--config".into(), config.arg()];
+    for pair in engine_options(places, engine).chunks(2) {
+        let socket = if pair[0] == "--crio-socket" {
+            engine.socket().display().to_string()
+        } else {
+            places
+                .state_dir()
+                .join("no-engine.sock")
+                .display()
+                .to_string()
+        };
+        args.extend([pair[0].clone(), socket]);
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    places.spawn(agent_bin(), &refs)
+}
+
 /// The value of a counter on the agent's endpoint (0 when absent).
 fn counter(addr: &str, name: &str) -> f64 {
     let (_, body) = get_within(addr, "/metrics", LOG_WAIT);
@@ -264,5 +284,70 @@ fn recreated_pods_and_a_restarted_runtime_are_followed() {
         2,
         13,
     );
+    drop(agent);
+}
+
+/// The CRI client alone (the path CRI-O takes, CRI-O not being in Debian: containerd's CRI
+/// serves the same API): pods before and after the agent, a container rule by the kubelet's
+/// container name, and annotations, without containerd's own API or events.
+#[test]
+fn a_runtime_followed_through_the_cri_alone() {
+    require_host();
+    let pods = TestCgroup::new();
+    let mut containerd = Engine::containerd_cri();
+    let before = run_pod(
+        &mut containerd,
+        &pods,
+        "pgbouncer",
+        &[("app", "pgbouncer")],
+        &[],
+        18021,
+    );
+    let places = AgentPlaces::new();
+    let config = PolicyFile::new(&format!(
+        "{}\n[[rule]]\nname = \"sidecar\"\nlabels = {{ \"io.kubernetes.container.name\" = \"app\" }}\ncontainer = \"app\"\nidle = \"17s\"\n",
+        policy(pods.scope().as_str())
+    ));
+    let agent = spawn_agent_cri_only(&places, &config, &containerd);
+    agent.expect_log("following the container engine", LOG_WAIT);
+    agent.expect_log("listing it periodically", LOG_WAIT);
+    // The app container's own cgroup is deeper than its pod's: the container rule decides.
+    expect_idle(
+        "a pod's app container, by its container rule",
+        &before.cgroup,
+        2,
+        17,
+    );
+    let idle = format!("{PREFIX}/idle");
+    let annotated = run_pod(
+        &mut containerd,
+        &pods,
+        "annotated",
+        &[("app", "web")],
+        &[(&idle, "25s")],
+        18022,
+    );
+    expect_idle(
+        "a pod annotated after the agent, its container rule first",
+        &annotated.cgroup,
+        2,
+        17,
+    );
+    drop(agent);
+
+    let config = PolicyFile::new(&policy(pods.scope().as_str()));
+    let agent = spawn_agent_cri_only(&places, &config, &containerd);
+    agent.expect_log("following the container engine", LOG_WAIT);
+    expect_idle("the pgbouncer pod", &before.cgroup, 2, 13);
+    expect_idle("the annotated pod", &annotated.cgroup, 2, 25);
+    let after = run_pod(
+        &mut containerd,
+        &pods,
+        "pgbouncer-after",
+        &[("app", "pgbouncer")],
+        &[],
+        18023,
+    );
+    expect_idle("a pgbouncer pod made after the agent", &after.cgroup, 2, 13);
     drop(agent);
 }
