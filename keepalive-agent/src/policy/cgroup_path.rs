@@ -96,10 +96,9 @@ impl CgroupPath {
         Self(format!("/{}", literal.join("/")))
     }
 
-    /// Whether the pattern (or plain path) matches `path` exactly. To match many paths,
-    /// compile it once with [`Pattern::new`].
+    /// Whether the pattern (or plain path) matches `path` exactly (compiled once per thread).
     pub fn matches(&self, path: &Self) -> bool {
-        Pattern::new(self).matches(path)
+        compiled(self, |pattern| pattern.matches(path))
     }
 
     /// Whether connections of `cgroup` are covered: a plain path covers itself and its
@@ -108,9 +107,34 @@ impl CgroupPath {
         if !self.is_pattern() {
             return self.contains(cgroup);
         }
-        Pattern::new(self).covers(cgroup)
+        compiled(self, |pattern| pattern.covers(cgroup))
     }
 }
+
+/// Patterns compiled once per thread: `covers` runs per connection in `decide` (scan, the
+/// sweeps, the count of connections without keepalive), and compiling a pattern (a globset
+/// automaton per component) costs far more than matching it. Policies hold a few patterns;
+/// the cache is emptied when it holds more than [`COMPILED_MAX`] (reloads with ever new ones).
+fn compiled<T>(pattern: &CgroupPath, with: impl FnOnce(&Pattern) -> T) -> T {
+    thread_local! {
+        static COMPILED: std::cell::RefCell<std::collections::HashMap<String, std::rc::Rc<Pattern>>> =
+            std::cell::RefCell::default();
+    }
+    let compiled = COMPILED.with_borrow_mut(|cache| {
+        if let Some(known) = cache.get(pattern.as_str()) {
+            return std::rc::Rc::clone(known);
+        }
+        if cache.len() >= COMPILED_MAX {
+            cache.clear();
+        }
+        let new = std::rc::Rc::new(Pattern::new(pattern));
+        cache.insert(pattern.0.clone(), std::rc::Rc::clone(&new));
+        new
+    });
+    with(&compiled)
+}
+
+const COMPILED_MAX: usize = 256;
 
 impl fmt::Display for CgroupPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
