@@ -90,6 +90,7 @@ fn each_value_lands_where_it_says() {
         "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "db"}],
         "nodeSelector": {"kubernetes.io/os": "linux"},
         "priorityClassName": "",
+        "crio": {"enabled": true},
         "extraArgs": ["--missing-interval=30"],
     }));
     // The ServiceMonitor and the PrometheusRule are CRDs the validator does not know.
@@ -131,6 +132,20 @@ fn each_value_lands_where_it_says() {
     assert_eq!(pod["volumes"][0]["configMap"]["name"], "fleet-policy");
     assert_eq!(pod["nodeSelector"], json!({"kubernetes.io/os": "linux"}));
     assert_eq!(pod["tolerations"][0]["key"], "dedicated");
+    assert!(
+        args.contains(&"--crio-socket=/run/crio/crio.sock".to_owned())
+            && container["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|mount| mount["mountPath"] == "/run/crio" && mount["readOnly"] == true)
+            && pod["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|volume| volume["hostPath"]["path"] == "/run/crio"),
+        "crio.enabled: {pod}"
+    );
     assert!(pod.get("priorityClassName").is_none(), "{pod}");
     assert!(
         !documents
