@@ -132,6 +132,11 @@ fn expect_scan_rule(
     );
 }
 
+/// A pod labelled app=pgbouncer.
+fn pgbouncer_pod(engine: &mut Engine, parent: &TestCgroup, name: &str, port: u16) -> TestPod {
+    run_pod(engine, parent, name, &[("app", "pgbouncer")], &[], port)
+}
+
 fn run_pod(
     engine: &mut Engine,
     parent: &TestCgroup,
@@ -158,14 +163,7 @@ fn pods_get_the_rule_of_their_labels_and_their_annotations_within_bounds() {
     require_host();
     let pods = TestCgroup::new();
     let mut containerd = Engine::containerd_cri();
-    let pgbouncer = run_pod(
-        &mut containerd,
-        &pods,
-        "pgbouncer",
-        &[("app", "pgbouncer")],
-        &[],
-        18001,
-    );
+    let pgbouncer = pgbouncer_pod(&mut containerd, &pods, "pgbouncer", 18001);
     let web = run_pod(&mut containerd, &pods, "web", &[("app", "web")], &[], 18002);
     let mut seen = Vec::new();
     let connected = poll(LOG_WAIT, || {
@@ -191,14 +189,7 @@ fn pods_get_the_rule_of_their_labels_and_their_annotations_within_bounds() {
     );
     expect_idle("its neighbour", &web.cgroup, 2, 60);
 
-    let after = run_pod(
-        &mut containerd,
-        &pods,
-        "pgbouncer-after",
-        &[("app", "pgbouncer")],
-        &[],
-        18003,
-    );
+    let after = pgbouncer_pod(&mut containerd, &pods, "pgbouncer-after", 18003);
     expect_idle("a pgbouncer pod made after the agent", &after.cgroup, 2, 13);
     let idle = format!("{PREFIX}/idle");
     let annotated = run_pod(
@@ -257,27 +248,13 @@ fn recreated_pods_and_a_restarted_runtime_are_followed() {
     let first = run_pod(&mut containerd, &pods, "db", &[("app", "web")], &[], 18011);
     expect_idle("the pod as first made", &first.cgroup, 2, 60);
     containerd.remove_pod(&first);
-    let second = run_pod(
-        &mut containerd,
-        &pods,
-        "db",
-        &[("app", "pgbouncer")],
-        &[],
-        18012,
-    );
+    let second = pgbouncer_pod(&mut containerd, &pods, "db", 18012);
     expect_idle("the pod recreated as pgbouncer", &second.cgroup, 2, 13);
 
     containerd.restart_containerd();
     agent.expect_log("lost the container engine", LOG_WAIT);
     agent.expect_log("following the container engine", LOG_WAIT);
-    let third = run_pod(
-        &mut containerd,
-        &pods,
-        "after-restart",
-        &[("app", "pgbouncer")],
-        &[],
-        18013,
-    );
+    let third = pgbouncer_pod(&mut containerd, &pods, "after-restart", 18013);
     expect_idle(
         "a pgbouncer pod made after the restart",
         &third.cgroup,
@@ -295,14 +272,7 @@ fn a_runtime_followed_through_the_cri_alone() {
     require_host();
     let pods = TestCgroup::new();
     let mut containerd = Engine::containerd_cri();
-    let before = run_pod(
-        &mut containerd,
-        &pods,
-        "pgbouncer",
-        &[("app", "pgbouncer")],
-        &[],
-        18021,
-    );
+    let before = pgbouncer_pod(&mut containerd, &pods, "pgbouncer", 18021);
     let places = AgentPlaces::new();
     let config = PolicyFile::new(&format!(
         "{}\n[[rule]]\nname = \"sidecar\"\nlabels = {{ \"io.kubernetes.container.name\" = \"app\" }}\ncontainer = \"app\"\nidle = \"17s\"\n",
@@ -340,14 +310,7 @@ fn a_runtime_followed_through_the_cri_alone() {
     agent.expect_log("following the container engine", LOG_WAIT);
     expect_idle("the pgbouncer pod", &before.cgroup, 2, 13);
     expect_idle("the annotated pod", &annotated.cgroup, 2, 25);
-    let after = run_pod(
-        &mut containerd,
-        &pods,
-        "pgbouncer-after",
-        &[("app", "pgbouncer")],
-        &[],
-        18023,
-    );
+    let after = pgbouncer_pod(&mut containerd, &pods, "pgbouncer-after", 18023);
     expect_idle("a pgbouncer pod made after the agent", &after.cgroup, 2, 13);
     drop(agent);
 }
