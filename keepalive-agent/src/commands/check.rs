@@ -34,13 +34,26 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<String> {
     );
     for rule in &policy.rules {
         if let Some(selection) = &rule.containers {
+            let what = if selection.selector.pod_labels.is_empty() {
+                "containers"
+            } else {
+                "pods"
+            };
             let _ = writeln!(
                 out,
-                "note: rule {:?} (line {}) selects containers ({}); the running agent resolves \
+                "note: rule {:?} (line {}) selects {what} ({}); the running agent resolves \
                  it to their cgroups through the container engines",
                 rule.name, rule.line, selection.selector
             );
         }
+    }
+    if let Some(annotations) = &policy.annotations {
+        let _ = writeln!(
+            out,
+            "note: pods may set their keepalive through annotations {}/...; the running agent \
+             reads them through the container engines",
+            annotations.prefix
+        );
     }
     for warning in warnings(&policy) {
         let _ = writeln!(out, "warning: {warning}");

@@ -100,7 +100,7 @@ fn rules_table(out: &mut String, status: &Snapshot) {
     }
     for rule in &status.rules {
         if let Some(containers) = &rule.containers {
-            let _ = writeln!(out, "rule {:?} selects containers: {containers}", rule.name);
+            let _ = writeln!(out, "rule {:?} selects {containers}", rule.name);
         }
     }
 }

@@ -85,8 +85,13 @@ impl State {
             action: rule.action.to_string(),
             containers: rule.containers.as_ref().map(|selection| {
                 if selection.cgroups.is_empty() {
+                    let what = if selection.selector.pod_labels.is_empty() {
+                        "container"
+                    } else {
+                        "pod"
+                    };
                     format!(
-                        "{}: no running container matches; the rule applies to nothing",
+                        "{}: no running {what} matches; the rule applies to nothing",
                         selection.selector
                     )
                 } else {

@@ -132,6 +132,29 @@ fn expect_scan_rule(
     );
 }
 
+/// `status --json` says rule `rule` selects the pod cgroup `cgroup` (not its sandbox's).
+fn expect_status_names(places: &AgentPlaces, rule: &str, cgroup: &keepalive_agent::CgroupPath) {
+    let mut selects = String::new();
+    let named = poll(LOG_WAIT, || {
+        let out = places.command(agent_bin(), &["status", "--json"]);
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        selects = json["rules"]
+            .as_array()?
+            .iter()
+            .find(|entry| entry["name"] == rule)?["containers"]
+            .as_str()?
+            .to_string();
+        selects
+            .split_whitespace()
+            .any(|word| word == cgroup.as_str())
+            .then_some(())
+    });
+    assert!(
+        named.is_some(),
+        "status: rule {rule} selects {selects:?}, not the pod cgroup {cgroup}"
+    );
+}
+
 /// A pod labelled app=pgbouncer.
 fn pgbouncer_pod(engine: &mut Engine, parent: &TestCgroup, name: &str, port: u16) -> TestPod {
     run_pod(engine, parent, name, &[("app", "pgbouncer")], &[], port)
@@ -188,6 +211,7 @@ fn pods_get_the_rule_of_their_labels_and_their_annotations_within_bounds() {
         13,
     );
     expect_idle("its neighbour", &web.cgroup, 2, 60);
+    expect_status_names(&places, "pgbouncer", &pgbouncer.cgroup);
 
     let after = pgbouncer_pod(&mut containerd, &pods, "pgbouncer-after", 18003);
     expect_idle("a pgbouncer pod made after the agent", &after.cgroup, 2, 13);
