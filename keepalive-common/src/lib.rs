@@ -10,6 +10,7 @@
 #[cfg(feature = "host")]
 extern crate std;
 
+pub mod ends;
 pub mod enforce;
 #[cfg(feature = "host")]
 pub mod host;

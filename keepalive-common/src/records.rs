@@ -100,6 +100,8 @@ pub const ATTACH_VALID: u32 = 1 << 0;
 /// `AttachRecord::flags`: the setsockopt hook needs each socket's direction, so the sock_ops
 /// program records it in socket storage.
 pub const REMEMBER_DIRECTION: u32 = 1 << 1;
+/// `AttachRecord::flags`: follow how this attachment's connections end (`crate::ends`).
+pub const OBSERVE_ENDS: u32 = 1 << 2;
 
 /// A match dimension. Rules are grouped by the set of dimensions they match on (tuple space
 /// search), each group looked up on its own; a group is the OR of its dimensions' bits.
@@ -285,6 +287,10 @@ mod pod {
     unsafe impl aya::Pod for super::SockOffsets {}
     // SAFETY: repr(C), only u32 fields, no padding.
     unsafe impl aya::Pod for super::LinkOffsets {}
+    // SAFETY: repr(C), only u32 fields, no padding.
+    unsafe impl aya::Pod for crate::ends::EndOffsets {}
+    // SAFETY: repr(C), u32 and u16 fields and a byte array, no padding (size checked by tests).
+    unsafe impl aya::Pod for crate::ends::EndEvent {}
     // SAFETY: as above; read from the count iterator's output.
     unsafe impl aya::Pod for super::CountRecord {}
     // SAFETY: repr(C), only u32 fields, no padding (checked by tests).

@@ -26,6 +26,7 @@
 mod bpf_maps;
 mod count;
 mod counters;
+mod ends;
 mod link_watch;
 mod setsockopt;
 mod socket;
@@ -35,6 +36,7 @@ use aya_ebpf::{
     Global,
     bindings::{
         BPF_F_NO_PREALLOC, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_STATE_CB,
     },
     btf_maps::SkStorage,
     macros::{btf_map, map, sock_ops},
@@ -106,9 +108,14 @@ fn ka_sockops(ctx: SockOpsContext) -> u32 {
     if stage == Stage::Attached as u32 {
         return 1;
     }
-    let direction = match ctx.op() {
+    let op = ctx.op();
+    let direction = match op {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => OUTBOUND,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => INBOUND,
+        BPF_SOCK_OPS_STATE_CB | BPF_SOCK_OPS_RTO_CB if ends::enabled() => {
+            ended(&ctx, op);
+            return 1;
+        }
         _ => return 1,
     };
     // SAFETY: `ops` is the context the kernel passed in; `reply` is readable for every op.
@@ -126,6 +133,7 @@ fn ka_sockops(ctx: SockOpsContext) -> u32 {
         return 1;
     }
     ctx.set_reply(HANDLED_MARK);
+    ends::follow(&ctx, record, direction);
 
     let peer = bpf_maps::sock_ops_peer(&ctx);
     let rule = bpf_maps::decide(record, &peer, direction);
@@ -153,6 +161,25 @@ fn ka_sockops(ctx: SockOpsContext) -> u32 {
     };
     report(&ctx, &rule, applied);
     1
+}
+
+/// A state change or retransmission timeout of a socket whose ends are followed.
+#[inline(always)]
+fn ended(ctx: &SockOpsContext, op: u32) {
+    let Some(end) = ends::end_of(ctx, op) else {
+        return;
+    };
+    // SAFETY: as in `ka_sockops`.
+    if unsafe { (*ctx.ops).__bindgen_anon_1.reply } == HANDLED_MARK {
+        return;
+    }
+    // SAFETY: as in `ka_sockops`.
+    let record = unsafe { &*KA_ATTACH.get_ptr_mut() };
+    if !record.is_valid() || !record.has(keepalive_common::OBSERVE_ENDS) {
+        return;
+    }
+    ctx.set_reply(HANDLED_MARK);
+    ends::count(ctx, record, end);
 }
 
 /// Counts the outcome in the rule's slot and every failed option, and logs failures.

@@ -1,0 +1,134 @@
+//! How connections end (`[agent] ends`): the sock_ops program asks the kernel for the state
+//! changes and retransmission timeouts of each connection it handled, sorts each connection's
+//! end into an [`End`] counted per rule slot, and reports each failure (a reset or a timeout)
+//! as an [`EndEvent`] with how long the connection had been silent before it.
+
+/// Per-CPU counters indexed by `slot * End::COUNT + end` ([`end_index`]).
+pub const ENDS_MAP: &str = "KA_ENDS";
+/// Ring buffer of [`EndEvent`]s, one per failure.
+pub const END_EVENTS_MAP: &str = "KA_END_EVENTS";
+/// Read-only global: the [`EndOffsets`] of the running kernel (all 0: ends are not followed).
+pub const END_OFFSETS: &str = "KA_END_OFFSETS";
+
+/// `ECONNRESET`, `EPIPE`, `ECONNABORTED` (`<asm-generic/errno.h>`).
+const ECONNRESET: i32 = 104;
+const EPIPE: i32 = 32;
+const ECONNABORTED: i32 = 103;
+
+/// How a connection ended.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum End {
+    /// Closed by either end (FIN), or aborted by its own process (`close` with unread data,
+    /// `SO_LINGER` 0, `ss -K`).
+    Closed = 0,
+    /// A reset came in: from the peer, or from a middlebox that forgot the flow.
+    Reset = 1,
+    /// Keepalive found the peer gone: probes went unanswered (or TCP_USER_TIMEOUT ran out
+    /// while probing).
+    Keepalive = 2,
+    /// Data went unanswered: retransmissions ran out, or TCP_USER_TIMEOUT.
+    Timeout = 3,
+}
+
+impl End {
+    pub const COUNT: u32 = 4;
+    pub const ALL: [Self; Self::COUNT as usize] =
+        [Self::Closed, Self::Reset, Self::Keepalive, Self::Timeout];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Reset => "reset",
+            Self::Keepalive => "keepalive",
+            Self::Timeout => "timeout",
+        }
+    }
+
+    /// The end of a connection that reaches TCP_CLOSE with `sk_err` = `error`, when no
+    /// retransmission timeout expired before (those are [`End::Timeout`], counted at the
+    /// expiry). A timer's death sets ETIMEDOUT (or the soft error an ICMP message left): with
+    /// retransmissions accounted for, that is the keepalive timer's (the zero-window probe
+    /// timer's too, which the kernel does not tell apart).
+    pub const fn at_close(error: i32) -> Self {
+        match error {
+            0 | ECONNABORTED => Self::Closed,
+            ECONNRESET | EPIPE => Self::Reset,
+            _ => Self::Keepalive,
+        }
+    }
+
+    /// Whether the end is a failure, reported with its silence.
+    pub const fn failed(self) -> bool {
+        !matches!(self, Self::Closed)
+    }
+}
+
+/// Index of a rule slot's end in [`ENDS_MAP`].
+#[inline(always)]
+pub const fn end_index(slot: u32, end: End) -> u32 {
+    slot * End::COUNT + end as u32
+}
+
+/// Where the sock_ops program reads a `struct tcp_sock`'s fields in the running kernel (bytes
+/// from its start), from the kernel's BTF. `enabled` 0: ends are not followed (the verifier
+/// drops that code, so kernels that refuse it still load the program).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndOffsets {
+    pub enabled: u32,
+    /// `sk_err` (int).
+    pub err: u32,
+    /// `rcv_tstamp` (u32 jiffies: the last ACK received).
+    pub rcv_tstamp: u32,
+    /// `retrans_stamp` (u32 ms of the TCP clock: when the first unanswered segment was sent).
+    pub retrans_stamp: u32,
+}
+
+/// One failed connection, as the ring buffer carries it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndEvent {
+    /// The rule's counting slot.
+    pub slot: u32,
+    /// An [`End`].
+    pub end: u32,
+    /// The peer, IPv6 or IPv4-mapped, network byte order.
+    pub remote: [u8; 16],
+    pub remote_port: u16,
+    pub local_port: u16,
+    /// Jiffies since the last ACK came in.
+    pub silent_jiffies: u32,
+    /// [`End::Timeout`]: ms since the first unanswered segment was sent (the part of the
+    /// silence spent retransmitting); 0 otherwise.
+    pub unanswered_ms: u32,
+    /// `OUTBOUND` (this host connected) or `INBOUND` (it accepted).
+    pub direction: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_close_is_sorted_by_the_sockets_error() {
+        assert_eq!(End::at_close(0), End::Closed);
+        assert_eq!(End::at_close(ECONNABORTED), End::Closed);
+        assert_eq!(End::at_close(ECONNRESET), End::Reset);
+        assert_eq!(End::at_close(EPIPE), End::Reset);
+        // ETIMEDOUT, EHOSTUNREACH
+        assert_eq!(End::at_close(110), End::Keepalive);
+        assert_eq!(End::at_close(113), End::Keepalive);
+    }
+
+    #[test]
+    fn ends_are_in_order_and_indices_do_not_overlap() {
+        for (i, end) in End::ALL.iter().enumerate() {
+            assert_eq!(*end as usize, i, "{} is out of order", end.name());
+        }
+        assert_eq!(end_index(0, End::Timeout), End::COUNT - 1);
+        assert_eq!(end_index(1, End::Closed), End::COUNT);
+        assert_eq!(size_of::<EndEvent>(), 40);
+        assert!(ENDS_MAP.len() <= 15 && END_EVENTS_MAP.len() <= 15 && END_OFFSETS.len() <= 15);
+    }
+}
