@@ -142,6 +142,11 @@ pub enum Command {
     /// Show which rule decides for one connection, the values its socket would get, and why
     /// each candidate rule, in precedence order, did or did not match.
     Explain(crate::commands::explain::ExplainArgs),
+    /// Report how connections failed and the network's idle timeout, inferred: per
+    /// destination, connections reset or timed out after an idle period, the shortest such
+    /// idle, the idle the policy gives them and what to set. Asks the running agent (its
+    /// metrics endpoint); needs `[agent] ends` (on by default).
+    Report(crate::commands::report::ReportArgs),
     /// Remove everything the agent pinned or attached; new connections are no longer touched.
     /// A running agent is stopped first (SIGTERM), since it would put back what is removed.
     Detach(DetachArgs),

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod commands;
 pub mod compile;
 pub mod containers;
+pub mod ends;
 pub mod enforcer;
 pub mod existing;
 pub mod instance;

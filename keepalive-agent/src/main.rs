@@ -32,6 +32,7 @@ fn main() -> ExitCode {
                 .and_then(|()| std::io::Write::flush(&mut out).map_err(anyhow::Error::from))
         }
         Command::Explain(args) => commands::explain::explain(&args).map(|text| print(&text)),
+        Command::Report(args) => commands::report::report(&args).map(|text| print(&text)),
         Command::Status(args) => keepalive_common::host::check()
             .map_err(anyhow::Error::from)
             .and_then(|host| commands::status::collect(&args, &host.cgroup2_mount))

@@ -5,6 +5,7 @@ pub mod detach;
 pub mod engines;
 pub mod explain;
 pub mod generate;
+pub mod report;
 pub mod run;
 pub mod scan;
 pub mod source;

@@ -200,6 +200,9 @@ fn load(
         );
     }
     forward_kernel_logs(&mut enforcer);
+    if let Some(events) = enforcer.take_end_events() {
+        tokio::spawn(crate::ends::follow(events, telemetry.clone()));
+    }
     Ok(enforcer)
 }
 

@@ -103,6 +103,31 @@ fn rules_table(out: &mut String, status: &Snapshot) {
             let _ = writeln!(out, "rule {:?} selects {containers}", rule.name);
         }
     }
+    ends_table(out, status);
+}
+
+/// How the rules' connections ended (`[agent] ends`), where any did.
+fn ends_table(out: &mut String, status: &Snapshot) {
+    let ends = keepalive_common::ends::End::ALL;
+    if status
+        .rules
+        .iter()
+        .all(|rule| rule.ends.0.iter().all(|n| *n == 0))
+    {
+        return;
+    }
+    let _ = write!(out, "\n{:<4} {:<28}", "SLOT", "RULE");
+    for end in ends {
+        let _ = write!(out, " {:>10}", end.name().to_uppercase());
+    }
+    out.push('\n');
+    for rule in &status.rules {
+        let _ = write!(out, "{:<4} {:<28}", rule.slot, rule.name);
+        for end in ends {
+            let _ = write!(out, " {:>10}", rule.ends.get(end));
+        }
+        out.push('\n');
+    }
 }
 
 #[cfg(test)]
@@ -146,6 +171,7 @@ mod tests {
                 line: 0,
                 action: "enforce".into(),
                 counters: outcomes,
+                ends: crate::enforcer::Ends([5, 1, 0, 0]),
             }],
             agent: None,
         }
@@ -167,6 +193,7 @@ mod tests {
         assert_eq!(json["rules"][0]["counters"]["set"], 2);
         assert_eq!(json["rules"][0]["counters"]["seen"], 2);
         assert_eq!(json["counters"]["err_getsockopt"], 0);
+        assert_eq!(json["rules"][0]["ends"]["reset"], 1);
     }
 
     #[test]
@@ -182,6 +209,12 @@ mod tests {
         assert_eq!(
             rule.split_whitespace().collect::<Vec<_>>()[..4],
             ["0", "default", "2", "2"]
+        );
+        let ends = table.lines().rfind(|line| line.starts_with("0 ")).unwrap();
+        assert_eq!(
+            ends.split_whitespace().collect::<Vec<_>>(),
+            ["0", "default", "5", "1", "0", "0"],
+            "{table}"
         );
     }
 }

@@ -20,8 +20,11 @@ pub const ITERATOR: &str = "iterator";
 /// Learning of links detached or given another program from the kernel (fentry programs or a
 /// kprobe), not by asking each.
 pub const LINK_WATCH: &str = "link-watch";
+/// Following how connections end (`[agent] ends`): the sock_ops program reads the socket's
+/// error and timestamps.
+pub const ENDS: &str = "ends";
 /// Every optional part.
-pub const OPTIONAL: &[&str] = &[LOCK, READS, ITERATOR, LINK_WATCH];
+pub const OPTIONAL: &[&str] = &[LOCK, READS, ITERATOR, LINK_WATCH, ENDS];
 
 /// A part that did not load on this kernel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,6 +112,21 @@ impl MissingFeature {
             reason,
             effect: "to find what someone else removed, each attachment is asked every 500 ms, \
                      which costs CPU in proportion to the cgroups followed"
+                .to_owned(),
+        }
+    }
+}
+
+impl MissingFeature {
+    /// Following connection ends: sock_ops programs reach their socket as a `tcp_sock`
+    /// (`bpf_sock_ops.sk` and `bpf_skc_to_tcp_sock` there, Linux 5.10) and read its fields at
+    /// offsets from the kernel's BTF.
+    pub(crate) fn ends(reason: String) -> Self {
+        Self {
+            feature: ENDS.to_owned(),
+            since: "5.10".to_owned(),
+            reason,
+            effect: "keepalive is enforced as before, but how connections end is not counted                      (`[agent] ends` has no effect)"
                 .to_owned(),
         }
     }

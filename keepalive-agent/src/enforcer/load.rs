@@ -11,6 +11,7 @@ use aya::{
 use keepalive_common::{
     CGROUPS_MAP, COUNT_PROGRAM, LINK_OFFSETS, LISTEN_MAP, LinkOffsets, PROGRAM_NAME,
     SETSOCKOPT_PROGRAM, SOCK_OFFSETS, STAGE, SWEEP_MAP, SWEEP_PROGRAM, SockOffsets, Stage,
+    ends::{END_OFFSETS, EndOffsets},
 };
 
 use super::{
@@ -92,38 +93,40 @@ impl Enforcer {
             .as_ref()
             .map_err(Clone::clone)
             .and_then(|btf| btf.link_offsets().map_err(|error| error.to_string()));
-        let mut loader = EbpfLoader::new();
-        loader.override_global(STAGE, &stage, true);
-        let zero = SockOffsets::default();
-        let found = offsets.as_ref().and_then(|offsets| offsets.as_ref().ok());
-        loader.override_global(SOCK_OFFSETS, found.unwrap_or(&zero), true);
-        let no_links = LinkOffsets::default();
-        let found = link_offsets.as_ref().unwrap_or(&no_links);
-        loader.override_global(LINK_OFFSETS, found, true);
-        loader.override_global(aya_log::LEVEL, &kernel_log, false);
-        if let Some(pins) = &pins {
-            for name in maps::PINNED {
-                loader.map_pin_path(name, pins.map(name));
-            }
-        }
-        // Kernels before 5.11 charge maps to RLIMIT_MEMLOCK; newer ones ignore it, so a refusal
-        // (no CAP_SYS_RESOURCE) only matters if the maps then fail to load.
-        let memlock = features::raise_memlock_limit();
+        // Connection ends are followed where the kernel lets the sock_ops program read its
+        // socket; where the verifier refuses that, the program loads again without it.
+        let end_offsets = kernel_btf
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|btf| btf.end_offsets().map_err(|error| error.to_string()));
+        let globals = Globals {
+            stage,
+            kernel_log,
+            sock: found_sock_offsets(offsets.as_ref()),
+            links: link_offsets.as_ref().copied().unwrap_or_default(),
+            ends: end_offsets.as_ref().copied().unwrap_or_default(),
+        };
         // Half the descriptors for held links, half for everything else.
         super::links::hold_links_up_to(features::raise_descriptor_limit() / 2);
-        let mut ebpf = loader
-            .load(PROGRAM_OBJECT)
-            .map_err(|error| match &memlock {
-                Ok(()) => EnforcerError::Load(error),
-                Err(memlock) => EnforcerError::Memlock {
-                    memlock: memlock.to_string(),
-                    source: Box::new(error),
-                },
-            })?;
-        sock_ops(&mut ebpf)?
-            .load()
-            .map_err(program_error(PROGRAM_NAME))?;
         let mut missing = Vec::new();
+        let mut ebpf = open(&globals, pins.as_ref())?;
+        if let Err(error) = sock_ops(&mut ebpf)?.load() {
+            if globals.ends.enabled == 0 {
+                return Err(program_error(PROGRAM_NAME)(error));
+            }
+            missing.push(MissingFeature::ends(verifier_reason(&error)));
+            drop(ebpf);
+            let without = Globals {
+                ends: EndOffsets::default(),
+                ..globals
+            };
+            ebpf = open(&without, pins.as_ref())?;
+            sock_ops(&mut ebpf)?
+                .load()
+                .map_err(program_error(PROGRAM_NAME))?;
+        } else if let Err(error) = &end_offsets {
+            missing.push(MissingFeature::ends(error.clone()));
+        }
         if let Err(error) = setsockopt(&mut ebpf)?.load() {
             missing.push(MissingFeature::lock(&error));
         }
@@ -205,6 +208,49 @@ impl Enforcer {
             .unwrap_or(0);
         Ok(())
     }
+}
+
+/// The load-time constants of the object.
+#[derive(Debug, Clone, Copy)]
+struct Globals {
+    stage: u32,
+    kernel_log: u8,
+    sock: SockOffsets,
+    links: LinkOffsets,
+    ends: EndOffsets,
+}
+
+/// The sweep's offsets where it runs and they were found, else zeros.
+fn found_sock_offsets(offsets: Option<&Result<SockOffsets, String>>) -> SockOffsets {
+    offsets
+        .and_then(|offsets| offsets.as_ref().ok())
+        .copied()
+        .unwrap_or_default()
+}
+
+/// The object with `globals` set and its maps created (pinned ones reused); no program loaded.
+fn open(globals: &Globals, pins: Option<&PinDir>) -> Result<Ebpf, EnforcerError> {
+    let mut loader = EbpfLoader::new();
+    loader.override_global(STAGE, &globals.stage, true);
+    loader.override_global(SOCK_OFFSETS, &globals.sock, true);
+    loader.override_global(LINK_OFFSETS, &globals.links, true);
+    loader.override_global(END_OFFSETS, &globals.ends, true);
+    loader.override_global(aya_log::LEVEL, &globals.kernel_log, false);
+    if let Some(pins) = pins {
+        for name in maps::PINNED {
+            loader.map_pin_path(name, pins.map(name));
+        }
+    }
+    // Kernels before 5.11 charge maps to RLIMIT_MEMLOCK; newer ones ignore it, so a refusal
+    // (no CAP_SYS_RESOURCE) only matters if the maps then fail to load.
+    let memlock = features::raise_memlock_limit();
+    loader.load(PROGRAM_OBJECT).map_err(|error| match &memlock {
+        Ok(()) => EnforcerError::Load(error),
+        Err(memlock) => EnforcerError::Memlock {
+            memlock: memlock.to_string(),
+            source: Box::new(error),
+        },
+    })
 }
 
 fn sock_ops(ebpf: &mut Ebpf) -> Result<&mut SockOps, EnforcerError> {

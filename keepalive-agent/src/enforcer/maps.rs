@@ -16,15 +16,17 @@ use aya::{
 use aya_obj::generated::bpf_attach_type::BPF_CGROUP_SOCK_OPS;
 use keepalive_common::{
     ADDR_MAP, AGENT_MAP, ATTACH_MAP, AddrKey, AttachRecord, CGROUPS_MAP, DECISIONS_MAP,
-    DecisionKey, Hit, Outcome, PORT_MAP, PortKey, RULE_STATS_MAP, STATS_MAP, Stat, rule_stat_index,
+    DecisionKey, Hit, Outcome, PORT_MAP, PortKey, RULE_STATS_MAP, STATS_MAP, Stat,
+    ends::{ENDS_MAP, End, end_index},
+    rule_stat_index,
 };
 
-use super::{Counters, EnforcerError, Outcomes};
+use super::{Counters, Ends, EnforcerError, Outcomes};
 use crate::compile::Tables;
 
 /// The maps pinned in bpffs, so a restarted agent finds the policy and the counters where the
 /// running programs use them (the rest is per process: the log ring buffer, socket storage).
-pub(super) const PINNED: [&str; 8] = [
+pub(super) const PINNED: [&str; 9] = [
     ATTACH_MAP,
     CGROUPS_MAP,
     ADDR_MAP,
@@ -33,7 +35,11 @@ pub(super) const PINNED: [&str; 8] = [
     STATS_MAP,
     RULE_STATS_MAP,
     AGENT_MAP,
+    ENDS_MAP,
 ];
+
+/// Pins an agent of an earlier version did not make: `status` reads zeros for them.
+const NEWER_PINS: [&str; 1] = [ENDS_MAP];
 
 /// `KA_AGENT` slots.
 const AGENT_PID: u32 = 0;
@@ -58,7 +64,11 @@ impl PinnedMaps {
     pub fn open(maps_dir: &std::path::Path) -> Result<Self, EnforcerError> {
         let mut maps = std::collections::HashMap::new();
         for name in PINNED {
-            let data = MapData::from_pin(maps_dir.join(name)).map_err(map_error(name))?;
+            let pin = maps_dir.join(name);
+            if NEWER_PINS.contains(&name) && !pin.exists() {
+                continue;
+            }
+            let data = MapData::from_pin(pin).map_err(map_error(name))?;
             maps.insert(
                 name,
                 aya::maps::Map::from_map_data(data).map_err(map_error(name))?,
@@ -255,6 +265,23 @@ pub(crate) fn counters(ebpf: &impl Maps) -> Result<Counters, EnforcerError> {
         counters.0[stat as usize] = per_cpu.iter().sum();
     }
     Ok(counters)
+}
+
+/// A rule slot's ends, summed over CPUs (zeros where the map is not there: an agent of an
+/// earlier version).
+pub(crate) fn ends(ebpf: &impl Maps, slot: u32) -> Result<Ends, EnforcerError> {
+    let Some(map) = ebpf.get(ENDS_MAP) else {
+        return Ok(Ends::default());
+    };
+    let stats = PerCpuArray::<&MapData, u64>::try_from(map).map_err(map_error(ENDS_MAP))?;
+    let mut ends = Ends::default();
+    for end in End::ALL {
+        let per_cpu = stats
+            .get(&end_index(slot, end), 0)
+            .map_err(map_error(ENDS_MAP))?;
+        ends.0[end as usize] = per_cpu.iter().sum();
+    }
+    Ok(ends)
 }
 
 pub(crate) fn outcomes(ebpf: &impl Maps, slot: u32) -> Result<Outcomes, EnforcerError> {

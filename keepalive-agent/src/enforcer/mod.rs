@@ -21,7 +21,7 @@ mod stats;
 pub use features::MissingFeature;
 pub use health::Fault;
 pub use maps::PinnedMaps;
-pub use stats::{Counters, Outcomes, ProgramStats, enable_run_time_stats};
+pub use stats::{Counters, Ends, Outcomes, ProgramStats, enable_run_time_stats};
 
 use std::{
     collections::BTreeMap,
@@ -250,6 +250,16 @@ impl Enforcer {
     /// Starts forwarding the programs' aya-log records to the `log` crate.
     pub fn logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>, aya_log::Error> {
         aya_log::EbpfLogger::init(&mut self.ebpf)
+    }
+
+    /// The ring buffer the kernel reports connection failures on; None where ends are not
+    /// followed on this kernel (or it was taken already).
+    pub fn take_end_events(&mut self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
+        if features::lacks(&self.missing_features, features::ENDS) {
+            return None;
+        }
+        let map = self.ebpf.take_map(keepalive_common::ends::END_EVENTS_MAP)?;
+        aya::maps::RingBuf::try_from(map).ok()
     }
 
     /// Ids of the loaded programs.

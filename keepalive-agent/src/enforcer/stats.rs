@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use keepalive_common::{AttachRecord, Outcome, Stat};
+use keepalive_common::{AttachRecord, Outcome, Stat, ends::End};
 
 use super::{EnforcerError, PinnedMaps, maps};
 
@@ -36,6 +36,16 @@ impl Outcomes {
     }
 }
 
+/// How one rule slot's connections ended, summed over CPUs, in [`End`] order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ends(pub [u64; End::COUNT as usize]);
+
+impl Ends {
+    pub fn get(&self, end: End) -> u64 {
+        self.0[end as usize]
+    }
+}
+
 /// The kernel's own accounting of the sock_ops program (with BPF run-time stats on).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProgramStats {
@@ -53,6 +63,11 @@ impl PinnedMaps {
     /// The outcomes of a rule slot, summed over CPUs.
     pub fn outcomes(&self, slot: u32) -> Result<Outcomes, EnforcerError> {
         maps::outcomes(self, slot)
+    }
+
+    /// How a rule slot's connections ended, summed over CPUs.
+    pub fn ends(&self, slot: u32) -> Result<Ends, EnforcerError> {
+        maps::ends(self, slot)
     }
 
     /// The records by cgroup id.

@@ -5,7 +5,7 @@
 
 use std::{fs, io, path::Path};
 
-use keepalive_common::{LinkOffsets, SockOffsets};
+use keepalive_common::{LinkOffsets, SockOffsets, ends::EndOffsets};
 
 const MAGIC: u16 = 0xeb9f;
 const KIND_STRUCT: u32 = 4;
@@ -221,6 +221,17 @@ impl Btf {
             flags: common("skc_flags")?,
         })
     }
+    /// The offsets the sock_ops program reads a connection's end at (`tcp_sock`).
+    pub(crate) fn end_offsets(&self) -> Result<EndOffsets, BtfError> {
+        let tcp = |path: &[&str]| self.offset("tcp_sock", path);
+        Ok(EndOffsets {
+            enabled: 1,
+            err: tcp(&["inet_conn", "icsk_inet", "sk", "sk_err"])?,
+            rcv_tstamp: tcp(&["rcv_tstamp"])?,
+            retrans_stamp: tcp(&["retrans_stamp"])?,
+        })
+    }
+
     /// The offsets the link iterator reads a cgroup link at.
     pub(crate) fn link_offsets(&self) -> Result<LinkOffsets, BtfError> {
         Ok(LinkOffsets {

@@ -1,6 +1,7 @@
-//! The Prometheus endpoint (`/metrics`), and liveness and readiness (`/healthz`, `/readyz`) for
-//! probes. A minimal HTTP/1.1 server: one GET per connection, read-only, bounded in size, in
-//! time and in connections, so that nobody who can reach it can starve it.
+//! The Prometheus endpoint (`/metrics`), liveness and readiness (`/healthz`, `/readyz`) for
+//! probes, and the report of connection failures (`/ends`). A minimal HTTP/1.1 server: one GET
+//! per connection, read-only, bounded in size, in time and in connections, so that nobody who
+//! can reach it can starve it.
 //!
 //! - At most [`MAX_CONNECTIONS`] at once. Past that, and whenever `accept` finds no
 //!   descriptor left (EMFILE, ENFILE), the connection that has waited longest for its request
@@ -194,12 +195,31 @@ fn respond(method: &str, path: &str, shared: &Shared) -> (&'static str, &'static
     match (method, path) {
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".into()),
         ("GET", "/readyz") => readiness(shared),
+        ("GET", "/ends") => ends(shared),
         ("GET", _) => (
             "404 Not Found",
             "text/plain",
-            "try /metrics, /healthz or /readyz\n".into(),
+            "try /metrics, /healthz, /readyz or /ends\n".into(),
         ),
         _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
+    }
+}
+
+/// `/ends`: the failures' [`crate::ends::report::Report`], as JSON (`keepalive-agent report`).
+fn ends(shared: &Shared) -> (&'static str, &'static str, String) {
+    let report = shared.lock().map(|telemetry| {
+        let rules = telemetry
+            .state
+            .as_ref()
+            .map_or(&[][..], |state| &state.rules[..]);
+        crate::ends::report::Report::new(&telemetry.agent.failures, rules)
+    });
+    match report
+        .map_err(|_| "telemetry lock poisoned".to_owned())
+        .and_then(|report| serde_json::to_string(&report).map_err(|error| error.to_string()))
+    {
+        Ok(json) => ("200 OK", "application/json", json + "\n"),
+        Err(error) => ("500 Internal Server Error", "text/plain", error + "\n"),
     }
 }
 

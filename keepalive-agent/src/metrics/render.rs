@@ -6,7 +6,7 @@
 
 use std::{collections::BTreeMap, fmt};
 
-use keepalive_common::{Outcome, Stat};
+use keepalive_common::{Outcome, Stat, ends::End};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _, prometheus_text},
@@ -15,7 +15,13 @@ use prometheus_client::{
 };
 
 use super::Shared;
-use crate::status::{PolicyInForce, RuleCounters, Snapshot};
+use crate::{
+    ends::summary::IDLE_BUCKETS,
+    status::{PolicyInForce, RuleCounters, Snapshot},
+};
+
+/// The label set of exemplars, which the histograms have none of.
+type NoLabels = [(&'static str, &'static str); 0];
 
 /// The `Content-Type` of the exposition text.
 pub(super) const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
@@ -65,6 +71,7 @@ impl Collector for Exposition {
         };
         kernel_features(w, snapshot)?;
         rules(w, &snapshot.rules)?;
+        failures(w, snapshot)?;
         program_counters(w, snapshot)?;
         agent(w, snapshot, policy)?;
         without_keepalive(w, snapshot)
@@ -227,6 +234,19 @@ fn rules(w: &mut DescriptorEncoder<'_>, rules: &[RuleCounters]) -> fmt::Result {
     )?;
     counters(
         w,
+        "keepalive_connections_closed",
+        "Connections that ended, by rule and how: closed (FIN or the process's own abort), reset (by the peer or a middlebox), keepalive (a dead peer found), timeout (retransmissions or TCP_USER_TIMEOUT ran out). Needs [agent] ends.",
+        named.iter().flat_map(|(name, rule)| {
+            End::ALL.into_iter().map(move |end| {
+                (
+                    [("rule", name.as_str()), ("outcome", end.name())],
+                    rule.ends.get(end),
+                )
+            })
+        }),
+    )?;
+    counters(
+        w,
         "keepalive_app_setsockopt_overridden",
         "Application setsockopt calls the lock overrode (audit: would have), by rule.",
         named.iter().map(|(name, rule)| {
@@ -253,6 +273,32 @@ fn series(rules: &[RuleCounters]) -> Vec<(String, &RuleCounters)> {
             [] => None,
         })
         .collect()
+}
+
+/// The failures' silences, per rule: a histogram of seconds.
+fn failures(w: &mut DescriptorEncoder<'_>, snapshot: &Snapshot) -> fmt::Result {
+    let agent = snapshot.agent.clone().unwrap_or_default();
+    let mut family = w.encode_descriptor(
+        "keepalive_failure_idle_seconds",
+        "How long connections had been silent (nothing received) before they failed: before the reset, the first unanswered segment, or keepalive's verdict; by rule.",
+        None,
+        MetricType::Histogram,
+    )?;
+    for (name, rule) in series(&snapshot.rules) {
+        let Some(histogram) = agent.failures.idle.get(&rule.slot) else {
+            continue;
+        };
+        // The encoder adds the +Inf bucket (the count).
+        let buckets: Vec<(f64, u64)> = IDLE_BUCKETS
+            .iter()
+            .copied()
+            .zip(histogram.counts.iter().copied())
+            .collect();
+        family
+            .encode_family(&[("rule", name.as_str())])?
+            .encode_histogram::<NoLabels>(histogram.sum, histogram.count, &buckets, None)?;
+    }
+    Ok(())
 }
 
 fn program_counters(w: &mut DescriptorEncoder<'_>, snapshot: &Snapshot) -> fmt::Result {

@@ -62,6 +62,12 @@ pub struct Action {
 }
 
 impl Action {
+    /// The keepalive idle this action gives a connection (None: audit and exempt leave
+    /// keepalive alone).
+    pub fn idle_secs(&self) -> Option<u32> {
+        (!matches!(self.mode, Mode::Audit | Mode::Exempt)).then_some(self.values.idle_secs)
+    }
+
     /// enforce `values`, locked.
     pub const fn enforce(values: Values) -> Self {
         Self {
@@ -177,6 +183,9 @@ pub enum Decision {
     Default,
 }
 
+/// Whether `[agent] ends` is on when a policy does not say.
+pub const ENDS_BY_DEFAULT: bool = true;
+
 /// A whole policy: where it is enforced, the default, and the rules.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
@@ -186,6 +195,8 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     /// Apply the policy to connections that already exist when it takes effect.
     pub existing: bool,
+    /// Follow how connections end (`[agent] ends`; counted per rule, failures reported).
+    pub ends: bool,
     /// What pods may set through their annotations (`[annotations]`); None: nothing.
     pub annotations: Option<Annotations>,
 }
@@ -198,6 +209,7 @@ impl Policy {
             default: Action::enforce(values),
             rules: Vec::new(),
             existing: true,
+            ends: ENDS_BY_DEFAULT,
             annotations: None,
         }
     }

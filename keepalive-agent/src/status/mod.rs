@@ -18,7 +18,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use keepalive_common::{Outcome, Stat};
+use keepalive_common::{Outcome, Stat, ends::End};
 use serde::{Serialize, Serializer, ser::SerializeMap as _};
 
 pub use self::{
@@ -27,7 +27,7 @@ pub use self::{
 };
 use crate::{
     bpffs::PinDir,
-    enforcer::{Counters, MissingFeature, Outcomes, PinnedMaps},
+    enforcer::{Counters, Ends, MissingFeature, Outcomes, PinnedMaps},
 };
 
 /// What is enforced, where, and what it counted.
@@ -95,6 +95,8 @@ pub struct RuleCounters {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub containers: Option<String>,
     pub counters: Outcomes,
+    /// How its connections ended (`[agent] ends`).
+    pub ends: Ends,
 }
 
 /// The running agent's own figures.
@@ -108,6 +110,8 @@ pub struct AgentTelemetry {
     pub watch_overflows: u64,
     /// Pods whose keepalive annotations the policy refused (each pod and reason once).
     pub annotations_refused: u64,
+    /// The failures the kernel reported (`[agent] ends`).
+    pub failures: crate::ends::Failures,
     /// Whether the last reload applied (or kept) a policy.
     pub last_reload_ok: bool,
     /// The kernel's accounting of the agent's programs (filled when a snapshot is taken).
@@ -224,7 +228,7 @@ impl From<&State> for PolicyInForce {
 /// Each rule with its slot's counters (each slot read once: rules past the counted limit share
 /// the last).
 fn rule_counters(state: Option<&State>, maps: &PinnedMaps) -> anyhow::Result<Vec<RuleCounters>> {
-    let mut slots: BTreeMap<u32, Outcomes> = BTreeMap::new();
+    let mut slots: BTreeMap<u32, (Outcomes, Ends)> = BTreeMap::new();
     let mut rules = Vec::new();
     for RuleState {
         slot,
@@ -232,14 +236,15 @@ fn rule_counters(state: Option<&State>, maps: &PinnedMaps) -> anyhow::Result<Vec
         line,
         action,
         containers,
+        ..
     } in state.map_or(&[][..], |state| &state.rules)
     {
-        let counters = match slots.get(slot) {
-            Some(outcomes) => *outcomes,
+        let (counters, ends) = match slots.get(slot) {
+            Some(counted) => *counted,
             None => {
-                let outcomes = maps.outcomes(*slot)?;
-                slots.insert(*slot, outcomes);
-                outcomes
+                let counted = (maps.outcomes(*slot)?, maps.ends(*slot)?);
+                slots.insert(*slot, counted);
+                counted
             }
         };
         rules.push(RuleCounters {
@@ -249,6 +254,7 @@ fn rule_counters(state: Option<&State>, maps: &PinnedMaps) -> anyhow::Result<Vec
             action: action.clone(),
             containers: containers.clone(),
             counters,
+            ends,
         });
     }
     Ok(rules)
@@ -332,6 +338,17 @@ impl Serialize for Counters {
         let mut map = serializer.serialize_map(Some(Stat::ALL.len()))?;
         for stat in Stat::ALL {
             map.serialize_entry(stat.name(), &self.get(stat))?;
+        }
+        map.end()
+    }
+}
+
+/// `{"closed": 2, "reset": 1, "keepalive": 0, "timeout": 0}`, in [`End`] order.
+impl Serialize for Ends {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(End::ALL.len()))?;
+        for end in End::ALL {
+            map.serialize_entry(end.name(), &self.get(end))?;
         }
         map.end()
     }

@@ -26,6 +26,9 @@ pub struct RuleState {
     pub line: usize,
     /// What it does, e.g. `enforce idle 60 s, interval 5 s, count 3, ...`.
     pub action: String,
+    /// The keepalive idle it gives (None: it leaves keepalive alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_secs: Option<u32>,
     /// For a rule with `labels` or `container`: what it selects and the cgroups of the
     /// containers it applies to now, or that it applies to nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -76,6 +79,7 @@ impl State {
             name: "default".into(),
             line: 0,
             action: policy.default.to_string(),
+            idle_secs: policy.default.idle_secs(),
             containers: None,
         }];
         rules.extend(policy.rules.iter().enumerate().map(|(i, rule)| RuleState {
@@ -83,6 +87,7 @@ impl State {
             name: rule.name.clone(),
             line: rule.line,
             action: rule.action.to_string(),
+            idle_secs: rule.action.idle_secs(),
             containers: rule.containers.as_ref().map(|selection| {
                 if selection.cgroups.is_empty() {
                     let what = if selection.selector.pod_labels.is_empty() {

@@ -206,6 +206,7 @@ fn policy(world: &World, rules: &[RuleSpec], scopes: usize) -> Policy {
             })
             .collect(),
         existing: false,
+        ends: true,
         annotations: None,
     }
 }

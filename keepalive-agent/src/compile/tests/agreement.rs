@@ -88,6 +88,7 @@ fn any_policy() -> impl Strategy<Value = Policy> {
                 default: Action::enforce(Values::default()),
                 rules,
                 existing: true,
+                ends: true,
                 annotations: None,
             }
         })

@@ -1,6 +1,6 @@
 use super::*;
 use crate::{
-    enforcer::Outcomes,
+    enforcer::{Ends, Outcomes},
     policy::{Action, Policy, Rule, Values},
     status::State,
 };
@@ -22,6 +22,7 @@ fn rules_sharing_the_last_slot_are_one_series() {
             line: rule.line,
             action: rule.action,
             counters: Outcomes::default(),
+            ends: Ends::default(),
         })
         .collect();
     let series: Vec<String> = series(&rules).into_iter().map(|(name, _)| name).collect();
@@ -59,6 +60,7 @@ fn exposition_names_counters_with_total_in_help_type_and_samples() {
             line: 0,
             action: String::new(),
             counters: outcomes,
+            ends: Ends([4, 2, 1, 0]),
         }],
         agent: Some(crate::status::AgentTelemetry::default()),
     };
@@ -72,6 +74,8 @@ fn exposition_names_counters_with_total_in_help_type_and_samples() {
         "keepalive_policy_generation 2",
         r#"keepalive_reloads_total{result="success"} 1"#,
         "# TYPE keepalive_program_run_seconds_total counter",
+        r#"keepalive_connections_closed_total{rule="a \"quoted\" rule",outcome="reset"} 2"#,
+        "# TYPE keepalive_failure_idle_seconds histogram",
     ] {
         assert!(text.contains(line), "no {line:?} in:\n{text}");
     }

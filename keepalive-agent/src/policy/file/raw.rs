@@ -11,7 +11,7 @@ use super::{
     annotations::RawAnnotations,
     fields::{cidrs, integer, milliseconds, parse_mode, port_ranges, seconds},
 };
-use crate::policy::{Action, CgroupPath, Direction, Field, Policy, Rule, Values};
+use crate::policy::{Action, CgroupPath, Direction, ENDS_BY_DEFAULT, Field, Policy, Rule, Values};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -28,6 +28,7 @@ pub(super) struct RawFile {
 struct RawAgent {
     cgroups: Option<Spanned<Vec<Spanned<String>>>>,
     existing: Option<bool>,
+    ends: Option<bool>,
 }
 
 /// The value keys, shared by `[default]` and `[[rule]]`.
@@ -69,9 +70,13 @@ impl RawFile {
             Some(raw) => raw.into_action("default", &default_action)?,
             None => default_action,
         };
-        let (scopes, existing) = match self.agent {
-            Some(agent) => (agent.scopes()?, agent.existing.unwrap_or(true)),
-            None => (vec![CgroupPath::root()], true),
+        let (scopes, existing, ends) = match self.agent {
+            Some(agent) => (
+                agent.scopes()?,
+                agent.existing.unwrap_or(true),
+                agent.ends.unwrap_or(ENDS_BY_DEFAULT),
+            ),
+            None => (vec![CgroupPath::root()], true, ENDS_BY_DEFAULT),
         };
         let mut names: HashMap<String, usize> = HashMap::new();
         let mut rules = Vec::with_capacity(self.rule.len());
@@ -117,6 +122,7 @@ impl RawFile {
             default,
             rules,
             existing,
+            ends,
             annotations,
         })
     }

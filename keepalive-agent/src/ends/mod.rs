@@ -1,0 +1,12 @@
+//! How connections end: the kernel counts each connection's end per rule (`KA_ENDS`, read with
+//! the other counters) and reports each failure on a ring buffer (`KA_END_EVENTS`); the agent
+//! keeps a summary of those ([`Failures`]) for `/metrics`, `/ends` and `keepalive-agent report`.
+
+mod reader;
+pub mod report;
+pub mod summary;
+
+pub use self::{
+    reader::follow,
+    summary::{Destination, DestinationFailures, Failure, Failures, Histogram},
+};

@@ -1,0 +1,156 @@
+//! The ring buffer of failures, read as it fills (its descriptor polls readable when the
+//! kernel submits), into the shared telemetry.
+
+use std::{
+    io,
+    net::{IpAddr, Ipv6Addr},
+    time::{Duration, Instant},
+};
+
+use aya::maps::{MapData, RingBuf};
+use keepalive_common::ends::{End, EndEvent};
+use tokio::io::unix::AsyncFd;
+use tracing::{debug, warn};
+
+use super::Failure;
+use crate::status::Shared;
+
+/// Reads failures until the task is dropped.
+pub async fn follow(ring: RingBuf<MapData>, shared: Shared) {
+    let hz = tokio::task::spawn_blocking(kernel_hz).await.unwrap_or(None);
+    let Some(hz) = hz else {
+        warn!(
+            "cannot tell the kernel's tick rate (CONFIG_HZ); connection failures are counted, their idle times are not"
+        );
+        return;
+    };
+    debug!(hz, "following connection failures");
+    // SAFETY: the ring buffer owns its map's descriptor, which stays open and the same for as
+    // long as the AsyncFd owns the ring buffer.
+    let registered =
+        unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
+    let mut ring = match registered {
+        Ok(ring) => ring,
+        Err(error) => {
+            let error = io::Error::from(error);
+            warn!(%error, "cannot poll the ring buffer of connection failures");
+            return;
+        }
+    };
+    loop {
+        let Ok(mut ready) = ring.readable_mut().await else {
+            return;
+        };
+        let mut failures = Vec::new();
+        while let Some(item) = ready.get_inner_mut().next() {
+            if let Some(failure) = parse(&item, hz) {
+                failures.push(failure);
+            }
+        }
+        ready.clear_ready();
+        if let Ok(mut telemetry) = shared.lock() {
+            for failure in &failures {
+                telemetry.agent.failures.record(failure);
+            }
+        }
+    }
+}
+
+/// One event, its silence in time (jiffies at `hz`, less the time spent retransmitting).
+fn parse(bytes: &[u8], hz: u64) -> Option<Failure> {
+    if bytes.len() < size_of::<EndEvent>() {
+        return None;
+    }
+    // SAFETY: at least size_of::<EndEvent>() bytes; EndEvent is plain data, read unaligned.
+    let event: EndEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let end = *End::ALL.get(usize::try_from(event.end).ok()?)?;
+    let silent_ms = u64::from(event.silent_jiffies) * 1000 / hz;
+    let idle_ms = silent_ms.saturating_sub(u64::from(event.unanswered_ms));
+    Some(Failure {
+        slot: event.slot,
+        end,
+        remote: IpAddr::V6(Ipv6Addr::from(event.remote)),
+        remote_port: event.remote_port,
+        local_port: event.local_port,
+        inbound: event.direction == keepalive_common::INBOUND,
+        idle: Duration::from_millis(idle_ms),
+    })
+}
+
+/// The kernel's tick rate: CONFIG_HZ from its configuration in /boot where it is there, else
+/// measured (jiffies over 200 ms, from /proc/timer_list), rounded to the rates Linux offers.
+fn kernel_hz() -> Option<u64> {
+    configured_hz().or_else(|| measured_hz().ok().flatten())
+}
+
+const RATES: [u64; 4] = [100, 250, 300, 1000];
+
+fn configured_hz() -> Option<u64> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let text = std::fs::read_to_string(format!("/boot/config-{}", release.trim())).ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("CONFIG_HZ="))
+        .and_then(|hz| hz.trim().parse().ok())
+        .filter(|hz| RATES.contains(hz))
+}
+
+fn measured_hz() -> io::Result<Option<u64>> {
+    let jiffies = || -> io::Result<Option<u64>> {
+        let text = std::fs::read_to_string("/proc/timer_list")?;
+        Ok(text
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("jiffies:"))
+            .and_then(|value| value.trim().parse().ok()))
+    };
+    let (Some(before), start) = (jiffies()?, Instant::now()) else {
+        return Ok(None);
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let Some(after) = jiffies()? else {
+        return Ok(None);
+    };
+    let per_second = (after.saturating_sub(before)) as f64 / start.elapsed().as_secs_f64();
+    Ok(RATES.into_iter().min_by(|a, b| {
+        (*a as f64 - per_second)
+            .abs()
+            .total_cmp(&(*b as f64 - per_second).abs())
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    #![expect(clippy::unwrap_used, reason = "tests panic with the reason")]
+
+    use super::*;
+
+    #[test]
+    fn an_event_gives_the_silence_before_the_first_unanswered_segment() {
+        let event = EndEvent {
+            slot: 3,
+            end: End::Timeout as u32,
+            remote: Ipv6Addr::from([0, 0, 0, 0, 0, 0xffff, 0xc612, 0x0207]).octets(),
+            remote_port: 6379,
+            local_port: 41_000,
+            silent_jiffies: 2_250,
+            unanswered_ms: 3_000,
+            direction: keepalive_common::OUTBOUND,
+        };
+        // SAFETY: plain data viewed as bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&raw const event).cast::<u8>(), size_of::<EndEvent>())
+        };
+        let failure = parse(bytes, 250).unwrap();
+        assert_eq!(failure.idle, Duration::from_secs(6));
+        assert_eq!(failure.end, End::Timeout);
+        assert_eq!(
+            failure.remote,
+            "::ffff:198.18.2.7".parse::<IpAddr>().unwrap()
+        );
+        assert!(parse(&bytes[..10], 250).is_none());
+    }
+
+    #[test]
+    fn the_running_kernels_tick_rate_is_one_linux_offers() {
+        assert!(RATES.contains(&kernel_hz().unwrap()));
+    }
+}
