@@ -119,6 +119,9 @@ enum Task {
         /// Only the steady-state rows: an idle agent's CPU and memory at 10 to 10,000 cgroups.
         #[arg(long)]
         steady: bool,
+        /// Only the program time per connection, of every variant, with its targets.
+        #[arg(long, conflicts_with = "steady")]
+        program: bool,
     },
     /// Fuzz the policy file parser and the policy compiler (cargo fuzz, pinned nightly) for a
     /// bounded time per target; not part of `test`. Failing inputs land in fuzz/artifacts/.
@@ -180,7 +183,11 @@ fn run(task: Task) -> anyhow::Result<()> {
             seconds,
             target.as_deref(),
         ),
-        Task::Bench { quick, steady } => bench(&workspace, quick, steady),
+        Task::Bench {
+            quick,
+            steady,
+            program,
+        } => bench(&workspace, quick, steady, program),
     }
 }
 
@@ -272,7 +279,7 @@ fn test(
 }
 
 /// `cargo xtask bench`: the release agent and the benchmark, results under bench/results.
-fn bench(workspace: &Path, quick: bool, steady: bool) -> anyhow::Result<()> {
+fn bench(workspace: &Path, quick: bool, steady: bool, program: bool) -> anyhow::Result<()> {
     host_check("cargo xtask bench")?;
     packages::ensure(packages::TEST)?;
     let toolchain = Toolchain::ensure()?;
@@ -297,6 +304,9 @@ fn bench(workspace: &Path, quick: bool, steady: bool) -> anyhow::Result<()> {
     }
     if steady {
         bench.arg("--steady");
+    }
+    if program {
+        bench.arg("--program");
     }
     run_status(&mut bench)
 }

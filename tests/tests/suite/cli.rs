@@ -63,6 +63,7 @@ fn man_pages_render_for_the_agent_and_each_subcommand() {
             "keepalive-agent-check.1",
             "keepalive-agent-detach.1",
             "keepalive-agent-explain.1",
+            "keepalive-agent-report.1",
             "keepalive-agent-run.1",
             "keepalive-agent-scan.1",
             "keepalive-agent-status.1",
@@ -139,7 +140,9 @@ fn bash_completion_offers_the_subcommands_options_and_values() {
     let script = dir.join("completions/keepalive-agent.bash");
 
     let subcommands = bash_complete(&script, "keepalive-agent ");
-    for expected in ["run", "check", "status", "detach", "scan", "explain"] {
+    for expected in [
+        "run", "check", "status", "detach", "scan", "explain", "report",
+    ] {
         assert!(
             subcommands.iter().any(|word| word == expected),
             "{expected} not offered: {subcommands:?}"

@@ -10,6 +10,7 @@ mod agent_reload;
 mod bad_input;
 mod bench_smoke;
 mod cli;
+mod connection_ends;
 mod containers;
 mod deploy;
 mod enforcement;

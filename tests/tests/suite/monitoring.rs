@@ -138,6 +138,14 @@ fn the_dashboard_shows_what_an_operator_asks_first() {
             "keepalive_connections_total",
         ),
         ("attachments", "keepalive_attached_cgroups"),
+        (
+            "connections ended, by rule and how",
+            "keepalive_connections_closed_total",
+        ),
+        (
+            "idle before a failure",
+            "keepalive_failure_idle_seconds_bucket",
+        ),
         ("reloads", "keepalive_reloads_total"),
         (
             "connections without keepalive",

@@ -102,16 +102,17 @@ pub(crate) struct Bench {
 fn main() {
     let mut args = std::env::args().skip(1);
     let (mut agent, mut out, mut settings) = (None, None, Settings::FULL);
-    let mut steady_alone = false;
+    let (mut steady_alone, mut program_alone) = (false, false);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--agent" => agent = args.next().map(PathBuf::from),
             "--out" => out = args.next().map(PathBuf::from),
             "--quick" => settings = Settings::QUICK,
             "--steady" => steady_alone = true,
+            "--program" => program_alone = true,
             other => panic!(
                 "unknown argument {other:?}; usage: ka-bench --agent PATH --out DIR [--quick] \
-                 [--steady]"
+                 [--steady | --program]"
             ),
         }
     }
@@ -129,6 +130,15 @@ fn main() {
         println!("{table}");
         std::fs::create_dir_all(&out).unwrap();
         std::fs::write(out.join("steady.md"), &table).unwrap();
+        return;
+    }
+    if program_alone {
+        let variants = variants::all();
+        let (rows, runs) = program_cost::program_cost(&bench, &variants);
+        let table = report::program_only(&rows, runs, &host.kernel_release);
+        println!("{table}");
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(out.join("program.md"), &table).unwrap();
         return;
     }
     let stats = StatsSysctl::off();

@@ -178,6 +178,24 @@ pub(crate) fn all() -> Vec<Variant> {
         Variant::floor(),
         Variant::agent("agent", "keepalive-agent, default policy", &default),
         Variant::policy(
+            "ends-off",
+            "the default policy, [agent] ends = false",
+            Stage::Full,
+            |s| Policy {
+                ends: false,
+                ..Policy::enforce(default, vec![s])
+            },
+        ),
+        Variant::policy(
+            "ends-on",
+            "the default policy, [agent] ends = true (state and RTO callbacks)",
+            Stage::Full,
+            |s| Policy {
+                ends: true,
+                ..Policy::enforce(default, vec![s])
+            },
+        ),
+        Variant::policy(
             "rules-1",
             "1 rule (loopback matches it)",
             Stage::Full,

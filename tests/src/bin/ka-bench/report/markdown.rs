@@ -5,7 +5,7 @@ use std::{fmt::Write as _, time::Duration};
 use super::{spread, targets::targets};
 use crate::{
     results::Results,
-    samples::{Samples, paired_ratio},
+    samples::{Row, Samples, paired_ratio},
     steady::SteadyRow,
 };
 
@@ -92,24 +92,28 @@ fn rates(w: &mut String, results: &Results) {
 }
 
 fn program_time(w: &mut String, results: &Results) {
+    program_table(w, &results.program_ns, results.runs_per_conn);
+}
+
+fn program_table(w: &mut String, program_ns: &[Row], runs_per_conn: f64) {
     let _ = writeln!(
         w,
         "\n## Program time per connection\n\nbpf_stats `run_time_ns` / connections: both ends of a \
          loopback connection, all {:.0} program runs of each. `floor` is a hand-assembled \
          program with no policy that only sets the four options.\n",
-        results.runs_per_conn
+        runs_per_conn
     );
     let _ = writeln!(
         w,
         "| variant | ns per connection | ratio to floor |\n|---|---:|---:|"
     );
-    for row in &results.program_ns {
+    for row in program_ns {
         let _ = writeln!(
             w,
             "| {} | {} | {} |",
             row.name,
             spread(&row.samples, 0),
-            spread(&paired_ratio(&results.program_ns, row.name, "floor"), 3)
+            spread(&paired_ratio(program_ns, row.name, "floor"), 3)
         );
     }
 }
@@ -200,6 +204,14 @@ fn existing(w: &mut String, results: &Results) {
             );
         }
     }
+}
+
+/// `ka-bench --program`: the per-connection program time alone, with its targets.
+pub(crate) fn program_only(program_ns: &[Row], runs_per_conn: f64, kernel: &str) -> String {
+    let mut md = format!("# Program time\n\nKernel {kernel}.\n\n");
+    write_targets(&mut md, super::targets::program_targets(program_ns));
+    program_table(&mut md, program_ns, runs_per_conn);
+    md
 }
 
 /// `ka-bench --steady`: the steady-state rows alone, with their targets.

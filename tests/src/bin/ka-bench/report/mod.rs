@@ -8,7 +8,7 @@ mod targets;
 
 use std::{fs, path::Path, time::Duration};
 
-pub(crate) use markdown::{markdown, steady_only};
+pub(crate) use markdown::{markdown, program_only, steady_only};
 
 use crate::{results::Results, samples::Samples};
 

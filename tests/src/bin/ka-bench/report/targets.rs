@@ -3,7 +3,7 @@
 
 use crate::{
     results::Results,
-    samples::{Samples, paired_ratio},
+    samples::{Row, Samples, paired_ratio},
     steady::SteadyRow,
 };
 
@@ -40,12 +40,8 @@ fn at_least(what: impl Into<String>, ratio: Samples, limit: f64) -> Target {
 
 pub(super) fn targets(results: &Results) -> Vec<Target> {
     let loopback = |base| paired_ratio(&results.loopback, "agent", base);
-    let mut targets = vec![
-        at_most(
-            "agent's program time / the policy-free floor program's",
-            paired_ratio(&results.program_ns, "agent", "floor"),
-            1.10,
-        ),
+    let mut targets = program_targets(&results.program_ns);
+    targets.extend([
         at_least(
             "loopback connection rate, agent / no program",
             loopback("none"),
@@ -61,7 +57,7 @@ pub(super) fn targets(results: &Results) -> Vec<Target> {
             loopback("app-sets"),
             1.0,
         ),
-    ];
+    ]);
     // The worst step: a new cgroup covered whatever the host holds.
     if let Some(worst) = results
         .existing
@@ -90,6 +86,23 @@ pub(super) fn targets(results: &Results) -> Vec<Target> {
     }
     targets.extend(steady_targets(&results.steady));
     targets
+}
+
+/// The per-connection program time's targets.
+pub(crate) fn program_targets(program_ns: &[Row]) -> Vec<Target> {
+    vec![
+        at_most(
+            "agent's program time / the policy-free floor program's",
+            paired_ratio(program_ns, "agent", "floor"),
+            1.10,
+        ),
+        at_most(
+            "program time following connection ends / not following them (on by default only \
+             within 1.15)",
+            paired_ratio(program_ns, "ends-on", "ends-off"),
+            1.15,
+        ),
+    ]
 }
 
 /// Issue 25's budget for an agent with nothing to do, by followed cgroups: CPU (% of a core)
