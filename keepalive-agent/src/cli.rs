@@ -145,7 +145,7 @@ pub enum Command {
     /// Report how connections failed and the network's idle timeout, inferred: per
     /// destination, connections reset or timed out after an idle period, the shortest such
     /// idle, the idle the policy gives them and what to set. Asks the running agent (its
-    /// metrics endpoint); needs `[agent] ends` (on by default).
+    /// metrics endpoint); counts the connections of rules with `ends = true`.
     Report(crate::commands::report::ReportArgs),
     /// Remove everything the agent pinned or attached; new connections are no longer touched.
     /// A running agent is stopped first (SIGTERM), since it would put back what is removed.

@@ -1,7 +1,8 @@
-//! How connections end (`[agent] ends`): the sock_ops program asks the kernel for the state
-//! changes and retransmission timeouts of each connection it handled, sorts each connection's
-//! end into an [`End`] counted per rule slot, and reports each failure (a reset or a timeout)
-//! as an [`EndEvent`] with how long the connection had been silent before it.
+//! How connections end (`ends = true` in the policy): the sock_ops program asks the kernel for
+//! the state changes and retransmission timeouts of each connection whose rule says so, sorts
+//! each connection's end into an [`End`] counted per rule slot, and reports each failure (a
+//! reset or a timeout) as an [`EndEvent`] with how long the connection had been silent before
+//! it.
 
 /// Per-CPU counters indexed by `slot * End::COUNT + end` ([`end_index`]).
 pub const ENDS_MAP: &str = "KA_ENDS";

@@ -55,6 +55,8 @@ pub const RULE_USER_TIMEOUT: u32 = 1 << 0;
 /// `RuleRecord::flags`: applications' later setsockopt calls are overridden (enforce, cap) or
 /// counted (audit).
 pub const RULE_LOCK: u32 = 1 << 1;
+/// `RuleRecord::flags`: follow how the connection ends (`crate::ends`).
+pub const RULE_ENDS: u32 = 1 << 2;
 
 /// One rule's decision: its mode and values (the default is a rule too).
 #[repr(C)]
@@ -100,8 +102,6 @@ pub const ATTACH_VALID: u32 = 1 << 0;
 /// `AttachRecord::flags`: the setsockopt hook needs each socket's direction, so the sock_ops
 /// program records it in socket storage.
 pub const REMEMBER_DIRECTION: u32 = 1 << 1;
-/// `AttachRecord::flags`: follow how this attachment's connections end (`crate::ends`).
-pub const OBSERVE_ENDS: u32 = 1 << 2;
 
 /// A match dimension. Rules are grouped by the set of dimensions they match on (tuple space
 /// search), each group looked up on its own; a group is the OR of its dimensions' bits.

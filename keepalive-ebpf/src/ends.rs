@@ -1,6 +1,6 @@
-//! How connections end (`keepalive_common::ends`). At establishment the program asks the
-//! kernel for the socket's state changes and retransmission timeouts (per-socket callback
-//! flags: sockets of attachments that do not follow ends pay nothing more); then:
+//! How connections end (`keepalive_common::ends`). At establishment, where the connection's
+//! rule says so (`RULE_ENDS`), the program asks the kernel for the socket's state changes and
+//! retransmission timeouts (per-socket callback flags: other sockets pay nothing more); then:
 //! - RTO with `expired` set: retransmissions (or TCP_USER_TIMEOUT) ran out and the kernel
 //!   kills the connection right after (`tcp_write_err`): a timeout. The flags are cleared so
 //!   its close is not counted again.
@@ -23,7 +23,7 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use keepalive_common::{
-    AttachRecord, INBOUND, OUTBOUND,
+    AttachRecord, INBOUND, OUTBOUND, RULE_ENDS, RuleRecord,
     ends::{End, EndEvent, EndOffsets, end_index},
     limits,
     lookup::Peer,
@@ -60,11 +60,11 @@ pub(crate) fn enabled() -> bool {
     KA_END_OFFSETS.load().enabled != 0
 }
 
-/// At establishment, where the attachment follows ends: the socket's later state changes and
+/// At establishment, where the rule follows ends: the socket's later state changes and
 /// retransmission timeouts call the program too.
 #[inline(always)]
-pub(crate) fn follow(ctx: &SockOpsContext, record: &AttachRecord, direction: u32) {
-    if enabled() && record.has(keepalive_common::OBSERVE_ENDS) {
+pub(crate) fn follow(ctx: &SockOpsContext, rule: &RuleRecord, direction: u32) {
+    if enabled() && rule.flags & RULE_ENDS != 0 {
         let accepted = if direction == INBOUND { ACCEPTED } else { 0 };
         #[expect(clippy::cast_possible_wrap, reason = "flag bits, far below i32::MAX")]
         let _ = ctx.set_cb_flags((ctx.cb_flags() | FOLLOW | accepted) as i32);

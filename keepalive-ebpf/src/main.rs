@@ -133,10 +133,10 @@ fn ka_sockops(ctx: SockOpsContext) -> u32 {
         return 1;
     }
     ctx.set_reply(HANDLED_MARK);
-    ends::follow(&ctx, record, direction);
 
     let peer = bpf_maps::sock_ops_peer(&ctx);
     let rule = bpf_maps::decide(record, &peer, direction);
+    ends::follow(&ctx, &rule, direction);
     if stage == Stage::Lookup as u32 {
         return 1;
     }
@@ -175,7 +175,7 @@ fn ended(ctx: &SockOpsContext, op: u32) {
     }
     // SAFETY: as in `ka_sockops`.
     let record = unsafe { &*KA_ATTACH.get_ptr_mut() };
-    if !record.is_valid() || !record.has(keepalive_common::OBSERVE_ENDS) {
+    if !record.is_valid() {
         return;
     }
     ctx.set_reply(HANDLED_MARK);

@@ -106,7 +106,7 @@ fn rules_table(out: &mut String, status: &Snapshot) {
     ends_table(out, status);
 }
 
-/// How the rules' connections ended (`[agent] ends`), where any did.
+/// How the rules' connections ended (`ends = true` in the policy), where any did.
 fn ends_table(out: &mut String, status: &Snapshot) {
     let ends = keepalive_common::ends::End::ALL;
     if status

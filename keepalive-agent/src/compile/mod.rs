@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use keepalive_common::{
     ATTACH_VALID, AddrKey, AttachRecord, DIM_LOCAL_PORT, DIM_REMOTE, DIM_REMOTE_PORT, DecisionKey,
-    Hit, INBOUND, OBSERVE_ENDS, OUTBOUND, PortKey, REMEMBER_DIRECTION, group_bit, limits,
+    Hit, INBOUND, OUTBOUND, PortKey, REMEMBER_DIRECTION, group_bit, limits,
 };
 
 pub use self::prefixes::port_prefixes;
@@ -164,9 +164,8 @@ fn attach_record(
         }
         None => (candidates, policy.default.record(0)),
     };
-    let ends = if policy.ends { OBSERVE_ENDS } else { 0 };
     let mut record = AttachRecord {
-        flags: ATTACH_VALID | ends,
+        flags: ATTACH_VALID,
         ruleset: 0,
         groups: 0,
         generation,

@@ -163,7 +163,6 @@ fn attachments_with_the_same_rules_share_a_ruleset_and_generations_do_not_collid
         default: Action::enforce(Values::default()),
         rules: vec![rule(None, &["10.0.0.0/8"], &[], 2)],
         existing: true,
-        ends: true,
         annotations: None,
     };
     let one = compile(&policy, &attach_points(&policy), 1).unwrap_or_else(|e| panic!("{e}"));

@@ -20,8 +20,8 @@ pub const ITERATOR: &str = "iterator";
 /// Learning of links detached or given another program from the kernel (fentry programs or a
 /// kprobe), not by asking each.
 pub const LINK_WATCH: &str = "link-watch";
-/// Following how connections end (`[agent] ends`): the sock_ops program reads the socket's
-/// error and timestamps.
+/// Following how connections end (`ends = true` in the policy): the sock_ops program reads
+/// the socket's error and timestamps.
 pub const ENDS: &str = "ends";
 /// Every optional part.
 pub const OPTIONAL: &[&str] = &[LOCK, READS, ITERATOR, LINK_WATCH, ENDS];
@@ -126,7 +126,7 @@ impl MissingFeature {
             feature: ENDS.to_owned(),
             since: "5.10".to_owned(),
             reason,
-            effect: "keepalive is enforced as before, but how connections end is not counted                      (`[agent] ends` has no effect)"
+            effect: "keepalive is enforced as before, but how connections end is not counted                      (`ends = true` has no effect)"
                 .to_owned(),
         }
     }

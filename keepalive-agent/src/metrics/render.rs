@@ -235,7 +235,7 @@ fn rules(w: &mut DescriptorEncoder<'_>, rules: &[RuleCounters]) -> fmt::Result {
     counters(
         w,
         "keepalive_connections_closed",
-        "Connections that ended, by rule and how: closed (FIN or the process's own abort), reset (by the peer or a middlebox), keepalive (a dead peer found), timeout (retransmissions or TCP_USER_TIMEOUT ran out). Needs [agent] ends.",
+        "Connections that ended, by rule and how: closed (FIN or the process's own abort), reset (by the peer or a middlebox), keepalive (a dead peer found), timeout (retransmissions or TCP_USER_TIMEOUT ran out). Counts the connections of rules with ends = true.",
         named.iter().flat_map(|(name, rule)| {
             End::ALL.into_iter().map(move |end| {
                 (

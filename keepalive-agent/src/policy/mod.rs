@@ -19,7 +19,7 @@ pub use cgroup_path::CgroupPath;
 pub use containers::{Selection, Selector};
 pub use explain::{KeyChecks, Step, Trace};
 pub use keepalive_common::Mode;
-use keepalive_common::{RULE_LOCK, RULE_USER_TIMEOUT, RuleRecord, limits};
+use keepalive_common::{RULE_ENDS, RULE_LOCK, RULE_USER_TIMEOUT, RuleRecord, limits};
 pub use keys::{Cidr, PortRange, mapped};
 pub use pattern::Pattern;
 pub use values::*;
@@ -59,6 +59,8 @@ pub struct Action {
     pub values: Values,
     /// enforce and cap override an application's later setsockopt; audit counts it.
     pub lock: bool,
+    /// Follow how the connection ends (`ends`): counted, and reported if it fails.
+    pub ends: bool,
 }
 
 impl Action {
@@ -74,6 +76,7 @@ impl Action {
             mode: Mode::Enforce,
             values,
             lock: true,
+            ends: false,
         }
     }
 
@@ -85,6 +88,9 @@ impl Action {
         }
         if self.lock {
             flags |= RULE_LOCK;
+        }
+        if self.ends {
+            flags |= RULE_ENDS;
         }
         RuleRecord {
             mode: self.mode as u32,
@@ -102,9 +108,13 @@ impl Action {
 impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.mode {
-            Mode::Exempt => f.write_str("exempt"),
-            mode => write!(f, "{} {}", mode.name(), self.values),
+            Mode::Exempt => f.write_str("exempt")?,
+            mode => write!(f, "{} {}", mode.name(), self.values)?,
         }
+        if self.ends {
+            f.write_str("; ends followed")?;
+        }
+        Ok(())
     }
 }
 
@@ -183,9 +193,6 @@ pub enum Decision {
     Default,
 }
 
-/// Whether `[agent] ends` is on when a policy does not say.
-pub const ENDS_BY_DEFAULT: bool = true;
-
 /// A whole policy: where it is enforced, the default, and the rules.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
@@ -195,8 +202,6 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     /// Apply the policy to connections that already exist when it takes effect.
     pub existing: bool,
-    /// Follow how connections end (`[agent] ends`; counted per rule, failures reported).
-    pub ends: bool,
     /// What pods may set through their annotations (`[annotations]`); None: nothing.
     pub annotations: Option<Annotations>,
 }
@@ -209,7 +214,6 @@ impl Policy {
             default: Action::enforce(values),
             rules: Vec::new(),
             existing: true,
-            ends: ENDS_BY_DEFAULT,
             annotations: None,
         }
     }

@@ -90,7 +90,6 @@ fn most_specific_cgroup_first_then_file_order_then_unscoped() {
             rule("other", Some("/c")),
         ],
         existing: true,
-        ends: true,
         annotations: None,
     };
     let names = |cgroup: &str| -> Vec<&str> {
@@ -125,7 +124,6 @@ fn first_matching_rule_decides() {
         default: Action::enforce(values(60)),
         rules: vec![db, exempt],
         existing: true,
-        ends: true,
         annotations: None,
     };
     let out = Direction::Outbound;

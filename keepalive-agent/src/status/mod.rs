@@ -95,7 +95,7 @@ pub struct RuleCounters {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub containers: Option<String>,
     pub counters: Outcomes,
-    /// How its connections ended (`[agent] ends`).
+    /// How its connections ended (`ends = true` in the policy).
     pub ends: Ends,
 }
 
@@ -110,7 +110,7 @@ pub struct AgentTelemetry {
     pub watch_overflows: u64,
     /// Pods whose keepalive annotations the policy refused (each pod and reason once).
     pub annotations_refused: u64,
-    /// The failures the kernel reported (`[agent] ends`).
+    /// The failures the kernel reported (`ends = true` in the policy).
     pub failures: crate::ends::Failures,
     /// Whether the last reload applied (or kept) a policy.
     pub last_reload_ok: bool,

@@ -118,17 +118,37 @@ fn idle_until_forgotten(net: &Routed, clients: &[&Client], since: Instant, idle:
     std::thread::sleep(idle.saturating_sub(since.elapsed()));
 }
 
-/// The agent, following `args` (after `run`), and its metrics endpoint.
-fn agent(places: &AgentPlaces, args: &[&str]) -> (Workload, String) {
-    let mut run = vec!["run"];
-    run.extend_from_slice(args);
-    run.push("--no-existing");
-    let agent = places.spawn(agent_bin(), &run);
+/// A running agent and its metrics endpoint.
+struct Agent {
+    addr: String,
+    _agent: Workload,
+    _policy: TempDir,
+}
+
+/// The agent enforcing in `scope` the policy `rules` (the file's text after `[agent]`).
+fn agent(places: &AgentPlaces, scope: &TestCgroup, rules: &str) -> Agent {
+    let dir = TempDir::new();
+    let text = format!(
+        "[agent]\ncgroups = [\"{}\"]\n\n{rules}",
+        scope.cgroup().name
+    );
+    let config = dir.write("policy.toml", &text, 0o644);
+    let agent = places.spawn(
+        agent_bin(),
+        &["run", "--config", config.to_str().unwrap(), "--no-existing"],
+    );
     // Logged first, then each attachment.
     let addr = http::metrics_addr(&agent, WAIT);
     agent.expect_log("attached", WAIT);
-    (agent, addr)
+    Agent {
+        addr,
+        _agent: agent,
+        _policy: dir,
+    }
 }
+
+/// Keepalive after 60 s (too late for the firewall: what the report must find), ends followed.
+const LATE_KEEPALIVE: &str = "[default]\nidle = \"60s\"\nends = true\n";
 
 /// A scrape once `series` reads `want` (polled until [`WAIT`]).
 fn scrape_until(addr: &str, series: &str, want: f64) -> String {
@@ -188,11 +208,8 @@ fn resets_after_the_firewalls_idle_timeout_are_counted_with_their_idle_and_repor
     let net = firewalled(RESETTING);
     let (enforced, neighbour) = (TestCgroup::new(), TestCgroup::new());
     let places = AgentPlaces::new();
-    // Keepalive after 60 s: too late for this firewall, which is what the report must find.
-    let (agent, addr) = agent(
-        &places,
-        &["--cgroup", &enforced.cgroup().name, "--idle", "60"],
-    );
+    let agent = agent(&places, &enforced, LATE_KEEPALIVE);
+    let addr = agent.addr.as_str();
     let server = probe(&["echo", "[::]:0"], Placement::netns_only(&net.server));
     let port = server.expect("listening").remove(0);
     let mut short = clients(&net, &enforced, &port, "short-idle");
@@ -229,7 +246,7 @@ fn resets_after_the_firewalls_idle_timeout_are_counted_with_their_idle_and_repor
     }
 
     // Two resets under the rule (IPv4 and IPv6); the neighbour cgroup's are not counted.
-    let metrics = scrape_until(&addr, &closed("default", "reset"), 2.0);
+    let metrics = scrape_until(addr, &closed("default", "reset"), 2.0);
     for outcome in ["keepalive", "timeout"] {
         assert_eq!(http::sample(&metrics, &closed("default", outcome)), 0.0);
     }
@@ -250,7 +267,7 @@ fn resets_after_the_firewalls_idle_timeout_are_counted_with_their_idle_and_repor
         "{metrics}"
     );
 
-    let (json, text) = report(&addr);
+    let (json, text) = report(addr);
     assert_eq!(
         json["destinations"].as_array().unwrap().len(),
         2,
@@ -283,7 +300,7 @@ fn resets_after_the_firewalls_idle_timeout_are_counted_with_their_idle_and_repor
         "{text}"
     );
 
-    let metrics = scrape_until(&addr, &closed("default", "closed"), 2.0);
+    let metrics = scrape_until(addr, &closed("default", "closed"), 2.0);
     assert_eq!(http::sample(&metrics, &closed("default", "reset")), 2.0);
     drop(agent);
 }
@@ -295,17 +312,12 @@ fn a_silent_drop_after_the_idle_timeout_is_a_timeout_with_its_idle() {
     let enforced = TestCgroup::new();
     let places = AgentPlaces::new();
     // TCP_USER_TIMEOUT 2 s: retransmissions give up soon after the first unanswered segment.
-    let (agent, addr) = agent(
+    let agent = agent(
         &places,
-        &[
-            "--cgroup",
-            &enforced.cgroup().name,
-            "--idle",
-            "60",
-            "--user-timeout",
-            "2000",
-        ],
+        &enforced,
+        &format!("{LATE_KEEPALIVE}user_timeout = \"2s\"\n"),
     );
+    let addr = agent.addr.as_str();
     let server = probe(&["echo", "[::]:0"], Placement::netns_only(&net.server));
     let port = server.expect("listening").remove(0);
     let mut long = clients(&net, &enforced, &port, "long-idle");
@@ -324,9 +336,9 @@ fn a_silent_drop_after_the_idle_timeout_is_a_timeout_with_its_idle() {
             "the user timeout ends it: ETIMEDOUT"
         );
     }
-    let metrics = scrape_until(&addr, &closed("default", "timeout"), 2.0);
+    let metrics = scrape_until(addr, &closed("default", "timeout"), 2.0);
     assert_eq!(http::sample(&metrics, &closed("default", "keepalive")), 0.0);
-    let (json, _) = report(&addr);
+    let (json, _) = report(addr);
     for network in [V4_NETWORK, V6_NETWORK] {
         let entry = destination(&json, network);
         assert_eq!(entry["timeout"].as_u64(), Some(1), "{entry:#}");
@@ -349,17 +361,16 @@ fn a_dead_peer_found_by_keepalive_counts_under_the_rule_that_set_it() {
     let places = AgentPlaces::new();
     let server = probe(&["listen", "[::]:0"], Placement::netns_only(&net.server));
     let port = server.expect("listening").remove(0);
-    let dir = TempDir::new();
-    let config = dir.write(
-        "policy.toml",
+    // Only the rule's connections are followed ([default] leaves ends alone).
+    let agent = agent(
+        &places,
+        &enforced,
         &format!(
-            "[agent]\ncgroups = [\"{}\"]\n\n[[rule]]\nname = \"find-dead-peers\"\n\
-             remote_port = {port}\nidle = \"1s\"\ninterval = \"1s\"\ncount = 2\n",
-            enforced.cgroup().name
+            "[[rule]]\nname = \"find-dead-peers\"\nremote_port = {port}\nidle = \"1s\"\n\
+             interval = \"1s\"\ncount = 2\nends = true\n"
         ),
-        0o644,
     );
-    let (agent, addr) = agent(&places, &["--config", config.to_str().unwrap()]);
+    let addr = agent.addr.as_str();
     let idle_clients: Vec<Workload> = [
         format!("{}:{port}", net.server_link.b_v4),
         format!("[{}]:{port}", net.server_link.b_v6),
@@ -384,12 +395,12 @@ fn a_dead_peer_found_by_keepalive_counts_under_the_rule_that_set_it() {
             .unwrap_or_else(|| panic!("the connection did not end within {WAIT:?}"));
         assert_eq!(line, "read-error 110", "keepalive gives up: ETIMEDOUT");
     }
-    let metrics = scrape_until(&addr, &closed("find-dead-peers", "keepalive"), 2.0);
+    let metrics = scrape_until(addr, &closed("find-dead-peers", "keepalive"), 2.0);
     assert_eq!(
         http::sample(&metrics, &closed("find-dead-peers", "timeout")),
         0.0
     );
-    let (json, text) = report(&addr);
+    let (json, text) = report(addr);
     for network in [V4_NETWORK, V6_NETWORK] {
         let entry = destination(&json, network);
         assert_eq!(
@@ -411,16 +422,12 @@ fn a_scope_only_observed_reports_its_failures_and_the_idle_to_enforce() {
     let net = firewalled(RESETTING);
     let observed = TestCgroup::new();
     let places = AgentPlaces::new();
-    let dir = TempDir::new();
-    let config = dir.write(
-        "policy.toml",
-        &format!(
-            "[agent]\ncgroups = [\"{}\"]\nends = true\n\n[default]\nmode = \"exempt\"\n",
-            observed.cgroup().name
-        ),
-        0o644,
+    let agent = agent(
+        &places,
+        &observed,
+        "[default]\nmode = \"exempt\"\nends = true\n",
     );
-    let (agent, addr) = agent(&places, &["--config", config.to_str().unwrap()]);
+    let addr = agent.addr.as_str();
     let server = probe(&["echo", "[::]:0"], Placement::netns_only(&net.server));
     let port = server.expect("listening").remove(0);
     let mut long = clients(&net, &observed, &port, "observed");
@@ -441,8 +448,8 @@ fn a_scope_only_observed_reports_its_failures_and_the_idle_to_enforce() {
     for answer in exchange(long.iter_mut(), 2000) {
         assert_eq!(answer, "read-error 104");
     }
-    scrape_until(&addr, &closed("default", "reset"), 1.0);
-    let (json, _) = report(&addr);
+    scrape_until(addr, &closed("default", "reset"), 1.0);
+    let (json, _) = report(addr);
     let entry = destination(&json, V4_NETWORK);
     assert!(entry["rule_idle_secs"].is_null(), "{entry:#}");
     let below = entry["min_idle_secs"].as_f64().unwrap().floor();

@@ -201,12 +201,12 @@ fn policy(world: &World, rules: &[RuleSpec], scopes: usize) -> Policy {
                         mode: Mode::ALL[spec.mode],
                         values: values(100 + u32::try_from(i).unwrap()),
                         lock: false,
+                        ends: false,
                     },
                 )
             })
             .collect(),
         existing: false,
-        ends: true,
         annotations: None,
     }
 }

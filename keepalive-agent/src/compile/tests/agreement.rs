@@ -68,6 +68,7 @@ fn any_rule() -> impl Strategy<Value = Rule> {
                             ..Values::default()
                         },
                         lock,
+                        ends: false,
                     },
                 )
             },
@@ -88,7 +89,6 @@ fn any_policy() -> impl Strategy<Value = Policy> {
                 default: Action::enforce(Values::default()),
                 rules,
                 existing: true,
-                ends: true,
                 annotations: None,
             }
         })

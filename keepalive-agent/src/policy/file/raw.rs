@@ -11,7 +11,7 @@ use super::{
     annotations::RawAnnotations,
     fields::{cidrs, integer, milliseconds, parse_mode, port_ranges, seconds},
 };
-use crate::policy::{Action, CgroupPath, Direction, ENDS_BY_DEFAULT, Field, Policy, Rule, Values};
+use crate::policy::{Action, CgroupPath, Direction, Field, Policy, Rule, Values};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -28,7 +28,6 @@ pub(super) struct RawFile {
 struct RawAgent {
     cgroups: Option<Spanned<Vec<Spanned<String>>>>,
     existing: Option<bool>,
-    ends: Option<bool>,
 }
 
 /// The value keys, shared by `[default]` and `[[rule]]`.
@@ -41,6 +40,7 @@ struct RawValues {
     count: Option<Spanned<Value>>,
     user_timeout: Option<Spanned<Value>>,
     lock: Option<bool>,
+    ends: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -61,6 +61,7 @@ struct RawRule {
     count: Option<Spanned<Value>>,
     user_timeout: Option<Spanned<Value>>,
     lock: Option<bool>,
+    ends: Option<bool>,
 }
 
 impl RawFile {
@@ -70,13 +71,9 @@ impl RawFile {
             Some(raw) => raw.into_action("default", &default_action)?,
             None => default_action,
         };
-        let (scopes, existing, ends) = match self.agent {
-            Some(agent) => (
-                agent.scopes()?,
-                agent.existing.unwrap_or(true),
-                agent.ends.unwrap_or(ENDS_BY_DEFAULT),
-            ),
-            None => (vec![CgroupPath::root()], true, ENDS_BY_DEFAULT),
+        let (scopes, existing) = match self.agent {
+            Some(agent) => (agent.scopes()?, agent.existing.unwrap_or(true)),
+            None => (vec![CgroupPath::root()], true),
         };
         let mut names: HashMap<String, usize> = HashMap::new();
         let mut rules = Vec::with_capacity(self.rule.len());
@@ -122,7 +119,6 @@ impl RawFile {
             default,
             rules,
             existing,
-            ends,
             annotations,
         })
     }
@@ -174,6 +170,7 @@ impl RawValues {
             mode,
             values,
             lock: self.lock.unwrap_or(inherited.lock),
+            ends: self.ends.unwrap_or(inherited.ends),
         })
     }
 }
@@ -242,6 +239,7 @@ impl RawRule {
             count: self.count,
             user_timeout: self.user_timeout,
             lock: self.lock,
+            ends: self.ends,
         };
         Ok(Rule {
             line,

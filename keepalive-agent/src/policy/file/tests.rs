@@ -98,6 +98,29 @@ fn an_empty_file_is_refused_it_is_more_likely_a_write_caught_half_way() {
 }
 
 #[test]
+fn ends_is_inherited_from_the_default_and_set_per_rule_and_reaches_the_record() {
+    let policy = parsed(
+        "[default]\nends = true\n[[rule]]\nremote_port = 80\n[[rule]]\nremote_port = 81\n\
+         ends = false\n",
+    );
+    assert!(policy.default.ends && policy.rules[0].action.ends);
+    assert!(!policy.rules[1].action.ends);
+    assert_ne!(
+        policy.rules[0].action.record(1).flags & keepalive_common::RULE_ENDS,
+        0
+    );
+    assert_eq!(
+        policy.rules[1].action.record(2).flags & keepalive_common::RULE_ENDS,
+        0
+    );
+    assert!(
+        !parsed("[default]\nidle = \"9s\"\n").default.ends,
+        "off unless asked for"
+    );
+    assert_refused("[default]\nends = 1\n", 2, &["field `ends`", "a boolean"]);
+}
+
+#[test]
 fn rules_inherit_mode_and_values_from_the_default() {
     let policy = parsed(
         "[default]\nmode = \"audit\"\nidle = \"2m\"\nuser_timeout = \"1500ms\"\nlock = false\n\

@@ -73,7 +73,6 @@ pub(crate) fn realistic(rules: usize, scope: CgroupPath) -> Policy {
         default: Action::enforce(Values::default()),
         rules: list,
         existing: false,
-        ends: true,
         annotations: None,
     }
 }

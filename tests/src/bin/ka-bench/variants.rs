@@ -179,20 +179,18 @@ pub(crate) fn all() -> Vec<Variant> {
         Variant::agent("agent", "keepalive-agent, default policy", &default),
         Variant::policy(
             "ends-off",
-            "the default policy, [agent] ends = false",
+            "the default policy, ends = false",
             Stage::Full,
-            |s| Policy {
-                ends: false,
-                ..Policy::enforce(default, vec![s])
-            },
+            |s| Policy::enforce(default, vec![s]),
         ),
         Variant::policy(
             "ends-on",
-            "the default policy, [agent] ends = true (state and RTO callbacks)",
+            "the default policy, ends = true (state and RTO callbacks)",
             Stage::Full,
-            |s| Policy {
-                ends: true,
-                ..Policy::enforce(default, vec![s])
+            |s| {
+                let mut policy = Policy::enforce(default, vec![s]);
+                policy.default.ends = true;
+                policy
             },
         ),
         Variant::policy(

@@ -90,19 +90,11 @@ pub(super) fn targets(results: &Results) -> Vec<Target> {
 
 /// The per-connection program time's targets.
 pub(crate) fn program_targets(program_ns: &[Row]) -> Vec<Target> {
-    vec![
-        at_most(
-            "agent's program time / the policy-free floor program's",
-            paired_ratio(program_ns, "agent", "floor"),
-            1.10,
-        ),
-        at_most(
-            "program time following connection ends / not following them (on by default only \
-             within 1.15)",
-            paired_ratio(program_ns, "ends-on", "ends-off"),
-            1.15,
-        ),
-    ]
+    vec![at_most(
+        "agent's program time / the policy-free floor program's",
+        paired_ratio(program_ns, "agent", "floor"),
+        1.10,
+    )]
 }
 
 /// Issue 25's budget for an agent with nothing to do, by followed cgroups: CPU (% of a core)
