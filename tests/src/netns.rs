@@ -69,6 +69,17 @@ impl Netns {
         );
     }
 
+    /// Whether this namespace's connection tracking holds a TCP flow from source port
+    /// `port` (IPv6 if `v6`): a firewall here still knows the flow.
+    pub fn tracks(&self, v6: bool, port: &str) -> bool {
+        let family = if v6 { "ipv6" } else { "ipv4" };
+        let out = self.exec("conntrack", &["-L", "-f", family, "-p", "tcp"]);
+        let needle = format!("sport={port} ");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|line| line.contains(&needle))
+    }
+
     /// A value of this namespace's `/proc/sys`, e.g. `net/ipv4/tcp_keepalive_time`.
     pub fn sysctl(&self, key: &str) -> String {
         let out = self.exec("cat", &[&format!("/proc/sys/{key}")]);

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use keepalive_tests::{
-    AgentPlaces, Netns, Placement, Routed, TempDir, TestCgroup, Workload, agent_bin, http, probe,
+    AgentPlaces, Placement, Routed, TempDir, TestCgroup, Workload, agent_bin, http, probe,
     require_host, wait_for,
 };
 use serde_json::Value;
@@ -93,16 +93,6 @@ fn exchange<'a>(clients: impl IntoIterator<Item = &'a mut Client>, wait_ms: u32)
         .collect()
 }
 
-/// Whether the router's conntrack still tracks `client`'s flow.
-fn tracked(router: &Netns, client: &Client) -> bool {
-    let family = if client.v6 { "ipv6" } else { "ipv4" };
-    let out = router.exec("conntrack", &["-L", "-f", family, "-p", "tcp"]);
-    let needle = format!("sport={} ", client.port);
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .any(|line| line.contains(&needle))
-}
-
 /// Waits until the firewall forgot `clients`' flows and they have idled `idle` since `since`.
 fn idle_until_forgotten(net: &Routed, clients: &[&Client], since: Instant, idle: Duration) {
     wait_for(
@@ -111,7 +101,7 @@ fn idle_until_forgotten(net: &Routed, clients: &[&Client], since: Instant, idle:
         || {
             clients
                 .iter()
-                .all(|client| !tracked(&net.router, client))
+                .all(|client| !net.router.tracks(client.v6, &client.port))
                 .then_some(())
         },
     );

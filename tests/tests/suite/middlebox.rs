@@ -38,12 +38,7 @@ struct Client {
 
 /// Whether the router's connection tracking still holds the flow from `client`'s port.
 fn tracked(router: &Netns, client: &Client) -> bool {
-    let family = if client.v6 { "ipv6" } else { "ipv4" };
-    let out = router.exec("conntrack", &["-L", "-f", family, "-p", "tcp"]);
-    let needle = format!("sport={} ", client.local_port);
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .any(|line| line.contains(&needle))
+    router.tracks(client.v6, &client.local_port)
 }
 
 fn dropped(router: &Netns) -> u64 {
