@@ -2,8 +2,8 @@
 //! rule says so (`RULE_ENDS`), the program asks the kernel for the socket's state changes and
 //! retransmission timeouts (per-socket callback flags: other sockets pay nothing more); then:
 //! - RTO with `expired` set: retransmissions (or TCP_USER_TIMEOUT) ran out and the kernel
-//!   kills the connection right after (`tcp_write_err`): a timeout. The flags are cleared so
-//!   its close is not counted again.
+//!   kills the connection right after (`tcp_write_err`): a timeout. The state flag is cleared
+//!   so its close is not counted again.
 //! - the change to TCP_CLOSE: sorted by the socket's error (`End::at_close`), read from the
 //!   `tcp_sock` at the offset the agent took from the kernel's BTF.
 //!
