@@ -154,7 +154,11 @@ pub struct Failures {
 }
 
 impl Failures {
+    /// Records a failure (a normal close is none: nothing to record).
     pub fn record(&mut self, failure: &Failure) {
+        if !failure.end.failed() {
+            return;
+        }
         self.seen += 1;
         self.idle
             .entry(failure.slot)
@@ -183,7 +187,8 @@ impl Failures {
         match failure.end {
             End::Reset => entry.reset += 1,
             End::Keepalive => entry.keepalive += 1,
-            End::Timeout | End::Closed => entry.timeout += 1,
+            End::Timeout => entry.timeout += 1,
+            End::Closed => {}
         }
         entry.slot = failure.slot;
         entry.last = self.seen;

@@ -126,7 +126,8 @@ impl MissingFeature {
             feature: ENDS.to_owned(),
             since: "5.10".to_owned(),
             reason,
-            effect: "keepalive is enforced as before, but how connections end is not counted                      (`ends = true` has no effect)"
+            effect: "keepalive is enforced as before, but how connections end is not counted \
+                     (`ends = true` has no effect)"
                 .to_owned(),
         }
     }

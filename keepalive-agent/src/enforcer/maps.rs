@@ -256,15 +256,23 @@ pub(crate) fn record(ebpf: &impl Maps, cgroup_id: u64) -> Result<AttachRecord, E
         .map_err(map_error(ATTACH_MAP))
 }
 
-pub(crate) fn counters(ebpf: &impl Maps) -> Result<Counters, EnforcerError> {
-    let stats = PerCpuArray::<&MapData, u64>::try_from(map(ebpf, STATS_MAP)?)
-        .map_err(map_error(STATS_MAP))?;
-    let mut counters = Counters::default();
-    for stat in Stat::ALL {
-        let per_cpu = stats.get(&(stat as u32), 0).map_err(map_error(STATS_MAP))?;
-        counters.0[stat as usize] = per_cpu.iter().sum();
+/// The elements `indices` of the per-CPU counter array `name`, each summed over CPUs.
+fn per_cpu_sums<const N: usize>(
+    map: &aya::maps::Map,
+    name: &'static str,
+    indices: [u32; N],
+) -> Result<[u64; N], EnforcerError> {
+    let stats = PerCpuArray::<&MapData, u64>::try_from(map).map_err(map_error(name))?;
+    let mut sums = [0; N];
+    for (sum, index) in sums.iter_mut().zip(indices) {
+        *sum = stats.get(&index, 0).map_err(map_error(name))?.iter().sum();
     }
-    Ok(counters)
+    Ok(sums)
+}
+
+pub(crate) fn counters(ebpf: &impl Maps) -> Result<Counters, EnforcerError> {
+    let indices = Stat::ALL.map(|stat| stat as u32);
+    per_cpu_sums(map(ebpf, STATS_MAP)?, STATS_MAP, indices).map(Counters)
 }
 
 /// A rule slot's ends, summed over CPUs (zeros where the map is not there: an agent of an
@@ -273,26 +281,10 @@ pub(crate) fn ends(ebpf: &impl Maps, slot: u32) -> Result<Ends, EnforcerError> {
     let Some(map) = ebpf.get(ENDS_MAP) else {
         return Ok(Ends::default());
     };
-    let stats = PerCpuArray::<&MapData, u64>::try_from(map).map_err(map_error(ENDS_MAP))?;
-    let mut ends = Ends::default();
-    for end in End::ALL {
-        let per_cpu = stats
-            .get(&end_index(slot, end), 0)
-            .map_err(map_error(ENDS_MAP))?;
-        ends.0[end as usize] = per_cpu.iter().sum();
-    }
-    Ok(ends)
+    per_cpu_sums(map, ENDS_MAP, End::ALL.map(|end| end_index(slot, end))).map(Ends)
 }
 
 pub(crate) fn outcomes(ebpf: &impl Maps, slot: u32) -> Result<Outcomes, EnforcerError> {
-    let stats = PerCpuArray::<&MapData, u64>::try_from(map(ebpf, RULE_STATS_MAP)?)
-        .map_err(map_error(RULE_STATS_MAP))?;
-    let mut outcomes = Outcomes::default();
-    for outcome in Outcome::ALL {
-        let per_cpu = stats
-            .get(&rule_stat_index(slot, outcome), 0)
-            .map_err(map_error(RULE_STATS_MAP))?;
-        outcomes.0[outcome as usize] = per_cpu.iter().sum();
-    }
-    Ok(outcomes)
+    let indices = Outcome::ALL.map(|outcome| rule_stat_index(slot, outcome));
+    per_cpu_sums(map(ebpf, RULE_STATS_MAP)?, RULE_STATS_MAP, indices).map(Outcomes)
 }

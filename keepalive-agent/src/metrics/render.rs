@@ -277,13 +277,15 @@ fn series(rules: &[RuleCounters]) -> Vec<(String, &RuleCounters)> {
 
 /// The failures' silences, per rule: a histogram of seconds.
 fn failures(w: &mut DescriptorEncoder<'_>, snapshot: &Snapshot) -> fmt::Result {
-    let agent = snapshot.agent.clone().unwrap_or_default();
     let mut family = w.encode_descriptor(
         "keepalive_failure_idle_seconds",
         "How long connections had been silent (nothing received) before they failed: before the reset, the first unanswered segment, or keepalive's verdict; by rule.",
         None,
         MetricType::Histogram,
     )?;
+    let Some(agent) = &snapshot.agent else {
+        return Ok(());
+    };
     for (name, rule) in series(&snapshot.rules) {
         let Some(histogram) = agent.failures.idle.get(&rule.slot) else {
             continue;

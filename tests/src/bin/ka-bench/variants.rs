@@ -178,14 +178,8 @@ pub(crate) fn all() -> Vec<Variant> {
         Variant::floor(),
         Variant::agent("agent", "keepalive-agent, default policy", &default),
         Variant::policy(
-            "ends-off",
-            "the default policy, ends = false",
-            Stage::Full,
-            |s| Policy::enforce(default, vec![s]),
-        ),
-        Variant::policy(
             "ends-on",
-            "the default policy, ends = true (state and RTO callbacks)",
+            "the default policy with ends = true (state and RTO callbacks); `agent` is it without",
             Stage::Full,
             |s| {
                 let mut policy = Policy::enforce(default, vec![s]);
