@@ -35,8 +35,8 @@ mod sweep;
 use aya_ebpf::{
     Global,
     bindings::{
-        BPF_F_NO_PREALLOC, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_F_NO_PREALLOC, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_STATE_CB,
     },
     btf_maps::SkStorage,
     macros::{btf_map, map, sock_ops},
@@ -114,6 +114,10 @@ fn ka_sockops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => INBOUND,
         BPF_SOCK_OPS_STATE_CB | BPF_SOCK_OPS_RTO_CB if ends::enabled() => {
             ended(&ctx, op);
+            return 1;
+        }
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB if ends::enabled() => {
+            ends::sending(&ctx);
             return 1;
         }
         _ => return 1,

@@ -1,4 +1,4 @@
-//! The ring buffer of failures, read as it fills (its descriptor polls readable when the
+//! The ring buffer of ends (failures, and closes after a survived silence), read as it fills (its descriptor polls readable when the
 //! kernel submits), into the shared telemetry.
 
 use std::{
@@ -12,10 +12,10 @@ use keepalive_common::ends::{End, EndEvent};
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, warn};
 
-use super::Failure;
+use super::Ended;
 use crate::status::Shared;
 
-/// Reads failures until the task is dropped.
+/// Reads ends until the task is dropped.
 pub async fn follow(ring: RingBuf<MapData>, shared: Shared) {
     let hz = tokio::task::spawn_blocking(kernel_hz).await.unwrap_or(None);
     let Some(hz) = hz else {
@@ -41,23 +41,24 @@ pub async fn follow(ring: RingBuf<MapData>, shared: Shared) {
         let Ok(mut ready) = ring.readable_mut().await else {
             return;
         };
-        let mut failures = Vec::new();
+        let mut ends = Vec::new();
         while let Some(item) = ready.get_inner_mut().next() {
-            if let Some(failure) = parse(&item, hz) {
-                failures.push(failure);
+            if let Some(ended) = parse(&item, hz) {
+                ends.push(ended);
             }
         }
         ready.clear_ready();
         if let Ok(mut telemetry) = shared.lock() {
-            for failure in &failures {
-                telemetry.agent.failures.record(failure);
+            for ended in &ends {
+                telemetry.agent.failures.record(ended);
             }
         }
     }
 }
 
-/// One event, its silence in time (jiffies at `hz`, less the time spent retransmitting).
-fn parse(bytes: &[u8], hz: u64) -> Option<Failure> {
+/// One event, its silences in time (jiffies at `hz`; the failure's less the time spent
+/// retransmitting).
+fn parse(bytes: &[u8], hz: u64) -> Option<Ended> {
     if bytes.len() < size_of::<EndEvent>() {
         return None;
     }
@@ -66,7 +67,7 @@ fn parse(bytes: &[u8], hz: u64) -> Option<Failure> {
     let end = *End::ALL.get(usize::try_from(event.end).ok()?)?;
     let silent_ms = u64::from(event.silent_jiffies) * 1000 / hz;
     let idle_ms = silent_ms.saturating_sub(u64::from(event.unanswered_ms));
-    Some(Failure {
+    Some(Ended {
         slot: event.slot,
         end,
         remote: IpAddr::V6(Ipv6Addr::from(event.remote)),
@@ -74,13 +75,16 @@ fn parse(bytes: &[u8], hz: u64) -> Option<Failure> {
         local_port: event.local_port,
         inbound: event.direction == keepalive_common::INBOUND,
         idle: Duration::from_millis(idle_ms),
+        survived: Duration::from_millis(u64::from(event.survived_jiffies) * 1000 / hz),
     })
 }
 
 /// The kernel's tick rate: CONFIG_HZ from its configuration in /boot where it is there, else
 /// measured (jiffies over 200 ms, from /proc/timer_list), rounded to the rates Linux offers.
-fn kernel_hz() -> Option<u64> {
-    configured_hz().or_else(|| measured_hz().ok().flatten())
+/// Found once (the loader needs it too, for the silence the program tracks).
+pub fn kernel_hz() -> Option<u64> {
+    static HZ: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *HZ.get_or_init(|| configured_hz().or_else(|| measured_hz().ok().flatten()))
 }
 
 const RATES: [u64; 4] = [100, 250, 300, 1000];
@@ -134,6 +138,8 @@ mod tests {
             silent_jiffies: 2_250,
             unanswered_ms: 3_000,
             direction: keepalive_common::OUTBOUND,
+            survived_jiffies: 500,
+            _pad: 0,
         };
         // SAFETY: plain data viewed as bytes.
         let bytes = unsafe {
@@ -141,6 +147,7 @@ mod tests {
         };
         let failure = parse(bytes, 250).unwrap();
         assert_eq!(failure.idle, Duration::from_secs(6));
+        assert_eq!(failure.survived, Duration::from_secs(2));
         assert_eq!(failure.end, End::Timeout);
         assert_eq!(
             failure.remote,

@@ -1,6 +1,6 @@
 //! The network's idle timeout, inferred from the failures: per destination, how many
-//! connections failed after an idle period, the shortest such idle, what the policy gives those
-//! connections, and what to change. Served by the agent at `/ends`, printed by
+//! connections failed after an idle period, the shortest such idle, the longest idle a
+//! connection survived, what the policy gives those connections, and what to change. Served by the agent at `/ends`, printed by
 //! `keepalive-agent report`.
 
 use serde::{Deserialize, Serialize};
@@ -13,9 +13,15 @@ use crate::status::RuleState;
 pub struct Report {
     /// Failures recorded since the agent started.
     pub failures: u64,
+    /// Normal closes recorded for the silence they survived.
+    #[serde(default)]
+    pub survivals: u64,
+    /// The longest silence any connection survived, in seconds (None: none of a second).
+    #[serde(default)]
+    pub max_survived_secs: Option<f64>,
     /// Destinations dropped to keep the summary bounded.
     pub evicted: u64,
-    /// Most failures first.
+    /// Destinations with failures, most failures first.
     pub destinations: Vec<DestinationReport>,
 }
 
@@ -37,6 +43,9 @@ pub struct DestinationReport {
     /// Shortest and longest silence before a reset or timeout, in seconds.
     pub min_idle_secs: f64,
     pub max_idle_secs: f64,
+    /// The longest silence a connection to it survived, in seconds (None: none of a second).
+    #[serde(default)]
+    pub max_survived_secs: Option<f64>,
     /// The sentence `report` prints.
     pub advice: String,
 }
@@ -46,6 +55,7 @@ impl Report {
         let mut destinations: Vec<DestinationReport> = failures
             .destinations
             .iter()
+            .filter(|(_, failed)| failed.failures() > 0)
             .map(|(destination, failed)| {
                 let rule = rules.iter().find(|rule| rule.slot == failed.slot);
                 let name = rule.map_or_else(|| format!("slot {}", failed.slot), |r| r.name.clone());
@@ -63,6 +73,7 @@ impl Report {
                     timeout: failed.timeout,
                     min_idle_secs: seconds(failed.min_idle_ms),
                     max_idle_secs: seconds(failed.max_idle_ms),
+                    max_survived_secs: survived(failed.max_survived_ms),
                 }
             })
             .collect();
@@ -71,8 +82,16 @@ impl Report {
                 .cmp(&(a.reset + a.timeout + a.keepalive))
                 .then_with(|| a.destination.cmp(&b.destination))
         });
+        let longest = failures
+            .destinations
+            .values()
+            .map(|entry| entry.max_survived_ms)
+            .max()
+            .unwrap_or(0);
         Self {
             failures: failures.seen,
+            survivals: failures.survivals,
+            max_survived_secs: survived(longest),
             evicted: failures.evicted,
             destinations,
         }
@@ -81,8 +100,12 @@ impl Report {
     /// The plain-words report.
     pub fn text(&self) -> String {
         if self.destinations.is_empty() {
-            return "no connection failed (reset or timed out) since the agent started\n"
-                .to_owned();
+            let survived = self.max_survived_secs.map_or_else(String::new, |longest| {
+                format!("; the longest silence a connection survived was {longest:.1} s")
+            });
+            return format!(
+                "no connection failed (reset or timed out) since the agent started{survived}\n"
+            );
         }
         let mut out = String::new();
         for destination in &self.destinations {
@@ -105,6 +128,10 @@ impl Report {
 )]
 fn seconds(ms: u64) -> f64 {
     (ms as f64 / 100.0).round() / 10.0
+}
+
+fn survived(ms: u64) -> Option<f64> {
+    (ms > 0).then(|| seconds(ms))
 }
 
 fn advice(
@@ -138,9 +165,21 @@ fn advice(
         format!("{low:.1}–{high:.1} s")
     };
     sentence.push_str(&format!(
-        "connections to {destination} were {how} after {range} idle ({idle_failures} time{}); ",
+        "connections to {destination} were {how} after {range} idle ({idle_failures} time{})",
         if idle_failures == 1 { "" } else { "s" }
     ));
+    match survived(failed.max_survived_ms) {
+        Some(longest) if longest < low => sentence.push_str(&format!(
+            ", none that idled up to {longest:.1} s: the network forgets idle flows between \
+             {longest:.1} and {low:.1} s"
+        )),
+        Some(longest) => sentence.push_str(&format!(
+            ", yet one survived {longest:.1} s idle: not one fixed timeout (several paths or \
+             middleboxes)"
+        )),
+        None => {}
+    }
+    sentence.push_str("; ");
     // Whole seconds below the shortest failing idle (TCP_KEEPIDLE is in seconds, at least 1).
     let below = failed.min_idle_ms / 1000;
     match rule_idle_secs {
@@ -178,7 +217,7 @@ mod tests {
     use keepalive_common::ends::End;
 
     use super::*;
-    use crate::ends::Failure;
+    use crate::ends::Ended;
 
     fn rule(slot: u32, name: &str, idle: Option<u32>) -> RuleState {
         RuleState {
@@ -191,8 +230,8 @@ mod tests {
         }
     }
 
-    fn failure(end: End, idle_ms: u64) -> Failure {
-        Failure {
+    fn failure(end: End, idle_ms: u64) -> Ended {
+        Ended {
             slot: 0,
             end,
             remote: "198.18.2.7".parse().unwrap(),
@@ -200,6 +239,7 @@ mod tests {
             local_port: 40_000,
             inbound: false,
             idle: Duration::from_millis(idle_ms),
+            survived: Duration::ZERO,
         }
     }
 
@@ -218,6 +258,39 @@ mod tests {
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["destinations"][0]["min_idle_secs"], 8.0);
         assert_eq!(json["destinations"][0]["rule_idle_secs"], 60);
+    }
+
+    #[test]
+    fn a_survived_silence_bounds_the_timeout_from_below() {
+        let mut failures = Failures::default();
+        failures.record(&failure(End::Reset, 6_100));
+        failures.record(&Ended {
+            end: End::Closed,
+            survived: Duration::from_millis(2_040),
+            ..failure(End::Closed, 0)
+        });
+        let report = Report::new(&failures, &[rule(0, "default", Some(60))]);
+        assert_eq!(
+            report.text(),
+            "connections to 198.18.2.0/24:6379 were reset after 6.1 s idle (1 time), none that \
+             idled up to 2.0 s: the network forgets idle flows between 2.0 and 6.1 s; rule \
+             `default` probes after 60 s: set idle below 6 s\n"
+        );
+        assert_eq!(report.destinations[0].max_survived_secs, Some(2.0));
+        // Survivals alone are no failure.
+        let mut quiet = Failures::default();
+        quiet.record(&Ended {
+            end: End::Closed,
+            survived: Duration::from_millis(9_000),
+            ..failure(End::Closed, 0)
+        });
+        let report = Report::new(&quiet, &[]);
+        assert!(report.destinations.is_empty());
+        assert_eq!(
+            report.text(),
+            "no connection failed (reset or timed out) since the agent started; the longest \
+             silence a connection survived was 9.0 s\n"
+        );
     }
 
     #[test]

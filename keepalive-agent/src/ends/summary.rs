@@ -1,6 +1,7 @@
-//! What the agent keeps of the failures the kernel reports: per rule slot, a histogram of how
-//! long connections had been silent before they failed; per destination (the peer's /24 or
-//! /64 and the service port), a bounded summary for `keepalive-agent report`.
+//! What the agent keeps of the ends the kernel reports: per rule slot, a histogram of how long
+//! connections had been silent before they failed; per destination (the peer's /24 or /64 and
+//! the service port), a bounded summary for `keepalive-agent report`: the failures, and the
+//! longest silence a connection survived.
 
 use std::{
     collections::BTreeMap,
@@ -17,13 +18,14 @@ pub const IDLE_BUCKETS: [f64; 14] = [
     1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 240.0, 350.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0,
 ];
 
-/// Destinations kept; past that, the one that failed least recently makes room. A flood of
-/// one-off peers cannot grow the summary.
+/// Destinations kept; past that, one that only saw survivals makes room, else the one that
+/// failed least recently. A flood of one-off peers cannot grow the summary.
 pub const MAX_DESTINATIONS: usize = 512;
 
-/// One failure the kernel reported.
+/// One connection's end the kernel reported: a failure, or a normal close after a silence it
+/// survived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Failure {
+pub struct Ended {
     pub slot: u32,
     pub end: End,
     pub remote: IpAddr,
@@ -34,6 +36,9 @@ pub struct Failure {
     /// Silence before the event that killed the connection: the reset, the first unanswered
     /// segment, or the first unanswered keepalive probe's wait included.
     pub idle: Duration,
+    /// The longest silence the connection sent data after and had an answer (zero: none of a
+    /// second or more).
+    pub survived: Duration,
 }
 
 /// A histogram of idle seconds (counts per bucket of [`IDLE_BUCKETS`], then above the last).
@@ -72,14 +77,14 @@ pub struct Destination {
 }
 
 impl Destination {
-    pub fn of(failure: &Failure) -> Self {
-        let Failure {
+    pub fn of(ended: &Ended) -> Self {
+        let Ended {
             remote,
             remote_port,
             local_port,
             inbound,
             ..
-        } = *failure;
+        } = *ended;
         let network = match canonical(remote) {
             IpAddr::V4(v4) => {
                 let [a, b, c, _] = v4.octets();
@@ -118,7 +123,7 @@ fn canonical(addr: IpAddr) -> IpAddr {
     }
 }
 
-/// What failed towards one destination.
+/// What failed, and the longest silence that did not, towards one destination.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DestinationFailures {
     /// The rule slot of the latest failure.
@@ -129,7 +134,9 @@ pub struct DestinationFailures {
     /// Shortest and longest silence before a failure, in ms.
     pub min_idle_ms: u64,
     pub max_idle_ms: u64,
-    /// Order of the latest failure (larger: more recent).
+    /// The longest silence a connection survived (sent after it and had an answer), in ms.
+    pub max_survived_ms: u64,
+    /// Order of the latest end recorded (larger: more recent).
     pub last: u64,
 }
 
@@ -139,7 +146,7 @@ impl DestinationFailures {
     }
 }
 
-/// The failures seen since the agent started.
+/// The ends seen since the agent started.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Failures {
     /// Per rule slot.
@@ -151,48 +158,69 @@ pub struct Failures {
     pub evicted: u64,
     /// Failures recorded.
     pub seen: u64,
+    /// Normal closes recorded for the silence they survived.
+    #[serde(default)]
+    pub survivals: u64,
 }
 
 impl Failures {
-    /// Records a failure (a normal close is none: nothing to record).
-    pub fn record(&mut self, failure: &Failure) {
-        if !failure.end.failed() {
+    /// Records a failure, and the silence a connection survived.
+    pub fn record(&mut self, ended: &Ended) {
+        let failed = ended.end.failed();
+        if failed {
+            self.seen += 1;
+            self.idle
+                .entry(ended.slot)
+                .or_default()
+                .observe(ended.idle.as_secs_f64());
+        } else if ended.survived.is_zero() {
             return;
+        } else {
+            self.survivals += 1;
         }
-        self.seen += 1;
-        self.idle
-            .entry(failure.slot)
-            .or_default()
-            .observe(failure.idle.as_secs_f64());
-        let destination = Destination::of(failure);
+        let destination = Destination::of(ended);
         if !self.destinations.contains_key(&destination)
             && self.destinations.len() >= MAX_DESTINATIONS
         {
-            let oldest = self
-                .destinations
-                .iter()
-                .min_by_key(|(_, failures)| failures.last)
-                .map(|(destination, _)| destination.clone());
-            if let Some(oldest) = oldest {
-                self.destinations.remove(&oldest);
-                self.evicted += 1;
-            }
+            self.evict();
         }
-        let idle_ms = u64::try_from(failure.idle.as_millis()).unwrap_or(u64::MAX);
         let entry = self.destinations.entry(destination).or_default();
+        let survived_ms = millis(ended.survived);
+        entry.max_survived_ms = entry.max_survived_ms.max(survived_ms);
+        entry.last = self.seen + self.survivals;
+        if !failed {
+            return;
+        }
+        let idle_ms = millis(ended.idle);
         if entry.failures() == 0 || idle_ms < entry.min_idle_ms {
             entry.min_idle_ms = idle_ms;
         }
         entry.max_idle_ms = entry.max_idle_ms.max(idle_ms);
-        match failure.end {
+        match ended.end {
             End::Reset => entry.reset += 1,
             End::Keepalive => entry.keepalive += 1,
             End::Timeout => entry.timeout += 1,
             End::Closed => {}
         }
-        entry.slot = failure.slot;
-        entry.last = self.seen;
+        entry.slot = ended.slot;
     }
+
+    /// Makes room: the least recent destination without failures, else the least recent.
+    fn evict(&mut self) {
+        let oldest = self
+            .destinations
+            .iter()
+            .min_by_key(|(_, entry)| (entry.failures() > 0, entry.last))
+            .map(|(destination, _)| destination.clone());
+        if let Some(oldest) = oldest {
+            self.destinations.remove(&oldest);
+            self.evicted += 1;
+        }
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// JSON object keys are strings: the destinations as a list.
@@ -240,8 +268,8 @@ mod tests {
 
     use super::*;
 
-    fn reset(remote: &str, port: u16, idle_ms: u64) -> Failure {
-        Failure {
+    fn reset(remote: &str, port: u16, idle_ms: u64) -> Ended {
+        Ended {
             slot: 0,
             end: End::Reset,
             remote: remote.parse().unwrap(),
@@ -249,6 +277,7 @@ mod tests {
             local_port: 40_000,
             inbound: false,
             idle: Duration::from_millis(idle_ms),
+            survived: Duration::ZERO,
         }
     }
 
@@ -276,7 +305,7 @@ mod tests {
 
     #[test]
     fn a_server_side_failure_is_keyed_by_our_port() {
-        let destination = Destination::of(&Failure {
+        let destination = Destination::of(&Ended {
             slot: 0,
             end: End::Reset,
             remote: "2001:db8:1:2::7".parse().unwrap(),
@@ -284,6 +313,7 @@ mod tests {
             local_port: 5432,
             inbound: true,
             idle: Duration::ZERO,
+            survived: Duration::ZERO,
         });
         assert!(destination.inbound);
         assert_eq!(destination.port, 5432);
@@ -291,6 +321,50 @@ mod tests {
         assert_eq!(
             destination.to_string(),
             "clients in 2001:db8:1:2::/64 of local port 5432"
+        );
+    }
+
+    #[test]
+    fn a_close_after_a_survived_silence_is_kept_beside_the_failures() {
+        let mut failures = Failures::default();
+        let survived = |ms| Ended {
+            end: End::Closed,
+            survived: Duration::from_millis(ms),
+            ..reset("198.18.2.7", 6379, 0)
+        };
+        failures.record(&survived(2_100));
+        failures.record(&survived(1_500));
+        // A close that survived no tracked silence says nothing.
+        failures.record(&survived(0));
+        failures.record(&reset("198.18.2.8", 6379, 6_200));
+        let entry = failures.destinations.values().next().unwrap();
+        assert_eq!(
+            (entry.reset, entry.max_survived_ms, entry.min_idle_ms),
+            (1, 2_100, 6_200)
+        );
+        assert_eq!((failures.seen, failures.survivals), (1, 2));
+        assert_eq!(failures.idle[&0].count, 1, "survivals are no failures");
+    }
+
+    #[test]
+    fn survivals_make_room_before_failures_do() {
+        let mut failures = Failures::default();
+        failures.record(&reset("10.9.9.9", 443, 1_000));
+        for i in 0..u32::try_from(MAX_DESTINATIONS + 10).unwrap() {
+            let peer = Ipv4Addr::from(0x0a00_0000 + (i << 8));
+            failures.record(&Ended {
+                end: End::Closed,
+                survived: Duration::from_secs(2),
+                ..reset(&peer.to_string(), 443, 0)
+            });
+        }
+        assert_eq!(failures.destinations.len(), MAX_DESTINATIONS);
+        assert!(
+            failures
+                .destinations
+                .keys()
+                .any(|d| d.network == "10.9.9.0/24"),
+            "the failure stays"
         );
     }
 

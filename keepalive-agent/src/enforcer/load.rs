@@ -98,7 +98,11 @@ impl Enforcer {
         let end_offsets = kernel_btf
             .as_ref()
             .map_err(Clone::clone)
-            .and_then(|btf| btf.end_offsets().map_err(|error| error.to_string()));
+            .and_then(|btf| btf.end_offsets().map_err(|error| error.to_string()))
+            .map(|offsets| EndOffsets {
+                tracked_silence: one_second_of_jiffies(),
+                ..offsets
+            });
         let globals = Globals {
             stage,
             kernel_log,
@@ -218,6 +222,14 @@ struct Globals {
     sock: SockOffsets,
     links: LinkOffsets,
     ends: EndOffsets,
+}
+
+/// The silence the program starts tracking at: a second, in the kernel's ticks (1,000 where
+/// its tick rate is unknown: a second at most rates, ten at 100 Hz).
+fn one_second_of_jiffies() -> u32 {
+    crate::ends::kernel_hz()
+        .and_then(|hz| u32::try_from(hz).ok())
+        .unwrap_or(1000)
 }
 
 /// The sweep's offsets where it runs and they were found, else zeros.

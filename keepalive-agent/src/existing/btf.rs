@@ -229,6 +229,7 @@ impl Btf {
             err: tcp(&["inet_conn", "icsk_inet", "sk", "sk_err"])?,
             rcv_tstamp: tcp(&["rcv_tstamp"])?,
             retrans_stamp: tcp(&["retrans_stamp"])?,
+            tracked_silence: 0,
         })
     }
 
