@@ -223,8 +223,8 @@ fn resets_after_the_firewalls_idle_timeout_are_counted_with_their_idle_and_repor
             "after {SHORT_IDLE:?} idle: {answer}"
         );
     }
-    // Normal closes, while their flows are fresh (FIN): counted closed once the long-idle
-    // clients failed, below. (Left open, they would be reset too when they close later.)
+    // Normal closes, while their flows are fresh (FIN). (Left open, they would be reset too
+    // when they close later.)
     for client in short {
         client.workload.finish();
     }
@@ -257,6 +257,10 @@ fn resets_after_the_firewalls_idle_timeout_are_counted_with_their_idle_and_repor
         "{metrics}"
     );
 
+    // The short-idle clients' closes, with the silence they survived.
+    let metrics = scrape_until(addr, &closed("default", "closed"), 2.0);
+    assert_eq!(http::sample(&metrics, &closed("default", "reset")), 2.0);
+
     let (json, text) = report(addr);
     assert_eq!(
         json["destinations"].as_array().unwrap().len(),
@@ -276,8 +280,21 @@ fn resets_after_the_firewalls_idle_timeout_are_counted_with_their_idle_and_repor
             (LONG_IDLE.as_secs_f64() - 0.1..=upper).contains(&shortest),
             "{network}: failed after {shortest} s idle; the clients idled {failed_at:?}"
         );
+        // The short-idle clients sent after SHORT_IDLE (and a reply came): the timeout lies
+        // between that and the shortest failing idle.
+        let survived = entry["max_survived_secs"].as_f64().unwrap_or_else(|| {
+            panic!("{network}: no survived idle, the short-idle clients' is missing: {entry:#}")
+        });
+        assert!(
+            (SHORT_IDLE.as_secs_f64() - 0.1..=SHORT_IDLE.as_secs_f64() + 1.0).contains(&survived),
+            "{network}: survived {survived} s idle; the short clients idled {SHORT_IDLE:?}"
+        );
         let below = shortest.floor();
-        let advice = format!("rule `default` probes after 60 s: set idle below {below} s");
+        let advice = format!(
+            "none that idled up to {survived:.1} s: the network forgets idle flows between \
+             {survived:.1} and {shortest:.1} s; rule `default` probes after 60 s: set idle \
+             below {below} s"
+        );
         assert!(
             entry["advice"].as_str().unwrap().ends_with(&advice),
             "{entry:#}"
@@ -289,9 +306,6 @@ fn resets_after_the_firewalls_idle_timeout_are_counted_with_their_idle_and_repor
         )),
         "{text}"
     );
-
-    let metrics = scrape_until(addr, &closed("default", "closed"), 2.0);
-    assert_eq!(http::sample(&metrics, &closed("default", "reset")), 2.0);
     drop(agent);
 }
 

@@ -135,7 +135,8 @@ fn main() {
     if program_alone {
         let variants = variants::all();
         let (rows, runs) = program_cost::program_cost(&bench, &variants);
-        let table = report::program_only(&rows, runs, &host.kernel_release);
+        let exchanges = program_cost::exchange_cost(&bench, &variants);
+        let table = report::program_only(&rows, runs, &exchanges, &host.kernel_release);
         println!("{table}");
         std::fs::create_dir_all(&out).unwrap();
         std::fs::write(out.join("program.md"), &table).unwrap();

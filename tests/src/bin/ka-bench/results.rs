@@ -20,6 +20,9 @@ pub(crate) struct Results {
     pub(crate) program_ns: Vec<Row>,
     /// Program runs per connection.
     pub(crate) runs_per_conn: f64,
+    /// Program run time per one-byte request and answer on one connection (ns), with and
+    /// without `ends`.
+    pub(crate) exchange_ns: Vec<Row>,
     /// From `Enforcer::apply` to the first connection carrying the new policy (µs).
     pub(crate) update_latency_us: Samples,
     /// From exec to the `attached` log line (ms).
@@ -46,6 +49,7 @@ pub(crate) fn run(bench: &Bench) -> Results {
     }
     let (loopback, veth) = rates::connection_rates(bench, &variants);
     let (program_ns, runs_per_conn) = program_cost::program_cost(bench, &variants);
+    let exchange_ns = program_cost::exchange_cost(bench, &variants);
     drop(variants);
     let update_latency_us = agent::update_latency(bench);
     let (startup_ms, rss_kib) = agent::startups(bench, None);
@@ -60,6 +64,7 @@ pub(crate) fn run(bench: &Bench) -> Results {
         veth,
         program_ns,
         runs_per_conn,
+        exchange_ns,
         update_latency_us,
         startup_ms,
         startup_10k_ms,

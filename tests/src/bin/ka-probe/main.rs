@@ -52,6 +52,7 @@ fn main() -> ExitCode {
         ["connect", addr, "--read"] => parse(addr).and_then(|addr| connect(addr, true)),
         ["loop", addr, count] => parse(addr).and_then(|addr| connect_loop(addr, number(count)?)),
         ["sink", addr] => parse(addr).and_then(sink),
+        ["chatter", addr, count] => parse(addr).and_then(|addr| chatter(addr, number(count)?)),
         ["dial", addr, count] => parse(addr).and_then(|addr| dial(addr, number(count)?)),
         ["watch", addr, idle] => parse(addr).and_then(|addr| watch(addr, number(idle)?)),
         ["tally", addr, count] => parse(addr).and_then(|addr| tally(addr, number(count)?, None)),
@@ -68,7 +69,8 @@ fn main() -> ExitCode {
             .and_then(|ports| interactive::worker(&ports)),
         _ => Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            "usage: ka-probe listen ADDR | connect ADDR [--read] | loop ADDR COUNT | sink ADDR \
+            "usage: ka-probe listen ADDR | connect ADDR [--read] | loop ADDR COUNT | chatter ADDR \
+             COUNT | sink ADDR \
              | dial ADDR COUNT | watch ADDR IDLE | tally ADDR COUNT [RATE] | hold ADDR COUNT | echo ADDR \
              | converse ADDR | worker PORT...",
         )),
@@ -158,6 +160,25 @@ fn connect_loop(addr: SocketAddr, count: u64) -> io::Result<()> {
         drop(client);
     }
     report(&format!("looped {count} {}", start.elapsed().as_nanos()));
+    Ok(())
+}
+
+/// One connection to itself carrying `count` one-byte requests and answers, then closed.
+fn chatter(addr: SocketAddr, count: u64) -> io::Result<()> {
+    let listener = TcpListener::bind(addr)?;
+    let mut client = TcpStream::connect(listener.local_addr()?)?;
+    let (mut server, _) = listener.accept()?;
+    client.set_nodelay(true)?;
+    server.set_nodelay(true)?;
+    let start = std::time::Instant::now();
+    let mut byte = [0u8; 1];
+    for _ in 0..count {
+        client.write_all(b"?")?;
+        server.read_exact(&mut byte)?;
+        server.write_all(&byte)?;
+        client.read_exact(&mut byte)?;
+    }
+    report(&format!("chattered {count} {}", start.elapsed().as_nanos()));
     Ok(())
 }
 

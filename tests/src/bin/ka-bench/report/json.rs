@@ -46,6 +46,11 @@ pub(super) fn json(results: &Results, took: Duration) -> Value {
             "samples": row.samples.0,
         })).collect::<Value>(),
         "program_runs_per_conn": results.runs_per_conn,
+        "program_ns_per_exchange": results.exchange_ns.iter().map(|row| json!({
+            "variant": row.name,
+            "median": row.samples.median(),
+            "samples": row.samples.0,
+        })).collect::<Value>(),
         "targets": targets(results).iter().map(|target| json!({
             "what": target.what,
             "target": target.bound,

@@ -93,6 +93,20 @@ fn rates(w: &mut String, results: &Results) {
 
 fn program_time(w: &mut String, results: &Results) {
     program_table(w, &results.program_ns, results.runs_per_conn);
+    exchange_table(w, &results.exchange_ns);
+}
+
+fn exchange_table(w: &mut String, exchange_ns: &[Row]) {
+    let _ = writeln!(
+        w,
+        "\n## Program time per exchange\n\nbpf_stats `run_time_ns` / exchanges: one loopback \
+         connection carrying one-byte requests and answers (TCP_NODELAY), both sockets. With \
+         `ends`, the program runs as each segment goes out.\n\n| variant | ns per exchange \
+         |\n|---|---:|"
+    );
+    for row in exchange_ns {
+        let _ = writeln!(w, "| {} | {} |", row.name, spread(&row.samples, 1));
+    }
 }
 
 fn program_table(w: &mut String, program_ns: &[Row], runs_per_conn: f64) {
@@ -207,10 +221,16 @@ fn existing(w: &mut String, results: &Results) {
 }
 
 /// `ka-bench --program`: the per-connection program time alone, with its targets.
-pub(crate) fn program_only(program_ns: &[Row], runs_per_conn: f64, kernel: &str) -> String {
+pub(crate) fn program_only(
+    program_ns: &[Row],
+    runs_per_conn: f64,
+    exchange_ns: &[Row],
+    kernel: &str,
+) -> String {
     let mut md = format!("# Program time\n\nKernel {kernel}.\n\n");
     write_targets(&mut md, super::targets::program_targets(program_ns));
     program_table(&mut md, program_ns, runs_per_conn);
+    exchange_table(&mut md, exchange_ns);
     md
 }
 
