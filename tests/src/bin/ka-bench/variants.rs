@@ -179,7 +179,7 @@ pub(crate) fn all() -> Vec<Variant> {
         Variant::agent("agent", "keepalive-agent, default policy", &default),
         Variant::policy(
             "ends-on",
-            "the default policy with ends = true (state and RTO callbacks); `agent` is it without",
+            "the default policy with ends = true (state, RTO and segment callbacks); `agent` is it without",
             Stage::Full,
             |s| {
                 let mut policy = Policy::enforce(default, vec![s]);
