@@ -80,11 +80,20 @@ fn parse(bytes: &[u8], hz: u64) -> Option<Ended> {
 }
 
 /// The kernel's tick rate: CONFIG_HZ from its configuration in /boot where it is there, else
-/// measured (jiffies over 200 ms, from /proc/timer_list), rounded to the rates Linux offers.
-/// Found once (the loader needs it too, for the silence the program tracks).
+/// from the jiffies count since boot (/proc/timer_list, read once), else measured (jiffies
+/// over 200 ms), rounded to the rates Linux offers. Found once: the loader needs it at
+/// start-up (for the silence the program tracks), where a 200 ms wait would add to every start
+/// on hosts without /boot (containers).
 pub fn kernel_hz() -> Option<u64> {
     static HZ: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
-    *HZ.get_or_init(|| configured_hz().or_else(|| measured_hz().ok().flatten()))
+    *HZ.get_or_init(|| {
+        configured_hz()
+            .or_else(|| {
+                let text = std::fs::read_to_string("/proc/timer_list").ok()?;
+                hz_since_boot(&text)
+            })
+            .or_else(|| measured_hz().ok().flatten())
+    })
 }
 
 const RATES: [u64; 4] = [100, 250, 300, 1000];
@@ -96,6 +105,29 @@ fn configured_hz() -> Option<u64> {
         .find_map(|line| line.strip_prefix("CONFIG_HZ="))
         .and_then(|hz| hz.trim().parse().ok())
         .filter(|hz| RATES.contains(hz))
+}
+
+/// CONFIG_HZ from one reading of /proc/timer_list (`now at N nsecs`, `jiffies: J`): a 64-bit
+/// kernel starts jiffies at INITIAL_JIFFIES, 2^32 - 300 HZ (so that the 32-bit count wraps five
+/// minutes after boot), then counts HZ per second of the monotonic clock `now` reads. So
+/// J - 2^32 = HZ (now - 300 s). Within a minute of that five-minute mark the rates are too
+/// close to tell apart (None).
+fn hz_since_boot(timer_list: &str) -> Option<u64> {
+    let field = |prefix: &str| {
+        timer_list.lines().find_map(|line| {
+            let value = line.trim().strip_prefix(prefix)?;
+            value.split_whitespace().next()?.parse::<u64>().ok()
+        })
+    };
+    let (now_ns, jiffies) = (field("now at ")?, field("jiffies:")?);
+    let seconds = now_ns as f64 / 1e9 - 300.0;
+    if seconds.abs() < 60.0 {
+        return None;
+    }
+    let rate = (jiffies as f64 - 4_294_967_296.0) / seconds;
+    RATES
+        .into_iter()
+        .find(|hz| (rate - *hz as f64).abs() < *hz as f64 * 0.05)
 }
 
 fn measured_hz() -> io::Result<Option<u64>> {
@@ -159,5 +191,27 @@ mod tests {
     #[test]
     fn the_running_kernels_tick_rate_is_one_linux_offers() {
         assert!(RATES.contains(&kernel_hz().unwrap()));
+    }
+
+    #[test]
+    fn the_tick_rate_follows_from_the_jiffies_since_boot_and_agrees_with_a_measurement() {
+        let text = |now_s: u64, hz: u64| {
+            let jiffies = (1u64 << 32) - 300 * hz + now_s * hz + 40;
+            format!(
+                "now at {} nsecs\n\ncpu: 0\n  jiffies: {jiffies}\n",
+                now_s * 1_000_000_000
+            )
+        };
+        for hz in RATES {
+            assert_eq!(hz_since_boot(&text(25_000, hz)), Some(hz), "{hz} Hz");
+            assert_eq!(hz_since_boot(&text(100, hz)), Some(hz), "{hz} Hz, early");
+        }
+        // Near the wrap of the 32-bit count every rate reads alike.
+        assert_eq!(hz_since_boot(&text(330, 250)), None);
+        assert_eq!(hz_since_boot("now at 1 nsecs\n"), None);
+        let running = std::fs::read_to_string("/proc/timer_list").unwrap();
+        if let Some(hz) = hz_since_boot(&running) {
+            assert_eq!(Some(hz), measured_hz().unwrap());
+        }
     }
 }
