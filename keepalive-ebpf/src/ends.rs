@@ -86,9 +86,14 @@ pub(crate) fn follow(ctx: &SockOpsContext, rule: &RuleRecord, direction: u32) {
     }
 }
 
-/// A state change or a retransmission timeout: the end it is, if any.
+/// The callback's socket, and the same as a `tcp_sock` (a BTF pointer the verifier lets us
+/// read at constant offsets).
+pub(crate) type Socket = (*mut bpf_sock, *const u8);
+
+/// A state change or a retransmission timeout: the end it is, if any, and the socket (looked
+/// up once, for [`count`] too).
 #[inline(always)]
-pub(crate) fn end_of(ctx: &SockOpsContext, op: u32) -> Option<End> {
+pub(crate) fn end_of(ctx: &SockOpsContext, op: u32) -> Option<(End, Option<Socket>)> {
     if op == BPF_SOCK_OPS_RTO_CB {
         if ctx.arg(2) == 0 {
             return None;
@@ -96,13 +101,14 @@ pub(crate) fn end_of(ctx: &SockOpsContext, op: u32) -> Option<End> {
         // STATE off, ACCEPTED kept for `count`.
         #[expect(clippy::cast_possible_wrap, reason = "flag bits, far below i32::MAX")]
         let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
-        return Some(End::Timeout);
+        return Some((End::Timeout, tcp_sock(ctx)));
     }
     if ctx.arg(1) != TCP_CLOSE {
         return None;
     }
-    let (_, tcp) = tcp_sock(ctx)?;
-    Some(End::at_close(read::<i32>(tcp, KA_END_OFFSETS.load().err)))
+    let socket = tcp_sock(ctx)?;
+    let end = End::at_close(read::<i32>(socket.1, KA_END_OFFSETS.load().err));
+    Some((end, Some(socket)))
 }
 
 /// A segment about to go out (HDR_OPT_LEN_CB): where it carries data after a silence, with
@@ -151,7 +157,7 @@ pub(crate) fn sending(ctx: &SockOpsContext) {
 /// Counts `end` under the rule the attachment gives the connection, and reports a failure or
 /// a close after a silence the connection survived.
 #[inline(always)]
-pub(crate) fn count(ctx: &SockOpsContext, record: &AttachRecord, end: End) {
+pub(crate) fn count(ctx: &SockOpsContext, record: &AttachRecord, end: End, socket: Option<Socket>) {
     let peer = bpf_maps::sock_ops_peer(ctx);
     let direction = if ctx.cb_flags() & ACCEPTED != 0 {
         INBOUND
@@ -160,7 +166,7 @@ pub(crate) fn count(ctx: &SockOpsContext, record: &AttachRecord, end: End) {
     };
     let rule = bpf_maps::decide(record, &peer, direction);
     add(KA_ENDS.get_ptr_mut(end_index(rule.slot, end)));
-    let Some((sk, tcp)) = tcp_sock(ctx) else {
+    let Some((sk, tcp)) = socket else {
         return;
     };
     let received_at = read::<u32>(tcp, KA_END_OFFSETS.load().rcv_tstamp);
@@ -245,10 +251,9 @@ fn silences_map() -> *mut core::ffi::c_void {
     (&raw const KA_SILENCES).cast_mut().cast()
 }
 
-/// The callback's socket, and the same as a `tcp_sock` (a BTF pointer the verifier lets us
-/// read at constant offsets).
+/// The callback's [`Socket`], where it is a full TCP socket.
 #[inline(always)]
-fn tcp_sock(ctx: &SockOpsContext) -> Option<(*mut bpf_sock, *const u8)> {
+fn tcp_sock(ctx: &SockOpsContext) -> Option<Socket> {
     // SAFETY: the context the kernel passed in; `sk` may be null, checked by the helper.
     let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
     if sk.is_null() {

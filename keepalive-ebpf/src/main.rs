@@ -170,7 +170,7 @@ fn ka_sockops(ctx: SockOpsContext) -> u32 {
 /// A state change or retransmission timeout of a socket whose ends are followed.
 #[inline(always)]
 fn ended(ctx: &SockOpsContext, op: u32) {
-    let Some(end) = ends::end_of(ctx, op) else {
+    let Some((end, socket)) = ends::end_of(ctx, op) else {
         return;
     };
     // SAFETY: as in `ka_sockops`.
@@ -183,7 +183,7 @@ fn ended(ctx: &SockOpsContext, op: u32) {
         return;
     }
     ctx.set_reply(HANDLED_MARK);
-    ends::count(ctx, record, end);
+    ends::count(ctx, record, end, socket);
 }
 
 /// Counts the outcome in the rule's slot and every failed option, and logs failures.
