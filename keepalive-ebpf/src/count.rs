@@ -1,5 +1,7 @@
-//! `ka_count` (iter/tcp): each established TCP connection of the namespace, its cgroup and
-//! whether SO_KEEPALIVE is on, for the agent's missing-keepalive gauge.
+//! `ka_count` (iter/tcp): each established TCP connection of the namespace (ESTABLISHED or
+//! CLOSE_WAIT, the states the kernel's own CurrEstab counts, so that the agent can tell from
+//! that figure whether a count would change), its cgroup and whether SO_KEEPALIVE is on, for
+//! the agent's missing-keepalive gauge.
 //!
 //! Where inet_diag reports a pending timer (a connection with data in flight shows its
 //! retransmit timer, whatever its keepalive), this reads SO_KEEPALIVE itself, and costs less
@@ -17,6 +19,9 @@ use keepalive_common::CountRecord;
 
 use crate::sweep::{KA_SK_OFFSETS, TCP_ESTABLISHED, cgroup_id, read, tcp_sock_of};
 
+/// `TCP_CLOSE_WAIT` (`<net/tcp_states.h>`): the peer has closed, this end not yet.
+const TCP_CLOSE_WAIT: u8 = 8;
+
 /// `SOCK_KEEPOPEN` in `enum sock_flags` (`<net/sock.h>`): set by SO_KEEPALIVE. Its place in
 /// the enum has not changed since Linux 2.6.
 const SOCK_KEEPOPEN: u64 = 1 << 3;
@@ -32,7 +37,10 @@ extern "C" fn ka_count(ctx: *mut c_void) -> i32 {
         return 0;
     };
     let offsets = KA_SK_OFFSETS.load();
-    if read::<u8>(tcp_sock, offsets.state) != Some(TCP_ESTABLISHED) {
+    if !matches!(
+        read::<u8>(tcp_sock, offsets.state),
+        Some(TCP_ESTABLISHED | TCP_CLOSE_WAIT)
+    ) {
         return 0;
     }
     let (Some(cgroup_id), Some(flags)) = (

@@ -83,6 +83,7 @@ impl Agent {
         telemetry: crate::status::Shared,
         roots: watch::Sender<Vec<PathBuf>>,
     ) -> Self {
+        let sweeps = spawn_sweeper(telemetry.clone());
         Self {
             enforcer,
             config,
@@ -93,7 +94,7 @@ impl Agent {
             refused: None,
             faults: BTreeSet::new(),
             roots,
-            sweeps: spawn_sweeper(),
+            sweeps,
             containers: crate::containers::Inventory::default(),
             unresolved: None,
             refused_pods: BTreeSet::new(),
@@ -184,6 +185,8 @@ impl Agent {
             missing_features: self.enforcer.missing_features().to_vec(),
             ..State::new(policy, &self.config.source(), applied.generation)
         });
+        // The count of connections without keepalive waits for the sweep queued below.
+        sweeping(&self.telemetry, sweep.is_some());
         // Ready (/readyz) by the time the log says so.
         self.publish(Some(false));
         let scopes: Vec<&str> = policy.scopes.iter().map(CgroupPath::as_str).collect();
@@ -233,6 +236,7 @@ impl Agent {
             })
             .collect();
         if !cgroup_changes.is_empty() {
+            changed(&self.telemetry);
             if cgroup_changes.contains(&&Change::Overflowed) {
                 warn!("the cgroup watch lost events (inotify queue overflow); rescanning the tree");
                 if let Ok(mut telemetry) = self.telemetry.lock() {
@@ -315,6 +319,7 @@ impl Agent {
     }
 
     fn applied_again(&mut self, applied: &ApplyReport, sweep: Option<SweepJob>) {
+        changed(&self.telemetry);
         if let Some(policy) = self.enforcer.policy() {
             report(applied, policy);
         }
@@ -427,6 +432,7 @@ impl Agent {
 
     fn queue(&self, sweep: Option<SweepJob>) {
         if let Some(job) = sweep {
+            sweeping(&self.telemetry, true);
             let _ignored = self.sweeps.send(job);
         }
     }
@@ -482,20 +488,41 @@ impl Agent {
 
 /// The thread that applies policies to existing connections, in order; the jobs pending
 /// are run as one ([`SweepJob::then`]).
-fn spawn_sweeper() -> mpsc::Sender<SweepJob> {
+fn spawn_sweeper(telemetry: crate::status::Shared) -> mpsc::Sender<SweepJob> {
     let (jobs, queue) = mpsc::channel::<SweepJob>();
     let spawned = std::thread::Builder::new()
         .name("sweep".into())
         .spawn(move || {
-            while let Ok(mut job) = queue.recv() {
-                while let Ok(newer) = queue.try_recv() {
-                    job = job.then(newer);
+            while let Ok(first) = queue.recv() {
+                let mut next = Some(first);
+                while let Some(mut job) = next.take() {
+                    while let Ok(newer) = queue.try_recv() {
+                        job = job.then(newer);
+                    }
+                    report_sweep(&job.run());
+                    changed(&telemetry);
+                    next = queue.try_recv().ok();
                 }
-                report_sweep(&job.run());
+                sweeping(&telemetry, false);
             }
         });
     if let Err(error) = spawned {
         warn!(%error, "cannot start the sweep thread; existing connections are left as they are");
     }
     jobs
+}
+
+/// Whether a sweep of existing connections is queued or running (the count of connections
+/// without keepalive waits for it).
+fn sweeping(telemetry: &crate::status::Shared, sweeping: bool) {
+    if let Ok(mut telemetry) = telemetry.lock() {
+        telemetry.agent.sweeping = sweeping;
+    }
+}
+
+/// Tells the count of connections without keepalive that what it counts may have changed.
+fn changed(telemetry: &crate::status::Shared) {
+    if let Ok(mut telemetry) = telemetry.lock() {
+        telemetry.agent.changes = telemetry.agent.changes.wrapping_add(1);
+    }
 }

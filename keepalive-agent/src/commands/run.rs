@@ -187,6 +187,7 @@ fn load(
                 mount.to_path_buf(),
                 period,
                 enforcer.connection_counter(),
+                pins.maps(),
             ));
         }
     }

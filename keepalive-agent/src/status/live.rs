@@ -13,8 +13,12 @@ use tracing::{debug, warn};
 
 use super::{AgentTelemetry, state::State};
 use crate::{
+    enforcer::{
+        PinnedMaps,
+        features::{self, lacks},
+    },
     policy::CgroupPath,
-    without_keepalive::{CountIterator, count},
+    without_keepalive::{CountIterator, CountedNamespaces, Unchanged, count_with_namespaces},
 };
 
 /// What the running agent shares with its endpoint and its count of connections without
@@ -46,47 +50,93 @@ impl Telemetry {
     }
 }
 
+/// A count at least this often, whatever the figures say: what they cannot see (a connection
+/// whose process left the namespaces counted, an option set through a descriptor passed to
+/// a process outside the scopes) is caught within this many periods.
+const COUNT_AT_LEAST_EVERY: u32 = 10;
+
 /// Counts every `period` while the agent runs, for the scopes of the policy in force, into the
-/// telemetry the metrics endpoint reads.
+/// telemetry the metrics endpoint reads. With the kernel's count, a period whose figures show
+/// nothing could have changed ([`Unchanged`]) keeps the last count; `maps`: the pinned maps'
+/// directory, where the figures are read.
 pub async fn count_without_keepalive(
     shared: Shared,
     mount: PathBuf,
     period: Duration,
     counter: Option<Arc<CountIterator>>,
+    maps: PathBuf,
 ) {
     let mut warned = false;
+    // The figures the last count was made with, and the namespaces it visited.
+    let mut last: Option<(Unchanged, CountedNamespaces)> = None;
+    let mut skipped = 0;
+    let mut pinned = None;
+    let mut waited = Duration::ZERO;
     loop {
-        let scopes: Option<Vec<CgroupPath>> = shared.lock().ok().and_then(|telemetry| {
+        let inputs = shared.lock().ok().and_then(|telemetry| {
             let state = telemetry.state.as_ref()?;
-            Some(
-                state
-                    .scopes
-                    .iter()
-                    .filter_map(|scope| CgroupPath::parse(scope).ok())
-                    .collect(),
-            )
+            // A sweep moves what is counted: count once it is done (or a period late).
+            if telemetry.agent.sweeping && waited < period {
+                return None;
+            }
+            let skips = counter.is_some() && !lacks(&state.missing_features, features::LOCK);
+            let slots: Vec<u32> = state.rules.iter().map(|rule| rule.slot).collect();
+            let agent = (
+                state.scopes.clone(),
+                state.generation,
+                telemetry.agent.changes,
+            );
+            Some((agent, slots, skips))
         });
-        let Some(scopes) = scopes else {
-            // No policy yet: look again soon rather than a whole period later.
-            tokio::time::sleep(period.min(Duration::from_millis(200))).await;
+        let Some((agent, slots, skips)) = inputs else {
+            // No policy yet, or a sweep: look again soon rather than a whole period later.
+            let soon = period.min(Duration::from_millis(200));
+            tokio::time::sleep(soon).await;
+            waited += soon;
             continue;
         };
+        waited = Duration::ZERO;
+        let scopes: Vec<CgroupPath> = agent
+            .0
+            .iter()
+            .filter_map(|scope| CgroupPath::parse(scope).ok())
+            .collect();
+        if pinned.is_none() && skips {
+            pinned = PinnedMaps::open(&maps).ok();
+        }
+        let maps = pinned.as_ref().filter(|_| skips);
+        if let (Some(maps), Some((before, namespaces))) = (maps, &last)
+            && skipped + 1 < COUNT_AT_LEAST_EVERY
+            && Unchanged::now(agent.clone(), maps, &slots, namespaces).as_ref() == Some(before)
+        {
+            skipped += 1;
+            debug!("connections unchanged since the last count");
+            tokio::time::sleep(period).await;
+            continue;
+        }
+        skipped = 0;
+        // Read before the count: a change while it runs shows in the next period's figures.
+        let before = maps.and_then(|maps| Unchanged::before_count(agent, maps, &slots));
         let mount = mount.clone();
         let counter = counter.clone();
-        let counted =
-            tokio::task::spawn_blocking(move || count(&mount, &scopes, counter.as_deref())).await;
+        let counted = tokio::task::spawn_blocking(move || {
+            count_with_namespaces(&mount, &scopes, counter.as_deref())
+        })
+        .await;
         match counted {
-            Ok(Ok(counts)) => {
+            Ok(Ok((counts, namespaces))) => {
                 debug!(?counts, "counted connections without keepalive");
                 if let Ok(mut telemetry) = shared.lock() {
                     telemetry.agent.without_keepalive = Some(counts);
                 }
+                last = before.map(|before| (before.counted_in(&namespaces), namespaces));
             }
             Ok(Err(error)) if !warned => {
                 warned = true;
+                last = None;
                 warn!(%error, "cannot count connections without keepalive; retrying each period");
             }
-            _ => {}
+            _ => last = None,
         }
         tokio::time::sleep(period).await;
     }

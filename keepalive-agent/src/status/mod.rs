@@ -119,6 +119,12 @@ pub struct AgentTelemetry {
     /// The last count of connections without keepalive, per enforced scope (None: not
     /// counted yet, or never: `--missing-interval 0`).
     pub without_keepalive: Option<BTreeMap<String, crate::without_keepalive::Count>>,
+    /// Rises each time the agent changes what it covers or sets outside a policy's apply:
+    /// cgroups followed, a sweep of existing connections done (the count of connections
+    /// without keepalive looks again).
+    pub changes: u64,
+    /// A sweep of existing connections is queued or running.
+    pub sweeping: bool,
 }
 
 /// The kernel's accounting of one of the agent's programs (with `--program-stats`).

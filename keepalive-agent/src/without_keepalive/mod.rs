@@ -23,6 +23,10 @@ use std::{
 
 use keepalive_common::CountRecord;
 
+pub use unchanged::{CountedNamespaces, TcpFigures, Unchanged};
+
+mod unchanged;
+
 use crate::{
     existing::{
         diag::{ESTABLISHED, TIMER_OFF},
@@ -106,6 +110,16 @@ pub fn count(
     scopes: &[CgroupPath],
     counter: Option<&CountIterator>,
 ) -> io::Result<BTreeMap<String, Count>> {
+    Ok(count_with_namespaces(mount, scopes, counter)?.0)
+}
+
+/// [`count`], and the network namespaces it counted in (inode -> `/proc/PID/ns/net` and
+/// their TCP figures, read just before each was counted: see [`Unchanged`]).
+pub fn count_with_namespaces(
+    mount: &Path,
+    scopes: &[CgroupPath],
+    counter: Option<&CountIterator>,
+) -> io::Result<(BTreeMap<String, Count>, CountedNamespaces)> {
     let mut counts: BTreeMap<String, Count> = scopes
         .iter()
         .map(|scope| (scope.to_string(), Count::default()))
@@ -130,8 +144,13 @@ pub fn count(
             Some((id, scope.as_str()))
         })
         .collect();
-    for netns in holders.namespaces.values() {
-        let connections = match connections_in(netns, counter) {
+    let mut counted = BTreeMap::new();
+    for (inode, netns) in holders.namespaces {
+        counted.insert(
+            inode,
+            (netns.clone(), unchanged::tcp_figures(inode, &netns)),
+        );
+        let connections = match connections_in(&netns, counter) {
             Ok(connections) => connections,
             // The namespace went away with its last process.
             Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
@@ -151,7 +170,7 @@ pub fn count(
             }
         }
     }
-    Ok(counts)
+    Ok((counts, counted))
 }
 
 #[cfg(test)]
