@@ -4,9 +4,11 @@
 //!
 //! Cheap on purpose: one read per network namespace of the scopes' processes, and no
 //! descriptor is touched. Where the kernel takes the count iterator (`ka_count`, iter/tcp,
-//! Linux 5.15 with BTF), the kernel walks its connections and reports each one's cgroup and
-//! SO_KEEPALIVE flag: exact, and cheaper than a dump (100,000 connections: ~80 ms of CPU per
-//! count, ~110 ms by dump, on our test machines). Elsewhere one socket dump (inet_diag)
+//! Linux 5.15 with BTF), the kernel walks its connections (ESTABLISHED and CLOSE_WAIT) and
+//! reports each one's cgroup and SO_KEEPALIVE flag: exact, and cheaper than a dump (100,000
+//! connections: ~80 ms of CPU per count, ~110 ms by dump, on our test machines); and a period
+//! whose figures show nothing counted can have changed keeps the last count ([`Unchanged`]).
+//! Elsewhere one socket dump (inet_diag)
 //! reports each socket's cgroup (`INET_DIAG_CGROUP_ID`) and which of its timers is pending
 //! (`idiag_timer`), and a socket counts as without keepalive when no timer is pending. That is
 //! exact for idle connections, the ones keepalive is for; a connection with data in flight
