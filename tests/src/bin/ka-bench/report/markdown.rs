@@ -250,7 +250,8 @@ fn steady_table(w: &mut String, rows: &[SteadyRow], quiet: Duration) {
     let quiet = quiet.as_secs();
     let _ = writeln!(
         w,
-        "\n## Steady state\n\nThe release agent follows `root/c-*`, N cgroups, with established \
+        "\n## Steady state\n\nThe release agent follows `root/c-*`, N cgroups (idle 300 s, so \
+         that no keepalive probe of the held connections falls in the window), with established \
          loopback connections held in one of them. Start-up: exec to `policy applied` (every \
          cgroup attached). Then, after its start-up sweep, {quiet} s in which nothing changes: its \
          CPU time (all threads, /proc/PID/stat) as a share of one core, and its RSS. Last, one \
