@@ -102,19 +102,25 @@ pub(super) fn absent_in_hierarchies(names: &[&str]) -> Vec<PathBuf> {
 /// Unmounts whatever an engine left mounted below `root` (deepest first).
 pub(super) fn unmount_below(root: &Path) {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let prefix = root.display().to_string();
-    let mut points: Vec<&str> = mounts
-        .lines()
-        .filter_map(|line| line.split_whitespace().nth(4))
-        .filter(|point| point.starts_with(&prefix))
-        .collect();
-    points.sort_by_key(|point| std::cmp::Reverse(point.len()));
-    for point in points {
+    for point in mounted_below(&mounts, root) {
         if let Ok(path) = std::ffi::CString::new(point) {
             // SAFETY: a NUL-terminated path; failure (already gone) is fine.
             unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
         }
     }
+}
+
+/// The mount points of `mountinfo` below `root`, deepest first. Below by path components: as
+/// a string prefix, `/tmp/ka-test-7-1` had `/tmp/ka-test-7-11/bpffs` below it, and an engine's
+/// cleanup unmounted the bpffs of an agent of another test running beside it.
+fn mounted_below<'a>(mountinfo: &'a str, root: &Path) -> Vec<&'a str> {
+    let mut points: Vec<&str> = mountinfo
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(4))
+        .filter(|point| Path::new(point).starts_with(root))
+        .collect();
+    points.sort_by_key(|point| std::cmp::Reverse(point.len()));
+    points
 }
 
 /// A state directory for a new engine (counted as started: [`engine_stopped`] on its drop).
@@ -153,5 +159,29 @@ pub fn busybox_rootfs(dir: &Path) {
         .unwrap_or_else(|e| panic!("cannot copy /bin/busybox (Debian busybox-static): {e}"));
     for applet in ["sh", "nc", "sleep", "cat"] {
         let _ignored = std::os::unix::fs::symlink("busybox", bin.join(applet));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::mounted_below;
+
+    #[test]
+    fn only_mounts_below_the_root_by_path_are_below_it() {
+        let mountinfo = "\
+            30 1 0:27 / /tmp/ka-test-7-1 rw - tmpfs tmpfs rw\n\
+            31 30 0:28 / /tmp/ka-test-7-1/rootfs/proc rw - proc proc rw\n\
+            32 1 0:29 / /tmp/ka-test-7-11/bpffs rw - bpf bpf rw\n\
+            33 30 0:30 / /tmp/ka-test-7-1/rootfs rw - overlay overlay rw\n";
+        assert_eq!(
+            mounted_below(mountinfo, Path::new("/tmp/ka-test-7-1")),
+            [
+                "/tmp/ka-test-7-1/rootfs/proc",
+                "/tmp/ka-test-7-1/rootfs",
+                "/tmp/ka-test-7-1"
+            ]
+        );
     }
 }
