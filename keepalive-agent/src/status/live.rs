@@ -70,7 +70,9 @@ pub async fn count_without_keepalive(
     // The figures the last count was made with, and the namespaces it visited.
     let mut last: Option<(Unchanged, CountedNamespaces)> = None;
     let mut skipped = 0;
-    let mut pinned = None;
+    // Opened once, at start (the counters are read only beside the kernel's count): the
+    // agent's descriptors stay what they are from then on.
+    let mut pinned = counter.as_ref().and_then(|_| PinnedMaps::open(&maps).ok());
     let mut waited = Duration::ZERO;
     loop {
         let inputs = shared.lock().ok().and_then(|telemetry| {
