@@ -37,7 +37,7 @@ use keepalive_common::{
     lookup::Peer,
 };
 
-use crate::{bpf_maps, counters::add};
+use crate::{bpf_maps, counters::add, sweep::field};
 
 /// `TCP_CLOSE` (`<net/tcp_states.h>`).
 const TCP_CLOSE: u32 = 7;
@@ -107,7 +107,7 @@ pub(crate) fn end_of(ctx: &SockOpsContext, op: u32) -> Option<(End, Option<Socke
         return None;
     }
     let socket = tcp_sock(ctx)?;
-    let end = End::at_close(read::<i32>(socket.1, KA_END_OFFSETS.load().err));
+    let end = End::at_close(field::<i32>(socket.1, KA_END_OFFSETS.load().err));
     Some((end, Some(socket)))
 }
 
@@ -125,7 +125,7 @@ pub(crate) fn sending(ctx: &SockOpsContext) {
     };
     let offsets = KA_END_OFFSETS.load();
     let now = jiffies();
-    let silence = now.wrapping_sub(read::<u32>(tcp, offsets.rcv_tstamp));
+    let silence = now.wrapping_sub(field::<u32>(tcp, offsets.rcv_tstamp));
     if silence < offsets.tracked_silence {
         return;
     }
@@ -169,7 +169,7 @@ pub(crate) fn count(ctx: &SockOpsContext, record: &AttachRecord, end: End, socke
     let Some((sk, tcp)) = socket else {
         return;
     };
-    let received_at = read::<u32>(tcp, KA_END_OFFSETS.load().rcv_tstamp);
+    let received_at = field::<u32>(tcp, KA_END_OFFSETS.load().rcv_tstamp);
     // SAFETY: a full socket and the map; no value: only an existing storage is returned.
     let silences = unsafe {
         bpf_sk_storage_get(silences_map(), sk.cast(), core::ptr::null_mut(), 0)
@@ -213,7 +213,7 @@ fn report(tcp: *const u8, ended: &Ended, peer: &Peer) {
     let silent_jiffies = jiffies().wrapping_sub(ended.received_at);
     let end = ended.end;
     let unanswered_ms = if end == End::Timeout {
-        now_ms.wrapping_sub(read::<u32>(tcp, offsets.retrans_stamp))
+        now_ms.wrapping_sub(field::<u32>(tcp, offsets.retrans_stamp))
     } else {
         0
     };
@@ -262,12 +262,4 @@ fn tcp_sock(ctx: &SockOpsContext) -> Option<Socket> {
     // SAFETY: a socket pointer; the helper returns null when it is not a full TCP socket.
     let tcp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) };
     (!tcp.is_null()).then_some((sk, tcp.cast_const().cast()))
-}
-
-/// A field at `offset` bytes into the `tcp_sock`: the offset is a load-time constant, so the
-/// verifier checks the access against the kernel's BTF like a CO-RE-relocated one.
-#[inline(always)]
-fn read<T: Copy>(tcp: *const u8, offset: u32) -> T {
-    // SAFETY: `tcp` is a live tcp_sock (BTF pointer); the offset is a field's, from BTF.
-    unsafe { core::ptr::read_volatile(tcp.add(offset as usize).cast::<T>()) }
 }

@@ -29,7 +29,7 @@ use keepalive_common::LinkOffsets;
 
 use crate::{
     counters::add,
-    sweep::{IterMeta, read},
+    sweep::{IterMeta, field, read},
 };
 
 #[map]
@@ -115,30 +115,21 @@ extern "C" fn ka_link_iter(ctx: *mut c_void) -> i32 {
 #[inline(always)]
 fn ours(link: *const c_void) -> bool {
     let offsets = KA_LINK_OFFSETS.load();
-    if field::<u32>(link, offsets.link_type) != BPF_LINK_TYPE_CGROUP {
+    if field::<u32>(link.cast(), offsets.link_type) != BPF_LINK_TYPE_CGROUP {
         return false;
     }
-    let prog = field::<*const c_void>(link, offsets.prog);
+    let prog = field::<*const c_void>(link.cast(), offsets.prog);
     if prog.is_null() {
         return false;
     }
-    let aux = field::<*const c_void>(prog, offsets.prog_aux);
+    let aux = field::<*const c_void>(prog.cast(), offsets.prog_aux);
     if aux.is_null() {
         return false;
     }
-    let id = field::<u32>(aux, offsets.prog_id);
+    let id = field::<u32>(aux.cast(), offsets.prog_id);
     let program = |index| KA_LINK_PROGS.get(index).copied().unwrap_or(0);
     if id == 0 || (id != program(0) && id != program(1)) {
         return false;
     }
     read::<*const c_void>(link, offsets.cgroup).is_some_and(|cgroup| !cgroup.is_null())
-}
-
-/// The field at `offset` bytes into the kernel structure `base` points to (a BTF pointer);
-/// the offset is a load-time constant from the kernel's BTF.
-#[inline(always)]
-fn field<T: Copy>(base: *const c_void, offset: u32) -> T {
-    // SAFETY: `base` is a non-null BTF pointer the verifier tracks; it checks the access
-    // against the kernel's BTF and makes it fault-safe.
-    unsafe { core::ptr::read_volatile(base.cast::<u8>().add(offset as usize).cast::<T>()) }
 }

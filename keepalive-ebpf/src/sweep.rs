@@ -87,6 +87,16 @@ pub(crate) fn tcp_sock_of(ctx: *mut c_void) -> Option<(*mut IterMeta, *mut c_voi
     (!tcp_sock.is_null()).then_some((meta, tcp_sock))
 }
 
+/// The field at `offset` bytes into the kernel structure `base` points to, as a plain load:
+/// `base` is a BTF pointer the verifier tracks and the offset a load-time constant from the
+/// kernel's BTF, so the verifier checks the access like a CO-RE-relocated one (and makes it
+/// fault-safe), without a helper call.
+#[inline(always)]
+pub(crate) fn field<T: Copy>(base: *const u8, offset: u32) -> T {
+    // SAFETY: as above: a non-null BTF pointer and a field's offset, checked by the verifier.
+    unsafe { core::ptr::read_volatile(base.add(offset as usize).cast::<T>()) }
+}
+
 /// A `T` at `offset` bytes into the kernel object at `base`.
 #[inline(always)]
 pub(crate) fn read<T>(base: *const c_void, offset: u32) -> Option<T> {

@@ -106,10 +106,18 @@ pub async fn count_without_keepalive(
         if pinned.is_none() && skips {
             pinned = PinnedMaps::open(&maps).ok();
         }
-        let maps = pinned.as_ref().filter(|_| skips);
-        if let (Some(maps), Some((before, namespaces))) = (maps, &last)
+        // Read once, before any count (a change while it runs shows in the next period's
+        // figures): compared with the last count's, and kept as this count's.
+        let now = pinned
+            .as_ref()
+            .filter(|_| skips)
+            .and_then(|maps| match &last {
+                Some((_, namespaces)) => Unchanged::now(agent, maps, &slots, namespaces),
+                None => Unchanged::before_count(agent, maps, &slots),
+            });
+        if let (Some(now), Some((before, _))) = (&now, &last)
             && skipped + 1 < COUNT_AT_LEAST_EVERY
-            && Unchanged::now(agent.clone(), maps, &slots, namespaces).as_ref() == Some(before)
+            && now == before
         {
             skipped += 1;
             debug!("connections unchanged since the last count");
@@ -117,8 +125,6 @@ pub async fn count_without_keepalive(
             continue;
         }
         skipped = 0;
-        // Read before the count: a change while it runs shows in the next period's figures.
-        let before = maps.and_then(|maps| Unchanged::before_count(agent, maps, &slots));
         let mount = mount.clone();
         let counter = counter.clone();
         let counted = tokio::task::spawn_blocking(move || {
@@ -131,7 +137,7 @@ pub async fn count_without_keepalive(
                 if let Ok(mut telemetry) = shared.lock() {
                     telemetry.agent.without_keepalive = Some(counts);
                 }
-                last = before.map(|before| (before.counted_in(&namespaces), namespaces));
+                last = now.map(|now| (now.counted_in(&namespaces), namespaces));
             }
             Ok(Err(error)) if !warned => {
                 warned = true;
