@@ -23,9 +23,15 @@ pub trait Hierarchy {
 pub struct Plan<C> {
     /// Every attachment of the sock_ops program: enforced cgroups and rule cgroups in them.
     pub attachments: BTreeMap<CgroupPath, C>,
-    /// The enforced cgroups (outermost only): the setsockopt hook, the existing-connection
-    /// sweep.
+    /// The enforced cgroups (outermost only): the existing-connection sweep.
     pub enforced: BTreeMap<CgroupPath, C>,
+    /// Where the setsockopt hook (the lock) attaches: each scope's literal part (a plain scope
+    /// itself, a pattern's leading components without wildcards), outermost only, where it
+    /// exists. The hook finds the caller's rules by walking up its cgroups, so one link above
+    /// a pattern's matches holds all of them, present and future: a host with 10,000
+    /// containers has 10,000 links fewer for the health check to walk, and a new container
+    /// needs no lock of its own.
+    pub locks: BTreeMap<CgroupPath, C>,
     /// (who named it, cgroup) of enforced cgroups and rule cgroups that do not exist (now).
     pub absent: Vec<(String, CgroupPath)>,
 }
@@ -35,6 +41,7 @@ impl<C> Default for Plan<C> {
         Self {
             attachments: BTreeMap::new(),
             enforced: BTreeMap::new(),
+            locks: BTreeMap::new(),
             absent: Vec::new(),
         }
     }
@@ -71,6 +78,12 @@ pub fn attach_points<H: Hierarchy>(
         };
         plan.attachments.insert(scope.clone(), cgroup.clone());
         plan.enforced.insert(scope, cgroup);
+    }
+    let literal: Vec<CgroupPath> = policy.scopes.iter().map(lock_point).collect();
+    for point in outermost(&literal) {
+        if let Some(cgroup) = hierarchy.find(&point)? {
+            plan.locks.insert(point, cgroup);
+        }
     }
     // A rule's cgroup, or the cgroups of the containers it selects.
     let rule_cgroups = policy.rules.iter().flat_map(|rule| {
@@ -136,6 +149,15 @@ pub fn new_cgroup(
         NewCgroup::Attach
     } else {
         NewCgroup::Nothing
+    }
+}
+
+/// Where the lock of `scope` attaches: a plain scope itself, a pattern its literal prefix.
+pub fn lock_point(scope: &CgroupPath) -> CgroupPath {
+    if scope.is_pattern() {
+        scope.literal_prefix()
+    } else {
+        scope.clone()
     }
 }
 

@@ -43,6 +43,7 @@ impl Enforcer {
         let Plan {
             attachments: points,
             enforced: scopes,
+            locks,
             absent,
         } = plan;
 
@@ -72,7 +73,7 @@ impl Enforcer {
             ..ApplyReport::default()
         };
         if self.has_lock() {
-            self.sync(SETSOCKOPT, &scopes)?;
+            self.sync(SETSOCKOPT, &locks)?;
         }
         let report = ApplyReport {
             detached: {
@@ -183,14 +184,16 @@ impl Enforcer {
         Ok(detached)
     }
 
-    /// Attaches `hook` to exactly `wanted`: new cgroups get a link, others lose theirs.
+    /// Attaches `hook` to exactly `wanted`: new cgroups get a link, others lose theirs. New
+    /// links go in before the old ones go (a lock moving from a cgroup to its ancestor holds
+    /// throughout), except where a cgroup was made again under the same name.
     pub(super) fn sync(
         &mut self,
         hook: Hook,
         wanted: &BTreeMap<CgroupPath, Cgroup>,
     ) -> Result<Vec<Cgroup>, EnforcerError> {
-        let detached = self.detach_where(hook, |path, id| {
-            wanted.get(path).is_none_or(|cgroup| cgroup.id != id)
+        let mut detached = self.detach_where(hook, |path, id| {
+            wanted.get(path).is_some_and(|cgroup| cgroup.id != id)
         })?;
         for (path, cgroup) in wanted {
             if !self.attachments_of(hook).contains_key(path) {
@@ -199,6 +202,7 @@ impl Enforcer {
                 self.attachments_mut(hook).insert(path.clone(), attachment);
             }
         }
+        detached.extend(self.detach_where(hook, |path, _| !wanted.contains_key(path))?);
         Ok(detached)
     }
 

@@ -73,6 +73,7 @@ impl Enforcer {
         let Plan {
             attachments: points,
             enforced: scopes,
+            locks,
             absent,
         } = plan;
         let detached = self.detach_where(SOCK_OPS, |path, id| {
@@ -98,12 +99,15 @@ impl Enforcer {
         let attached = self.attach_and_write(&changed, &tables)?;
         if self.has_lock() {
             // A lock put back: what applications set meanwhile is swept back to the policy.
-            for (path, cgroup) in &scopes {
-                if !self.setsockopt.contains_key(path) {
+            for (point, _) in locks
+                .iter()
+                .filter(|(point, _)| !self.setsockopt.contains_key(*point))
+            {
+                for (path, cgroup) in scopes.iter().filter(|(path, _)| point.contains(path)) {
                     changed.insert(path.clone(), cgroup.clone());
                 }
             }
-            self.sync(SETSOCKOPT, &scopes)?;
+            self.sync(SETSOCKOPT, &locks)?;
         }
         let sweep = (policy.existing && !changed.is_empty()).then(|| SweepJob {
             policy: policy.clone(),
@@ -153,6 +157,11 @@ impl Enforcer {
                 match plan::new_cgroup(policy, attached, &path) {
                     NewCgroup::Replan => return Ok(None),
                     NewCgroup::Nothing => {}
+                    // The lock of its scope is held above it (from its literal prefix) unless
+                    // that prefix was made since the plan: then planning again attaches it.
+                    NewCgroup::Attach if self.has_lock() && !locked(&self.setsockopt, &path) => {
+                        return Ok(None);
+                    }
                     NewCgroup::Attach => {
                         let record = compile::record_for(policy, tables, &path);
                         let cgroup = Cgroup::find(&self.mount, Path::new(path.as_str()));
@@ -175,15 +184,6 @@ impl Enforcer {
             )?;
             self.sock_ops.insert(path.clone(), attachment);
             maps::write_record(&mut self.ebpf, cgroup.id, &record)?;
-            if self.has_lock() {
-                let attachment = Attachment::create(
-                    SETSOCKOPT,
-                    self.program_fd(SETSOCKOPT)?,
-                    &cgroup,
-                    self.pins.as_ref(),
-                )?;
-                self.setsockopt.insert(path.clone(), attachment);
-            }
             if let Some((_, tables)) = &mut self.current {
                 tables.attachments.insert(path, record);
             }
@@ -231,13 +231,21 @@ impl Enforcer {
                 })
         };
         if same(&self.sock_ops, &plan.attachments)
-            && (!self.has_lock() || same(&self.setsockopt, &plan.enforced))
+            && (!self.has_lock() || same(&self.setsockopt, &plan.locks))
         {
             return Ok(None);
         }
         let policy = policy.clone();
         self.reapply_planned(&policy, plan).map(Some)
     }
+}
+
+/// Whether a lock in `locks` holds `path` (it is there or above it).
+fn locked(locks: &BTreeMap<CgroupPath, Attachment>, path: &CgroupPath) -> bool {
+    locks.contains_key(path)
+        || path
+            .ancestors()
+            .any(|ancestor| locks.contains_key(ancestor))
 }
 
 /// Whether two compilations hold the same lookup entries (records aside).

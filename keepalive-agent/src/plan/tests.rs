@@ -130,6 +130,38 @@ fn patterns_expand_to_the_cgroups_that_exist() {
 }
 
 #[test]
+fn the_lock_attaches_once_above_a_patterns_matches() {
+    let host = Host {
+        existing: vec![
+            "/", "/k", "/k/pod1", "/k/pod2", "/k/sub", "/k/sub/x", "/svc",
+        ],
+        broken: None,
+    };
+    let plan = attach_points(
+        &policy(&["/k/pod*", "/k/sub/*", "/svc", "/gone/*"], vec![]),
+        &host,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        keys(&plan.enforced),
+        ["/k/pod1", "/k/pod2", "/k/sub/x", "/svc"]
+    );
+    assert_eq!(
+        keys(&plan.locks),
+        ["/k", "/svc"],
+        "one lock per literal prefix, the nested one dropped, the absent one skipped"
+    );
+    let none =
+        attach_points(&policy(&["/k/none-*"], vec![]), &host).unwrap_or_else(|e| panic!("{e}"));
+    assert!(none.enforced.is_empty());
+    assert_eq!(
+        keys(&none.locks),
+        ["/k"],
+        "held before the first match: a new one needs no lock of its own"
+    );
+}
+
+#[test]
 fn named_plans_as_if_every_named_cgroup_existed() {
     let p = policy(
         &["/k/**/app", "/svc"],

@@ -21,11 +21,22 @@ fn status(places: &AgentPlaces) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// The cgroups the sock_ops program is attached to (the lock, where the kernel loads it, sits
+/// once above a pattern's matches, at its literal prefix).
 fn attached(places: &AgentPlaces) -> Vec<String> {
-    status(places)["attached"]
+    attached_in(&status(places))
+}
+
+fn attached_in(status: &serde_json::Value) -> Vec<String> {
+    status["attached"]
         .as_array()
         .map(|list| {
             list.iter()
+                .filter(|entry| {
+                    entry["programs"]
+                        .as_array()
+                        .is_some_and(|programs| programs.iter().any(|p| p == "sockops"))
+                })
                 .filter_map(|entry| entry["cgroup"].as_str().map(str::to_string))
                 .collect()
         })
@@ -83,8 +94,7 @@ fn cgroups_matching_a_pattern_are_followed_as_they_come_and_go() {
     agent.expect_log("detached", LOG_WAIT);
     let gone = poll(LOG_WAIT, || {
         let json = status(&places);
-        (json["attached"].as_array().is_some_and(Vec::is_empty) && json["records"] == 0)
-            .then_some(json)
+        (attached_in(&json).is_empty() && json["records"] == 0).then_some(json)
     });
     assert!(
         gone.is_some(),

@@ -80,6 +80,35 @@ fn the_lock_follows_direction_rules() {
 }
 
 #[test]
+fn the_lock_of_a_pattern_holds_later_matches_and_lets_their_siblings_be() {
+    // The lock sits once at the pattern's literal prefix (the test cgroup), above every match.
+    let root = TestCgroup::new();
+    let netns = Netns::new();
+    let mut enforcer = load_enforcer(Stage::Full);
+    let policy = parse(&format!(
+        "[agent]\ncgroups = [\"{}/c-*\"]\n[default]\nidle = \"73s\"\n",
+        root.scope()
+    ));
+    enforcer.apply(&policy).unwrap();
+    let later = root.child("c-later");
+    let sibling = root.child("d-sibling");
+    assert!(enforcer.refresh().unwrap().is_some(), "c-later matches c-*");
+    let (values, _w) = python_client(Placement::new(&later, &netns), [0, 0, 0], true);
+    let held = rule_values(73);
+    if enforcer.has_lock() {
+        assert_eq!(values, held, "held by the lock above it");
+    } else {
+        assert_eq!((values.enabled, values.idle_secs), (false, 999));
+    }
+    let (values, _w) = python_client(Placement::new(&sibling, &netns), [0, 0, 0], true);
+    assert_eq!(
+        (values.enabled, values.idle_secs),
+        (false, 999),
+        "outside the pattern the hook lets the application's calls through"
+    );
+}
+
+#[test]
 fn audit_counts_an_application_undoing_keepalive_without_stopping_it() {
     let fixture = policy_fixture(&format!("{SCOPE}[default]\nmode = \"audit\"\n"));
     let (values, _w) = python_client(fixture.inside(), [0, 0, 0], true);

@@ -223,7 +223,9 @@ fn with_a_thousand_attachments_what_is_removed_comes_back_within_a_second() {
         Duration::from_secs(1)
     };
     let root = TestCgroup::new();
-    let children: Vec<TestCgroup> = (0..1000 / links_per_cgroup())
+    // A sock_ops link per child, and where the kernel loads it one lock above them all.
+    let locks = links_per_cgroup() - 1;
+    let children: Vec<TestCgroup> = (0..1000 - locks)
         .map(|i| root.child(&format!("c-{i}")))
         .collect();
     let netns = Netns::new();
@@ -236,6 +238,11 @@ fn with_a_thousand_attachments_what_is_removed_comes_back_within_a_second() {
     let pins = places.bpffs().join("keepalive-agent/links");
     let pinned = || std::fs::read_dir(&pins).unwrap().count();
     assert_eq!(pinned(), 1000, "one pinned link per attachment");
+    assert_eq!(
+        kernel_links(&root).len(),
+        locks,
+        "the lock at the pattern's literal prefix, not one per match"
+    );
     let last = children.last().unwrap();
 
     let detached = detach_sock_ops_link(last);
