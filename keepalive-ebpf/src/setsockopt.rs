@@ -1,10 +1,12 @@
 //! `ka_setsockopt` (cgroup/setsockopt): an application's later setsockopt on a keepalive option
 //! of an established socket is held to the socket's rule (`enforce::on_app_setsockopt`).
 //!
-//! The rule level is found from the calling task's cgroup and its ancestors: the agent attaches
-//! this program once per enforced cgroup, so no chain of runs has to agree, and setsockopt runs
-//! in the caller's context (unlike the sock_ops callbacks). The task's cgroup is the socket's
-//! unless the socket came from another cgroup (a passed descriptor); documented.
+//! The rule level is found from the calling task's cgroup and its ancestors (setsockopt runs
+//! in the caller's context, unlike the sock_ops callbacks), so the agent attaches this program
+//! once per scope, at its literal prefix, above every cgroup the scope matches now or later;
+//! nested scopes share the outermost link, so no chain of runs has to agree. The task's cgroup
+//! is the socket's unless the socket came from another cgroup (a passed descriptor);
+//! documented.
 
 use core::ffi::c_void;
 

@@ -255,9 +255,11 @@ fn steady_table(w: &mut String, rows: &[SteadyRow], quiet: Duration) {
          loopback connections held in one of them. Start-up: exec to `policy applied` (every \
          cgroup attached). Then, after its start-up sweep, {quiet} s in which nothing changes: its \
          CPU time (all threads, /proc/PID/stat) as a share of one core, and its RSS. Last, one \
-         more matching cgroup, to its `attached` line. Link watch: whether the kernel took the \
-         fentry/kprobe count of detached links (without it every attachment is asked every \
-         500 ms).\n"
+         more matching cgroup, to its `attached` line. Links: a sock_ops link per cgroup and, from \
+         6.1, one lock link at `root`. Link watch: whether the agent has a host-wide signal of \
+         changed links (the fentry/kprobe count of detaches, or where the kernel refuses both a \
+         link iterator's count of the agent's attached links, read every 800 ms); without it \
+         every attachment is asked every 500 ms.\n"
     );
     let _ = writeln!(
         w,
