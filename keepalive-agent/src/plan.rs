@@ -79,7 +79,12 @@ pub fn attach_points<H: Hierarchy>(
         plan.attachments.insert(scope.clone(), cgroup.clone());
         plan.enforced.insert(scope, cgroup);
     }
-    let literal: Vec<CgroupPath> = policy.scopes.iter().map(lock_point).collect();
+    // A plain scope's literal prefix is the scope itself.
+    let literal: Vec<CgroupPath> = policy
+        .scopes
+        .iter()
+        .map(CgroupPath::literal_prefix)
+        .collect();
     for point in outermost(&literal) {
         if let Some(cgroup) = hierarchy.find(&point)? {
             plan.locks.insert(point, cgroup);
@@ -149,15 +154,6 @@ pub fn new_cgroup(
         NewCgroup::Attach
     } else {
         NewCgroup::Nothing
-    }
-}
-
-/// Where the lock of `scope` attaches: a plain scope itself, a pattern its literal prefix.
-pub fn lock_point(scope: &CgroupPath) -> CgroupPath {
-    if scope.is_pattern() {
-        scope.literal_prefix()
-    } else {
-        scope.clone()
     }
 }
 
